@@ -1,0 +1,1 @@
+"""Store backends behind one interface, opened by URL."""

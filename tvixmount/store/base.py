@@ -1,0 +1,181 @@
+"""The store interface every backend implements, and its small value types.
+
+Three services, as in tvix: blobs by blake3 digest, directories by digest,
+path infos by the 20-byte digest of a store path. Backends are opened from a
+URL (``tvixmount.store.open_blob_service`` and friends) inside the process
+that uses them: a backend object is never shared across a fork.
+
+Contract for every backend:
+
+* Absent objects are ``None`` from ``stat``/``get`` (never an exception);
+  ``NotFound`` is raised only where an object was required (reading a blob).
+* Every byte a ``BlobReader`` returns has been checked against the blob's
+  digest (whole, or per chunk); a mismatch raises ``IntegrityError`` and
+  nothing of it is cached.
+* Every Directory returned has been validated and its digest checked; every
+  PathInfo returned has been validated.
+* Failures to reach the store raise ``Unavailable``; broken data raises
+  ``InvalidData``. Nothing else escapes (see errors.py).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from ..castore.directory import Directory
+from ..castore.nodes import Node
+from ..castore.pathinfo import PathInfo
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkMeta:
+    digest: bytes
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobStat:
+    """A blob's size and, where the backend keeps them, its chunks in order."""
+
+    size: int
+    chunks: tuple[ChunkMeta, ...] = ()
+
+
+class BlobReader(abc.ABC):
+    """Random access to one blob's verified bytes; not thread-safe."""
+
+    size: int
+
+    @abc.abstractmethod
+    def pread(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes from ``offset``, fewer only at EOF, none past it."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release what the reader holds."""
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BlobWriter(abc.ABC):
+    """Accepts a blob's bytes; nothing is visible in the store before ``commit``."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def commit(self) -> bytes:
+        """Make the blob durable and visible; return its blake3 digest."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drop what was written; safe to call after a failed write."""
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if exc_type is not None:
+            self.abort()
+
+
+class BlobService(abc.ABC):
+    @abc.abstractmethod
+    def stat(self, digest: bytes) -> BlobStat | None:
+        """Size (and chunks) of a blob, or None when it is absent."""
+
+    @abc.abstractmethod
+    def open_read(self, digest: bytes) -> BlobReader:
+        """A verified reader; raises NotFound when the blob is absent."""
+
+    @abc.abstractmethod
+    def open_write(self) -> BlobWriter:
+        """A writer for a new blob (content-addressed: its digest comes at commit)."""
+
+    @abc.abstractmethod
+    def iter_digests(self) -> Iterator[bytes]:
+        """Every blob digest held (for verify and copy); order unspecified."""
+
+    def put(self, data: bytes) -> bytes:
+        """Store a small blob held in memory; return its digest."""
+        with self.open_write() as w:
+            w.write(data)
+            return w.commit()
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
+
+
+class DirectoryService(abc.ABC):
+    @abc.abstractmethod
+    def get(self, digest: bytes) -> Directory | None:
+        """One validated Directory whose digest is ``digest``, or None."""
+
+    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+        """The root, then every directory below it once, parents before children.
+
+        Yields nothing when the root is absent; raises NotFound for a missing
+        descendant. Backends with a cheaper bulk path override this.
+        """
+        root = self.get(digest)
+        if root is None:
+            return
+        seen = {digest}
+        queue = [root]
+        while queue:
+            directory = queue.pop(0)
+            yield directory
+            for child in directory.directories:
+                if child.digest in seen:
+                    continue
+                seen.add(child.digest)
+                got = self.get(child.digest)
+                if got is None:
+                    from ..errors import NotFound
+
+                    raise NotFound(f"directory {child.digest.hex()} referenced below {digest.hex()} is missing")
+                queue.append(got)
+
+    @abc.abstractmethod
+    def put(self, directory: Directory) -> bytes:
+        """Store one validated Directory; return its digest."""
+
+    def put_many(self, directories: Iterable[Directory]) -> bytes | None:
+        """Store a closure, leaves first; return the last (root) digest."""
+        root = None
+        for directory in directories:
+            root = self.put(directory)
+        return root
+
+    @abc.abstractmethod
+    def iter_digests(self) -> Iterator[bytes]:
+        """Every directory digest held (for verify); order unspecified."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
+
+
+class PathInfoService(abc.ABC):
+    @abc.abstractmethod
+    def get(self, digest: bytes) -> PathInfo | None:
+        """The PathInfo stored under a 20-byte store path digest, or None."""
+
+    @abc.abstractmethod
+    def put(self, info: PathInfo) -> PathInfo:
+        """Validate and store ``info`` under its root node's store path digest."""
+
+    @abc.abstractmethod
+    def list(self) -> Iterator[PathInfo]:
+        """Every PathInfo held, in the backend's order."""
+
+    def calculate_nar(self, node: Node) -> tuple[int, bytes] | None:
+        """(nar_size, nar_sha256) if the backend can compute it, else None."""
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and files."""
