@@ -1,0 +1,313 @@
+"""llfuse Operations: one short method per FUSE call, and the errno edge.
+
+Every handler runs under llfuse's global lock, which protects the Vfs. A
+handler that needs a worker (a path-info look-up, a directory fetch, a blob
+read) releases the lock while it waits (``_fetch``) and looks at the Vfs
+again after getting it back: another thread may have populated it meanwhile.
+
+Errors become errno here and nowhere else: ``TvixError`` subclasses carry
+their errno (errors.py), except that an object a parent *references* and
+that turns out missing is EIO, not ENOENT (only an unknown name is ENOENT).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import blake3
+import llfuse
+
+from . import attrs as A
+from .castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, b3_text, display_name
+from .castore.storepath import parse_basename
+from .errors import InvalidData, NotFound, TvixError, errno_for
+from .fetcher import Fetcher
+from .inflight import SingleFlight
+from .vfs import Listing, Vfs
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+XATTR_DIRECTORY = b"user.tvix.castore.directory.digest"
+XATTR_BLOB = b"user.tvix.castore.blob.digest"
+XATTR_STATS = b"user.tvixmount.stats"
+EMPTY_BLOB = blake3.blake3(b"").digest()
+
+
+@dataclass(frozen=True, slots=True)
+class MountOptions:
+    list_root: bool = False
+    show_xattr: bool = True
+
+
+@dataclass(slots=True)
+class _RootListing:
+    """A root listing buffered per opendir handle, served by index."""
+
+    names: list[tuple[bytes, Node]] | None = None
+
+
+class TvixOperations(llfuse.Operations):
+    def __init__(self, vfs: Vfs, fetcher: Fetcher, options: MountOptions) -> None:
+        super().__init__()
+        self.vfs = vfs
+        self.fetcher = fetcher
+        self.options = options
+        self._flight = SingleFlight()
+        self._files: dict[int, FileNode] = {}
+        self._dirs: dict[int, int | _RootListing] = {}
+        self._next_fh = 1
+        self._broken_reported: set[bytes] = set()
+        self.counters: dict[str, int] = {}
+
+    # -- helpers ------------------------------------------------------------
+
+    def _fetch(self, what: str, key: Any, fn: Callable[[], T]) -> T:
+        """Wait for a worker with llfuse's lock released; convert failures to FUSEError.
+
+        Callers must re-check the Vfs afterwards. ``NotFound`` for a
+        referenced object is EIO; callers that want ENOENT check for None.
+        """
+        try:
+            with llfuse.lock_released:
+                return self._flight.run(key, fn)
+        except NotFound as exc:
+            log.error("%s: referenced object is missing: %s", what, exc)
+            raise llfuse.FUSEError(errno.EIO) from None
+        except InvalidData as exc:
+            digest = key[1] if isinstance(key, tuple) and len(key) > 1 else None
+            if digest not in self._broken_reported:
+                self._broken_reported.add(digest)
+                log.warning("%s: %s", what, exc)
+            raise llfuse.FUSEError(errno.EIO) from None
+        except TvixError as exc:
+            log.error("%s failed: %s", what, exc)
+            raise llfuse.FUSEError(errno_for(exc)) from None
+
+    def _entry(self, node: Node) -> llfuse.EntryAttributes:
+        ino = self.vfs.ref(node)
+        return self._attributes(ino, node)
+
+    def _attributes(self, ino: int, node: Node) -> llfuse.EntryAttributes:
+        listed = None
+        if isinstance(node, DirectoryNode):
+            listing = self.vfs.listing(node.digest)
+            listed = None if listing is None else len(listing.entries)
+        return _to_llfuse(A.node_attributes(ino, node, listed))
+
+    def _node(self, ino: int) -> Node:
+        node = self.vfs.node(ino)
+        if node is None:
+            raise llfuse.FUSEError(errno.ENOENT)
+        return node
+
+    def _listing(self, ino: int) -> Listing:
+        """The listing of directory ``ino``; may wait for a worker (lock released)."""
+        node = self._node(ino)
+        if not isinstance(node, DirectoryNode):
+            raise llfuse.FUSEError(errno.ENOTDIR)
+        listing = self.vfs.listing(node.digest)
+        if listing is None:
+            what = f"directory {b3_text(node.digest)} (inode {ino})"
+            directory = self._fetch(what, ("dir", node.digest), lambda: self.fetcher.directory(node.digest))
+            listing = self.vfs.add_listing(node.digest, directory)
+        return listing
+
+    def _count(self, op: str) -> None:
+        self.counters[op] = self.counters.get(op, 0) + 1
+
+    # -- lookups and attributes ---------------------------------------------
+
+    def lookup(self, parent: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
+        self._count("lookup")
+        if parent == A.ROOT_INODE:
+            return self._entry(self._root_lookup(name))
+        child = self._listing(parent).child(name)
+        if child is None:
+            raise llfuse.FUSEError(errno.ENOENT)
+        return self._entry(child)
+
+    def _root_lookup(self, name: bytes) -> Node:
+        node = self.vfs.root_entry(name)
+        if node is not None:
+            return node
+        try:
+            store_path = parse_basename(name)
+        except InvalidData:
+            raise llfuse.FUSEError(errno.ENOENT) from None
+        what = f"store path {display_name(name)}"
+        found = self._fetch(what, ("pathinfo", store_path.digest),
+                            lambda: self.fetcher.path_info(store_path.digest))
+        if found is None or found.name != name:
+            # Right hash, wrong name is not found either: the name is the key.
+            raise llfuse.FUSEError(errno.ENOENT)
+        self.vfs.add_root_entry(name, found)
+        return found
+
+    def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
+        if inode == A.ROOT_INODE:
+            return _to_llfuse(A.root_attributes())
+        return self._attributes(inode, self._node(inode))
+
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, nlookup in inode_list:
+            self.vfs.forget(ino, nlookup)
+
+    def readlink(self, inode: int, ctx: Any = None) -> bytes:
+        if inode == A.ROOT_INODE:
+            raise llfuse.FUSEError(errno.ENOSYS)
+        node = self._node(inode)
+        if not isinstance(node, SymlinkNode):
+            raise llfuse.FUSEError(errno.EINVAL)
+        return node.target
+
+    # -- directories --------------------------------------------------------
+
+    def opendir(self, inode: int, ctx: Any = None) -> int:
+        if inode == A.ROOT_INODE:
+            if not self.options.list_root:
+                raise llfuse.FUSEError(errno.EPERM)
+            return self._new_handle(self._dirs, _RootListing())
+        if not isinstance(self._node(inode), DirectoryNode):
+            raise llfuse.FUSEError(errno.ENOTDIR)
+        return self._new_handle(self._dirs, inode)
+
+    def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
+        self._count("readdir")
+        handle = self._dirs.get(fh)
+        if handle is None:
+            raise llfuse.FUSEError(errno.EIO)
+        if isinstance(handle, _RootListing):
+            entries = self._root_listing(handle)
+        else:
+            entries = [(node.name, node) for node in self._listing(handle).entries]
+        for pos in range(off, len(entries)):
+            name, node = entries[pos]
+            yield name, self._attributes(self.vfs.ino_for(node), node), pos + 1
+
+    def _root_listing(self, handle: _RootListing) -> list[tuple[bytes, Node]]:
+        if handle.names is None:
+            nodes = self._fetch("root listing", ("list",), self.fetcher.list_root)
+            handle.names = []
+            for node in nodes:
+                self.vfs.add_root_entry(node.name, node)
+                handle.names.append((node.name, node))
+        return handle.names
+
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # -- files --------------------------------------------------------------
+
+    def open(self, inode: int, flags: int, ctx: Any = None) -> int:
+        self._count("open")
+        if inode == A.ROOT_INODE:
+            raise llfuse.FUSEError(errno.ENOSYS)
+        node = self._node(inode)
+        if not isinstance(node, FileNode):
+            raise llfuse.FUSEError(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
+            raise llfuse.FUSEError(errno.EROFS)
+        if node.size == 0 and node.digest != EMPTY_BLOB:
+            log.warning("file %s (inode %d) claims size 0 but not the empty blob's digest",
+                        b3_text(node.digest), inode)
+            raise llfuse.FUSEError(errno.EIO)
+        # The blob is not looked at here: a missing or broken blob fails the
+        # first read with EIO, which saves a worker round trip per open.
+        return self._new_handle(self._files, node)
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        self._count("read")
+        node = self._files.get(fh)
+        if node is None:
+            raise llfuse.FUSEError(errno.EIO)
+        if off >= node.size or size <= 0:
+            return b""
+        length = min(size, node.size - off)
+        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
+        data = self._fetch(what, ("read", node.digest, off, length),
+                           lambda: self.fetcher.blob_read(node.digest, off, length, affinity=fh))
+        if len(data) != length:
+            log.error("%s: store returned %d bytes, wanted %d", what, len(data), length)
+            raise llfuse.FUSEError(errno.EIO)
+        return data
+
+    def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+
+    def _new_handle(self, table: dict[int, Any], value: Any) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        table[fh] = value
+        return fh
+
+    # -- extended attributes and statfs -------------------------------------
+
+    def listxattr(self, inode: int, ctx: Any = None) -> list[bytes]:
+        if not self.options.show_xattr:
+            raise llfuse.FUSEError(errno.ENOSYS)
+        if inode == A.ROOT_INODE:
+            return [XATTR_STATS]
+        node = self.vfs.node(inode)
+        if isinstance(node, DirectoryNode):
+            return [XATTR_DIRECTORY]
+        if isinstance(node, FileNode):
+            return [XATTR_BLOB]
+        return []
+
+    def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        if not self.options.show_xattr:
+            raise llfuse.FUSEError(errno.ENOSYS)
+        if inode == A.ROOT_INODE:
+            if name == XATTR_STATS:
+                return json.dumps(self.stats(), sort_keys=True).encode()
+            raise llfuse.FUSEError(errno.ENODATA)
+        node = self.vfs.node(inode)
+        if name == XATTR_DIRECTORY and isinstance(node, DirectoryNode):
+            return b3_text(node.digest).encode()
+        if name == XATTR_BLOB and isinstance(node, FileNode):
+            return b3_text(node.digest).encode()
+        raise llfuse.FUSEError(errno.ENODATA)
+
+    def statfs(self, ctx: Any = None) -> llfuse.StatvfsData:
+        st = llfuse.StatvfsData()
+        st.f_bsize = A.BLKSIZE
+        st.f_frsize = 512
+        st.f_namemax = 255
+        return st
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``getfattr -n user.tvixmount.stats`` on the mount root."""
+        return {
+            "ops": dict(self.counters),
+            "vfs": self.vfs.stats(),
+            "open_files": len(self._files),
+            "open_dirs": len(self._dirs),
+            "fetcher": self.fetcher.stats(),
+        }
+
+
+def _to_llfuse(a: A.Attributes) -> llfuse.EntryAttributes:
+    entry = llfuse.EntryAttributes()
+    entry.st_ino = a.ino
+    entry.generation = 0
+    entry.entry_timeout = A.FOREVER
+    entry.attr_timeout = A.FOREVER
+    entry.st_mode = a.mode
+    entry.st_nlink = a.nlink
+    entry.st_uid = 0
+    entry.st_gid = 0
+    entry.st_rdev = 0
+    entry.st_size = a.size
+    entry.st_blksize = A.BLKSIZE
+    entry.st_blocks = a.blocks
+    entry.st_atime_ns = A.STORE_TIME_NS
+    entry.st_mtime_ns = A.STORE_TIME_NS
+    entry.st_ctime_ns = A.STORE_TIME_NS
+    return entry

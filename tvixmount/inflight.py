@@ -1,0 +1,58 @@
+"""Single-flight: concurrent callers asking for the same key share one fetch.
+
+Used by the FUSE layer so that a hundred threads listing the same fresh
+directory send one request to the workers, not a hundred. The lock guards
+only the table of in-flight calls; the fetch itself runs unlocked, in the
+first caller's thread, and the others wait on its result.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class _Call:
+    __slots__ = ("done", "error", "result")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class SingleFlight:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: dict[Hashable, _Call] = {}
+
+    def run(self, key: Hashable, fn: Callable[[], T]) -> T:
+        """Run ``fn`` unless a call for ``key`` is already running; share its outcome.
+
+        Blocks until the outcome is known. Waiters are bounded by ``fn``'s own
+        deadline (every fetch carries one), so this never waits forever.
+        """
+        with self._lock:
+            call = self._calls.get(key)
+            leader = call is None
+            if leader:
+                call = self._calls[key] = _Call()
+        assert call is not None
+        if not leader:
+            call.done.wait()
+            if call.error is not None:
+                raise call.error
+            return call.result  # type: ignore[no-any-return]
+        try:
+            call.result = fn()
+            return call.result  # type: ignore[no-any-return]
+        except BaseException as exc:
+            call.error = exc
+            raise
+        finally:
+            with self._lock:
+                del self._calls[key]
+            call.done.set()

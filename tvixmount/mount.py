@@ -1,0 +1,231 @@
+"""Mount lifecycle: pool first, then llfuse; one way down for every kind of stop.
+
+Order matters. The worker pool (and its fork server) starts before
+``llfuse.init`` so that no process is forked from the threaded dispatcher.
+Stopping has a single path: SIGINT, SIGTERM and SIGHUP unmount the
+filesystem from a watcher thread, and an unmount, ours or an operator's
+``fusermount -u``, ends ``llfuse.main`` because the kernel closes the FUSE
+channel. If the kernel keeps the channel open (a process still has a file
+open on a lazily detached mount), the watcher aborts the connection through
+fusectl after a grace period, so a stop signal always ends in exit 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llfuse
+
+from .fetcher import PoolFetcher
+from .fuse_ops import MountOptions, TvixOperations
+from .pool import WorkerPool
+from .store import StoreUrls, describe
+from .vfs import Vfs
+
+log = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FUSECTL = Path("/sys/fs/fuse/connections")
+MNT_DETACH = 2
+
+
+class MountpointError(Exception):
+    """The mountpoint cannot be used (missing, not a directory, busy)."""
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    mountpoint: Path
+    urls: StoreUrls
+    workers: int
+    threads: int
+    list_root: bool = False
+    show_xattr: bool = True
+    allow_other: bool = False
+    request_timeout: float = 30.0
+    stop_grace: float = 5.0
+    extra_options: tuple[str, ...] = field(default=())
+
+
+def check_mountpoint(path: Path) -> None:
+    """Refuse a mountpoint that is missing, not a directory, mounted or not empty."""
+    try:
+        mounted = os.path.ismount(path)
+    except OSError as exc:
+        raise MountpointError(f"{path}: {exc.strerror} (a stale mount? try: fusermount -u {path})") from None
+    if not path.exists():
+        raise MountpointError(f"{path}: no such directory")
+    if not path.is_dir():
+        raise MountpointError(f"{path}: not a directory")
+    if mounted or _is_mountpoint(path):
+        raise MountpointError(f"{path}: already a mountpoint")
+    if any(os.scandir(path)):
+        raise MountpointError(f"{path}: directory is not empty")
+
+
+def _is_mountpoint(path: Path) -> bool:
+    target = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            return any(line.split()[4] == target for line in f)
+    except OSError:
+        return False
+
+
+def fuse_options(config: MountConfig) -> set[str]:
+    options = {"fsname=tvix-store", "subtype=tvixmount", "ro", "nosuid", "nodev", "noatime",
+               "default_permissions"}
+    if config.allow_other:
+        options.add("allow_other")
+    options.update(config.extra_options)
+    return options
+
+
+def run(config: MountConfig) -> int:
+    """Mount, serve until stopped, tear down in order; return the exit status."""
+    check_mountpoint(config.mountpoint)
+    pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout)
+    pool.start()
+    try:
+        fetcher = PoolFetcher(pool)
+        ops = TvixOperations(Vfs(), fetcher, MountOptions(config.list_root, config.show_xattr))
+        llfuse.init(ops, str(config.mountpoint), list(fuse_options(config)))
+        stopper = _Stopper(config.mountpoint, config.stop_grace)
+        log.info("mounted %s on %s (%d workers, %d threads, list-root %s)",
+                 describe(config.urls), config.mountpoint, config.workers, config.threads,
+                 "on" if config.list_root else "off")
+        try:
+            with stopper:
+                llfuse.main(workers=config.threads, handle_signals=False)
+        finally:
+            llfuse.close(unmount=_is_mountpoint(config.mountpoint))
+        if stopper.signal_number is not None:
+            log.info("stopped by %s; unmounted %s", signal.Signals(stopper.signal_number).name,
+                     config.mountpoint)
+        else:
+            log.info("%s was unmounted; exiting", config.mountpoint)
+    finally:
+        pool.close()
+    return 0
+
+
+class _Stopper:
+    """Turns stop signals into an unmount, from a thread, while llfuse.main runs.
+
+    llfuse.main keeps the main thread inside C code, so Python-level signal
+    handlers cannot run there; ``signal.set_wakeup_fd`` still writes the
+    signal number to a pipe from the C handler, and a watcher thread reads it.
+    """
+
+    def __init__(self, mountpoint: Path, grace: float) -> None:
+        self.mountpoint = mountpoint
+        self.grace = grace
+        self.signal_number: int | None = None
+        self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._thread = threading.Thread(target=self._watch, name="tvixmount-stopper", daemon=True)
+        self._previous: dict[int, object] = {}
+        self._old_wakeup = -1
+        self._connection = _fuse_connection(mountpoint)
+
+    def __enter__(self) -> _Stopper:
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._note)
+        self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
+        os.set_blocking(self._read_fd, True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        os.close(self._write_fd)  # ends the watcher's read with EOF
+        self._thread.join(timeout=2)
+        os.close(self._read_fd)
+
+    def _note(self, signum: int, frame: object) -> None:
+        self.signal_number = signum
+
+    def _watch(self) -> None:
+        data = os.read(self._read_fd, 1)
+        if not data:
+            return
+        self.signal_number = data[0]
+        log.info("received %s; unmounting %s", signal.Signals(data[0]).name, self.mountpoint)
+        unmount(self.mountpoint)
+        # If main has not returned after the grace period, the kernel still
+        # holds the channel open (a lazily detached mount in use): abort it.
+        while True:
+            try:
+                more = os.read(self._read_fd, 1) if _readable(self._read_fd, self.grace) else None
+            except OSError:
+                return
+            if more == b"":
+                return  # main returned and __exit__ closed the pipe
+            if more is None:
+                log.warning("llfuse did not stop within %.0f s; aborting the FUSE connection", self.grace)
+                _abort_connection(self._connection)
+                return
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], timeout)
+    return bool(ready)
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount now if idle, else detach lazily; never raises."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        path = os.fsencode(mountpoint)
+        if libc.umount2(path, 0) == 0:
+            return
+        err = ctypes.get_errno()
+        if err in (errno.EINVAL, errno.ENOENT):
+            return  # not mounted (any more)
+        if libc.umount2(path, MNT_DETACH) == 0:
+            log.info("%s is busy (%s); detached it lazily", mountpoint, os.strerror(err))
+            return
+        log.error("umount %s failed: %s", mountpoint, os.strerror(ctypes.get_errno()))
+        return
+    result = subprocess.run(["fusermount", "-u", "-z", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        log.error("fusermount -u %s failed: %s", mountpoint, result.stderr.strip())
+
+
+def _fuse_connection(mountpoint: Path) -> Path | None:
+    """The fusectl directory of this mount's connection (its device minor).
+
+    Read from mountinfo, not stat(2): between llfuse.init and llfuse.main
+    nobody answers requests on the mount, so a stat would hang.
+    """
+    target = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == target:
+                    return FUSECTL / fields[2].split(":")[1]
+    except (OSError, IndexError):
+        pass
+    return None
+
+
+def _abort_connection(connection: Path | None) -> None:
+    if connection is None or not (connection / "abort").exists():
+        log.error("cannot abort the FUSE connection: fusectl is not mounted at %s", FUSECTL)
+        return
+    try:
+        (connection / "abort").write_text("1")
+    except OSError as exc:
+        log.error("aborting FUSE connection %s failed: %s", connection, exc)
