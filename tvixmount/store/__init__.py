@@ -1,1 +1,198 @@
-"""Store backends behind one interface, opened by URL."""
+"""Store backends behind one interface (base.py), opened by URL.
+
+A store is three services, each opened from its own URL as in tvix
+(``--blob-service-addr`` and friends); ``StoreUrls`` carries the three and
+``open_store`` opens them together. Supported URLs (urls.py):
+
+* ``memory://``            in-process, shared by every service of the process (unit tests)
+* ``local:///abs/dir``     the embedded on-disk store (``?create=1`` makes it)
+* ``grpc+http://h:p``, ``grpc+https://h:p``, ``grpc+unix:///socket``
+                           a tvix-store daemon, through ``tvixmount.store.grpc_client``
+
+Adding a backend: give its scheme an entry in ``_OPENERS``, a function
+``(StoreUrl, kind) -> service`` where kind is "blob", "directory" or
+"path_info". The gRPC module is found by name and must provide
+``open_blob_service(url: StoreUrl)``, ``open_directory_service(url)`` and
+``open_path_info_service(url)``, each taking the already validated URL.
+
+Open services in the process that uses them, after any fork.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from ..errors import InvalidArgument
+from . import urls
+from .base import (
+    BlobReader,
+    BlobService,
+    BlobStat,
+    BlobWriter,
+    ChunkMeta,
+    DirectoryService,
+    PathInfoService,
+)
+from .location import default_store_dir
+from .urls import StoreUrl
+
+__all__ = [
+    "BlobReader",
+    "BlobService",
+    "BlobStat",
+    "BlobWriter",
+    "ChunkMeta",
+    "DirectoryService",
+    "PathInfoService",
+    "Store",
+    "StoreUrl",
+    "StoreUrls",
+    "default_store_dir",
+    "describe",
+    "open_blob_service",
+    "open_directory_service",
+    "open_path_info_service",
+    "open_store",
+]
+
+GRPC_MODULE = "tvixmount.store.grpc_client"
+
+
+@dataclass(frozen=True)
+class StoreUrls:
+    """The three service URLs of one store."""
+
+    blob: str
+    directory: str
+    path_info: str
+
+    @classmethod
+    def embedded(cls, store_dir: str | os.PathLike[str], create: bool = False) -> StoreUrls:
+        """All three services in the embedded store at ``store_dir``."""
+        return cls.single(urls.local_url(store_dir, create=create))
+
+    @classmethod
+    def single(cls, url: str) -> StoreUrls:
+        """All three services at one URL (``memory://``, a daemon, a local store)."""
+        return cls(url, url, url)
+
+    @classmethod
+    def default(cls) -> StoreUrls:
+        """The embedded store at ``default_store_dir()``."""
+        return cls.embedded(default_store_dir())
+
+
+@dataclass
+class Store:
+    """Three open services; closing the store closes them all."""
+
+    blobs: BlobService
+    directories: DirectoryService
+    path_infos: PathInfoService
+
+    def close(self) -> None:
+        first: BaseException | None = None
+        for service in (self.path_infos, self.directories, self.blobs):
+            try:
+                service.close()
+            except BaseException as exc:  # close the rest, then report the first failure
+                first = first or exc
+        if first is not None:
+            raise first
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_blob_service(url: str) -> BlobService:
+    return _open(url, "blob")
+
+
+def open_directory_service(url: str) -> DirectoryService:
+    return _open(url, "directory")
+
+
+def open_path_info_service(url: str) -> PathInfoService:
+    return _open(url, "path_info")
+
+
+def open_store(store_urls: StoreUrls) -> Store:
+    """Open all three services; if one fails, close the others and re-raise."""
+    opened: list[Any] = []
+    try:
+        opened.append(open_blob_service(store_urls.blob))
+        opened.append(open_directory_service(store_urls.directory))
+        opened.append(open_path_info_service(store_urls.path_info))
+    except BaseException:
+        for service in opened:
+            service.close()
+        raise
+    return Store(*opened)
+
+
+def describe(store_urls: StoreUrls) -> str:
+    """One short line naming where the store is, for logs (no credentials)."""
+    blob, directory, path_info = (
+        urls.redact(u) for u in (store_urls.blob, store_urls.directory, store_urls.path_info)
+    )
+    if blob == directory == path_info:
+        return f"store {blob}"
+    return f"blobs {blob}, directories {directory}, path infos {path_info}"
+
+
+# -- dispatch -------------------------------------------------------------------
+
+
+def _open(url: str, kind: str) -> Any:
+    parsed = urls.parse(url)
+    return _OPENERS[parsed.scheme](parsed, kind)
+
+
+def _open_memory(url: StoreUrl, kind: str) -> Any:
+    from . import memory
+
+    classes = {
+        "blob": memory.MemoryBlobService,
+        "directory": memory.MemoryDirectoryService,
+        "path_info": memory.MemoryPathInfoService,
+    }
+    return classes[kind]()
+
+
+def _open_local(url: StoreUrl, kind: str) -> Any:
+    from . import embedded
+
+    opener = getattr(embedded, f"open_{kind}_service")
+    return opener(Path(url.path), create=url.flag("create"))
+
+
+def _grpc_module(url: StoreUrl) -> ModuleType:
+    try:
+        return importlib.import_module(GRPC_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != GRPC_MODULE:
+            raise
+        raise InvalidArgument(
+            f"store URL {url.text!r}: grpc store support not available (module {GRPC_MODULE} is missing)"
+        ) from None
+
+
+def _open_grpc(url: StoreUrl, kind: str) -> Any:
+    opener = getattr(_grpc_module(url), f"open_{kind}_service")
+    return opener(url)
+
+
+_OPENERS: dict[str, Callable[[StoreUrl, str], Any]] = {
+    urls.MEMORY: _open_memory,
+    urls.LOCAL: _open_local,
+    **{scheme: _open_grpc for scheme in urls.GRPC_SCHEMES},
+}

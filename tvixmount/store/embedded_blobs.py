@@ -1,0 +1,350 @@
+"""Blobs of the embedded store: one file each, verified chunk by chunk.
+
+Write path: bytes go to a temp file under ``tmp/`` while two blake3
+hashers run (the whole blob, and the current fixed-size segment); commit
+fsyncs the file, renames it to ``blobs/<2 hex>/<64 hex>``, fsyncs that
+directory, and only then records the row (size + per-segment digests), so
+a reader that finds a row always finds a complete file. A blob that is
+already stored is not written again. An aborted or failed writer removes
+its temp file; a crashed one leaves it in ``tmp/`` (invisible, swept after
+``STALE_TEMP_S`` by the next writer).
+
+Read path: the per-segment digests are the blob's "outboard" verification
+data. ``pread`` reads only the segments covering the range, checks each
+against its digest, and keeps the last two verified segments, so
+sequential 128 KiB reads hash every byte once. A blob of one segment is
+checked against its own digest. A mismatch raises IntegrityError naming the
+blob and the segment index; nothing unverified is returned or cached.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import blake3
+
+from ..castore.nodes import DIGEST_LEN, b3_text
+from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Unavailable
+from . import records
+from .base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
+from .embedded_layout import StoreHandle, fsync_dir, remove_quietly
+
+log = logging.getLogger(__name__)
+
+STALE_TEMP_S = 3600.0
+_META_CACHE = 4096  # blob rows kept per service (they never change)
+_CACHED_SEGMENTS = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BlobMeta:
+    """A blob's row: its size and the digest of every ``chunk_size`` segment."""
+
+    digest: bytes
+    size: int
+    chunk_size: int
+    chunk_digests: bytes  # 32 bytes per segment; empty when there is at most one
+
+    @property
+    def count(self) -> int:
+        return -(-self.size // self.chunk_size)
+
+    def segment_digest(self, index: int) -> bytes:
+        if self.count <= 1:
+            return self.digest
+        return self.chunk_digests[DIGEST_LEN * index : DIGEST_LEN * (index + 1)]
+
+    def chunks(self) -> tuple[ChunkMeta, ...]:
+        """The segment list for ``stat`` (empty for a one-segment blob, as tvix reports)."""
+        if self.count <= 1:
+            return ()
+        last = self.size - (self.count - 1) * self.chunk_size
+        return tuple(
+            ChunkMeta(self.segment_digest(i), self.chunk_size if i < self.count - 1 else last)
+            for i in range(self.count)
+        )
+
+    @classmethod
+    def from_row(cls, digest: bytes, size: int, chunk_size: int, chunks: bytes) -> BlobMeta:
+        meta = cls(digest, size, chunk_size, bytes(chunks))
+        expected = meta.count * DIGEST_LEN if meta.count > 1 else 0
+        if size < 0 or chunk_size <= 0 or len(meta.chunk_digests) != expected:
+            raise InvalidData(
+                f"stored blob {b3_text(digest)} has a damaged row: size {size}, chunk size "
+                f"{chunk_size}, {len(meta.chunk_digests)} bytes of chunk digests (expected {expected})"
+            )
+        return meta
+
+
+class EmbeddedBlobReader(BlobReader):
+    """Verified random access to one blob file (not thread-safe, like every reader)."""
+
+    def __init__(self, meta: BlobMeta, fd: int, where: str) -> None:
+        self._meta = meta
+        self._fd = fd
+        self._where = where
+        self.size = meta.size
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0:
+            raise InvalidArgument(f"pread offset {offset} and length {length} must not be negative")
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        step = self._meta.chunk_size
+        first, last = offset // step, (end - 1) // step
+        if first == last:
+            base = first * step
+            return self._segment(first)[offset - base : end - base]
+        parts = []
+        for index in range(first, last + 1):
+            base = index * step
+            segment = self._segment(index)
+            parts.append(segment[max(offset - base, 0) : min(end - base, len(segment))])
+        return b"".join(parts)
+
+    def _segment(self, index: int) -> bytes:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        meta = self._meta
+        start = index * meta.chunk_size
+        want = min(meta.chunk_size, meta.size - start)
+        if self._fd < 0:
+            raise InvalidArgument(f"blob {b3_text(meta.digest)}: reader is closed")
+        try:
+            data = os.pread(self._fd, want, start)
+            while len(data) < want:  # only at EOF for a regular file: loop to be sure
+                more = os.pread(self._fd, want - len(data), start + len(data))
+                if not more:
+                    break
+                data += more
+        except OSError as exc:
+            raise Unavailable(f"blob {b3_text(meta.digest)} in {self._where}: read failed: {exc}") from None
+        if len(data) < want:
+            raise IntegrityError(
+                f"blob {b3_text(meta.digest)} chunk {index}: file in {self._where} is truncated "
+                f"(got {len(data)} of {want} bytes at offset {start})"
+            )
+        if blake3.blake3(data).digest() != meta.segment_digest(index):
+            raise IntegrityError(
+                f"blob {b3_text(meta.digest)} chunk {index} (bytes {start}..{start + want}) "
+                f"in {self._where} does not match its digest"
+            )
+        self._cache[index] = data
+        if len(self._cache) > _CACHED_SEGMENTS:
+            self._cache.popitem(last=False)
+        return data
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        self._cache.clear()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+
+
+class EmbeddedBlobWriter(BlobWriter):
+    """Streams one blob to a temp file, hashing it whole and per segment."""
+
+    def __init__(self, service: EmbeddedBlobService, expected_digest: bytes | None) -> None:
+        self._service = service
+        self._handle = service.handle
+        self._expected = expected_digest
+        self._chunk_size = self._handle.chunk_size
+        self._hasher = blake3.blake3()
+        self._segment = blake3.blake3()
+        self._segment_fill = 0
+        self._segment_digests = bytearray()
+        self._size = 0
+        name = f"{os.getpid()}.{secrets.token_hex(8)}.tmp"
+        self._temp = self._handle.tmp_dir / name
+        try:
+            self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise Unavailable(f"store {self._handle.where}: cannot create a temp blob file: {exc}") from None
+
+    def write(self, data: bytes) -> None:
+        if self._fd < 0:
+            raise InvalidArgument("blob writer is already committed or aborted")
+        view = memoryview(data).cast("B")
+        self._hasher.update(view)
+        pos, total = 0, len(view)
+        while pos < total:
+            take = min(self._chunk_size - self._segment_fill, total - pos)
+            self._segment.update(view[pos : pos + take])
+            self._segment_fill += take
+            pos += take
+            if self._segment_fill == self._chunk_size:
+                self._end_segment()
+        try:
+            written = 0
+            while written < total:
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            self.abort()
+            raise Unavailable(f"store {self._handle.where}: writing a blob failed: {exc}") from None
+        self._size += total
+
+    def _end_segment(self) -> None:
+        self._segment_digests += self._segment.digest()
+        self._segment = blake3.blake3()
+        self._segment_fill = 0
+
+    def commit(self) -> bytes:
+        if self._fd < 0:
+            raise InvalidArgument("blob writer is already committed or aborted")
+        if self._segment_fill:
+            self._end_segment()
+        digest = self._hasher.digest()
+        try:
+            if self._expected is not None and digest != self._expected:
+                raise IntegrityError(
+                    f"blob written as {b3_text(self._expected)} hashes to {b3_text(digest)}; not stored"
+                )
+            chunks = bytes(self._segment_digests) if len(self._segment_digests) > DIGEST_LEN else b""
+            meta = BlobMeta(digest, self._size, self._chunk_size, chunks)
+            final = self._handle.blob_path(digest)
+            if self._service.meta(digest) is not None and _has_size(final, self._size):
+                log.debug("blob %s already stored", b3_text(digest))
+                self.abort()
+                return digest
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            os.replace(self._temp, final)
+            fsync_dir(final.parent)
+        except OSError as exc:
+            self.abort()
+            raise Unavailable(
+                f"store {self._handle.where}: storing blob {b3_text(digest)} failed: {exc}"
+            ) from None
+        except BaseException:
+            self.abort()
+            raise
+        self._service.record(meta)
+        return digest
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if self._temp is not None:
+            remove_quietly(self._temp)
+            self._temp = None
+
+    def __del__(self) -> None:
+        # A writer dropped without commit or abort must not leave its temp file.
+        if getattr(self, "_temp", None) is not None and getattr(self, "_fd", -1) >= 0:
+            self.abort()
+
+
+def _has_size(path: os.PathLike[str], size: int) -> bool:
+    try:
+        return os.stat(path).st_size == size
+    except FileNotFoundError:
+        return False
+
+
+class EmbeddedBlobService(BlobService):
+    def __init__(self, handle: StoreHandle) -> None:
+        self.handle = handle
+        self._lock = threading.Lock()
+        self._metas: OrderedDict[bytes, BlobMeta] = OrderedDict()
+        self._closed = False
+
+    def meta(self, digest: bytes) -> BlobMeta | None:
+        """The blob's row (cached: rows never change once written), or None."""
+        with self._lock:
+            meta = self._metas.get(digest)
+            if meta is not None:
+                self._metas.move_to_end(digest)
+                return meta
+        what = f"looking up blob {b3_text(digest)}"
+        sql = "SELECT size, chunk_size, chunks FROM blobs WHERE digest = ?"
+        row = self.handle.db.one(what, sql, (digest,))
+        if row is None:
+            return None
+        meta = BlobMeta.from_row(digest, *row)
+        self._remember(meta)
+        return meta
+
+    def _remember(self, meta: BlobMeta) -> None:
+        with self._lock:
+            self._metas[meta.digest] = meta
+            if len(self._metas) > _META_CACHE:
+                self._metas.popitem(last=False)
+
+    def record(self, meta: BlobMeta) -> None:
+        """Register a blob whose file is in place (idempotent)."""
+        with self.handle.db.transaction(f"recording blob {b3_text(meta.digest)}") as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO blobs (digest, size, chunk_size, chunks) VALUES (?, ?, ?, ?)",
+                (meta.digest, meta.size, meta.chunk_size, meta.chunk_digests),
+            )
+        self._remember(meta)
+
+    def stat(self, digest: bytes) -> BlobStat | None:
+        records.check_b3(digest, "blob")
+        meta = self.meta(digest)
+        return None if meta is None else BlobStat(meta.size, meta.chunks())
+
+    def open_read(self, digest: bytes) -> BlobReader:
+        records.check_b3(digest, "blob")
+        meta = self.meta(digest)
+        if meta is None:
+            raise NotFound(f"blob {b3_text(digest)} not found in store {self.handle.where}")
+        path = self.handle.blob_path(digest)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise InvalidData(
+                f"blob {b3_text(digest)} is recorded in store {self.handle.where} "
+                f"but its file {path} is missing"
+            ) from None
+        except OSError as exc:
+            raise Unavailable(f"blob {b3_text(digest)}: cannot open {path}: {exc}") from None
+        return EmbeddedBlobReader(meta, fd, self.handle.where)
+
+    def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:
+        """A writer; with ``expected_digest`` a commit of other bytes fails and stores nothing."""
+        if expected_digest is not None:
+            records.check_b3(expected_digest, "expected blob")
+        self._sweep_temp_once()
+        return EmbeddedBlobWriter(self, expected_digest)
+
+    def iter_digests(self) -> Iterator[bytes]:
+        for row in self.handle.db.pages("listing blobs", "blobs", "size"):
+            yield row[0]
+
+    def _sweep_temp_once(self) -> None:
+        """Remove temp files that crashed writers left (first writer per store only)."""
+        if self.handle.temp_swept:
+            return
+        self.handle.temp_swept = True
+        cutoff = time.time() - STALE_TEMP_S
+        try:
+            with os.scandir(self.handle.tmp_dir) as entries:
+                for entry in entries:
+                    if entry.name.endswith(".tmp") and entry.stat().st_mtime < cutoff:
+                        log.info("removing stale temp blob %s", entry.path)
+                        remove_quietly(entry.path)
+        except OSError as exc:
+            log.warning("store %s: cannot sweep %s: %s", self.handle.where, self.handle.tmp_dir, exc)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.handle.release()
