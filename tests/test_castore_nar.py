@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from castore_fixtures import Exe, Link, Store
 
+from tests.castore_fixtures import Exe, Link, Store
 from tvixmount.castore import nar, storepath
 from tvixmount.castore.directory import Directory, SizeConvention
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode

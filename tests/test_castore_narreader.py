@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 
 import pytest
-from castore_fixtures import Exe, Link, Store
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.castore_fixtures import Exe, Link, Store
 from tvixmount.castore import nar
 from tvixmount.castore.narreader import (
     MAX_DEPTH,

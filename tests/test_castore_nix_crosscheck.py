@@ -15,8 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from castore_fixtures import Exe, Link, Store, make_on_disk
 
+from tests.castore_fixtures import Exe, Link, Store, make_on_disk
 from tvixmount.castore import nar, nixbase32, storepath
 from tvixmount.castore.narreader import read_nar
 
