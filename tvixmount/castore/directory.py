@@ -140,11 +140,12 @@ def validate(directory: Directory, what: str = "directory") -> None:
     DirectoryNode.size is deliberately not checked (PROTOCOL.md §7).
     """
     seen: set[bytes] = set()
-    for field, nodes in (
+    groups: tuple[tuple[str, tuple[Node, ...]], ...] = (
         ("directories", directory.directories),
         ("files", directory.files),
         ("symlinks", directory.symlinks),
-    ):
+    )
+    for field, nodes in groups:
         previous: bytes | None = None
         for index, node in enumerate(nodes):
             where = f"{what}: {field}[{index}] {display_name(node.name)!r}"
@@ -160,7 +161,10 @@ def validate(directory: Directory, what: str = "directory") -> None:
                 raise InvalidData(f"{where}: name also used by another entry kind")
             seen.add(node.name)
             previous = node.name
-    directory.size()  # overflow check
+    try:
+        directory.size()
+    except InvalidData:
+        raise InvalidData(f"{what}: descendant count overflows u64") from None
 
 
 def from_proto(msg: castore_pb2.Directory) -> Directory:
