@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Union
 
 DIGEST_LEN = 32  # blake3-256, for blobs and directories
 
@@ -42,7 +41,7 @@ class SymlinkNode:
     target: bytes
 
 
-Node = Union[DirectoryNode, FileNode, SymlinkNode]
+Node = DirectoryNode | FileNode | SymlinkNode
 
 
 def identity(node: Node) -> tuple:
