@@ -1,0 +1,553 @@
+"""Import files, directories and symlinks from the local filesystem into a store.
+
+One pass over the tree does all the work, because reading the data is what
+costs: each file is opened once, ``fstat``-ed once (size and mode come from
+the open descriptor, so they describe the bytes actually read), read in
+1 MiB pieces, and every piece goes both into the NAR hash and into the blob
+store. The NAR (PROTOCOL.md §13) is hashed while walking, which is why the
+walk visits entries in ascending raw-byte name order, depth first: that is
+exactly NAR order, so no second pass over the store is needed to compute
+nar_size / nar_sha256 (tests check the result against castore/nar.py and
+``nix-store --dump``).
+
+Where time goes, and what runs in parallel: the NAR hash is one sequential
+stream and stays on the walking thread. Storing a blob (blake3, temp file,
+fsync, rename, database row) is independent per file and mostly waits on
+the disk, so files up to ``SMALL_FILE`` are handed to a thread pool with the
+bytes already in memory (bounded by ``MAX_IN_FLIGHT`` bytes); bigger files
+are streamed on the walking thread so memory stays flat. Blob digests are
+therefore known only after the walk: Directory messages are built
+afterwards, leaves first, from the recorded shape of the tree.
+
+Visibility: blobs and directories are content-addressed and harmless when
+orphaned, so a failed import may leave some behind; the PathInfo, the only
+thing that makes a store path visible, is written last and only after
+everything below it was stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import stat
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import blake3
+
+from ..castore import storepath
+from ..castore.directory import Directory, SizeConvention, check_node, validate
+from ..castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, b3_text, display_name
+from ..castore.pathinfo import NarInfo, PathInfo
+from ..errors import InvalidData
+from ..store import Store
+from .progress import Bar, NullBar
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # read size; also the largest file stored from memory by the pool
+SMALL_FILE = CHUNK
+MAX_IN_FLIGHT = 64 << 20  # bytes of small files queued for the pool at most
+DEFAULT_WORKERS = 8  # blob stores mostly wait on fsync, so more threads than cores pay off
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class IngestError(InvalidData):
+    """A path that cannot be imported; the message names it and says why."""
+
+
+# -- the NAR, hashed as it is walked --------------------------------------------
+
+
+def _nar_str(data: bytes) -> bytes:
+    return len(data).to_bytes(8, "little") + data + bytes(-len(data) % 8)
+
+
+_MAGIC = _nar_str(b"nix-archive-1")
+_DIR_OPEN = _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"directory")
+_ENTRY_OPEN = _nar_str(b"entry") + _nar_str(b"(") + _nar_str(b"name")
+_NODE = _nar_str(b"node")
+_CLOSE = _nar_str(b")")
+_FILE_OPEN = _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"regular")
+_EXECUTABLE = _nar_str(b"executable") + _nar_str(b"")
+_CONTENTS = _nar_str(b"contents")
+_SYMLINK_OPEN = _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"symlink") + _nar_str(b"target")
+_FLUSH_AT = 64 * 1024
+
+
+class NarHasher:
+    """sha256 and length of a NAR fed event by event, in NAR order.
+
+    Framing tokens and small file contents are gathered in a buffer and
+    hashed 64 KiB at a time (one C call instead of thousands); big pieces
+    go straight to sha256, which releases the GIL for them.
+    """
+
+    __slots__ = ("_buf", "_sha", "_size")
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self._buf = bytearray(_MAGIC)
+        self._size = 0
+
+    def _flush(self) -> None:
+        self._sha.update(self._buf)
+        self._size += len(self._buf)
+        self._buf.clear()
+
+    def directory_start(self) -> None:
+        self._buf += _DIR_OPEN
+
+    def entry_start(self, name: bytes) -> None:
+        self._buf += _ENTRY_OPEN
+        self._buf += _nar_str(name)
+        self._buf += _NODE
+
+    def close(self) -> None:
+        """Ends a directory node or an entry: both are one ``)``."""
+        self._buf += _CLOSE
+        if len(self._buf) >= _FLUSH_AT:
+            self._flush()
+
+    def file_start(self, size: int, executable: bool) -> None:
+        buf = self._buf
+        buf += _FILE_OPEN
+        if executable:
+            buf += _EXECUTABLE
+        buf += _CONTENTS
+        buf += size.to_bytes(8, "little")
+
+    def contents(self, data: bytes) -> None:
+        if len(data) < _FLUSH_AT:
+            self._buf += data
+            if len(self._buf) >= _FLUSH_AT:
+                self._flush()
+            return
+        self._flush()
+        self._sha.update(data)
+        self._size += len(data)
+
+    def file_end(self, size: int) -> None:
+        self._buf += bytes(-size % 8)
+        self._buf += _CLOSE
+
+    def symlink(self, target: bytes) -> None:
+        self._buf += _SYMLINK_OPEN
+        self._buf += _nar_str(target)
+        self._buf += _CLOSE
+
+    def finish(self) -> tuple[int, bytes]:
+        """(nar_size, nar_sha256); call once, after the root node is closed."""
+        self._flush()
+        return self._size, self._sha.digest()
+
+
+# -- the shape of the tree, resolved to castore nodes after the walk -----------
+
+
+@dataclass(slots=True)
+class _PendingFile:
+    name: bytes
+    size: int
+    executable: bool
+    digest: Future[bytes]
+
+
+@dataclass(slots=True)
+class _PendingDir:
+    name: bytes
+    path: bytes  # on disk, for error messages
+    children: list[Node | _PendingFile | _PendingDir] = field(default_factory=list)
+    node: DirectoryNode | None = None  # set once resolved
+
+
+@dataclass(frozen=True, slots=True)
+class ImportStats:
+    files: int
+    bytes: int
+    directories: int
+    symlinks: int
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """What one ``import`` of a path produced (the PathInfo is already stored)."""
+
+    source: bytes
+    store_path: storepath.StorePath
+    info: PathInfo
+    stats: ImportStats
+
+
+def show(path: bytes) -> str:
+    """A path for messages: lossless for bytes that are not UTF-8."""
+    return display_name(path)
+
+
+def store_path_name(path: bytes) -> str:
+    """The store path name an import of ``path`` gets: its basename, which must be a valid name."""
+    base = os.path.basename(os.path.abspath(path))
+    if not base:
+        raise IngestError(f"{show(path)}: has no name to give the store path")
+    try:
+        name = base.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IngestError(
+            f"{show(path)}: name {show(base)!r} is not valid UTF-8, so it cannot name a store path"
+        ) from None
+    problem = storepath.check_name(name)
+    if problem:
+        raise IngestError(f"{show(path)}: {name!r} is not a valid store path name: {problem}")
+    return name
+
+
+def _special_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISFIFO, "a named pipe (fifo)"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
+        if test(mode):
+            return kind
+    return f"of unsupported type (mode {mode:o})"
+
+
+def _os_error(path: bytes, exc: OSError) -> IngestError:
+    return IngestError(f"{show(path)}: {exc.strerror or exc}")
+
+
+class _Budget:
+    """Bytes of small files handed to the pool and not yet stored: the walk waits above the limit."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._used = 0
+        self._limit = limit
+
+    def take(self, n: int) -> None:
+        with self._cond:
+            while self._used and self._used + n > self._limit:
+                self._cond.wait()
+            self._used += n
+
+    def give(self, n: int) -> None:
+        with self._cond:
+            self._used -= n
+            self._cond.notify_all()
+
+
+class _BlobSink:
+    """Stores blobs: small ones on a thread pool from memory, big ones streamed by the caller.
+
+    Remembers the digests this run already stored or found, so duplicate
+    contents cost one blake3 and no store round trip. The first failure of
+    a pooled store is kept in ``failure`` so the walk can stop early.
+    """
+
+    def __init__(self, store: Store, workers: int) -> None:
+        self._blobs = store.blobs
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="blob") if workers > 0 else None
+        self._budget = _Budget(MAX_IN_FLIGHT)
+        self._seen: set[bytes] = set()
+        self._lock = threading.Lock()
+        self.failure: BaseException | None = None
+
+    def put_small(self, data: bytes) -> Future[bytes]:
+        if self.failure is not None:
+            raise self.failure
+        if self._pool is None:
+            done: Future[bytes] = Future()
+            done.set_result(self._store(data))
+            return done
+        cost = len(data) + 4096  # the fixed part also caps how many tiny files queue up
+        self._budget.take(cost)
+        future = self._pool.submit(self._store, data)
+        future.add_done_callback(lambda f: self._done(f, cost))
+        return future
+
+    def _done(self, future: Future[bytes], cost: int) -> None:
+        self._budget.give(cost)
+        if not future.cancelled() and future.exception() is not None and self.failure is None:
+            self.failure = future.exception()
+
+    def _store(self, data: bytes) -> bytes:
+        digest = blake3.blake3(data).digest()
+        with self._lock:
+            if digest in self._seen:
+                return digest
+        if self._blobs.stat(digest) is None:
+            stored = self._blobs.put(data)
+            if stored != digest:
+                raise InvalidData(
+                    f"store returned digest {b3_text(stored)} for a blob hashing to {b3_text(digest)}"
+                )
+        with self._lock:
+            self._seen.add(digest)
+        return digest
+
+    def stream(self, chunks: Callable[[Callable[[bytes], None]], None]) -> bytes:
+        """Store a big blob: ``chunks(write)`` calls ``write`` with each piece in order."""
+        with self._blobs.open_write() as writer:
+            chunks(writer.write)
+            digest = writer.commit()
+        with self._lock:
+            self._seen.add(digest)
+        return digest
+
+    def close(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
+
+
+class Ingester:
+    """Imports local paths into one open store; one instance may import many paths."""
+
+    def __init__(
+        self,
+        store: Store,
+        convention: SizeConvention = SizeConvention.DOUBLED,
+        workers: int = DEFAULT_WORKERS,
+        files_bar: Bar | None = None,
+        bytes_bar: Bar | None = None,
+    ) -> None:
+        self.store = store
+        self.convention = convention
+        self.workers = workers
+        self.files_bar = files_bar or NullBar()
+        self.bytes_bar = bytes_bar or NullBar()
+
+    def import_path(self, path: str | bytes | os.PathLike[str]) -> Imported:
+        """Import ``path`` (a directory, regular file or symlink) and put its PathInfo.
+
+        Raises IngestError naming the offending path for anything that
+        cannot be imported; store failures propagate as TvixError. On any
+        failure no PathInfo is written.
+        """
+        source = os.fsencode(path)
+        name = store_path_name(source)
+        run = _Run(self, source)
+        try:
+            root = run.walk()
+            nar_size, nar_sha256 = run.nar.finish()
+            root_node = run.resolve(root)
+        except BaseException:
+            run.sink.close(cancel=True)
+            raise
+        run.sink.close()
+        if run.directories:
+            self.store.directories.put_many(run.directories)
+        path_ = storepath.from_nar_sha256(name, nar_sha256)
+        info = PathInfo(
+            node=replace(root_node, name=path_.basename.encode()),
+            references=(),
+            narinfo=NarInfo(nar_size=nar_size, nar_sha256=nar_sha256),
+        )
+        self.store.path_infos.put(info)
+        log.info("imported %s as %s (%d files, NAR %d bytes)", show(source), path_, run.files, nar_size)
+        stats = ImportStats(run.files, run.bytes, len(run.directories), run.symlinks)
+        return Imported(source, path_, info, stats)
+
+
+class _Run:
+    """The state of one import: the walk, its NAR hash and what is waiting to be stored."""
+
+    def __init__(self, ingester: Ingester, source: bytes) -> None:
+        self.ing = ingester
+        self.source = source
+        self.nar = NarHasher()
+        self.sink = _BlobSink(ingester.store, ingester.workers)
+        self.directories: list[Directory] = []  # leaves first, each digest once
+        self._dir_digests: set[bytes] = set()
+        self.files = 0
+        self.bytes = 0
+        self.symlinks = 0
+
+    # -- walking ---------------------------------------------------------------
+
+    def walk(self) -> Node | _PendingFile | _PendingDir:
+        """Walk the tree in NAR order, feeding the NAR hash and the blob sink."""
+        try:
+            st = os.lstat(self.source)
+        except OSError as exc:
+            raise _os_error(self.source, exc) from None
+        if not stat.S_ISDIR(st.st_mode):
+            return self._leaf(self.source, b"", st.st_mode)
+        root = _PendingDir(b"", self.source)
+        # Each frame: the directory being filled and its entries still to visit.
+        stack = [(root, self._list(self.source))]
+        self.nar.directory_start()
+        while stack:
+            current, entries = stack[-1]
+            if not entries:
+                stack.pop()
+                self.nar.close()  # the directory node
+                if stack:
+                    self.nar.close()  # the entry holding it
+                continue
+            entry = entries.pop()
+            name = entry.name
+            self.nar.entry_start(name)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError as exc:
+                raise _os_error(entry.path, exc) from None
+            if is_dir:
+                child = _PendingDir(name, entry.path)
+                current.children.append(child)
+                stack.append((child, self._list(entry.path)))
+                self.nar.directory_start()
+                continue
+            current.children.append(self._entry_leaf(entry))
+            self.nar.close()  # the entry
+        return root
+
+    def _list(self, path: bytes) -> list[os.DirEntry[bytes]]:
+        """Entries of a directory, in reverse name order (popped from the end = ascending)."""
+        try:
+            with os.scandir(path) as it:
+                entries = list(it)
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        entries.sort(key=_entry_name, reverse=True)
+        return entries
+
+    def _entry_leaf(self, entry: os.DirEntry[bytes]) -> Node | _PendingFile:
+        try:
+            if entry.is_symlink():
+                return self._symlink(entry.path, entry.name)
+            if entry.is_file(follow_symlinks=False):
+                return self._file(entry.path, entry.name)
+            mode = entry.stat(follow_symlinks=False).st_mode
+        except OSError as exc:
+            raise _os_error(entry.path, exc) from None
+        return self._leaf(entry.path, entry.name, mode)
+
+    def _leaf(self, path: bytes, name: bytes, mode: int) -> Node | _PendingFile:
+        if stat.S_ISLNK(mode):
+            return self._symlink(path, name)
+        if stat.S_ISREG(mode):
+            return self._file(path, name)
+        raise IngestError(f"{show(path)}: is {_special_kind(mode)}; only files, directories and symlinks")
+
+    def _symlink(self, path: bytes, name: bytes) -> SymlinkNode:
+        try:
+            target = os.readlink(path)
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        node = SymlinkNode(name, target)
+        problem = check_node(node)  # the target only; names were checked by the caller
+        if problem:
+            raise IngestError(f"{show(path)}: {problem}")
+        self.nar.symlink(target)
+        self.symlinks += 1
+        self.ing.files_bar.update(1)
+        return node
+
+    def _file(self, path: bytes, name: bytes) -> _PendingFile:
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # replaced since it was listed
+                raise IngestError(f"{show(path)}: is {_special_kind(st.st_mode)}; only regular files")
+            size = st.st_size
+            executable = bool(st.st_mode & stat.S_IXUSR)
+            self.nar.file_start(size, executable)
+            if size <= SMALL_FILE:
+                data = _read_exactly(fd, size, path)
+                self.nar.contents(data)
+                digest = self.sink.put_small(data)
+                self.ing.bytes_bar.update(size)
+            else:
+                done: Future[bytes] = Future()
+                done.set_result(self.sink.stream(lambda write: self._stream(fd, size, path, write)))
+                digest = done
+            self.nar.file_end(size)
+        except OSError as exc:
+            raise _os_error(path, exc) from None
+        finally:
+            os.close(fd)
+        self.files += 1
+        self.bytes += size
+        self.ing.files_bar.update(1)
+        return _PendingFile(name, size, executable, digest)
+
+    def _stream(self, fd: int, size: int, path: bytes, write: Callable[[bytes], None]) -> None:
+        left = size
+        while left:
+            piece = os.read(fd, min(CHUNK, left))
+            if not piece:
+                raise IngestError(
+                    f"{show(path)}: file shrank while being read ({size - left} of {size} bytes)"
+                )
+            self.nar.contents(piece)
+            write(piece)
+            left -= len(piece)
+            self.ing.bytes_bar.update(len(piece))
+        if os.read(fd, 1):
+            raise IngestError(f"{show(path)}: file grew while being read (more than {size} bytes)")
+
+    # -- resolving -------------------------------------------------------------
+
+    def resolve(self, root: Node | _PendingFile | _PendingDir) -> Node:
+        """Turn the recorded tree into castore nodes, storing Directory messages leaves first."""
+        if isinstance(root, _PendingFile):
+            return self._file_node(root)
+        if not isinstance(root, _PendingDir):
+            return root
+        # Post-order with an explicit stack: a directory is built once all its children are.
+        stack: list[tuple[_PendingDir, bool]] = [(root, False)]
+        while stack:
+            pending, expanded = stack.pop()
+            if not expanded:
+                stack.append((pending, True))
+                stack.extend((c, False) for c in pending.children if isinstance(c, _PendingDir))
+                continue
+            nodes: list[Node] = []
+            for child in pending.children:
+                if isinstance(child, _PendingFile):
+                    nodes.append(self._file_node(child))
+                elif isinstance(child, _PendingDir):
+                    assert child.node is not None
+                    nodes.append(child.node)
+                else:
+                    nodes.append(child)
+            directory = Directory.from_entries(nodes)
+            validate(directory, show(pending.path))
+            digest = directory.digest()
+            if digest not in self._dir_digests:
+                self._dir_digests.add(digest)
+                self.directories.append(directory)
+            pending.node = DirectoryNode(pending.name, digest, directory.size(self.ing.convention))
+            pending.children = []  # let the tree go as it is resolved
+        assert root.node is not None
+        return root.node
+
+    @staticmethod
+    def _file_node(pending: _PendingFile) -> FileNode:
+        return FileNode(pending.name, pending.digest.result(), pending.size, pending.executable)
+
+
+def _entry_name(entry: os.DirEntry[bytes]) -> bytes:
+    return entry.name
+
+
+def _read_exactly(fd: int, size: int, path: bytes) -> bytes:
+    """All ``size`` bytes of a small file, and proof that there are no more."""
+    data = os.read(fd, size) if size else b""
+    while len(data) < size:
+        more = os.read(fd, size - len(data))
+        if not more:
+            raise IngestError(f"{show(path)}: file shrank while being read ({len(data)} of {size} bytes)")
+        data += more
+    if os.read(fd, 1):
+        raise IngestError(f"{show(path)}: file grew while being read (more than {size} bytes)")
+    return data
+

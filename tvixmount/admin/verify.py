@@ -1,0 +1,282 @@
+"""``tvixstore verify``: re-check every object in a store, report each bad one.
+
+Three passes, each independent of what the store believes about itself:
+
+1. every blob is read in full and its blake3 recomputed here (the store's
+   reader checks its own per-chunk digests too; either failing is reported),
+   and its length compared with what the store's ``stat`` says;
+2. every directory is read (decoding re-hashes and validates it) and its
+   references are checked: child directories present, blobs present with
+   the size the FileNode claims;
+3. every PathInfo is read (and so validated) and its tree walked to make
+   sure it is complete, i.e. each directory and blob below the root is
+   present and good. With ``nar=True`` the NAR is re-rendered from the store
+   and its size and sha256 compared with the PathInfo's.
+
+Every problem is reported once, as one line naming the object, and the run
+goes on; the caller turns "any problem" into exit status 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import blake3
+
+from ..castore.directory import Directory
+from ..castore.nar import nar_hash
+from ..castore.nodes import DirectoryNode, FileNode, Node, b3_text, display_name
+from ..castore.pathinfo import PathInfo
+from ..errors import TvixError
+from ..store import Store
+from .progress import Bar, NullBar
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    what: str  # "blob b3:...", "directory b3:...", "path /nix/store/..."
+    why: str
+
+    def __str__(self) -> str:
+        return f"{self.what}: {self.why}"
+
+
+@dataclass(slots=True)
+class Report:
+    blobs: int = 0
+    blob_bytes: int = 0
+    directories: int = 0
+    path_infos: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    def summary(self) -> str:
+        verdict = "OK" if not self.problems else f"{len(self.problems)} problem(s)"
+        return (
+            f"checked {self.blobs} blobs ({self.blob_bytes} bytes), {self.directories} directories, "
+            f"{self.path_infos} path infos: {verdict}"
+        )
+
+
+class Verifier:
+    """One run of the three passes over ``store``; ``on_problem`` sees each problem as found."""
+
+    def __init__(
+        self,
+        store: Store,
+        on_problem: Callable[[Problem], None] | None = None,
+        bar: Callable[[str, int], Bar] | None = None,
+        nar: bool = False,
+    ) -> None:
+        self.store = store
+        self.on_problem = on_problem or (lambda p: None)
+        self.make_bar = bar or (lambda desc, total: NullBar())
+        self.nar = nar
+        self.report = Report()
+        self.blob_sizes: dict[bytes, int] = {}  # good blobs only
+        self.bad_blobs: set[bytes] = set()
+        self.good_dirs: dict[bytes, Directory] = {}
+        self.bad_dirs: set[bytes] = set()
+        self._complete: dict[bytes, str | None] = {}  # directory digest -> first problem below it
+
+    def problem(self, what: str, why: str) -> None:
+        p = Problem(what, why)
+        self.report.problems.append(p)
+        log.debug("problem: %s", p)
+        self.on_problem(p)
+
+    def run(self) -> Report:
+        self.check_blobs()
+        self.check_directories()
+        self.check_path_infos()
+        return self.report
+
+    # -- 1. blobs ---------------------------------------------------------------
+
+    def _digests(self, kind: str, source: Callable[[], Iterator[bytes]]) -> list[bytes]:
+        try:
+            return list(source())
+        except TvixError as exc:
+            self.problem(f"{kind} listing", str(exc))
+            return []
+
+    def check_blobs(self) -> None:
+        digests = self._digests("blob", self.store.blobs.iter_digests)
+        progress = self.make_bar("blobs", len(digests))
+        try:
+            for digest in digests:
+                self._check_blob(digest)
+                progress.update(1)
+        finally:
+            progress.close()
+
+    def _check_blob(self, digest: bytes) -> None:
+        what = f"blob {b3_text(digest)}"
+        self.report.blobs += 1
+        try:
+            st = self.store.blobs.stat(digest)
+            if st is None:
+                self.bad_blobs.add(digest)
+                self.problem(what, "listed by the store but stat finds nothing")
+                return
+            hasher = blake3.blake3()
+            total = 0
+            with self.store.blobs.open_read(digest) as reader:
+                while True:
+                    piece = reader.pread(total, CHUNK)
+                    if not piece:
+                        break
+                    hasher.update(piece)
+                    total += len(piece)
+        except TvixError as exc:
+            self.bad_blobs.add(digest)
+            self.problem(what, str(exc))
+            return
+        self.report.blob_bytes += total
+        actual = hasher.digest()
+        if actual != digest:
+            self.bad_blobs.add(digest)
+            self.problem(what, f"contents hash to {b3_text(actual)}")
+        elif total != st.size:
+            self.bad_blobs.add(digest)
+            self.problem(what, f"{total} bytes read, but stat says {st.size}")
+        else:
+            self.blob_sizes[digest] = total
+
+    # -- 2. directories -----------------------------------------------------------
+
+    def check_directories(self) -> None:
+        digests = self._digests("directory", self.store.directories.iter_digests)
+        progress = self.make_bar("directories", len(digests))
+        try:
+            for digest in digests:
+                self.report.directories += 1
+                progress.update(1)
+                try:
+                    directory = self.store.directories.get(digest)
+                except TvixError as exc:
+                    self.bad_dirs.add(digest)
+                    self.problem(f"directory {b3_text(digest)}", str(exc))
+                    continue
+                if directory is None:
+                    self.bad_dirs.add(digest)
+                    self.problem(f"directory {b3_text(digest)}", "listed by the store but cannot be read")
+                    continue
+                self.good_dirs[digest] = directory
+        finally:
+            progress.close()
+        listed = set(digests)
+        for digest, directory in self.good_dirs.items():
+            for why in self._reference_problems(directory, listed):
+                self.problem(f"directory {b3_text(digest)}", why)
+
+    def _reference_problems(self, directory: Directory, listed: set[bytes]) -> Iterator[str]:
+        for child in directory.directories:
+            if child.digest not in listed:
+                yield f"entry {display_name(child.name)!r}: directory {b3_text(child.digest)} is missing"
+        for file in directory.files:
+            yield from self._file_problems(file, f"entry {display_name(file.name)!r}")
+
+    def _file_problems(self, file: FileNode, where: str) -> Iterator[str]:
+        size = self.blob_sizes.get(file.digest)
+        if size is None:
+            state = "is damaged" if file.digest in self.bad_blobs else "is missing"
+            yield f"{where}: blob {b3_text(file.digest)} {state}"
+        elif size != file.size:
+            yield f"{where}: blob {b3_text(file.digest)} is {size} bytes, the FileNode says {file.size}"
+
+    # -- 3. path infos ---------------------------------------------------------------
+
+    def check_path_infos(self) -> None:
+        try:
+            infos = list(self._path_infos())
+        except TvixError as exc:
+            self.problem("path info listing", str(exc))
+            return
+        progress = self.make_bar("path infos", len(infos))
+        try:
+            for info in infos:
+                self.report.path_infos += 1
+                self._check_path_info(info)
+                progress.update(1)
+        finally:
+            progress.close()
+
+    def _path_infos(self) -> Iterator[PathInfo]:
+        yield from self.store.path_infos.list()
+
+    def _check_path_info(self, info: PathInfo) -> None:
+        what = f"path /nix/store/{display_name(info.node.name)}"
+        why = self._node_problem(info.node)
+        if why is not None:
+            self.problem(what, f"tree is incomplete: {why}")
+            return
+        if self.nar and info.narinfo is not None:
+            try:
+                size, sha256 = nar_hash(info.node, self._get_directory, self._read_blob)
+            except TvixError as exc:
+                self.problem(what, f"NAR cannot be rendered: {exc}")
+                return
+            if (size, sha256) != (info.narinfo.nar_size, info.narinfo.nar_sha256):
+                self.problem(
+                    what,
+                    f"NAR is {size} bytes with sha256 {sha256.hex()}, the path info says "
+                    f"{info.narinfo.nar_size} bytes with sha256 {info.narinfo.nar_sha256.hex()}",
+                )
+
+    def _node_problem(self, node: Node) -> str | None:
+        """The first reason the tree under ``node`` is not complete and good, or None."""
+        if isinstance(node, FileNode):
+            return next(self._file_problems(node, "root"), None)
+        if not isinstance(node, DirectoryNode):
+            return None
+        return self._tree_problem(node.digest)
+
+    def _tree_problem(self, root: bytes) -> str | None:
+        """Depth-first over directories, each digest settled once for the whole run."""
+        stack: list[tuple[bytes, bool]] = [(root, False)]
+        while stack:
+            digest, expanded = stack.pop()
+            if digest in self._complete:
+                continue
+            directory = self.good_dirs.get(digest)
+            if directory is None:
+                state = "is damaged" if digest in self.bad_dirs else "is missing"
+                self._complete[digest] = f"directory {b3_text(digest)} {state}"
+                continue
+            if not expanded:
+                stack.append((digest, True))
+                stack.extend((c.digest, False) for c in directory.directories
+                             if c.digest not in self._complete)
+                continue
+            found: str | None = None
+            for file in directory.files:
+                found = next(self._file_problems(file, f"directory {b3_text(digest)} entry "
+                                                       f"{display_name(file.name)!r}"), None)
+                if found:
+                    break
+            if found is None:
+                for child in directory.directories:
+                    found = self._complete.get(child.digest)
+                    if found:
+                        break
+            self._complete[digest] = found
+        return self._complete.get(root)
+
+    def _get_directory(self, digest: bytes) -> Directory:
+        return self.good_dirs[digest]
+
+    def _read_blob(self, digest: bytes, size: int) -> Iterator[bytes]:
+        with self.store.blobs.open_read(digest) as reader:
+            offset = 0
+            while offset < size:
+                piece = reader.pread(offset, CHUNK)
+                if not piece:
+                    break
+                yield piece
+                offset += len(piece)
