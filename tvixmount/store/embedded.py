@@ -22,13 +22,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ..castore.directory import Directory
-from ..castore.nodes import b3_text
+from ..castore.nodes import Node, b3_text
 from ..castore.pathinfo import PathInfo
 from ..errors import NotFound
 from . import records
 from .base import DirectoryService, PathInfoService
 from .embedded_blobs import EmbeddedBlobService
 from .embedded_layout import StoreHandle, acquire
+from .narcalc import calculate_nar
 
 # Directories fetched per query in get_recursive (well under sqlite's
 # 32766 host-parameter limit, and small enough to keep each query short).
@@ -138,6 +139,16 @@ class EmbeddedPathInfoService(PathInfoService):
         """Every path info, ordered by store path digest."""
         for digest, data in self.handle.db.pages("listing path infos", "path_infos", "data", page=256):
             yield records.pathinfo_from_row(bytes(digest), bytes(data))
+
+    def calculate_nar(self, node: Node) -> tuple[int, bytes] | None:
+        """Render the NAR from this store's own blobs and directories."""
+        blobs = EmbeddedBlobService(self.handle.retain())
+        directories = EmbeddedDirectoryService(self.handle.retain())
+        try:
+            return calculate_nar(node, blobs, directories)
+        finally:
+            blobs.close()
+            directories.close()
 
     def close(self) -> None:
         if not self._closed:

@@ -67,6 +67,14 @@ class StoreHandle:
         text = digest.hex()
         return self.blobs_dir / text[:2] / text
 
+    def retain(self) -> StoreHandle:
+        """Take one more reference (for a service built on an open handle)."""
+        with _registry_lock:
+            if self.refs <= 0:
+                raise Unavailable(f"store {self.where} is closed")
+            self.refs += 1
+        return self
+
     def release(self) -> None:
         """Drop one reference; the last one closes the database."""
         with _registry_lock:

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 
 import blake3
 
 from ..castore.directory import Directory
-from ..castore.nodes import b3_text
+from ..castore.nodes import Node, b3_text
 from ..castore.pathinfo import PathInfo
 from ..errors import IntegrityError, InvalidArgument, NotFound
 from . import records
@@ -34,6 +35,7 @@ from .base import (
     DirectoryService,
     PathInfoService,
 )
+from .narcalc import calculate_nar
 
 
 class _Tables:
@@ -157,6 +159,29 @@ class MemoryDirectoryService(DirectoryService):
             data = _tables.directories.get(digest)
         return None if data is None else records.directory_from_row(digest, data)
 
+    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+        """Breadth first, each directory once; NotFound naming a missing descendant."""
+        root = self.get(digest)
+        if root is None:
+            return
+        yield root
+        seen = {digest}
+        queue = deque([(digest, root)])
+        while queue:
+            parent_digest, parent = queue.popleft()
+            for child in parent.directories:
+                if child.digest in seen:
+                    continue
+                seen.add(child.digest)
+                directory = self.get(child.digest)
+                if directory is None:
+                    raise NotFound(
+                        f"directory {b3_text(child.digest)} referenced by {b3_text(parent_digest)} "
+                        f"(below {b3_text(digest)}) is missing from memory://"
+                    )
+                yield directory
+                queue.append((child.digest, directory))
+
     def put(self, directory: Directory) -> bytes:
         digest, data = records.directory_row(directory)
         with _tables.lock:
@@ -195,7 +220,12 @@ class MemoryPathInfoService(PathInfoService):
         return info
 
     def list(self) -> Iterator[PathInfo]:
+        """Every path info, ordered by store path digest (like local://)."""
         with _tables.lock:
             rows = sorted(_tables.path_infos.items())
         for digest, data in rows:
             yield records.pathinfo_from_row(digest, data)
+
+    def calculate_nar(self, node: Node) -> tuple[int, bytes] | None:
+        """Render the NAR from the blobs and directories of ``memory://``."""
+        return calculate_nar(node, MemoryBlobService(), MemoryDirectoryService())

@@ -1,0 +1,430 @@
+"""The store suite against the embedded on-disk store, plus its own promises:
+per-chunk verification of blob files, atomic writes, the on-disk layout,
+clear errors for missing or damaged stores, and many processes at once."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import sqlite3
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.store_suite import (
+    CHUNK,
+    DIR_A,
+    BlobTests,
+    DirectoryTests,
+    Harness,
+    PathInfoTests,
+    b3,
+    make_info,
+    pattern,
+    read_all,
+    store_path,
+)
+from tvixmount.castore.directory import Directory
+from tvixmount.castore.nodes import DirectoryNode, FileNode, b3_text
+from tvixmount.errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Unavailable
+from tvixmount.store import (
+    StoreUrls,
+    embedded_db,
+    open_blob_service,
+    open_directory_service,
+    open_path_info_service,
+    open_store,
+)
+from tvixmount.store.embedded_layout import DB_FILE, FORMAT_FILE
+
+
+def _update(root: Path, table: str, digest: bytes, data: bytes) -> None:
+    conn = sqlite3.connect(root / DB_FILE)
+    with conn:
+        conn.execute(f"UPDATE {table} SET data = ? WHERE digest = ?", (data, digest))
+    conn.close()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def harness(root: Path) -> Iterator[Harness]:
+    with open_store(StoreUrls.embedded(root, create=True)) as store:
+        yield Harness(
+            store,
+            lambda digest, data: _update(root, "directories", digest, data),
+            lambda digest, data: _update(root, "path_infos", digest, data),
+        )
+
+
+class TestEmbeddedBlobs(BlobTests):
+    pass
+
+
+class TestEmbeddedDirectories(DirectoryTests):
+    pass
+
+
+class TestEmbeddedPathInfos(PathInfoTests):
+    pass
+
+
+def blob_file(root: Path, digest: bytes) -> Path:
+    return root / "blobs" / digest.hex()[:2] / digest.hex()
+
+
+def blob_files(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "blobs").rglob("*") if p.is_file())
+
+
+# -- layout and chunk metadata ------------------------------------------------------
+
+
+def test_layout(harness: Harness, root: Path) -> None:
+    digest = harness.store.blobs.put(b"Hello World!")
+    assert blob_file(root, digest).read_bytes() == b"Hello World!"
+    marker = (root / FORMAT_FILE).read_text().splitlines()
+    assert marker[0] == "tvixmount-store" and "format=1" in marker and f"chunk_size={CHUNK}" in marker
+    conn = sqlite3.connect(root / DB_FILE)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()
+    assert os.listdir(root / "tmp") == []
+
+
+@pytest.mark.parametrize(("size", "count"), [(0, 0), (1, 0), (CHUNK, 0), (CHUNK + 1, 2), (3 * CHUNK, 3)])
+def test_stat_reports_segments(harness: Harness, size: int, count: int) -> None:
+    data = pattern(size)
+    digest = harness.store.blobs.put(data)
+    stat = harness.store.blobs.stat(digest)
+    assert stat is not None and len(stat.chunks) == count
+    for index, chunk in enumerate(stat.chunks):
+        assert chunk.digest == b3(data[index * CHUNK : (index + 1) * CHUNK])
+
+
+# -- integrity ----------------------------------------------------------------------
+
+
+def _flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_corrupt_byte_fails_only_its_chunk(harness: Harness, root: Path) -> None:
+    data = pattern(3 * CHUNK + 100)
+    digest = harness.store.blobs.put(data)
+    _flip(blob_file(root, digest), CHUNK + 777)  # inside chunk 1
+    name = re.escape(b3_text(digest))
+    with harness.store.blobs.open_read(digest) as reader:
+        assert reader.pread(0, CHUNK) == data[:CHUNK]
+        assert reader.pread(2 * CHUNK, CHUNK + 100) == data[2 * CHUNK :]
+        with pytest.raises(IntegrityError, match=f"{name} chunk 1 "):
+            reader.pread(CHUNK + 5, 10)
+        with pytest.raises(IntegrityError, match="chunk 1 "):
+            reader.pread(CHUNK - 10, 20)  # spans chunks 0 and 1: nothing is returned
+        with pytest.raises(IntegrityError):
+            reader.pread(CHUNK + 5, 10)  # the bad chunk was not cached
+        assert reader.pread(CHUNK - 10, 10) == data[CHUNK - 10 : CHUNK]
+
+
+def test_corrupt_small_blob(harness: Harness, root: Path) -> None:
+    digest = harness.store.blobs.put(b"Hello World!")
+    _flip(blob_file(root, digest), 3)
+    with harness.store.blobs.open_read(digest) as reader, pytest.raises(IntegrityError, match="chunk 0"):
+        reader.pread(0, 1)
+
+
+def test_truncated_blob_file(harness: Harness, root: Path) -> None:
+    data = pattern(2 * CHUNK + 10)
+    digest = harness.store.blobs.put(data)
+    os.truncate(blob_file(root, digest), CHUNK + 5)
+    with harness.store.blobs.open_read(digest) as reader:
+        assert reader.pread(0, 100) == data[:100]
+        with pytest.raises(IntegrityError, match="truncated"):
+            reader.pread(CHUNK, 10)
+        with pytest.raises(IntegrityError, match="truncated"):
+            reader.pread(2 * CHUNK, 10)
+
+
+def test_missing_blob_file_is_invalid_data(harness: Harness, root: Path) -> None:
+    digest = harness.store.blobs.put(b"soon gone")
+    blob_file(root, digest).unlink()
+    with pytest.raises(InvalidData, match="missing"):
+        harness.store.blobs.open_read(digest)
+    harness.store.blobs.put(b"soon gone")  # re-importing repairs it
+    assert read_all(harness.store, digest) == b"soon gone"
+
+
+def test_damaged_blob_row(harness: Harness, root: Path) -> None:
+    digest = harness.store.blobs.put(pattern(CHUNK * 2))
+    conn = sqlite3.connect(root / DB_FILE)
+    with conn:
+        conn.execute("UPDATE blobs SET chunks = ? WHERE digest = ?", (b"short", digest))
+    conn.close()
+    fresh = open_blob_service(StoreUrls.embedded(root).blob)  # shares the handle, not the row cache
+    try:
+        with pytest.raises(InvalidData, match=re.escape(b3_text(digest))):
+            fresh.stat(digest)
+    finally:
+        fresh.close()
+
+
+# -- writes ---------------------------------------------------------------------------
+
+
+def test_idempotent_put_writes_no_new_file(harness: Harness, root: Path) -> None:
+    data = pattern(CHUNK + 3)
+    digest = harness.store.blobs.put(data)
+    inode = blob_file(root, digest).stat().st_ino
+    harness.store.blobs.put(data)
+    assert blob_file(root, digest).stat().st_ino == inode
+    assert len(blob_files(root)) == 1
+    assert os.listdir(root / "tmp") == []
+
+
+def test_aborted_and_dropped_writers_leave_no_files(harness: Harness, root: Path) -> None:
+    writer = harness.store.blobs.open_write()
+    writer.write(pattern(CHUNK * 2))
+    assert len(os.listdir(root / "tmp")) == 1  # invisible while written
+    assert harness.store.blobs.stat(b3(pattern(CHUNK * 2))) is None
+    writer.abort()
+    assert os.listdir(root / "tmp") == []
+    dropped = harness.store.blobs.open_write()
+    dropped.write(b"abandoned")
+    del dropped
+    assert os.listdir(root / "tmp") == []
+    assert blob_files(root) == []
+
+
+def test_stale_temp_files_are_swept(root: Path) -> None:
+    store = open_store(StoreUrls.embedded(root, create=True))
+    store.close()
+    stale = root / "tmp" / "123.deadbeef.tmp"
+    stale.write_bytes(b"half a blob")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    fresh = root / "tmp" / "124.cafe.tmp"
+    fresh.write_bytes(b"someone is writing this")
+    with open_store(StoreUrls.embedded(root)) as store:
+        store.blobs.put(b"x")
+    assert sorted(os.listdir(root / "tmp")) == ["124.cafe.tmp"]
+
+
+# -- opening -------------------------------------------------------------------------
+
+
+def test_missing_store_dir_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nothing-here"
+    with pytest.raises(NotFound, match=re.escape(str(missing)) + ".*tvixstore import"):
+        open_store(StoreUrls.embedded(missing))
+    assert not missing.exists()  # readers create nothing
+    missing.mkdir()
+    with pytest.raises(NotFound, match="tvixstore import"):
+        open_blob_service(StoreUrls.embedded(missing).blob)
+
+
+def test_refuses_to_create_in_a_foreign_directory(tmp_path: Path) -> None:
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidArgument, match="not empty"):
+        open_store(StoreUrls.embedded(tmp_path / "home", create=True))
+
+
+def test_unknown_format_version(root: Path) -> None:
+    open_store(StoreUrls.embedded(root, create=True)).close()
+    marker = root / FORMAT_FILE
+    marker.write_text(marker.read_text().replace("format=1", "format=9"))
+    with pytest.raises(InvalidData, match="format 9"):
+        open_store(StoreUrls.embedded(root))
+
+
+def test_odd_characters_in_store_path(tmp_path: Path) -> None:
+    odd = tmp_path / "a dir?#%x"
+    with open_store(StoreUrls.embedded(odd, create=True)) as store:
+        digest = store.blobs.put(b"odd")
+    with open_store(StoreUrls.embedded(odd)) as store:
+        assert read_all(store, digest) == b"odd"
+
+
+def test_services_opened_separately_share_data(root: Path) -> None:
+    urls = StoreUrls.embedded(root, create=True)
+    blobs = open_blob_service(urls.blob)
+    dirs = open_directory_service(StoreUrls.embedded(root).directory)
+    infos = open_path_info_service(StoreUrls.embedded(root).path_info)
+    digest = blobs.put(b"")
+    dirs.put(DIR_A)
+    info = make_info(FileNode(b"", digest, 0), store_path(1))
+    infos.put(info)
+    for service in (blobs, dirs, infos):
+        service.close()
+    with open_store(StoreUrls.embedded(root)) as store:
+        assert store.path_infos.get(store_path(1).digest) == info
+        assert store.directories.get(DIR_A.digest()) == DIR_A
+        assert read_all(store, digest) == b""
+
+
+def test_closed_store_refuses_work(root: Path) -> None:
+    store = open_store(StoreUrls.embedded(root, create=True))
+    store.close()
+    with pytest.raises(Unavailable, match="closed"):
+        store.directories.get(DIR_A.digest())
+
+
+# -- sqlite failures -----------------------------------------------------------------
+
+
+def test_damaged_database_file(root: Path) -> None:
+    open_store(StoreUrls.embedded(root, create=True)).close()
+    db = root / DB_FILE
+    for suffix in ("-wal", "-shm"):
+        Path(str(db) + suffix).unlink(missing_ok=True)
+    db.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(InvalidData, match=re.escape(str(root)) + ".*damaged"):
+        open_store(StoreUrls.embedded(root))
+
+
+def test_locked_database_is_unavailable(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    open_store(StoreUrls.embedded(root, create=True)).close()
+    monkeypatch.setattr(embedded_db, "BUSY_TIMEOUT_S", 0.2)  # read when connecting
+    blocker = sqlite3.connect(root / DB_FILE, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
+    try:
+        with open_store(StoreUrls.embedded(root)) as store:
+            with pytest.raises(Unavailable, match=re.escape(str(root)) + ".*locked"):
+                store.directories.put(DIR_A)
+            assert store.directories.get(DIR_A.digest()) is None  # readers are not blocked (WAL)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def test_store_opened_before_fork_is_refused_in_child(root: Path) -> None:
+    store = open_store(StoreUrls.embedded(root, create=True))
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_use_inherited, args=(store, queue))
+    child.start()
+    message = queue.get(timeout=20)
+    child.join(20)
+    store.close()
+    assert "open store services after fork" in message
+
+
+def _use_inherited(store, queue) -> None:
+    try:
+        store.directories.get(DIR_A.digest())
+        queue.put("no error")
+    except Unavailable as exc:
+        queue.put(str(exc))
+
+
+ITEMS = 40
+
+
+def _item(i: int) -> tuple[bytes, Directory]:
+    data = pattern((i * 37_813) % (3 * CHUNK) + i, seed=i)
+    directory = Directory(files=(FileNode(b"file", b3(data), len(data)),))
+    return data, directory
+
+
+def _writer(root: str, ready) -> None:
+    with open_store(StoreUrls.embedded(root)) as store:
+        for i in range(ITEMS):
+            data, directory = _item(i)
+            store.blobs.put(data)
+            store.directories.put_many([directory])
+            store.path_infos.put(make_info(DirectoryNode(b"", directory.digest(), 1), store_path(i)))
+            if i == 0:
+                ready.set()
+
+
+def _reader(root: str, done, results) -> None:
+    try:
+        with open_store(StoreUrls.embedded(root)) as store:
+            passes = 0
+            while True:
+                finished = done.is_set()
+                seen = 0
+                for info in store.path_infos.list():
+                    (directory,) = store.directories.get_recursive(info.node.digest)
+                    node = directory.files[0]
+                    data = read_all(store, node.digest)
+                    assert len(data) == node.size and b3(data) == node.digest
+                    seen += 1
+                passes += 1
+                if finished:
+                    results.put(("ok", seen, passes))
+                    return
+    except BaseException:
+        results.put(("error", traceback.format_exc(), 0))
+
+
+def test_concurrent_readers_while_importing(root: Path) -> None:
+    open_store(StoreUrls.embedded(root, create=True)).close()  # nothing open across the fork
+    ctx = multiprocessing.get_context("fork")
+    ready, done, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    readers = [ctx.Process(target=_reader, args=(str(root), done, results)) for _ in range(3)]
+    writer = ctx.Process(target=_writer, args=(str(root), ready))
+    writer.start()
+    for r in readers:
+        r.start()
+    writer.join(60)
+    done.set()
+    outcomes = [results.get(timeout=60) for _ in readers]
+    for r in readers:
+        r.join(10)
+    assert writer.exitcode == 0
+    for status, detail, passes in outcomes:
+        assert status == "ok", detail
+        assert detail == ITEMS  # the last pass, after the import finished, saw everything
+        assert passes >= 1
+
+
+def test_threads_reading_one_blob_service(harness: Harness) -> None:
+    data = pattern(4 * CHUNK)
+    digest = harness.store.blobs.put(data)
+    failures: list[str] = []
+
+    def work() -> None:
+        for _ in range(10):
+            if read_all(harness.store, digest, piece=100_000) != data:
+                failures.append("mismatch")
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_sequential_reads_hash_each_chunk_once(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from tvixmount.store import embedded_blobs
+
+    data = pattern(3 * CHUNK)
+    digest = harness.store.blobs.put(data)
+    hashed: list[int] = []
+    real = embedded_blobs.blake3.blake3
+
+    def counting(data: bytes = b"", **kw):
+        hashed.append(len(data))
+        return real(data, **kw)
+
+    monkeypatch.setattr(embedded_blobs, "blake3", SimpleNamespace(blake3=counting))
+    assert read_all(harness.store, digest, piece=128 * 1024) == data
+    assert hashed == [CHUNK, CHUNK, CHUNK]

@@ -1,0 +1,114 @@
+"""Store URLs, their dispatch, and the default store location."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from tvixmount.errors import InvalidArgument
+from tvixmount.store import (
+    GRPC_MODULE,
+    StoreUrls,
+    default_store_dir,
+    describe,
+    open_blob_service,
+    open_path_info_service,
+    urls,
+)
+from tvixmount.store.memory import MemoryBlobService
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("", "empty"),
+        ("memory", "scheme"),
+        ("memory:///", "memory"),
+        ("memory://x", "memory"),
+        ("redb:///x", "unknown scheme"),
+        ("local://", "absolute path"),
+        ("local://host/abs", "no host"),
+        ("local:relative", "scheme"),
+        ("local:///", "refusing"),
+        ("local:///a?create=maybe", "0 or 1"),
+        ("local:///a?frobnicate=1", "unknown parameter"),
+        ("local:///a#frag", "fragment"),
+        ("local:///a%00b", "NUL"),
+        ("local:///a\nb", "control"),
+        ("grpc+http://", "host"),
+        ("grpc+http://[::1]:8000/", "path must be empty"),
+        ("grpc+http://h:notaport", "port"),
+        ("grpc+unix://host/sock", "no host"),
+        ("grpc+unix:///sock?create=1", "unknown parameter"),
+    ],
+)
+def test_bad_urls_name_the_url_and_the_problem(url: str, problem: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        urls.parse(url)
+    assert problem in str(info.value)
+    if url:
+        assert repr(url) in str(info.value)
+
+
+def test_good_urls() -> None:
+    assert urls.parse("memory://").scheme == "memory"
+    local = urls.parse("local:///var/lib/x?create=1")
+    assert (local.scheme, local.path, local.flag("create")) == ("local", "/var/lib/x", True)
+    assert not urls.parse("local:///var/lib/x").flag("create")
+    grpc = urls.parse("grpc+http://[::1]:8000?wait-connect=1")
+    assert (grpc.host, grpc.flag("wait-connect")) == ("[::1]:8000", True)
+    assert urls.parse("grpc+unix:///run/tvix.sock").path == "/run/tvix.sock"
+    assert urls.parse("grpc+https://cache.example:443").host == "cache.example:443"
+
+
+@pytest.mark.parametrize(
+    "name", ["plain", "with space", "q?mark", "hash#", "per%cent", "ünï", "bad\udcffbyte"]
+)
+def test_local_url_round_trips_any_path(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    parsed = urls.parse(urls.local_url(path, create=True))
+    assert Path(parsed.path) == path and parsed.flag("create")
+
+
+def test_store_urls_constructors(tmp_path: Path) -> None:
+    single = StoreUrls.single("memory://")
+    assert single == StoreUrls("memory://", "memory://", "memory://")
+    embedded = StoreUrls.embedded(tmp_path)
+    assert embedded.blob == f"local://{tmp_path}" == embedded.path_info
+    assert StoreUrls.embedded(tmp_path, create=True).directory.endswith("?create=1")
+
+
+def test_describe() -> None:
+    assert describe(StoreUrls.single("memory://")) == "store memory://"
+    mixed = StoreUrls("grpc+http://user:secret@h:1", "memory://", "local:///s")
+    line = describe(mixed)
+    assert "secret" not in line and "h:1" in line and "local:///s" in line
+
+
+def test_dispatch() -> None:
+    assert isinstance(open_blob_service("memory://"), MemoryBlobService)
+    with pytest.raises(InvalidArgument, match="unknown scheme"):
+        open_path_info_service("nix+https://cache.nixos.org")
+
+
+@pytest.mark.skipif(importlib.util.find_spec(GRPC_MODULE) is not None, reason="grpc client is present")
+def test_grpc_without_client_module_is_a_clear_error() -> None:
+    with pytest.raises(InvalidArgument, match="grpc store support not available"):
+        open_blob_service("grpc+http://[::1]:8000")
+
+
+def test_default_store_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("TVIXMOUNT_STORE_DIR", str(tmp_path / "s"))
+    assert default_store_dir() == tmp_path / "s"
+    monkeypatch.delenv("TVIXMOUNT_STORE_DIR")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert default_store_dir() == Path("/var/lib/tvixmount")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    assert default_store_dir() == tmp_path / "xdg" / "tvixmount"
+    monkeypatch.setenv("XDG_DATA_HOME", "relative/ignored")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_store_dir() == tmp_path / "home" / ".local" / "share" / "tvixmount"
