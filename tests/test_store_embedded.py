@@ -200,7 +200,8 @@ def test_aborted_and_dropped_writers_leave_no_files(harness: Harness, root: Path
     writer.abort()
     assert os.listdir(root / "tmp") == []
     dropped = harness.store.blobs.open_write()
-    dropped.write(b"abandoned")
+    dropped.write(pattern(CHUNK + 1, seed=5))
+    assert len(os.listdir(root / "tmp")) == 1
     del dropped
     assert os.listdir(root / "tmp") == []
     assert blob_files(root) == []

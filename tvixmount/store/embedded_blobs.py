@@ -27,6 +27,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import blake3
 
@@ -157,7 +158,12 @@ class EmbeddedBlobReader(BlobReader):
 
 
 class EmbeddedBlobWriter(BlobWriter):
-    """Streams one blob to a temp file, hashing it whole and per segment."""
+    """Streams one blob to a temp file, hashing it whole and per segment.
+
+    The first ``chunk_size`` bytes are held in memory and the temp file is
+    created only when more arrive or at commit, so re-importing small
+    files that are already stored costs a hash and a look-up, no file I/O.
+    """
 
     def __init__(self, service: EmbeddedBlobService, expected_digest: bytes | None) -> None:
         self._service = service
@@ -169,15 +175,13 @@ class EmbeddedBlobWriter(BlobWriter):
         self._segment_fill = 0
         self._segment_digests = bytearray()
         self._size = 0
-        name = f"{os.getpid()}.{secrets.token_hex(8)}.tmp"
-        self._temp = self._handle.tmp_dir / name
-        try:
-            self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise Unavailable(f"store {self._handle.where}: cannot create a temp blob file: {exc}") from None
+        self._head: bytearray | None = bytearray()  # bytes not yet in a temp file
+        self._fd = -1
+        self._temp: Path | None = None
+        self._done = False
 
     def write(self, data: bytes) -> None:
-        if self._fd < 0:
+        if self._done:
             raise InvalidArgument("blob writer is already committed or aborted")
         view = memoryview(data).cast("B")
         self._hasher.update(view)
@@ -189,14 +193,26 @@ class EmbeddedBlobWriter(BlobWriter):
             pos += take
             if self._segment_fill == self._chunk_size:
                 self._end_segment()
+        self._size += total
+        if self._head is not None and len(self._head) + total <= self._chunk_size:
+            self._head += view
+            return
+        self._to_file(view)
+
+    def _to_file(self, view: memoryview | bytearray) -> None:
+        """Append to the temp file, creating it (with the held head) first."""
         try:
-            written = 0
-            while written < total:
-                written += os.write(self._fd, view[written:])
+            if self._fd < 0:
+                name = f"{os.getpid()}.{secrets.token_hex(8)}.tmp"
+                self._temp = self._handle.tmp_dir / name
+                self._fd = os.open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                head, self._head = self._head, None
+                if head:
+                    _write_all(self._fd, memoryview(head))
+            _write_all(self._fd, memoryview(view))
         except OSError as exc:
             self.abort()
             raise Unavailable(f"store {self._handle.where}: writing a blob failed: {exc}") from None
-        self._size += total
 
     def _end_segment(self) -> None:
         self._segment_digests += self._segment.digest()
@@ -204,7 +220,7 @@ class EmbeddedBlobWriter(BlobWriter):
         self._segment_fill = 0
 
     def commit(self) -> bytes:
-        if self._fd < 0:
+        if self._done:
             raise InvalidArgument("blob writer is already committed or aborted")
         if self._segment_fill:
             self._end_segment()
@@ -221,10 +237,14 @@ class EmbeddedBlobWriter(BlobWriter):
                 log.debug("blob %s already stored", b3_text(digest))
                 self.abort()
                 return digest
+            if self._fd < 0:
+                self._to_file(bytearray())
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
+            assert self._temp is not None
             os.replace(self._temp, final)
+            self._temp = None
             fsync_dir(final.parent)
         except OSError as exc:
             self.abort()
@@ -234,10 +254,13 @@ class EmbeddedBlobWriter(BlobWriter):
         except BaseException:
             self.abort()
             raise
+        self._done = True
         self._service.record(meta)
         return digest
 
     def abort(self) -> None:
+        self._done = True
+        self._head = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -247,11 +270,17 @@ class EmbeddedBlobWriter(BlobWriter):
 
     def __del__(self) -> None:
         # A writer dropped without commit or abort must not leave its temp file.
-        if getattr(self, "_temp", None) is not None and getattr(self, "_fd", -1) >= 0:
+        if getattr(self, "_temp", None) is not None:
             self.abort()
 
 
-def _has_size(path: os.PathLike[str], size: int) -> bool:
+def _write_all(fd: int, view: memoryview) -> None:
+    written = 0
+    while written < len(view):
+        written += os.write(fd, view[written:])
+
+
+def _has_size(path: Path, size: int) -> bool:
     try:
         return os.stat(path).st_size == size
     except FileNotFoundError:

@@ -220,6 +220,6 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def remove_quietly(path: Path) -> None:
+def remove_quietly(path: str | os.PathLike[str]) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)

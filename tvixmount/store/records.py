@@ -16,7 +16,8 @@ import blake3
 from ..castore import nixbase32
 from ..castore.directory import Directory, decode_directory, validate
 from ..castore.nodes import DIGEST_LEN, b3_text, display_name
-from ..castore.pathinfo import PathInfo
+from ..castore.pathinfo import PathInfo, validate_pathinfo
+from ..castore.wire import decode_pathinfo, encode_pathinfo
 from ..errors import InvalidArgument, InvalidData
 
 STORE_PATH_DIGEST_LEN = 20
@@ -98,9 +99,6 @@ def closure_rows(
 
 def pathinfo_row(info: PathInfo) -> tuple[bytes, bytes]:
     """Validate ``info``; return (store path digest, encoded PathInfo) to store."""
-    from ..castore.pathinfo import validate_pathinfo
-    from ..castore.wire import encode_pathinfo
-
     if not isinstance(info, PathInfo):
         raise InvalidArgument(f"expected a PathInfo, got {type(info).__name__}")
     store_path = validate_pathinfo(info, require_narinfo=True)
@@ -109,9 +107,6 @@ def pathinfo_row(info: PathInfo) -> tuple[bytes, bytes]:
 
 def pathinfo_from_row(digest: bytes, data: bytes) -> PathInfo:
     """Decode and validate a stored row; it must belong under ``digest``."""
-    from ..castore.pathinfo import validate_pathinfo
-    from ..castore.wire import decode_pathinfo
-
     what = f"stored path info {store_path_text(digest)}"
     try:
         info = decode_pathinfo(data)
