@@ -40,7 +40,10 @@ from .embedded_layout import StoreHandle, fsync_dir, remove_quietly
 log = logging.getLogger(__name__)
 
 STALE_TEMP_S = 3600.0
-_META_CACHE = 4096  # blob rows kept per service (they never change)
+# Blob rows kept per service (they never change): at most this many, and at
+# most this many bytes of chunk digests (a 1 GiB blob alone has 128 KiB).
+_META_CACHE = 4096
+_META_CACHE_BYTES = 8 * 1024 * 1024
 _CACHED_SEGMENTS = 2
 
 
@@ -292,6 +295,7 @@ class EmbeddedBlobService(BlobService):
         self.handle = handle
         self._lock = threading.Lock()
         self._metas: OrderedDict[bytes, BlobMeta] = OrderedDict()
+        self._meta_bytes = 0
         self._closed = False
 
     def meta(self, digest: bytes) -> BlobMeta | None:
@@ -312,9 +316,13 @@ class EmbeddedBlobService(BlobService):
 
     def _remember(self, meta: BlobMeta) -> None:
         with self._lock:
+            if meta.digest in self._metas:
+                return
             self._metas[meta.digest] = meta
-            if len(self._metas) > _META_CACHE:
-                self._metas.popitem(last=False)
+            self._meta_bytes += len(meta.chunk_digests)
+            while len(self._metas) > _META_CACHE or self._meta_bytes > _META_CACHE_BYTES:
+                _, old = self._metas.popitem(last=False)
+                self._meta_bytes -= len(old.chunk_digests)
 
     def record(self, meta: BlobMeta) -> None:
         """Register a blob whose file is in place (idempotent)."""

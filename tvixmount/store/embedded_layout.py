@@ -197,8 +197,7 @@ def _initialise(root: Path) -> None:
         db.create_schema()
     finally:
         db.close()
-    for directory in [blobs, *(blobs / f"{p:02x}" for p in range(256))]:
-        fsync_dir(directory)
+    fsync_dir(blobs)  # makes the 256 new entries durable
     text = f"{FORMAT_MAGIC}\nformat={FORMAT_VERSION}\nchunk_size={DEFAULT_CHUNK_SIZE}\n"
     temp = root / f".{FORMAT_FILE}.{os.getpid()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
