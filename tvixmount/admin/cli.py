@@ -180,8 +180,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), stream=sys.stderr,
-                        format=f"{PROG}: %(levelname)s: %(name)s: %(message)s")
+    """One stderr handler on the ``tvixmount`` logger, replaced on every call.
+
+    Not logging.basicConfig: main() may run many times in one process (tests),
+    each time with a different sys.stderr, and must not touch root handlers.
+    """
+    logger = logging.getLogger("tvixmount")
+    for handler in list(logger.handlers):
+        if getattr(handler, "_tvixstore", False):
+            logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+    handler._tvixstore = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def _store_urls(args: argparse.Namespace, writable: bool) -> StoreUrls:

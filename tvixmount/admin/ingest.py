@@ -318,8 +318,8 @@ class Ingester:
         self.store = store
         self.convention = convention
         self.workers = workers
-        self.files_bar = files_bar or NullBar()
-        self.bytes_bar = bytes_bar or NullBar()
+        self.files_bar = NullBar() if files_bar is None else files_bar
+        self.bytes_bar = NullBar() if bytes_bar is None else bytes_bar
 
     def import_path(self, path: str | bytes | os.PathLike[str]) -> Imported:
         """Import ``path`` (a directory, regular file or symlink) and put its PathInfo.

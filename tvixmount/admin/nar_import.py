@@ -40,7 +40,7 @@ class HashingReader:
     def __init__(self, stream: BinaryIO, bar: Bar | None = None) -> None:
         self._stream = stream
         self._sha = hashlib.sha256()
-        self._bar = bar or NullBar()
+        self._bar = NullBar() if bar is None else bar
         self.count = 0
 
     def read(self, n: int = -1) -> bytes:

@@ -9,6 +9,7 @@ loops need no ``if`` around each update.
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any, Protocol
 
@@ -64,6 +65,13 @@ def bar(enabled: bool, desc: str, unit: str = "it", total: int | None = None, un
         return NullBar()
     from tqdm import tqdm
 
+    # A terminal that reports a 0x0 size (a fresh pty, some CI consoles)
+    # makes tqdm draw nothing at all: fall back to a fixed size there.
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+        sized = size.columns > 0 and size.lines > 0
+    except (OSError, ValueError, AttributeError):
+        sized = False
     return tqdm(
         desc=desc,
         unit=unit,
@@ -73,6 +81,8 @@ def bar(enabled: bool, desc: str, unit: str = "it", total: int | None = None, un
         position=position,
         leave=False,
         file=sys.stderr,
-        dynamic_ncols=True,
+        dynamic_ncols=sized,
+        ncols=None if sized else 100,
+        nrows=None if sized else 24,
         mininterval=0.2,
     )

@@ -176,10 +176,18 @@ class Verifier:
                 self.problem(f"directory {b3_text(digest)}", why)
 
     def _reference_problems(self, directory: Directory, listed: set[bytes]) -> Iterator[str]:
+        """What this directory itself gets wrong: references to absent objects, wrong file sizes.
+
+        A referenced object that is present but damaged is reported once, as
+        itself (and under every store path whose tree it breaks), not again
+        under each directory that points at it.
+        """
         for child in directory.directories:
             if child.digest not in listed:
                 yield f"entry {display_name(child.name)!r}: directory {b3_text(child.digest)} is missing"
         for file in directory.files:
+            if file.digest in self.bad_blobs:
+                continue
             yield from self._file_problems(file, f"entry {display_name(file.name)!r}")
 
     def _file_problems(self, file: FileNode, where: str) -> Iterator[str]:
