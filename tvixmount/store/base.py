@@ -25,8 +25,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from ..castore.directory import Directory
-from ..castore.nodes import Node
+from ..castore.nodes import Node, b3_text
 from ..castore.pathinfo import PathInfo
+from ..errors import NotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,8 +95,12 @@ class BlobService(abc.ABC):
         """A verified reader; raises NotFound when the blob is absent."""
 
     @abc.abstractmethod
-    def open_write(self) -> BlobWriter:
-        """A writer for a new blob (content-addressed: its digest comes at commit)."""
+    def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:
+        """A writer for a new blob (content-addressed: its digest comes at commit).
+
+        With ``expected_digest``, commit raises IntegrityError and stores
+        nothing when the bytes hash to anything else.
+        """
 
     @abc.abstractmethod
     def iter_digests(self) -> Iterator[bytes]:
@@ -136,9 +141,8 @@ class DirectoryService(abc.ABC):
                 seen.add(child.digest)
                 got = self.get(child.digest)
                 if got is None:
-                    from ..errors import NotFound
-
-                    raise NotFound(f"directory {child.digest.hex()} referenced below {digest.hex()} is missing")
+                    raise NotFound(f"directory {b3_text(child.digest)} referenced below "
+                                   f"{b3_text(digest)} is missing")
                 queue.append(got)
 
     @abc.abstractmethod
