@@ -167,7 +167,7 @@ def test_verify_reports_exactly_the_damaged_blob(imported, capsysbinary):
     assert code == 1
     lines = out.decode().splitlines()
     assert lines[0].startswith(f"blob {b3_text(digest)}: ")
-    assert lines[1] == f"path {path}: tree is incomplete: directory " + lines[1].split("directory ", 1)[1]
+    assert lines[1] == f"path {path}: tree is broken: directory " + lines[1].split("directory ", 1)[1]
     assert b3_text(digest) in lines[1] and "is damaged" in lines[1]
     assert lines[2].endswith(": 2 problem(s)") and len(lines) == 3
 
@@ -192,7 +192,7 @@ def test_verify_reports_exactly_the_damaged_directory(imported, capsysbinary):
     lines = out.decode().splitlines()
     assert len(lines) == 3, lines
     assert lines[0].startswith(f"directory {b3_text(share.digest)}: ")
-    assert lines[1] == f"path {path}: tree is incomplete: directory {b3_text(share.digest)} is damaged"
+    assert lines[1] == f"path {path}: tree is broken: directory {b3_text(share.digest)} is damaged"
 
 
 def test_verify_reports_missing_objects(imported, capsysbinary):
@@ -210,7 +210,7 @@ def test_verify_reports_missing_objects(imported, capsysbinary):
     assert len(lines) == 3, lines
     assert lines[0].startswith("directory b3:")
     assert lines[0].endswith(f"'demo': blob {b3_text(digest)} is missing")
-    assert lines[1].startswith(f"path {path}: tree is incomplete: ") and "is missing" in lines[1]
+    assert lines[1].startswith(f"path {path}: tree is broken: ") and "is missing" in lines[1]
 
 
 def test_verify_piped_has_no_progress_bar(imported):

@@ -148,7 +148,8 @@ class Generator:
 
     def package_budgets(self, total: int) -> list[tuple[str, int]]:
         """Split ``total`` files over packages with heavy-tailed weights (a few big ones)."""
-        count = max(1, min(len(PACKAGE_NAMES), round(total / FILES_PER_PACKAGE)))
+        # at least a few packages once there are enough files, so small trees are closures too
+        count = max(1, min(3, total // 50), min(len(PACKAGE_NAMES), round(total / FILES_PER_PACKAGE)))
         names = self.rnd.sample(PACKAGE_NAMES, count)
         weights = [self.rnd.paretovariate(1.2) for _ in names]
         scale = total / sum(weights)
@@ -213,8 +214,8 @@ class Generator:
             major = real.rsplit(".", 2)[0]
             self.symlink(real, libdir / major)  # libx.so.1 -> libx.so.1.2.3
             self.symlink(major, libdir / (major.split(".so")[0] + ".so"))
-        if others and rnd.random() < 0.7:
-            dep = rnd.choice(others)
+        if rnd.random() < 0.7 or not self.stats.packages:  # the first package always has one
+            dep = rnd.choice(others) if others else f"{rnd.choice(PACKAGE_NAMES)}-1.0"
             self.symlink(f"{self.fake_store_path(dep)}/lib/lib{dep.rsplit('-', 1)[0]}.so", libdir / "dep.so")
 
         docdir = self.mkdir(root / "share" / "doc" / short)

@@ -85,6 +85,8 @@ class Verifier:
         self._complete: dict[bytes, str | None] = {}  # directory digest -> first problem below it
 
     def problem(self, what: str, why: str) -> None:
+        if why.startswith(what + " "):  # store errors often name the object themselves
+            why = why[len(what) + 1 :]
         p = Problem(what, why)
         self.report.problems.append(p)
         log.debug("problem: %s", p)
@@ -222,7 +224,7 @@ class Verifier:
         what = f"path /nix/store/{display_name(info.node.name)}"
         why = self._node_problem(info.node)
         if why is not None:
-            self.problem(what, f"tree is incomplete: {why}")
+            self.problem(what, f"tree is broken: {why}")
             return
         if self.nar and info.narinfo is not None:
             try:
