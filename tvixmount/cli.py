@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     config = MountConfig(
-        mountpoint=args.mountpoint.absolute(),
+        mountpoint=Path(os.path.realpath(args.mountpoint)),
         urls=store_urls(args),
         workers=args.workers,
         threads=threads,

@@ -65,14 +65,19 @@ def check_mountpoint(path: Path) -> None:
         raise MountpointError(f"{path}: no such directory")
     if not path.is_dir():
         raise MountpointError(f"{path}: not a directory")
-    if mounted or _is_mountpoint(path):
+    if mounted or _is_mountpoint(Path(os.path.realpath(path))):
         raise MountpointError(f"{path}: already a mountpoint")
     if any(os.scandir(path)):
         raise MountpointError(f"{path}: directory is not empty")
 
 
 def _is_mountpoint(path: Path) -> bool:
-    target = os.path.realpath(path)
+    """Whether mountinfo lists ``path``; never touches the path itself.
+
+    ``path`` must already be absolute and resolved: resolving it here would
+    stat the mount, which hangs while nobody serves it.
+    """
+    target = os.fspath(path)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             return any(line.split()[4] == target for line in f)
@@ -90,7 +95,11 @@ def fuse_options(config: MountConfig) -> set[str]:
 
 
 def run(config: MountConfig) -> int:
-    """Mount, serve until stopped, tear down in order; return the exit status."""
+    """Mount, serve until stopped, tear down in order; return the exit status.
+
+    ``config.mountpoint`` must be resolved (cli does it): once mounted,
+    nothing may stat it from this process before llfuse.main serves it.
+    """
     check_mountpoint(config.mountpoint)
     pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout)
     pool.start()
@@ -138,6 +147,10 @@ class _Stopper:
     def __enter__(self) -> _Stopper:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._note)
+        # llfuse.main interrupts its threads' reads with SIGUSR1 when it
+        # stops; without handle_signals it installs no handler for it, and
+        # the default action would kill the process.
+        self._previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._ignore)
         self._old_wakeup = signal.set_wakeup_fd(self._write_fd, warn_on_full_buffer=False)
         os.set_blocking(self._read_fd, True)
         self._thread.start()
@@ -153,6 +166,10 @@ class _Stopper:
 
     def _note(self, signum: int, frame: object) -> None:
         self.signal_number = signum
+
+    @staticmethod
+    def _ignore(signum: int, frame: object) -> None:
+        pass
 
     def _watch(self) -> None:
         data = os.read(self._read_fd, 1)
@@ -209,7 +226,7 @@ def _fuse_connection(mountpoint: Path) -> Path | None:
     Read from mountinfo, not stat(2): between llfuse.init and llfuse.main
     nobody answers requests on the mount, so a stat would hang.
     """
-    target = os.path.realpath(mountpoint)
+    target = os.fspath(mountpoint)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
