@@ -1,0 +1,208 @@
+"""One small function per op: ask the store, check what it answered, return castore values.
+
+Handlers run in a worker process (workers/loop.py) or in-process
+(tvixmount.fetcher.LocalFetcher); they take a ``Context`` and the op's
+arguments and return domain values, which protocol.OPS encodes for the wire.
+They raise only ``tvixmount.errors`` classes. They never import llfuse or
+the vfs: a worker holds no filesystem state, only a store and caches.
+
+Every result is checked before it leaves: directories and path infos are
+validated (the store contract promises it; a path info is also checked
+against the digest it was asked for, since that link is what makes a root
+lookup correct), and blob bytes come from the store's verifying reader.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tvixmount.castore import nixbase32
+from tvixmount.castore.directory import Directory
+from tvixmount.castore.nodes import DIGEST_LEN, Node, b3_text
+from tvixmount.castore.pathinfo import PathInfo, validate_pathinfo
+from tvixmount.castore.storepath import DIGEST_LEN as STORE_DIGEST_LEN
+from tvixmount.errors import IntegrityError, InvalidArgument, InvalidData, NotFound
+from tvixmount.protocol import MAX_READ
+from tvixmount.store import BlobReader, Store
+
+log = logging.getLogger(__name__)
+
+READER_CACHE_SIZE = 64
+
+
+class ReaderCache:
+    """Open BlobReaders by digest, least recently used evicted first.
+
+    Consecutive reads of one file (the pool routes them to one worker by
+    affinity) reuse the reader and whatever verified chunks it caches.
+    Not thread-safe; a worker is single-threaded.
+    """
+
+    def __init__(self, open_reader: Callable[[bytes], BlobReader], capacity: int = READER_CACHE_SIZE) -> None:
+        self._open = open_reader
+        self._capacity = capacity
+        self._readers: OrderedDict[bytes, BlobReader] = OrderedDict()
+        self.opened = 0
+
+    def get(self, digest: bytes) -> BlobReader:
+        reader = self._readers.get(digest)
+        if reader is not None:
+            self._readers.move_to_end(digest)
+            return reader
+        reader = self._open(digest)
+        self.opened += 1
+        self._readers[digest] = reader
+        while len(self._readers) > self._capacity:
+            _, old = self._readers.popitem(last=False)
+            _close_quietly(old)
+        return reader
+
+    def drop(self, digest: bytes) -> None:
+        reader = self._readers.pop(digest, None)
+        if reader is not None:
+            _close_quietly(reader)
+
+    def clear(self) -> None:
+        while self._readers:
+            _close_quietly(self._readers.popitem()[1])
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def _close_quietly(reader: BlobReader) -> None:
+    try:
+        reader.close()
+    except Exception as exc:  # a failing close must not fail the read that evicted it
+        log.debug("closing a blob reader failed: %s", exc)
+
+
+@dataclass
+class Context:
+    """What a handler may use: the worker's identity, its store, its caches."""
+
+    worker_id: int
+    store: Store
+    readers: ReaderCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.readers = ReaderCache(self.store.blobs.open_read)
+
+    def close(self) -> None:
+        self.readers.clear()
+        self.store.close()
+
+
+# -- handlers -------------------------------------------------------------------------
+
+
+def ping(ctx: Context) -> list[int]:
+    """Who answers: [worker id, pid]."""
+    return [ctx.worker_id, os.getpid()]
+
+
+def path_info(ctx: Context, digest20: bytes) -> Node | None:
+    """The root node stored under a store path digest, or None.
+
+    The node's name must be a store path basename whose digest is the one
+    asked for; anything else is InvalidData (EIO at the edge), never a
+    silently different path.
+    """
+    _check_len(digest20, STORE_DIGEST_LEN, "store path digest")
+    info = ctx.store.path_infos.get(digest20)
+    if info is None:
+        return None
+    return _checked_root(info, digest20)
+
+
+def directory(ctx: Context, digest: bytes) -> Directory:
+    """One validated Directory; NotFound when the store does not have it."""
+    _check_len(digest, DIGEST_LEN, "directory digest")
+    found = ctx.store.directories.get(digest)
+    if found is None:
+        raise NotFound(f"directory {b3_text(digest)} not found")
+    return found
+
+
+def directory_tree(ctx: Context, digest: bytes) -> list[tuple[bytes, Directory]]:
+    """The directory and everything below it, parents first, each once (for prefetch)."""
+    _check_len(digest, DIGEST_LEN, "directory digest")
+    tree: list[tuple[bytes, Directory]] = []
+    for index, found in enumerate(ctx.store.directories.get_recursive(digest)):
+        # The backend checked each digest; the root's we know, the others
+        # we recompute (cheap next to fetching them) to label them.
+        tree.append((digest if index == 0 else found.digest(), found))
+    if not tree:
+        raise NotFound(f"directory {b3_text(digest)} not found")
+    return tree
+
+
+def list_root(ctx: Context) -> list[Node]:
+    """Every root node in the store's listing order (for --list-root)."""
+    nodes = []
+    for info in ctx.store.path_infos.list():
+        nodes.append(_checked_root(info, None))
+    return nodes
+
+
+def blob_stat(ctx: Context, digest: bytes) -> int | None:
+    """A blob's size, or None when the store does not have it."""
+    _check_len(digest, DIGEST_LEN, "blob digest")
+    stat = ctx.store.blobs.stat(digest)
+    return None if stat is None else stat.size
+
+
+def blob_read(ctx: Context, digest: bytes, offset: int, length: int) -> bytes:
+    """``length`` verified bytes from ``offset`` (fewer only at EOF, none past it).
+
+    Seam for the shared-memory data path: a future ``blob_read_into`` would
+    take a slot of a shared mmap instead of returning bytes, reading through
+    the same cached reader; only this function and its OpSpec change.
+    """
+    _check_len(digest, DIGEST_LEN, "blob digest")
+    if offset < 0 or length < 0 or length > MAX_READ:
+        raise InvalidArgument(
+            f"blob {b3_text(digest)}: read of {length} bytes at {offset} is out of range "
+            f"(at most {MAX_READ} bytes, no negative values)"
+        )
+    reader = ctx.readers.get(digest)
+    if offset >= reader.size or length == 0:
+        return b""
+    try:
+        return reader.pread(offset, length)
+    except IntegrityError:
+        ctx.readers.drop(digest)  # nothing of a broken blob stays cached
+        raise
+
+
+HANDLERS: dict[str, Callable[..., Any]] = {
+    "ping": ping,
+    "path_info": path_info,
+    "directory": directory,
+    "directory_tree": directory_tree,
+    "list_root": list_root,
+    "blob_stat": blob_stat,
+    "blob_read": blob_read,
+}
+
+
+# -- checks ---------------------------------------------------------------------------
+
+
+def _check_len(digest: bytes, length: int, what: str) -> None:
+    if len(digest) != length:
+        raise InvalidArgument(f"{what} is {len(digest)} bytes, not {length}")
+
+
+def _checked_root(info: PathInfo, digest20: bytes | None) -> Node:
+    store_path = validate_pathinfo(info, require_narinfo=False)
+    if digest20 is not None and store_path.digest != digest20:
+        raise InvalidData(
+            f"path info looked up as {nixbase32.encode(digest20)} describes {store_path.basename}"
+        )
+    return info.node

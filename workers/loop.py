@@ -1,0 +1,101 @@
+"""The worker loop: read requests, call handlers, write replies, in order.
+
+A worker is single-threaded and serves its requests one after another in
+the order they arrive; many may be queued in its pipe. It opens its store
+itself, after it was forked (a gRPC channel must never cross a fork), then
+says hello; if the store does not open it says why and exits, and the pool
+turns that into a clear start-up error or a backed-off restart.
+
+It stops on EOF of its request pipe (the dispatcher closed it or died), or
+when the reply pipe breaks. A request whose deadline has passed before it
+is taken up is answered with Timeout without doing the work: its caller is
+gone and the queue behind it should not wait for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from tvixmount import protocol
+from tvixmount.errors import Timeout, TvixError
+from tvixmount.store import StoreUrls, describe, open_store
+
+from .handlers import HANDLERS, Context
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_NO_STORE = 3
+EXIT_PROTOCOL = 4
+
+
+def serve(worker_id: int, urls: StoreUrls, req_fd: int, rep_fd: int) -> int:
+    """Serve until EOF; return the process exit status.
+
+    Blocks in reads of ``req_fd`` for the whole life of the worker.
+    """
+    pid = os.getpid()
+    try:
+        store = open_store(urls)
+    except Exception as exc:  # any failure to open is reported the same way, then we exit
+        log.debug("worker %d pid %d could not open %s: %s", worker_id, pid, describe(urls), exc)
+        _try_write(rep_fd, protocol.encode_error(protocol.HELLO_ID, exc))
+        return EXIT_NO_STORE
+    ctx = Context(worker_id, store)
+    try:
+        log.debug("worker %d pid %d serving %s", worker_id, pid, describe(urls))
+        if not _try_write(rep_fd, protocol.encode_hello(worker_id, pid)):
+            return EXIT_OK
+        return _loop(ctx, req_fd, rep_fd)
+    finally:
+        ctx.close()
+
+
+def _loop(ctx: Context, req_fd: int, rep_fd: int) -> int:
+    reader = protocol.FrameReader(req_fd, 64 << 10)
+    while True:
+        try:
+            messages = reader.read()
+        except protocol.ProtocolError as exc:
+            log.error("worker %d pid %d: undecodable request stream: %s", ctx.worker_id, os.getpid(), exc)
+            return EXIT_PROTOCOL
+        if messages is None:
+            log.debug("worker %d pid %d: request pipe closed; exiting", ctx.worker_id, os.getpid())
+            return EXIT_OK
+        for message in messages:
+            try:
+                body = handle(ctx, message)
+            except protocol.ProtocolError as exc:
+                log.error("worker %d pid %d: %s", ctx.worker_id, os.getpid(), exc)
+                return EXIT_PROTOCOL
+            if not _try_write(rep_fd, body):
+                return EXIT_OK
+
+
+def handle(ctx: Context, message: object) -> bytes:
+    """The reply body for one decoded request; raises only ProtocolError."""
+    req_id, op, args, deadline = protocol.decode_request(message)
+    if time.monotonic() > deadline:
+        return protocol.encode_error(
+            req_id, Timeout(f"{op}: deadline passed before worker {ctx.worker_id} took it up")
+        )
+    try:
+        spec = protocol.check_args(op, args)
+        return protocol.encode_reply(req_id, spec.encode(HANDLERS[op](ctx, *args)))
+    except TvixError as exc:
+        log.debug("worker %d: %s failed: %s", ctx.worker_id, op, exc)
+        return protocol.encode_error(req_id, exc)
+    except Exception as exc:  # a bug or an unexpected library error: answer it, keep serving
+        log.exception("worker %d pid %d: %s raised unexpectedly", ctx.worker_id, os.getpid(), op)
+        return protocol.encode_error(req_id, exc)
+
+
+def _try_write(fd: int, body: bytes) -> bool:
+    """Write one frame; False when the dispatcher is gone (broken pipe)."""
+    try:
+        protocol.write_frame(fd, body)
+    except BrokenPipeError:
+        return False
+    return True
