@@ -19,7 +19,7 @@ from tests.fs_fixtures import BLOB_A, BLOB_A_NAME, EMPTY, Populate, b3, path_inf
 from tests.mounting import FUSE_MISSING, Mount, is_mounted
 from tvixmount.castore import nixbase32
 from tvixmount.castore.directory import Directory, SizeConvention
-from tvixmount.castore.nodes import DirectoryNode, FileNode
+from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 
 pytestmark = pytest.mark.mount
 
@@ -173,12 +173,19 @@ def test_stop_signals_unmount_and_exit_0(local_store, mount, sig):
 
 
 def test_stop_while_a_file_is_open(local_store, mount):
+    """A busy mount is detached, given a grace period, then its connection aborted."""
     Populate(local_store).blob_a()
     m = mount()
-    with open(m.path(BLOB_A_NAME), "rb") as f:
-        assert f.read() == BLOB_A
-        assert m.stop(signal.SIGTERM) == 0
+    f = open(m.path(BLOB_A_NAME), "rb")  # noqa: SIM115
+    assert f.read() == BLOB_A
+    started = time.monotonic()
+    assert m.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 15
     assert not is_mounted(m.mountpoint)
+    assert "aborting the FUSE connection" in m.log()
+    with pytest.raises(OSError) as exc:
+        f.close()  # the connection is gone
+    assert exc.value.errno == errno.ENOTCONN
 
 
 def test_external_unmount_ends_the_process(local_store, mount):
@@ -188,10 +195,10 @@ def test_external_unmount_ends_the_process(local_store, mount):
 
 
 def test_forget_shrinks_the_inode_table(local_store, mount):
-    local_store.blobs.put(EMPTY)
     subdirs = []
     for i in range(200):
-        sub = Directory(files=tuple(FileNode(b"f%02d-%03d" % (j, i), b3(EMPTY), 0) for j in range(20)))
+        # distinct symlink targets: distinct identities, so one inode each
+        sub = Directory(symlinks=tuple(SymlinkNode(b"l%02d" % j, b"t%d-%d" % (i, j)) for j in range(20)))
         local_store.directories.put(sub)
         subdirs.append(DirectoryNode(b"d%03d" % i, sub.digest(), 40))
     top = Directory(directories=tuple(subdirs))

@@ -94,6 +94,21 @@ def fuse_options(config: MountConfig) -> set[str]:
     return options
 
 
+def ensure_fusectl() -> None:
+    """Mount fusectl if it is missing (systemd does this on most machines).
+
+    The stopper needs it to abort a connection that a lazily detached,
+    still-busy mount keeps open; without it such a stop could wait forever.
+    """
+    if _is_mountpoint(FUSECTL) or os.geteuid() != 0 or not FUSECTL.is_dir():
+        return
+    result = subprocess.run(["mount", "-t", "fusectl", "fusectl", str(FUSECTL)],
+                            capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        log.warning("cannot mount fusectl at %s (%s); a stop while files are open may hang",
+                    FUSECTL, result.stderr.strip())
+
+
 def run(config: MountConfig) -> int:
     """Mount, serve until stopped, tear down in order; return the exit status.
 
@@ -101,6 +116,7 @@ def run(config: MountConfig) -> int:
     nothing may stat it from this process before llfuse.main serves it.
     """
     check_mountpoint(config.mountpoint)
+    ensure_fusectl()
     pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout)
     pool.start()
     try:
