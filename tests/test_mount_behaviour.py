@@ -192,6 +192,8 @@ def test_external_unmount_ends_the_process(local_store, mount):
     m = mount()
     subprocess.run(["fusermount", "-u", str(m.mountpoint)], check=True)
     assert m.proc.wait(20) == 0
+    assert "was unmounted; exiting" in m.log()
+    assert "stopped by" not in m.log()
 
 
 def test_forget_shrinks_the_inode_table(local_store, mount):

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -188,25 +189,26 @@ class _Stopper:
         pass
 
     def _watch(self) -> None:
-        data = os.read(self._read_fd, 1)
-        if not data:
-            return
+        while True:
+            data = os.read(self._read_fd, 1)
+            if not data:
+                return
+            if data[0] in STOP_SIGNALS:
+                break  # others (llfuse's SIGUSR1 to its threads) also pass the wakeup fd
         self.signal_number = data[0]
         log.info("received %s; unmounting %s", signal.Signals(data[0]).name, self.mountpoint)
         unmount(self.mountpoint)
         # If main has not returned after the grace period, the kernel still
         # holds the channel open (a lazily detached mount in use): abort it.
-        while True:
+        deadline = time.monotonic() + self.grace
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                more = os.read(self._read_fd, 1) if _readable(self._read_fd, self.grace) else None
+                if _readable(self._read_fd, left) and os.read(self._read_fd, 1) == b"":
+                    return  # main returned and __exit__ closed the pipe
             except OSError:
                 return
-            if more == b"":
-                return  # main returned and __exit__ closed the pipe
-            if more is None:
-                log.warning("llfuse did not stop within %.0f s; aborting the FUSE connection", self.grace)
-                _abort_connection(self._connection)
-                return
+        log.warning("llfuse did not stop within %.0f s; aborting the FUSE connection", self.grace)
+        _abort_connection(self._connection)
 
 
 def _readable(fd: int, timeout: float) -> bool:
