@@ -1,0 +1,221 @@
+"""``tvixstore daemon``: serve a store over gRPC until SIGTERM/SIGINT.
+
+The admin CLI adds these flags to its ``daemon`` subcommand with
+``add_arguments(parser)`` and calls ``run(args)``; ``run`` reads the store
+flags the CLI already defines (``--store-dir``, ``--blob-service-addr``
+and friends, same attribute names) or ``args.store_urls`` when the CLI
+has built a StoreUrls itself. ``python -m tvixmount.server`` runs the same
+daemon standalone (``main``), with those store flags of its own.
+
+Lifecycle: open the store, bind, log one INFO line saying where (and
+whether that is loopback only), then log a summary of the calls served
+every ``--stats-interval`` seconds when there were any. The first
+SIGTERM/SIGINT stops accepting calls, lets calls in flight finish for
+``--grace`` seconds, closes the store and returns 0; a second signal
+during the grace period ends the process at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from types import FrameType
+
+from ..castore.directory import SizeConvention
+from ..errors import InvalidArgument, TvixError
+from ..store import StoreUrls, describe, urls
+from ..store.location import default_store_dir
+from . import DEFAULT_LISTEN, DEFAULT_WORKERS, StoreServer, serve
+
+log = logging.getLogger("tvixmount.server")
+
+GRACE = 5.0
+STATS_INTERVAL = 60.0
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+_POLL = 0.5
+
+_SERVICES = (
+    ("blob", "BLOB_SERVICE_ADDR"),
+    ("directory", "DIRECTORY_SERVICE_ADDR"),
+    ("path_info", "PATH_INFO_SERVICE_ADDR"),
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The daemon's own flags (the store flags come from the caller)."""
+    parser.add_argument("-l", "--listen-address", default=DEFAULT_LISTEN, metavar="ADDR",
+                        help="host:port, [v6]:port, unix:///path, or a socket path starting with / or . "
+                             f"(default {DEFAULT_LISTEN}: loopback only; the store is served "
+                             "unauthenticated, so bind elsewhere only on a trusted network)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="refuse every upload (Put answers PERMISSION_DENIED)")
+    parser.add_argument("--added-latency", type=float, default=0.0, metavar="SECONDS",
+                        help="testing: sleep this long at the start of every call, like a network hop")
+    parser.add_argument("--max-workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+                        help="threads serving calls; each streaming read holds one "
+                             f"(default {DEFAULT_WORKERS})")
+    parser.add_argument("--check-dir-sizes", choices=[c.value for c in SizeConvention], default=None,
+                        help="make directory uploads check DirectoryNode.size in this convention "
+                             "(default: sizes are not checked)")
+    parser.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
+                        help=f"on SIGTERM/SIGINT, let calls in flight finish this long (default {GRACE:g})")
+    parser.add_argument("--stats-interval", type=float, default=STATS_INTERVAL, metavar="SECONDS",
+                        help="log a summary of calls served this often "
+                             f"(default {STATS_INTERVAL:g}; 0: never)")
+
+
+def store_urls_from(args: argparse.Namespace) -> StoreUrls:
+    """The store to serve: ``args.store_urls``, else the service flags, env vars, embedded store."""
+    given = getattr(args, "store_urls", None)
+    if isinstance(given, StoreUrls):
+        return given
+    read_only = bool(getattr(args, "read_only", False))
+    store_dir = getattr(args, "store_dir", None) or default_store_dir()
+    fallback = StoreUrls.embedded(store_dir, create=not read_only)
+    chosen = []
+    for (service, env), default in zip(_SERVICES, (fallback.blob, fallback.directory, fallback.path_info),
+                                       strict=True):
+        url = getattr(args, f"{service}_service_addr", None) or os.environ.get(env) or default
+        parsed = urls.parse(url)
+        if not read_only and parsed.scheme == urls.LOCAL and not parsed.query:
+            url += "?create=1"  # a writable daemon makes its store, as tvix-store does
+        chosen.append(url)
+    return StoreUrls(*chosen)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until a stop signal; 0 after a clean stop. Store and address errors raise TvixError."""
+    store_urls = store_urls_from(args)
+    if args.grace < 0 or args.stats_interval < 0:
+        raise InvalidArgument("--grace and --stats-interval must not be negative")
+    convention = SizeConvention(args.check_dir_sizes) if args.check_dir_sizes else None
+    stop = threading.Event()
+    got: list[int] = []
+    restore = _install_signals(stop, got)
+    try:
+        # grpc's threads are made with SIGTERM/SIGINT blocked, so the kernel
+        # delivers those to the main thread, whose wait they interrupt.
+        with _signals_blocked():
+            server = serve(store_urls, args.listen_address, read_only=args.read_only,
+                           added_latency=args.added_latency, max_workers=args.max_workers,
+                           check_dir_sizes=convention)
+        try:
+            _announce(server, args, store_urls)
+            _serve_until(stop, server, args.stats_interval)
+            log.info("got %s; letting calls in flight finish for up to %g s",
+                     signal.Signals(got[0]).name if got else "a stop request", args.grace)
+            server.stop(args.grace).wait()
+        finally:
+            server.stop(0).wait()  # no-op after a clean stop; closes everything on an exception
+    finally:
+        restore()
+    log.info("stopped; served %s", server.stats.total())
+    return EXIT_OK
+
+
+def _announce(server: StoreServer, args: argparse.Namespace, store_urls: StoreUrls) -> None:
+    mode = "read-only" if args.read_only else "read-write"
+    if server.address.is_loopback():
+        log.info("serving %s (%s) on %s (loopback only); clients use %s",
+                 describe(store_urls), mode, server.shown(), server.url)
+    else:
+        log.info("serving %s (%s) on %s; clients use %s", describe(store_urls), mode, server.shown(),
+                 server.url)
+        log.warning("listening on %s, which is not loopback: the store is served UNAUTHENTICATED to "
+                    "anyone who can reach it", server.shown())
+    if args.added_latency:
+        log.info("adding %.3f s of latency to every call", args.added_latency)
+
+
+def _serve_until(stop: threading.Event, server: StoreServer, stats_interval: float) -> None:
+    """Wait for ``stop``, logging a summary every ``stats_interval`` seconds (0: never)."""
+    next_stats = time.monotonic() + stats_interval
+    # Also wake up now and then in case a signal landed on a thread we did
+    # not create: Python runs handlers only when the main thread runs.
+    while not stop.wait(_POLL):
+        if stats_interval and time.monotonic() >= next_stats:
+            next_stats += stats_interval
+            summary = server.stats.take()
+            if summary:
+                log.info("last %g s: %s", stats_interval, summary)
+
+
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+@contextlib.contextmanager
+def _signals_blocked() -> Iterator[None]:
+    """Block the stop signals in this thread (and so in threads started meanwhile)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _install_signals(stop: threading.Event, got: list[int]) -> Callable[[], None]:
+    """First SIGTERM/SIGINT sets ``stop``; a second one during the grace period exits at once."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # embedded in a test or another program: the caller stops us
+    previous = {sig: signal.getsignal(sig) for sig in _STOP_SIGNALS}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting without waiting", signal.Signals(signum).name)
+            os._exit(EXIT_ERROR)
+        got.append(signum)
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
+
+
+# -- standalone ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tvixmount.server",
+        description="Serve a tvixmount store (embedded by default) over tvix's gRPC protocol.",
+    )
+    parser.add_argument("--store-dir", metavar="DIR", default=None,
+                        help=f"embedded store directory (default {default_store_dir()})")
+    for service, env in _SERVICES:
+        flag = service.replace("_", "-")
+        parser.add_argument(f"--{flag}-service-addr", metavar="URL", default=None,
+                            help=f"{flag} service URL (env {env}; default: the embedded store)")
+    parser.add_argument("--log-level", type=str.lower, default="info",
+                        choices=["debug", "info", "warning", "error"], help="log verbosity (default info)")
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return run(args)
+    except TvixError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE if isinstance(exc, InvalidArgument) else EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,492 @@
+"""BlobService over gRPC (tvix.castore.v1.BlobService): verified reads, streamed writes.
+
+Reading a blob starts with ``Stat(send_chunks=True)``, which tells whether
+the blob exists and, from a chunking server, its chunk list:
+
+* more than one chunk: ``pread`` fetches only the chunks covering the range
+  (``Read(chunk digest)``), checks each against its chunk digest, and keeps
+  the last few verified chunks (sequential reads fetch each chunk once). If
+  the server no longer serves a chunk (NOT_FOUND: a daemon restarted and
+  forgot its chunk index), the reader falls back to the whole blob.
+* otherwise: ``Read(digest)`` streams the blob once into a private local copy
+  (memory up to ``MEMORY_COPY`` bytes, an unlinked temp file beyond),
+  hashing while it arrives; the copy is served only after the digest
+  matched. A mismatch raises IntegrityError naming the b3: digest and
+  nothing is served or kept.
+
+Size: a blob's size is the sum of its chunk sizes. Our daemon always lists
+at least one chunk for a non-empty blob, so its blobs' sizes are known from
+Stat. A tvix-store lists no chunks for a blob that is one chunk; ``stat``
+then has to fetch the blob to learn its size, and keeps that verified copy
+for the ``open_read`` that usually follows. Callers that know the size from
+a FileNode may pass ``size_hint`` to ``open_read``; it only decides where
+the copy goes and is never trusted over the bytes.
+
+What chunk verification covers: each chunk is checked against the digest
+the server's Stat listed for it; the chunk list itself cannot be checked
+against the blob digest (blake3 chunk digests do not compose), so a server
+that lies about a blob's chunk list is trusted as far as that list goes,
+as tvix's own client trusts it.
+
+Writes stream ``Put`` in messages of at most 1 MiB while hashing locally;
+commit checks the server's digest against ours (and against
+``expected_digest``, before the stream is finished, so a mismatch stores
+nothing). Blobs cannot be listed over gRPC.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+
+import blake3
+from google.protobuf.message import DecodeError
+
+from ..castore.nodes import DIGEST_LEN, b3_text
+from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound
+from ..proto import rpc_blobstore_pb2 as pb
+from . import records
+from .base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
+from .grpc_channel import PUT_MESSAGE, ClientStream, Endpoint
+
+log = logging.getLogger(__name__)
+
+STAT = "/tvix.castore.v1.BlobService/Stat"
+READ = "/tvix.castore.v1.BlobService/Read"
+PUT = "/tvix.castore.v1.BlobService/Put"
+
+EMPTY_DIGEST = blake3.blake3(b"").digest()
+MEMORY_COPY = 1024 * 1024  # whole-blob copies up to this size stay in memory
+CACHED_CHUNKS = 4  # verified chunks a chunked reader keeps
+CACHED_COPIES = 4  # verified whole-blob copies a service keeps after stat()
+_PUT_QUEUE = 4  # messages waiting for grpc to send (bounds a writer's memory)
+
+
+class LocalCopy:
+    """A verified blob, in memory or in an unlinked temp file; read-only once made."""
+
+    def __init__(self, digest: bytes, data: bytes | None, fd: int | None, size: int) -> None:
+        self.digest = digest
+        self._data = data
+        self._file = os.fdopen(fd, "rb", buffering=0) if fd is not None else None
+        self.size = size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        if self._data is not None:
+            return self._data[offset:end]
+        assert self._file is not None
+        fd = self._file.fileno()
+        parts = []
+        while offset < end:
+            piece = os.pread(fd, end - offset, offset)
+            if not piece:  # our own temp file cannot shrink; guard the loop anyway
+                raise InvalidData(f"blob {b3_text(self.digest)}: local copy is truncated at {offset}")
+            parts.append(piece)
+            offset += len(piece)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+class _Spool:
+    """Where a streamed blob goes while it is hashed: memory first, a temp file past a limit."""
+
+    def __init__(self, expected_size: int | None) -> None:
+        self._memory: bytearray | None = bytearray()
+        self._fd: int | None = None
+        self.size = 0
+        if expected_size is not None and expected_size > MEMORY_COPY:
+            self._to_file()
+
+    def _to_file(self) -> None:
+        fd, name = tempfile.mkstemp(prefix="tvixmount-blob-")
+        os.unlink(name)  # private, and gone with the last descriptor
+        self._fd = fd
+        if self._memory:
+            self._write(self._memory)
+        self._memory = None
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+
+    def add(self, data: bytes) -> None:
+        if self._memory is not None and len(self._memory) + len(data) > MEMORY_COPY:
+            self._to_file()
+        if self._memory is not None:
+            self._memory += data
+        else:
+            self._write(data)
+        self.size += len(data)
+
+    def finish(self, digest: bytes) -> LocalCopy:
+        if self._memory is not None:
+            return LocalCopy(digest, bytes(self._memory), None, self.size)
+        fd, self._fd = self._fd, None
+        return LocalCopy(digest, None, fd, self.size)
+
+    def discard(self) -> None:
+        self._memory = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+# -- readers -----------------------------------------------------------------------------
+
+
+class WholeBlobReader(BlobReader):
+    """Serves ranges of one verified local copy."""
+
+    def __init__(self, copy: LocalCopy) -> None:
+        self._copy: LocalCopy | None = copy
+        self.size = copy.size
+
+    def pread(self, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        if self._copy is None:
+            raise InvalidArgument("blob reader is closed")
+        return self._copy.pread(offset, length)
+
+    def close(self) -> None:
+        self._copy = None  # the temp file closes with its last reference
+
+
+class ChunkedBlobReader(BlobReader):
+    """Fetches and verifies only the chunks a read covers; falls back to the whole blob."""
+
+    def __init__(self, service: GrpcBlobService, digest: bytes, chunks: tuple[ChunkMeta, ...]) -> None:
+        self._service = service
+        self._digest = digest
+        self._chunks = chunks
+        self._starts: list[int] = []
+        total = 0
+        for chunk in chunks:
+            self._starts.append(total)
+            total += chunk.size
+        self.size = total
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._whole: LocalCopy | None = None
+        self._closed = False
+
+    def pread(self, offset: int, length: int) -> bytes:
+        _check_range(offset, length)
+        if self._closed:
+            raise InvalidArgument(f"blob {b3_text(self._digest)}: reader is closed")
+        end = min(self.size, offset + length)
+        if offset >= end:
+            return b""
+        if self._whole is not None:
+            return self._whole.pread(offset, length)
+        index = bisect.bisect_right(self._starts, offset) - 1
+        parts = []
+        position = offset
+        while position < end:
+            data = self._chunk(index)
+            if data is None:  # the server stopped serving chunks: whole-blob fallback
+                assert self._whole is not None
+                return self._whole.pread(offset, length)
+            base = self._starts[index]
+            parts.append(data[position - base : min(end - base, len(data))])
+            position = base + len(data)
+            index += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _chunk(self, index: int) -> bytes | None:
+        cached = self._cache.get(index)
+        if cached is not None:
+            self._cache.move_to_end(index)
+            return cached
+        chunk = self._chunks[index]
+        what = f"reading chunk {index} ({b3_text(chunk.digest)}) of blob {b3_text(self._digest)}"
+        try:
+            data = self._service.fetch_chunk(chunk, what)
+        except NotFound:
+            log.warning("%s: %s no longer serves the chunk; fetching the whole blob instead",
+                        what, self._service.endpoint.server)
+            self._whole = self._service.fetch_whole(self._digest, self.size)
+            self._cache.clear()
+            return None
+        self._cache[index] = data
+        if len(self._cache) > CACHED_CHUNKS:
+            self._cache.popitem(last=False)
+        return data
+
+    def close(self) -> None:
+        self._closed = True
+        self._cache.clear()
+        self._whole = None
+
+
+def _check_range(offset: int, length: int) -> None:
+    if offset < 0 or length < 0:
+        raise InvalidArgument(f"pread offset {offset} and length {length} must not be negative")
+
+
+# -- writer ------------------------------------------------------------------------------
+
+
+class GrpcBlobWriter(BlobWriter):
+    """Streams one Put call; the call starts with the first full message."""
+
+    def __init__(self, service: GrpcBlobService, expected_digest: bytes | None) -> None:
+        self._service = service
+        self._expected = expected_digest
+        self._hasher = blake3.blake3()
+        self._buffer = bytearray()
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_PUT_QUEUE)
+        self._stream: ClientStream | None = None
+        self._state = "open"
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        if self._state != "open":
+            raise InvalidArgument(f"blob writer is already {self._state}")
+        self._hasher.update(data)
+        self._buffer += data
+        self.size += len(data)
+        while len(self._buffer) >= PUT_MESSAGE:
+            piece = bytes(self._buffer[:PUT_MESSAGE])
+            del self._buffer[:PUT_MESSAGE]
+            self._send(piece)
+
+    def _start(self) -> ClientStream:
+        if self._stream is None:
+            self._stream = self._service.endpoint.client_stream(PUT, self._requests(), "storing a blob")
+        return self._stream
+
+    def _requests(self) -> Iterator[bytes]:
+        """Consumed by a grpc thread: the queued messages, until the end marker."""
+        while True:
+            item = self._queue.get()
+            stream = self._stream
+            if item is None:
+                if stream is not None:
+                    stream.taken()
+                return
+            if stream is not None and self._queue.empty():
+                stream.taken()
+            yield item
+
+    def _send(self, piece: bytes) -> None:
+        stream = self._start()
+        message = pb.BlobChunk(data=piece).SerializeToString()
+        stream.waiting()
+        while True:
+            try:
+                self._queue.put(message, timeout=0.2)
+                return
+            except queue.Full:
+                if stream.done():  # the call failed (server gone, watchdog): say why
+                    self._state = "failed"
+                    stream.result()
+                    raise InvalidData(
+                        f"storing a blob: {self._service.endpoint.server} ended the call early"
+                    ) from None
+
+    def commit(self) -> bytes:
+        if self._state != "open":
+            raise InvalidArgument(f"blob writer is already {self._state}")
+        digest = self._hasher.digest()
+        if self._expected is not None and digest != self._expected:
+            self.abort()
+            raise IntegrityError(
+                f"blob written as {b3_text(self._expected)} hashes to {b3_text(digest)}; not stored"
+            )
+        try:
+            if self._buffer:
+                self._send(bytes(self._buffer))
+                self._buffer.clear()
+            stream = self._start()
+            self._queue.put(None)
+            raw = stream.result()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "committed"
+        server = self._service.endpoint.server
+        try:
+            answered = pb.PutBlobResponse.FromString(raw).digest
+        except DecodeError as exc:
+            raise InvalidData(
+                f"storing blob {b3_text(digest)}: {server} sent a bad response: {exc}"
+            ) from None
+        if answered != digest:
+            shown = b3_text(answered) if len(answered) == DIGEST_LEN else answered.hex() or "nothing"
+            raise IntegrityError(
+                f"storing blob {b3_text(digest)} ({self.size} bytes): {server} says it stored {shown}"
+            )
+        log.debug("stored blob %s (%d bytes) on %s", b3_text(digest), self.size, server)
+        return digest
+
+    def abort(self) -> None:
+        if self._state in ("aborted", "committed"):
+            return
+        self._state = "aborted"
+        self._buffer.clear()
+        if self._stream is not None:
+            self._stream.cancel()
+            # Unblock grpc's thread if it waits in _requests (the queue is then empty).
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+
+    def __del__(self) -> None:
+        if getattr(self, "_state", None) == "open" and getattr(self, "_stream", None) is not None:
+            self.abort()
+
+
+# -- service -----------------------------------------------------------------------------
+
+
+class GrpcBlobService(BlobService):
+    """Blobs of a tvix-store daemon. Thread-safe; readers are per thread."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._lock = threading.Lock()
+        self._copies: OrderedDict[bytes, LocalCopy] = OrderedDict()
+
+    def chunks(self, digest: bytes) -> tuple[ChunkMeta, ...] | None:
+        """The chunk list Stat reports (maybe empty), or None when the blob is absent."""
+        records.check_b3(digest, "blob")
+        what = f"stat of blob {b3_text(digest)}"
+        try:
+            raw = self.endpoint.unary(STAT, pb.StatBlobRequest(digest=digest, send_chunks=True)
+                                      .SerializeToString(), what)
+        except NotFound:
+            return None
+        try:
+            response = pb.StatBlobResponse.FromString(raw)
+        except DecodeError as exc:
+            raise InvalidData(f"{what}: {self.endpoint.server} sent a bad response: {exc}") from None
+        chunks = []
+        for index, chunk in enumerate(response.chunks):
+            if len(chunk.digest) != DIGEST_LEN or chunk.size == 0:
+                raise InvalidData(
+                    f"{what}: {self.endpoint.server} listed chunk {index} with a {len(chunk.digest)}-byte "
+                    f"digest and size {chunk.size}"
+                )
+            chunks.append(ChunkMeta(chunk.digest, chunk.size))
+        return tuple(chunks)
+
+    def stat(self, digest: bytes) -> BlobStat | None:
+        chunks = self.chunks(digest)
+        if chunks is None:
+            return None
+        if chunks:
+            return BlobStat(sum(c.size for c in chunks), chunks if len(chunks) > 1 else ())
+        if digest == EMPTY_DIGEST:
+            return BlobStat(0)
+        # A server that lists no chunks does not say the size: fetch (and keep) it.
+        copy = self.fetch_whole(digest, None)
+        self._keep(copy)
+        return BlobStat(copy.size)
+
+    def open_read(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
+        """A verified reader; NotFound when absent. ``size_hint``: see the module doc."""
+        chunks = self.chunks(digest)
+        if chunks is None:
+            raise NotFound(f"blob {b3_text(digest)} not found on {self.endpoint.server}")
+        if len(chunks) > 1:
+            return ChunkedBlobReader(self, digest, chunks)
+        with self._lock:
+            copy = self._copies.pop(digest, None)
+        if copy is None:
+            if digest == EMPTY_DIGEST:
+                copy = LocalCopy(digest, b"", None, 0)
+            else:
+                copy = self.fetch_whole(digest, chunks[0].size if chunks else size_hint)
+        return WholeBlobReader(copy)
+
+    def _keep(self, copy: LocalCopy) -> None:
+        with self._lock:
+            self._copies[copy.digest] = copy
+            while len(self._copies) > CACHED_COPIES:
+                self._copies.popitem(last=False)
+
+    def fetch_whole(self, digest: bytes, expected_size: int | None) -> LocalCopy:
+        """Stream ``Read(digest)`` into a local copy, verified before it is returned."""
+        what = f"reading blob {b3_text(digest)}"
+        started = time.monotonic()
+        spool = _Spool(expected_size)
+        hasher = blake3.blake3()
+        request = pb.ReadBlobRequest(digest=digest).SerializeToString()
+        try:
+            for raw in self.endpoint.stream(READ, request, what):
+                data = _chunk_data(raw, what, self.endpoint.server)
+                hasher.update(data)
+                spool.add(data)
+            actual = hasher.digest()
+            if actual != digest:
+                raise IntegrityError(
+                    f"blob {b3_text(digest)} from {self.endpoint.server} hashes to {b3_text(actual)} "
+                    f"({spool.size} bytes); nothing of it was served"
+                )
+        except BaseException:
+            spool.discard()
+            raise
+        copy = spool.finish(digest)
+        log.debug("fetched blob %s (%d bytes) from %s in %.3f s", b3_text(digest), copy.size,
+                  self.endpoint.server, time.monotonic() - started)
+        return copy
+
+    def fetch_chunk(self, chunk: ChunkMeta, what: str) -> bytes:
+        """One chunk's bytes, checked against its size and digest."""
+        request = pb.ReadBlobRequest(digest=chunk.digest).SerializeToString()
+        parts = []
+        received = 0
+        hasher = blake3.blake3()
+        for raw in self.endpoint.stream(READ, request, what):
+            data = _chunk_data(raw, what, self.endpoint.server)
+            received += len(data)
+            if received > chunk.size:
+                raise IntegrityError(f"{what}: {self.endpoint.server} sent more than its {chunk.size} bytes")
+            hasher.update(data)
+            parts.append(data)
+        if received != chunk.size or hasher.digest() != chunk.digest:
+            raise IntegrityError(
+                f"{what}: {self.endpoint.server} sent {received} bytes that do not match the chunk "
+                f"digest and size {chunk.size}; nothing of it was served"
+            )
+        return b"".join(parts)
+
+    def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:
+        """A streaming writer; with ``expected_digest`` other bytes are refused unsent."""
+        if expected_digest is not None:
+            records.check_b3(expected_digest, "expected blob")
+        return GrpcBlobWriter(self, expected_digest)
+
+    def iter_digests(self) -> Iterator[bytes]:
+        raise InvalidArgument(
+            f"listing blobs is not possible over gRPC ({self.endpoint.server}): "
+            "tvix's BlobService has no List call"
+        )
+
+    def close(self) -> None:
+        with self._lock:
+            self._copies.clear()
+        self.endpoint.close()
+
+
+def _chunk_data(raw: bytes, what: str, server: str) -> bytes:
+    try:
+        return pb.BlobChunk.FromString(raw).data
+    except DecodeError as exc:
+        raise InvalidData(f"{what}: {server} sent a message that is not a BlobChunk: {exc}") from None

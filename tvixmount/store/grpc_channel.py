@@ -1,0 +1,431 @@
+"""gRPC plumbing shared by the three client services: channels, deadlines, errors.
+
+One call, end to end::
+
+    GrpcBlobService.stat(digest)
+      -> Endpoint.unary(method, request bytes, what)      deadline: unary_timeout
+           -> grpc channel (made lazily, in this process)  -> server
+      <- response bytes, or grpc.RpcError -> translate() -> a tvixmount.errors class
+
+    Endpoint.stream(...) yields raw response messages; a shared watchdog
+    thread cancels a stream whose next message is more than ``stream_gap``
+    seconds late, and the cancellation surfaces as Timeout.
+
+Invariants:
+
+* No ``grpc.RpcError`` (nor grpc's ValueError on a closed channel) leaves
+  this module's callers: ``translate`` turns every status into NotFound,
+  Unavailable/Timeout, InvalidData, ReadOnly or TvixError, with a message
+  naming what was asked for and which server answered.
+* A channel belongs to the process that made it. An Endpoint used after a
+  fork opens a fresh channel in the child and never touches the parent's.
+* A failed call leaves the Endpoint usable: grpc reconnects its channel by
+  itself (short back-off, see ``_OPTIONS``), and read-only methods are
+  retried on UNAVAILABLE by grpc's retry policy within their deadline.
+
+Our own daemon adds the tvixmount error class to the trailers
+(``ERROR_CODE_KEY``), so errors keep their exact class across the wire;
+other servers (tvix-store) are mapped by status code alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ..errors import (
+    InvalidArgument,
+    InvalidData,
+    NotFound,
+    ReadOnly,
+    Timeout,
+    TvixError,
+    Unavailable,
+    from_code,
+)
+from . import urls
+from .urls import StoreUrl
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+# Large enough for a Directory with ~500k entries; tonic's default is 4 MiB.
+MAX_MESSAGE = 64 * MiB
+# What a Put sends per message (PROTOCOL.md §8: well below 4 MiB).
+PUT_MESSAGE = 1 * MiB
+
+UNARY_TIMEOUT = 30.0  # seconds for a whole unary call
+STREAM_GAP = 30.0  # seconds a stream may go without a message before it is cancelled
+CONNECT_TIMEOUT = 10.0  # seconds ?wait-connect=1 waits for the first connection
+
+# Trailing metadata our daemon sets on errors: the tvixmount error code.
+ERROR_CODE_KEY = "tvix-error-code"
+
+_READ_METHODS = (
+    ("tvix.castore.v1.BlobService", "Stat"),
+    ("tvix.castore.v1.BlobService", "Read"),
+    ("tvix.castore.v1.DirectoryService", "Get"),
+    ("tvix.store.v1.PathInfoService", "Get"),
+    ("tvix.store.v1.PathInfoService", "List"),
+    ("tvix.store.v1.PathInfoService", "CalculateNAR"),
+)
+# Reads are idempotent: let grpc retry them when the connection is not up
+# (a daemon restarting). A stream is only retried before its first message.
+_SERVICE_CONFIG = json.dumps({
+    "methodConfig": [{
+        "name": [{"service": s, "method": m} for s, m in _READ_METHODS],
+        "retryPolicy": {
+            "maxAttempts": 3,
+            "initialBackoff": "0.1s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        },
+    }],
+})
+
+_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    # Notice a dead peer during a long call within ~40 s. Pings only while
+    # calls are active, so an idle mount does not keep waking the server.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.http2.max_pings_without_data", 0),
+    # After a daemon restart, come back within seconds, not grpc's default 2 min.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", _SERVICE_CONFIG),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    """Deadlines of one client; the defaults are the module constants."""
+
+    unary_timeout: float = UNARY_TIMEOUT
+    stream_gap: float = STREAM_GAP
+    connect_timeout: float = CONNECT_TIMEOUT
+
+
+# -- errors --------------------------------------------------------------------------
+
+_UNAVAILABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
+}
+_INVALID = {
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.OUT_OF_RANGE,
+}
+
+
+def translate(exc: grpc.RpcError, what: str, server: str, timed_out: bool = False) -> TvixError:
+    """The tvixmount error for a failed call; ``what`` says what was asked for.
+
+    NOT_FOUND is NotFound (callers that treat absence as None catch it).
+    With our daemon's error-code trailer the class is the server's own;
+    otherwise UNAVAILABLE and friends are Unavailable, DEADLINE_EXCEEDED
+    Timeout, DATA_LOSS/INVALID_ARGUMENT InvalidData (the server refused or
+    could not produce valid data), PERMISSION_DENIED ReadOnly, and anything
+    else a TvixError carrying the server's message.
+    """
+    code = _status(exc)
+    details = _details(exc)
+    name = code.name if code is not None else "UNKNOWN"
+    if timed_out:
+        return Timeout(f"{what}: no message from {server} for too long; stream cancelled")
+    message = f"{what}: {server} answered {name}: {details}"
+    if code is grpc.StatusCode.NOT_FOUND:
+        return NotFound(message)
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return Timeout(f"{what}: {server} did not answer in time ({details})")
+    if code in _UNAVAILABLE:
+        return Unavailable(message)
+    tvix_code = _trailer_code(exc)
+    if tvix_code is not None:
+        return from_code(tvix_code, message)
+    if code in _INVALID:
+        return InvalidData(message)
+    if code is grpc.StatusCode.PERMISSION_DENIED:
+        return ReadOnly(message)
+    return TvixError(message)
+
+
+def _status(exc: grpc.RpcError) -> grpc.StatusCode | None:
+    try:
+        return exc.code()  # type: ignore[attr-defined]
+    except Exception:  # an RpcError that is not a Call carries no status
+        return None
+
+
+def _details(exc: grpc.RpcError) -> str:
+    try:
+        return str(exc.details() or "")  # type: ignore[attr-defined]
+    except Exception:
+        return str(exc)
+
+
+def _trailer_code(exc: grpc.RpcError) -> str | None:
+    try:
+        trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
+    except Exception:
+        return None
+    for key, value in trailers:
+        if key == ERROR_CODE_KEY:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return None
+
+
+# -- stream watchdog -----------------------------------------------------------------
+
+
+class _Watched:
+    """One call under watch: cancelled when ``due`` passes while ``armed``."""
+
+    __slots__ = ("armed", "call", "due", "gap", "timed_out")
+
+    def __init__(self, call: Any, gap: float) -> None:
+        self.call = call
+        self.gap = gap
+        self.due = time.monotonic() + gap
+        self.armed = True
+        self.timed_out = False
+
+    def progress(self) -> None:
+        self.due = time.monotonic() + self.gap
+
+
+class _Watchdog:
+    """One thread per process that cancels calls whose next message is overdue."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: set[_Watched] = set()
+        self._pid = -1
+        self._wake = threading.Event()
+
+    def watch(self, call: Any, gap: float) -> _Watched:
+        watched = _Watched(call, gap)
+        with self._lock:
+            if self._pid != os.getpid():  # first use, or a forked child: the thread is not ours
+                self._pid = os.getpid()
+                self._calls = set()
+                self._wake = threading.Event()
+                threading.Thread(target=self._run, args=(self._wake,), name="grpc-stream-watchdog",
+                                 daemon=True).start()
+            self._calls.add(watched)
+        return watched
+
+    def forget(self, watched: _Watched) -> None:
+        with self._lock:
+            self._calls.discard(watched)
+
+    def _run(self, wake: threading.Event) -> None:
+        while True:
+            wake.wait(0.1)
+            now = time.monotonic()
+            with self._lock:
+                overdue = [w for w in self._calls if w.armed and w.due < now]
+                for w in overdue:
+                    self._calls.discard(w)
+            for w in overdue:
+                w.timed_out = True
+                log.warning("cancelling a gRPC stream: no message for %.1f s", w.gap)
+                w.call.cancel()
+
+
+_watchdog = _Watchdog()
+
+
+# -- endpoint --------------------------------------------------------------------------
+
+
+class Endpoint:
+    """One server, as a service sees it: a lazily made channel and typed call helpers.
+
+    Thread-safe: any number of threads may call through one Endpoint
+    (grpc channels are thread-safe; the lazy creation is locked).
+    """
+
+    def __init__(self, url: StoreUrl, config: ClientConfig | None = None) -> None:
+        self.url = url
+        self.config = config or ClientConfig()
+        self.server = urls.redact(url.text)
+        self._lock = threading.Lock()
+        self._channel: grpc.Channel | None = None
+        self._pid = -1
+        self._methods: dict[tuple[str, str], Callable[..., Any]] = {}
+        self._closed = False
+        if url.flag("wait-connect"):
+            self.wait_connected()
+
+    # channel --------------------------------------------------------------------------
+
+    def target(self) -> str:
+        if self.url.scheme == "grpc+unix":
+            return "unix:" + self.url.path
+        return self.url.host
+
+    def channel(self) -> grpc.Channel:
+        with self._lock:
+            if self._closed:
+                raise InvalidArgument(f"gRPC client for {self.server} is closed")
+            if self._channel is None or self._pid != os.getpid():
+                # In a forked child the parent's channel is left alone: closing
+                # it here would touch state the child does not own.
+                self._channel = self._make_channel()
+                self._pid = os.getpid()
+                self._methods = {}
+                log.debug("opened a gRPC channel to %s (pid %d)", self.server, self._pid)
+            return self._channel
+
+    def _make_channel(self) -> grpc.Channel:
+        if self.url.scheme == "grpc+https":
+            return grpc.secure_channel(self.target(), grpc.ssl_channel_credentials(), options=_OPTIONS)
+        return grpc.insecure_channel(self.target(), options=_OPTIONS)
+
+    def wait_connected(self, timeout: float | None = None) -> None:
+        """Block until the channel is connected; Unavailable after ``timeout``."""
+        limit = self.config.connect_timeout if timeout is None else timeout
+        try:
+            grpc.channel_ready_future(self.channel()).result(timeout=limit)
+        except grpc.FutureTimeoutError:
+            raise Unavailable(f"cannot connect to {self.server} within {limit:g} s") from None
+        log.debug("connected to %s", self.server)
+
+    def _method(self, kind: str, path: str) -> Callable[..., Any]:
+        channel = self.channel()
+        with self._lock:
+            method = self._methods.get((kind, path))
+            if method is None:
+                # No (de)serializers: we send and receive raw bytes and decode
+                # them ourselves, so bad data becomes InvalidData, not a grpc error.
+                method = getattr(channel, kind)(path, request_serializer=None, response_deserializer=None)
+                self._methods[(kind, path)] = method
+            return method
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            channel, self._channel = self._channel, None
+            mine = self._pid == os.getpid()
+        if channel is not None and mine:
+            channel.close()
+
+    # calls ------------------------------------------------------------------------------
+
+    def unary(self, path: str, request: bytes, what: str) -> bytes:
+        """One unary call within ``unary_timeout``; the raw response bytes."""
+        method = self._method("unary_unary", path)
+        try:
+            return method(request, timeout=self.config.unary_timeout)
+        except grpc.RpcError as exc:
+            raise translate(exc, what, self.server) from None
+        except ValueError as exc:  # grpc's "closed channel"
+            raise Unavailable(f"{what}: channel to {self.server} unusable: {exc}") from None
+
+    def stream(self, path: str, request: bytes, what: str,
+               timeout: float | None = None) -> Generator[bytes, None, None]:
+        """The raw messages of a server stream; cancelled if one is ``stream_gap`` late.
+
+        Closing the iterator early cancels the call (nothing keeps running).
+        ``timeout`` bounds the whole call (for streams known to be short).
+        """
+        method = self._method("unary_stream", path)
+        try:
+            call = method(request, timeout=timeout)
+        except ValueError as exc:
+            raise Unavailable(f"{what}: channel to {self.server} unusable: {exc}") from None
+        watched = _watchdog.watch(call, self.config.stream_gap)
+        try:
+            while True:
+                try:
+                    message = next(call)
+                except StopIteration:
+                    return
+                except grpc.RpcError as exc:
+                    raise translate(exc, what, self.server, watched.timed_out) from None
+                watched.progress()
+                yield message
+        finally:
+            _watchdog.forget(watched)
+            call.cancel()  # no-op when the call already ended
+
+    def client_stream(self, path: str, requests: Iterable[bytes], what: str) -> ClientStream:
+        """Start a client-streaming call fed from ``requests``; see ClientStream."""
+        method = self._method("stream_unary", path)
+        return ClientStream(self, method, requests, what)
+
+
+class ClientStream:
+    """A running client-streaming call (Put).
+
+    ``requests`` is consumed by a grpc thread. The watchdog cancels the
+    call when grpc has not taken a message for ``stream_gap`` seconds
+    while one was waiting (``waiting()``/``taken()`` mark that), so a
+    stalled server cannot block a writer forever; time the caller spends
+    between writes does not count.
+    """
+
+    def __init__(self, endpoint: Endpoint, method: Any, requests: Iterable[bytes],
+                 what: str) -> None:
+        self._endpoint = endpoint
+        self.what = what
+        try:
+            self._future = method.future(requests)
+        except ValueError as exc:
+            raise Unavailable(f"{what}: channel to {endpoint.server} unusable: {exc}") from None
+        self._watched = _watchdog.watch(self._future, endpoint.config.stream_gap)
+        self._watched.armed = False
+
+    def waiting(self) -> None:
+        """A message is ready for grpc to take: start the clock."""
+        self._watched.progress()
+        self._watched.armed = True
+
+    def taken(self) -> None:
+        self._watched.armed = False
+
+    def done(self) -> bool:
+        return bool(self._future.done())
+
+    def result(self) -> bytes:
+        """The response, once every request was sent; errors translated."""
+        try:
+            # The watchdog bounds the wait for grpc to take the last messages;
+            # the server then has unary_timeout to answer.
+            while True:
+                try:
+                    return self._future.result(timeout=self._endpoint.config.unary_timeout)
+                except grpc.FutureTimeoutError:
+                    if self._watched.armed:  # grpc has not even taken everything yet
+                        continue
+                    self._future.cancel()
+                    raise Timeout(
+                        f"{self.what}: {self._endpoint.server} did not answer within "
+                        f"{self._endpoint.config.unary_timeout:g} s"
+                    ) from None
+        except grpc.RpcError as exc:
+            raise translate(exc, self.what, self._endpoint.server, self._watched.timed_out) from None
+        finally:
+            _watchdog.forget(self._watched)
+
+    def cancel(self) -> None:
+        _watchdog.forget(self._watched)
+        self._future.cancel()
