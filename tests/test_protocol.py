@@ -220,3 +220,23 @@ def test_shape_checks_reject_everything_malformed(value):
                    protocol.decode_directory, protocol.decode_hello):
         with contextlib.suppress(ProtocolError):
             decode(value)
+
+
+@pytest.mark.parametrize("result", [b"", b"x" * 10, os.urandom(4096), os.urandom(200_000), [1, b"y"]])
+@pytest.mark.parametrize("req_id", [1, 127, 128, 70_000, 1 << 40])
+def test_scattered_reply_decodes_like_a_packed_one(req_id, result):
+    parts = protocol.encode_reply_parts(req_id, result)
+    assert protocol.decode_reply(protocol.unpack(b"".join(parts))) == (req_id, True, result)
+    reader, w = _pipe_reader()
+    writer = threading.Thread(target=protocol.write_frame, args=(w, *parts))
+    writer.start()
+    got: list = []
+    try:
+        while not got:
+            chunk = reader.read()
+            assert chunk is not None
+            got.extend(chunk)
+    finally:
+        writer.join()
+        _close(reader, w)
+    assert protocol.decode_reply(got[0]) == (req_id, True, result)

@@ -378,13 +378,10 @@ class WorkerPool:
             log.debug("worker %d pid %d: request pipe broken (%s)", worker.id, worker.pid, exc)
             worker.doomed = worker.doomed or "its request pipe broke"
             return False
-        now = time.monotonic()
-        if not worker.inflight:
-            worker.last_reply = max(worker.last_reply, now)  # silence counts from when it had work
         worker.inflight[call.id] = call
         call.worker = worker
         call.sends += 1
-        call.sent_at = now
+        call.sent_at = time.monotonic()
         return True
 
     def _complete(self, call: _Call, ok: bool, value: Any) -> None:
@@ -400,9 +397,9 @@ class WorkerPool:
     def _expire(self, call: _Call) -> None:
         """The caller's deadline passed: take the call back, fail it with Timeout.
 
-        The worker is killed as hung if it answered nothing during the
-        call's whole life and no earlier call it still holds, with time
-        left, could explain that silence.
+        The worker is killed as hung if it held the call for at least half
+        the call's budget, answered nothing in that time, and no earlier
+        call it still holds, with time left, could explain the silence.
         """
         with self._lock:
             if call.finished:
@@ -416,8 +413,10 @@ class WorkerPool:
                 )
                 del worker.inflight[call.id]
                 where = f"on worker {worker.id} pid {worker.pid}"
-                if worker.last_reply < call.created and not busy_earlier and not worker.doomed:
-                    silent = now - worker.last_reply
+                held = now - call.sent_at
+                if (worker.last_reply < call.sent_at and held >= call.timeout / 2 and not busy_earlier
+                        and not worker.doomed):
+                    silent = now - max(worker.last_reply, worker.started)
                     self._kill(worker, f"no reply for {silent:.1f} s ({self._what(call)} timed out)")
             else:
                 _discard(self._backlog, call)

@@ -60,6 +60,7 @@ OK = 0
 ERR = 1
 HELLO_ID = 0
 MAX_READ = 16 << 20  # largest blob_read length a worker accepts
+_SCATTER_MIN = 4096  # bytes results from this size on are written without a copy
 
 _TAG_DIR, _TAG_FILE, _TAG_LINK = 0, 1, 2
 
@@ -95,16 +96,18 @@ def frame(body: bytes) -> bytes:
     return len(body).to_bytes(HEADER_LEN, "big") + body
 
 
-def write_frame(fd: int, body: bytes) -> None:
-    """Write one frame to a blocking fd, however many writes it takes.
+def write_frame(fd: int, *parts: bytes) -> None:
+    """Write one frame whose body is ``parts`` joined, to a blocking fd, however many writes it takes.
 
-    Raises OSError (BrokenPipeError when the reader is gone).
+    The parts go out with one ``writev``, so a big payload is never copied
+    into a joined buffer. Raises OSError (BrokenPipeError when the reader is gone).
     """
-    header = len(body).to_bytes(HEADER_LEN, "big")
-    done = os.writev(fd, (header, body))
-    if done == HEADER_LEN + len(body):
+    size = sum(len(p) for p in parts)
+    header = size.to_bytes(HEADER_LEN, "big")
+    done = os.writev(fd, (header, *parts))
+    if done == HEADER_LEN + size:
         return
-    rest = memoryview(header + body)[done:]  # rare: the pipe was nearly full
+    rest = memoryview(b"".join((header, *parts)))[done:]  # rare: the pipe was nearly full
     while rest:
         rest = rest[os.write(fd, rest):]
 
@@ -194,6 +197,19 @@ def decode_request(msg: Any) -> tuple[int, str, list[Any], float]:
 def encode_reply(req_id: int, result: Any) -> bytes:
     """A success reply; ``result`` is already in wire form."""
     return pack([req_id, OK, result])
+
+
+def encode_reply_parts(req_id: int, result: Any) -> tuple[bytes, ...]:
+    """A success reply as body parts for ``write_frame``; big bytes results are not copied.
+
+    ``[id, OK, bin]`` is written by hand as msgpack: array marker, id, OK,
+    a bin32 header, then the caller's bytes object itself. The receiver
+    decodes it like any other reply.
+    """
+    if type(result) is bytes and len(result) >= _SCATTER_MIN:
+        prefix = b"\x93" + pack(req_id) + pack(OK) + b"\xc6" + len(result).to_bytes(4, "big")
+        return prefix, result
+    return (pack([req_id, OK, result]),)
 
 
 def encode_error(req_id: int, exc: BaseException) -> bytes:

@@ -66,36 +66,35 @@ def _loop(ctx: Context, req_fd: int, rep_fd: int) -> int:
             return EXIT_OK
         for message in messages:
             try:
-                body = handle(ctx, message)
+                parts = handle(ctx, message)
             except protocol.ProtocolError as exc:
                 log.error("worker %d pid %d: %s", ctx.worker_id, os.getpid(), exc)
                 return EXIT_PROTOCOL
-            if not _try_write(rep_fd, body):
+            if not _try_write(rep_fd, *parts):
                 return EXIT_OK
 
 
-def handle(ctx: Context, message: object) -> bytes:
-    """The reply body for one decoded request; raises only ProtocolError."""
+def handle(ctx: Context, message: object) -> tuple[bytes, ...]:
+    """The reply body (as parts for write_frame) for one decoded request; raises only ProtocolError."""
     req_id, op, args, deadline = protocol.decode_request(message)
     if time.monotonic() > deadline:
-        return protocol.encode_error(
-            req_id, Timeout(f"{op}: deadline passed before worker {ctx.worker_id} took it up")
-        )
+        return (protocol.encode_error(
+            req_id, Timeout(f"{op}: deadline passed before worker {ctx.worker_id} took it up")),)
     try:
         spec = protocol.check_args(op, args)
-        return protocol.encode_reply(req_id, spec.encode(HANDLERS[op](ctx, *args)))
+        return protocol.encode_reply_parts(req_id, spec.encode(HANDLERS[op](ctx, *args)))
     except TvixError as exc:
         log.debug("worker %d: %s failed: %s", ctx.worker_id, op, exc)
-        return protocol.encode_error(req_id, exc)
+        return (protocol.encode_error(req_id, exc),)
     except Exception as exc:  # a bug or an unexpected library error: answer it, keep serving
         log.exception("worker %d pid %d: %s raised unexpectedly", ctx.worker_id, os.getpid(), op)
-        return protocol.encode_error(req_id, exc)
+        return (protocol.encode_error(req_id, exc),)
 
 
-def _try_write(fd: int, body: bytes) -> bool:
+def _try_write(fd: int, *parts: bytes) -> bool:
     """Write one frame; False when the dispatcher is gone (broken pipe)."""
     try:
-        protocol.write_frame(fd, body)
+        protocol.write_frame(fd, *parts)
     except BrokenPipeError:
         return False
     return True

@@ -1,0 +1,339 @@
+"""The worker pool with real processes: concurrency, killed, stopped and babbling workers, start-up
+failures, clean shutdown, and worker log records reaching the dispatcher's handlers."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import multiprocessing_logging
+import pytest
+
+from tests.worker_fixtures import BIG, LEAF, ROOT, SMALL, b3, open_fds, populate, process_exists, wait_until
+from tvixmount import protocol
+from tvixmount.errors import NotFound, Timeout, Unavailable, WorkerLost
+from tvixmount.fetcher import PoolFetcher
+from tvixmount.pool import WorkerPool
+from tvixmount.store import StoreUrls, memory, open_store
+
+MEMORY = StoreUrls.single("memory://")
+
+
+@pytest.fixture
+def tree():
+    memory.reset()
+    with open_store(MEMORY) as store:
+        yield populate(store)
+    memory.reset()
+
+
+@pytest.fixture
+def pool(tree) -> Iterator[WorkerPool]:
+    pool = WorkerPool(MEMORY, 2, request_timeout=10)
+    pool.start()
+    yield pool
+    pool.close()
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def _replaced(pool: WorkerPool, slot: int, old_pid: int) -> bool:
+    pid = pool.pids()[slot]
+    return pid is not None and pid != old_pid and pool.stats()["workers"][str(slot)]["ready"]
+
+
+def test_start_ping_close_leaves_nothing_behind(tree):
+    fds_before = set(open_fds())
+    children_before = _children()
+    pool = WorkerPool(MEMORY, 3, request_timeout=10)
+    pool.start()
+    pids = pool.pids()
+    zygote_pid = pool._zygote_pid
+    assert all(pids) and len(set(pids)) == 3
+    for slot, pid in enumerate(pids):
+        assert protocol.OPS["ping"].decode(pool.call("ping", affinity=slot)) == (slot, pid)
+    assert pool.alive()
+    started = time.monotonic()
+    pool.close()
+    assert time.monotonic() - started < 5
+    assert not pool.alive()
+    for pid in [*pids, zygote_pid]:
+        assert wait_until(lambda pid=pid: not process_exists(pid), 2), f"pid {pid} left behind (zombie?)"
+    assert _children() == children_before
+    assert set(open_fds()) == fds_before
+    with pytest.raises(Unavailable, match="closed"):
+        pool.call("ping")
+    pool.close()  # twice is fine
+
+
+def test_many_threads_many_calls(pool):
+    f = PoolFetcher(pool)
+    errors: list[BaseException] = []
+
+    def work(n: int) -> None:
+        try:
+            for i in range(60):
+                op = (n + i) % 4
+                if op == 0:
+                    got = f.blob_read(b3(BIG), i * 1000, 131072, affinity=n)
+                    assert got == BIG[i * 1000:i * 1000 + 131072]
+                elif op == 1:
+                    assert f.directory(ROOT.digest()) == ROOT
+                elif op == 2:
+                    assert f.blob_stat(b3(SMALL)) == len(SMALL)
+                else:
+                    with pytest.raises(NotFound):
+                        f.directory(b3(b"absent"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    stats = pool.stats()
+    assert stats["requests"] >= 16 * 60
+    assert stats["timeouts"] == stats["lost"] == stats["restarts"] == 0
+    assert all(w["inflight"] == 0 for w in stats["workers"].values())
+
+
+def test_sigkill_with_requests_in_flight_resends_them(pool, caplog):
+    f = PoolFetcher(pool)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)  # let calls pile up on it, then kill it
+    assert wait_until(lambda: _stopped(victim), 2)
+    with ThreadPoolExecutor(8) as executor:
+        futures = [executor.submit(f.directory, ROOT.digest() if i % 2 else LEAF.digest()) for i in range(8)]
+        futures += [executor.submit(f.blob_read, b3(BIG), 0, 4096, 0) for _ in range(4)]  # affinity 0
+        assert wait_until(lambda: pool.stats()["workers"]["0"]["inflight"] >= 4, 5)
+        os.kill(victim, signal.SIGKILL)
+        results = [fut.result(timeout=10) for fut in futures]
+    assert results[:8] == [ROOT if i % 2 else LEAF for i in range(8)]
+    assert results[8:] == [BIG[:4096]] * 4
+    stats = pool.stats()
+    assert stats["resent"] >= 4 and stats["lost"] == 0
+    assert wait_until(lambda: _replaced(pool, 0, victim), 5)
+    assert stats["workers"]["0"]["restarts"] <= 1
+    assert f.blob_read(b3(BIG), 0, 10, affinity=0) == BIG[:10]
+    assert any(f"worker 0 pid {victim} is gone" in r.getMessage() for r in caplog.records)
+
+
+def test_sigstop_times_out_within_the_deadline_and_recovers(pool):
+    victim = pool.pids()[1]
+    os.kill(victim, signal.SIGSTOP)
+    started = time.monotonic()
+    with pytest.raises(Timeout, match=rf"blob_stat\(b3:.*\) timed out after 0.5 s on worker 1 pid {victim}"):
+        pool.call("blob_stat", b3(SMALL), affinity=1, timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert 0.45 <= elapsed < 1.5  # the deadline, plus scheduling slack on a busy machine
+    assert wait_until(lambda: _replaced(pool, 1, victim), 5)
+    assert not process_exists(victim) or wait_until(lambda: not process_exists(victim), 2)
+    assert pool.call("blob_stat", b3(SMALL), affinity=1) == len(SMALL)
+    assert pool.stats()["killed"] == 1
+
+
+def test_lost_calls_fail_with_worker_lost_and_a_warning(pool, caplog):
+    """Not idempotent: never re-sent. Idempotent but its second worker dies too: lost as well."""
+    first, second = pool.pids()
+    os.kill(first, signal.SIGSTOP)
+    os.kill(second, signal.SIGSTOP)
+    with ThreadPoolExecutor(2) as executor:
+        once = executor.submit(pool.call, "blob_stat", b3(SMALL), affinity=0, idempotent=False)
+        twice = executor.submit(pool.call, "directory", ROOT.digest(), affinity=0)
+        assert wait_until(lambda: pool.stats()["workers"]["0"]["inflight"] == 2, 5)
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(WorkerLost, match=rf"blob_stat\(b3:.*\): worker 0 pid {first} died"):
+            once.result(timeout=5)
+        assert wait_until(lambda: pool.stats()["workers"]["1"]["inflight"] == 1, 5)  # re-sent once
+        os.kill(second, signal.SIGKILL)
+        with pytest.raises(WorkerLost, match=rf"directory\(b3:.*\): worker 1 pid {second} died"):
+            twice.result(timeout=5)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("blob_stat(b3:" in m and f"worker 0 pid {first}" in m and "not idempotent" in m
+               for m in warnings)
+    assert any("directory(b3:" in m and f"worker 1 pid {second}" in m and "already re-sent" in m
+               for m in warnings)
+    assert wait_until(lambda: _replaced(pool, 0, first) and _replaced(pool, 1, second), 5)
+    assert pool.call("directory", LEAF.digest()) == protocol.encode_directory(LEAF)
+
+
+def test_worker_that_keeps_failing_backs_off_then_recovers(tmp_path, caplog):
+    store_dir = tmp_path / "store"
+    with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
+        populate(store)
+    with WorkerPool(StoreUrls.embedded(store_dir), 2, request_timeout=5) as pool:
+        victim = pool.pids()[0]
+        store_dir.rename(tmp_path / "away")
+        os.kill(victim, signal.SIGKILL)
+        assert wait_until(lambda: len(_open_failures(caplog)) >= 3, 10)
+        assert pool.pids()[0] is None or not pool.stats()["workers"]["0"]["ready"]
+        (tmp_path / "away").rename(store_dir)
+        assert wait_until(lambda: _replaced(pool, 0, victim), 10)
+        assert pool.call("blob_stat", b3(SMALL), affinity=0) == len(SMALL)
+    failures = _open_failures(caplog)
+    assert all(m.startswith("worker 0 pid ") for m in failures)
+    assert pool.stats()["restarts"] >= 4
+
+
+def test_zygote_death_fails_calls_fast(pool, caplog):
+    pids = pool.pids()
+    os.kill(pool._zygote_pid, signal.SIGKILL)
+    for pid in pids:  # PR_SET_PDEATHSIG takes the workers down with it
+        assert wait_until(lambda pid=pid: not process_exists(pid) or _zombie(pid), 5)
+    assert wait_until(lambda: not pool.alive(), 5)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match="zygote is gone"):
+        pool.call("ping")
+    assert time.monotonic() - started < 1
+    assert any("zygote pid" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+
+
+def test_worker_writing_garbage_is_replaced(pool, caplog):
+    victim_slot = pool._slots[0].worker
+    assert victim_slot is not None
+    victim = victim_slot.pid
+    # A second write end of the worker's reply pipe, as if the worker wrote it.
+    fd = os.open(f"/proc/self/fd/{victim_slot.rep_fd}", os.O_WRONLY)
+    try:
+        os.write(fd, b"\xff\xff\xff\xffgarbage")
+    finally:
+        os.close(fd)
+    assert wait_until(lambda: _replaced(pool, 0, victim), 5)
+    assert wait_until(lambda: not process_exists(victim), 2)
+    assert pool.call("ping", affinity=0)[1] == pool.pids()[0]
+    assert any("malformed frame" in r.getMessage() for r in caplog.records)
+
+
+def test_store_that_cannot_open_fails_start_clearly(tmp_path):
+    missing = tmp_path / "nope"
+    pool = WorkerPool(StoreUrls.embedded(missing), 2, request_timeout=5, start_timeout=10)
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match=rf"^worker \d could not open store local://{missing}: "):
+        pool.start()
+    assert time.monotonic() - started < 5
+    assert not pool.alive()
+
+
+def test_worker_logs_reach_the_dispatcher_handlers(tree):
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    root.handlers = [Keep()]
+    root.setLevel(logging.DEBUG)
+    multiprocessing_logging.install_mp_handler()
+    try:
+        with WorkerPool(MEMORY, 2, request_timeout=10) as pool:
+            pids = set(pool.pids())
+    finally:
+        mp_handlers = root.handlers[:]
+        multiprocessing_logging.uninstall_mp_handler()
+        for handler in mp_handlers:
+            handler.close()
+        root.handlers = saved_handlers
+        root.setLevel(saved_level)
+    from_workers = [r for r in records if r.process in pids]
+    assert {r.process for r in from_workers} == pids
+    assert any("serving store memory://" in r.getMessage() for r in from_workers)
+
+
+def test_workers_hold_no_fd_they_do_not_need(tree):
+    fuse = os.open("/dev/fuse", os.O_RDWR) if os.path.exists("/dev/fuse") else None
+    decoy = os.open(os.devnull, os.O_RDONLY)
+    try:
+        with WorkerPool(MEMORY, 2, request_timeout=10) as pool, \
+                WorkerPool(MEMORY, 1, request_timeout=10) as other:
+            mine = {w.id: (w.pid, _pipe(w.req_fd), _pipe(w.rep_fd)) for s in pool._slots if (w := s.worker)}
+            theirs = [_pipe(w.req_fd) for s in other._slots if (w := s.worker)]
+            for slot, (pid, req, rep) in mine.items():
+                held = set(open_fds(pid).values())
+                assert "/dev/fuse" not in held
+                assert req in held and rep in held
+                others = {p for s, (_, q, r) in mine.items() if s != slot for p in (q, r)}
+                assert not held & others, "a worker holds another worker's pipe"
+                assert not held & set(theirs), "a worker holds another pool's pipe"
+            for zygote in (pool._zygote_pid, other._zygote_pid):
+                held = set(open_fds(zygote).values())
+                assert not held & {p for _, q, r in mine.values() for p in (q, r)}
+    finally:
+        if fuse is not None:
+            os.close(fuse)
+        os.close(decoy)
+
+
+def test_dispatcher_death_ends_zygote_and_workers(tree, tmp_path):
+    """Kill -9 the process that owns a pool: its zygote and workers must go by themselves."""
+    script = tmp_path / "owner.py"
+    out = tmp_path / "pids"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+        "from tvixmount.pool import WorkerPool\n"
+        "from tvixmount.store import StoreUrls\n"
+        "pool = WorkerPool(StoreUrls.single('memory://'), 2)\n"
+        "pool.start()\n"
+        f"open({str(out)!r}, 'w').write(' '.join(map(str, [pool._zygote_pid, *pool.pids()])))\n"
+        "time.sleep(60)\n"
+    )
+    import subprocess
+    import sys
+
+    owner = subprocess.Popen([sys.executable, str(script)])
+    try:
+        assert wait_until(lambda: out.exists() and out.read_text(), 10)
+        pids = [int(p) for p in out.read_text().split()]
+        owner.kill()
+        owner.wait(5)
+        for pid in pids:
+            assert wait_until(lambda pid=pid: not process_exists(pid) or _zombie(pid), 5), pid
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _open_failures(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "could not open store" in r.getMessage()]
+
+
+def _pipe(fd: int) -> str:
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[1] == me:
+                        found.add(int(entry))
+            except OSError:
+                pass
+    return found
