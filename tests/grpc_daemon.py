@@ -272,3 +272,67 @@ class DaemonSpares:
         for daemon in self._started:
             daemon.stop()
         self.forker.close()
+
+
+# -- in-test servers that misbehave on purpose ------------------------------------------------
+
+_STREAMING = {
+    "/tvix.castore.v1.BlobService/Read": "unary_stream",
+    "/tvix.castore.v1.BlobService/Put": "stream_unary",
+    "/tvix.castore.v1.DirectoryService/Get": "unary_stream",
+    "/tvix.castore.v1.DirectoryService/Put": "stream_unary",
+    "/tvix.store.v1.PathInfoService/List": "unary_stream",
+}
+
+
+class FakeServer:
+    """A real gRPC server whose methods are plain functions over raw bytes.
+
+    ``handlers`` maps a full method path to ``fn(request, context)``; the
+    request is bytes (or an iterator of bytes for client streams) and the
+    result bytes (or an iterator of bytes for server streams), so a test
+    can send exactly the bytes it wants: unknown fields, broken digests,
+    wrong orders. ``calls`` counts calls per method path.
+    """
+
+    def __init__(self, handlers: dict, root: Path | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.handlers = handlers
+        self.calls: dict[str, int] = {}
+        self.root = root or scratch_dir("tvx-fake-")
+        self.socket = self.root / "fake.sock"
+        self.url = f"grpc+unix://{self.socket}"
+        self.server = grpc.server(ThreadPoolExecutor(max_workers=8))
+        self.server.add_generic_rpc_handlers([_Generic(self)])
+        self.server.add_insecure_port("unix:" + str(self.socket))
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(0).wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> FakeServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Generic(grpc.GenericRpcHandler):
+    def __init__(self, fake: FakeServer) -> None:
+        self.fake = fake
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        path = details.method
+        fn = self.fake.handlers.get(path)
+        if fn is None:
+            return None
+
+        def counted(request, context):  # type: ignore[no-untyped-def]
+            self.fake.calls[path] = self.fake.calls.get(path, 0) + 1
+            return fn(request, context)
+
+        kind = _STREAMING.get(path, "unary_unary")
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        return make(counted)

@@ -55,7 +55,7 @@ from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound
 from ..proto import rpc_blobstore_pb2 as pb
 from . import records
 from .base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
-from .grpc_channel import PUT_MESSAGE, ClientStream, Endpoint
+from .grpc_channel import PUT_MESSAGE, Absent, ClientStream, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ class ChunkedBlobReader(BlobReader):
         what = f"reading chunk {index} ({b3_text(chunk.digest)}) of blob {b3_text(self._digest)}"
         try:
             data = self._service.fetch_chunk(chunk, what)
-        except NotFound:
+        except Absent:
             log.warning("%s: %s no longer serves the chunk; fetching the whole blob instead",
                         what, self._service.endpoint.server)
             self._whole = self._service.fetch_whole(self._digest, self.size)
@@ -370,7 +370,7 @@ class GrpcBlobService(BlobService):
         try:
             raw = self.endpoint.unary(STAT, pb.StatBlobRequest(digest=digest, send_chunks=True)
                                       .SerializeToString(), what)
-        except NotFound:
+        except Absent:
             return None
         try:
             response = pb.StatBlobResponse.FromString(raw)

@@ -110,6 +110,15 @@ _OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
+class Absent(NotFound):
+    """The server answered NOT_FOUND: the object asked for is not there.
+
+    Kept apart from a NotFound carried in our daemon's error trailer (a
+    blob missing below a directory, while rendering a NAR...), which is an
+    error even where absence of the requested object is an answer.
+    """
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """Deadlines of one client; the defaults are the module constants."""
@@ -138,7 +147,7 @@ _INVALID = {
 def translate(exc: grpc.RpcError, what: str, server: str, timed_out: bool = False) -> TvixError:
     """The tvixmount error for a failed call; ``what`` says what was asked for.
 
-    NOT_FOUND is NotFound (callers that treat absence as None catch it).
+    NOT_FOUND is Absent, a NotFound (callers that treat absence as None catch it).
     With our daemon's error-code trailer the class is the server's own;
     otherwise UNAVAILABLE and friends are Unavailable, DEADLINE_EXCEEDED
     Timeout, DATA_LOSS/INVALID_ARGUMENT InvalidData (the server refused or
@@ -152,7 +161,7 @@ def translate(exc: grpc.RpcError, what: str, server: str, timed_out: bool = Fals
         return Timeout(f"{what}: no message from {server} for too long; stream cancelled")
     message = f"{what}: {server} answered {name}: {details}"
     if code is grpc.StatusCode.NOT_FOUND:
-        return NotFound(message)
+        return Absent(message)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return Timeout(f"{what}: {server} did not answer in time ({details})")
     if code in _UNAVAILABLE:

@@ -30,7 +30,7 @@ from ..errors import InvalidArgument, InvalidData, NotFound
 from ..proto import rpc_directory_pb2 as pb
 from . import records
 from .base import DirectoryService
-from .grpc_channel import Endpoint
+from .grpc_channel import Absent, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class GrpcDirectoryService(DirectoryService):
         stream = self.endpoint.stream(GET, request, what, timeout=self.endpoint.config.unary_timeout)
         try:
             raw = next(stream, None)
-        except NotFound:
+        except Absent:
             return None
         finally:
             stream.close()  # a non-recursive Get answers one message; read no more

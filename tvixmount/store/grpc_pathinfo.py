@@ -23,11 +23,11 @@ from ..castore.directory import check_node
 from ..castore.nodes import Node
 from ..castore.pathinfo import PathInfo, validate_pathinfo
 from ..castore.wire import decode_pathinfo, node_to_proto
-from ..errors import InvalidArgument, InvalidData, NotFound
+from ..errors import InvalidArgument, InvalidData
 from ..proto import rpc_pathinfo_pb2 as pb
 from . import records
 from .base import PathInfoService
-from .grpc_channel import Endpoint
+from .grpc_channel import Absent, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class GrpcPathInfoService(PathInfoService):
         request = pb.GetPathInfoRequest(by_output_hash=digest).SerializeToString()
         try:
             raw = self.endpoint.unary(GET, request, what)
-        except NotFound:
+        except Absent:
             return None
         info = self._decode(raw, what)
         store_path = validate_pathinfo(info, require_narinfo=False)
