@@ -250,6 +250,10 @@ def test_worker_logs_reach_the_dispatcher_handlers(tree):
     from_workers = [r for r in records if r.process in pids]
     assert {r.process for r in from_workers} == pids
     assert any("serving store memory://" in r.getMessage() for r in from_workers)
+    # Records a worker logs just before it exits are flushed, not lost with the process.
+    exits = [r for r in from_workers if "request pipe closed; exiting" in r.getMessage()]
+    assert {r.process for r in exits} == pids
+    assert {r.processName for r in exits} == {"tvixmount-worker-0", "tvixmount-worker-1"}
 
 
 def test_workers_hold_no_fd_they_do_not_need(tree):

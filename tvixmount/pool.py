@@ -416,7 +416,7 @@ class WorkerPool:
                 held = now - call.sent_at
                 if (worker.last_reply < call.sent_at and held >= call.timeout / 2 and not busy_earlier
                         and not worker.doomed):
-                    silent = now - max(worker.last_reply, worker.started)
+                    silent = now - worker.last_reply
                     self._kill(worker, f"no reply for {silent:.1f} s ({self._what(call)} timed out)")
             else:
                 _discard(self._backlog, call)
@@ -580,7 +580,8 @@ class WorkerPool:
             delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (slot.fast_deaths - 1)) * random.uniform(0.5, 1.5)
         slot.respawn_at = now + delay
         if delay >= 1.0:
-            log.warning("worker %d keeps dying; next start in %.1f s", slot.id, delay)
+            log.warning("worker %d (last pid %d) keeps dying; next start in %.1f s",
+                        slot.id, worker.pid, delay)
 
     def _request_spawn(self, slot: _Slot) -> None:
         """Ask the zygote for a worker in ``slot``. Lock held."""
@@ -595,8 +596,11 @@ class WorkerPool:
         slot.spawning = True
 
     def _next_timer(self) -> float | None:
+        """Seconds until the next respawn is due or a starting worker runs out of time."""
         with self._lock:
             times = [s.respawn_at for s in self._slots if s.respawn_at is not None]
+            times += [s.worker.started + self.start_timeout for s in self._slots
+                      if s.worker is not None and not s.worker.ready and not s.worker.doomed]
         if not times:
             return None
         return max(0.0, min(times) - time.monotonic())
@@ -607,10 +611,14 @@ class WorkerPool:
                 return
             now = time.monotonic()
             for slot in self._slots:
-                if slot.respawn_at is not None and slot.respawn_at <= now and slot.worker is None:
-                    slot.restarts += 1
-                    self._counts["restarts"] += 1
-                    self._request_spawn(slot)
+                worker = slot.worker
+                if worker is None:
+                    if slot.respawn_at is not None and slot.respawn_at <= now:
+                        slot.restarts += 1
+                        self._counts["restarts"] += 1
+                        self._request_spawn(slot)
+                elif not worker.ready and not worker.doomed and now - worker.started >= self.start_timeout:
+                    self._kill(worker, f"not ready {self.start_timeout:.0f} s after it was started")
 
     def _on_control(self, sel: selectors.BaseSelector) -> None:
         assert self._ctl is not None
@@ -653,6 +661,8 @@ class WorkerPool:
             _close_fds(fds)
             return
         req_fd, rep_fd = fds
+        for fd in fds:
+            os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive without close-on-exec
         os.set_blocking(req_fd, False)
         worker = _Worker(worker_id, pid, req_fd, rep_fd)
         with self._lock:

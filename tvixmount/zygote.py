@@ -182,6 +182,7 @@ def _worker_child(sock: socket.socket, urls: StoreUrls, worker_id: int, req_r: i
         if os.getppid() != zygote_pid:
             os._exit(0)  # the zygote died before the death signal was armed
         _set_name(f"tvix-worker-{worker_id}")
+        multiprocessing.current_process().name = f"tvixmount-worker-{worker_id}"  # for %(processName)s
         logging.disable(logging.NOTSET)
         from workers.loop import serve
 
