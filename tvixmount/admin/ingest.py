@@ -40,7 +40,7 @@ import blake3
 
 from ..castore import storepath
 from ..castore.directory import Directory, SizeConvention, check_node, validate
-from ..castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, b3_text, display_name
+from ..castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, display_name
 from ..castore.pathinfo import NarInfo, PathInfo
 from ..errors import InvalidData
 from ..store import Store
@@ -281,11 +281,9 @@ class _BlobSink:
             if digest in self._seen:
                 return digest
         if self._blobs.stat(digest) is None:
-            stored = self._blobs.put(data)
-            if stored != digest:
-                raise InvalidData(
-                    f"store returned digest {b3_text(stored)} for a blob hashing to {b3_text(digest)}"
-                )
+            with self._blobs.open_write(expected_digest=digest) as writer:  # the store re-checks it
+                writer.write(data)
+                writer.commit()
         with self._lock:
             self._seen.add(digest)
         return digest
