@@ -106,9 +106,8 @@ def test_broken_path_info_is_invalid_data_across_the_pool(tmp_path):
         tables.path_infos[ABSENT_PATH.digest] = tables.path_infos[good]
         with pytest.raises(InvalidData):
             LocalFetcher(store).path_info(ABSENT_PATH.digest)
-        with WorkerPool(MEMORY, 1, request_timeout=10) as pool:
-            with pytest.raises(InvalidData):
-                PoolFetcher(pool).path_info(ABSENT_PATH.digest)
+        with WorkerPool(MEMORY, 1, request_timeout=10) as pool, pytest.raises(InvalidData):
+            PoolFetcher(pool).path_info(ABSENT_PATH.digest)
     memory.reset()
 
 

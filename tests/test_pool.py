@@ -199,6 +199,52 @@ def test_zygote_death_fails_calls_fast(pool, caplog):
     assert any("zygote pid" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
 
 
+def test_calls_wait_in_the_backlog_while_the_only_worker_restarts(tree):
+    with WorkerPool(MEMORY, 1, request_timeout=10) as pool:
+        victim = pool.pids()[0]
+        os.kill(pool._zygote_pid, signal.SIGSTOP)  # no replacement until we say so
+        try:
+            os.kill(victim, signal.SIGKILL)
+            assert wait_until(lambda: pool.pids()[0] is None, 5)
+            with ThreadPoolExecutor(1) as executor:
+                waiting = executor.submit(pool.call, "blob_stat", b3(SMALL))
+                assert wait_until(lambda: pool.stats()["backlog"] == 1, 5)
+                os.kill(pool._zygote_pid, signal.SIGCONT)
+                assert waiting.result(timeout=5) == len(SMALL)
+        finally:
+            os.kill(pool._zygote_pid, signal.SIGCONT)
+        assert pool.stats()["restarts"] == 1 and pool.stats()["backlog"] == 0
+
+
+def test_close_under_load_ends_every_caller(tree):
+    pool = WorkerPool(MEMORY, 2, request_timeout=10)
+    pool.start()
+    pids = [*pool.pids(), pool._zygote_pid]
+    outcomes: list[str] = []
+
+    def hammer() -> None:
+        while True:
+            try:
+                pool.call("directory", ROOT.digest())
+            except Unavailable as exc:
+                outcomes.append(type(exc).__name__)
+                return
+
+    threads = [threading.Thread(target=hammer) for _ in range(16)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    started = time.monotonic()
+    pool.close()
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads)
+    assert time.monotonic() - started < 5
+    assert outcomes == ["Unavailable"] * 16
+    for pid in pids:
+        assert wait_until(lambda pid=pid: not process_exists(pid), 2)
+
+
 def test_worker_writing_garbage_is_replaced(pool, caplog):
     victim_slot = pool._slots[0].worker
     assert victim_slot is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -77,10 +78,8 @@ def open_fds(pid: int | str = "self") -> dict[int, str]:
     out = {}
     base = Path(f"/proc/{pid}/fd")
     for entry in os.listdir(base):
-        try:
+        with contextlib.suppress(OSError):
             out[int(entry)] = os.readlink(base / entry)
-        except OSError:
-            pass
     return out
 
 
