@@ -13,8 +13,15 @@ Three passes, each independent of what the store believes about itself:
    present and good. With ``nar=True`` the NAR is re-rendered from the store
    and its size and sha256 compared with the PathInfo's.
 
+A store that cannot list its blobs or directories (tvix's gRPC protocol has
+no List for them) skips that listing pass; the objects the path infos reach
+are then fetched and checked while walking, so a remote store still gets
+every reachable object verified.
+
 Every problem is reported once, as one line naming the object, and the run
-goes on; the caller turns "any problem" into exit status 1.
+goes on. A damaged object is reported as itself, and again under each store
+path whose tree it breaks (that line says which object), but not under every
+directory that points at it. The caller turns "any problem" into exit 1.
 """
 
 from __future__ import annotations
@@ -29,13 +36,16 @@ from ..castore.directory import Directory
 from ..castore.nar import nar_hash
 from ..castore.nodes import DirectoryNode, FileNode, Node, b3_text, display_name
 from ..castore.pathinfo import PathInfo
-from ..errors import TvixError
+from ..errors import InvalidArgument, TvixError
 from ..store import Store
 from .progress import Bar, NullBar
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+
+# What is known about an object after it was looked at.
+_GOOD, _BAD, _MISSING = "good", "damaged", "missing"
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,13 +63,17 @@ class Report:
     blob_bytes: int = 0
     directories: int = 0
     path_infos: int = 0
+    unlisted: list[str] = field(default_factory=list)  # kinds the store could not list
     problems: list[Problem] = field(default_factory=list)
 
     def summary(self) -> str:
         verdict = "OK" if not self.problems else f"{len(self.problems)} problem(s)"
+        note = ""
+        if self.unlisted:
+            note = f" (the store cannot list {' or '.join(self.unlisted)}: checked those path infos reach)"
         return (
             f"checked {self.blobs} blobs ({self.blob_bytes} bytes), {self.directories} directories, "
-            f"{self.path_infos} path infos: {verdict}"
+            f"{self.path_infos} path infos{note}: {verdict}"
         )
 
 
@@ -78,11 +92,12 @@ class Verifier:
         self.make_bar = bar or (lambda desc, total: NullBar())
         self.nar = nar
         self.report = Report()
+        self.blobs: dict[bytes, str] = {}  # digest -> _GOOD/_BAD/_MISSING
         self.blob_sizes: dict[bytes, int] = {}  # good blobs only
-        self.bad_blobs: set[bytes] = set()
+        self.dirs: dict[bytes, str] = {}
         self.good_dirs: dict[bytes, Directory] = {}
-        self.bad_dirs: set[bytes] = set()
-        self._complete: dict[bytes, str | None] = {}  # directory digest -> first problem below it
+        self.blobs_listed = self.dirs_listed = False
+        self._settled: dict[bytes, str | None] = {}  # directory digest -> first problem in its tree
 
     def problem(self, what: str, why: str) -> None:
         if why.startswith(what + " "):  # store errors often name the object themselves
@@ -98,34 +113,44 @@ class Verifier:
         self.check_path_infos()
         return self.report
 
-    # -- 1. blobs ---------------------------------------------------------------
-
-    def _digests(self, kind: str, source: Callable[[], Iterator[bytes]]) -> list[bytes]:
+    def _list(self, kind: str, source: Callable[[], Iterator[bytes]]) -> list[bytes] | None:
+        """Every digest the store holds, or None when it cannot list them (a problem if it should)."""
         try:
             return list(source())
+        except InvalidArgument as exc:  # the backend has no listing (gRPC)
+            log.info("%s", exc)
+            self.report.unlisted.append(kind)
+            return None
         except TvixError as exc:
             self.problem(f"{kind} listing", str(exc))
-            return []
+            return None
+
+    # -- 1. blobs ---------------------------------------------------------------
 
     def check_blobs(self) -> None:
-        digests = self._digests("blob", self.store.blobs.iter_digests)
+        digests = self._list("blobs", self.store.blobs.iter_digests)
+        if digests is None:
+            return
+        self.blobs_listed = True
         progress = self.make_bar("blobs", len(digests))
         try:
             for digest in digests:
-                self._check_blob(digest)
+                self._check_blob(digest, listed=True)
                 progress.update(1)
         finally:
             progress.close()
 
-    def _check_blob(self, digest: bytes) -> None:
+    def _check_blob(self, digest: bytes, listed: bool) -> str:
+        """Read and re-hash one blob; record and return its state."""
         what = f"blob {b3_text(digest)}"
-        self.report.blobs += 1
         try:
             st = self.store.blobs.stat(digest)
             if st is None:
-                self.bad_blobs.add(digest)
-                self.problem(what, "listed by the store but stat finds nothing")
-                return
+                if listed:
+                    self.problem(what, "listed by the store but stat finds nothing")
+                self.blobs[digest] = _MISSING
+                return _MISSING
+            self.report.blobs += 1
             hasher = blake3.blake3()
             total = 0
             with self.store.blobs.open_read(digest) as reader:
@@ -136,69 +161,88 @@ class Verifier:
                     hasher.update(piece)
                     total += len(piece)
         except TvixError as exc:
-            self.bad_blobs.add(digest)
             self.problem(what, str(exc))
-            return
+            self.blobs[digest] = _BAD
+            return _BAD
         self.report.blob_bytes += total
         actual = hasher.digest()
         if actual != digest:
-            self.bad_blobs.add(digest)
             self.problem(what, f"contents hash to {b3_text(actual)}")
         elif total != st.size:
-            self.bad_blobs.add(digest)
             self.problem(what, f"{total} bytes read, but stat says {st.size}")
         else:
             self.blob_sizes[digest] = total
+            self.blobs[digest] = _GOOD
+            return _GOOD
+        self.blobs[digest] = _BAD
+        return _BAD
+
+    def _blob_state(self, digest: bytes) -> str:
+        state = self.blobs.get(digest)
+        if state is None:
+            state = _MISSING if self.blobs_listed else self._check_blob(digest, listed=False)
+        return state
 
     # -- 2. directories -----------------------------------------------------------
 
     def check_directories(self) -> None:
-        digests = self._digests("directory", self.store.directories.iter_digests)
+        digests = self._list("directories", self.store.directories.iter_digests)
+        if digests is None:
+            return
+        self.dirs_listed = True
         progress = self.make_bar("directories", len(digests))
         try:
             for digest in digests:
-                self.report.directories += 1
+                self._load_dir(digest, listed=True)
                 progress.update(1)
-                try:
-                    directory = self.store.directories.get(digest)
-                except TvixError as exc:
-                    self.bad_dirs.add(digest)
-                    self.problem(f"directory {b3_text(digest)}", str(exc))
-                    continue
-                if directory is None:
-                    self.bad_dirs.add(digest)
-                    self.problem(f"directory {b3_text(digest)}", "listed by the store but cannot be read")
-                    continue
-                self.good_dirs[digest] = directory
         finally:
             progress.close()
-        listed = set(digests)
         for digest, directory in self.good_dirs.items():
-            for why in self._reference_problems(directory, listed):
+            for why in self._reference_problems(directory):
                 self.problem(f"directory {b3_text(digest)}", why)
 
-    def _reference_problems(self, directory: Directory, listed: set[bytes]) -> Iterator[str]:
-        """What this directory itself gets wrong: references to absent objects, wrong file sizes.
+    def _load_dir(self, digest: bytes, listed: bool) -> str:
+        what = f"directory {b3_text(digest)}"
+        try:
+            directory = self.store.directories.get(digest)
+        except TvixError as exc:
+            self.report.directories += 1
+            self.problem(what, str(exc))
+            self.dirs[digest] = _BAD
+            return _BAD
+        if directory is None:
+            if listed:
+                self.problem(what, "listed by the store but cannot be read")
+            self.dirs[digest] = _MISSING
+            return _MISSING
+        self.report.directories += 1
+        self.good_dirs[digest] = directory
+        self.dirs[digest] = _GOOD
+        return _GOOD
 
-        A referenced object that is present but damaged is reported once, as
-        itself (and under every store path whose tree it breaks), not again
-        under each directory that points at it.
-        """
+    def _dir_state(self, digest: bytes) -> str:
+        state = self.dirs.get(digest)
+        if state is None:
+            state = _MISSING if self.dirs_listed else self._load_dir(digest, listed=False)
+        return state
+
+    def _reference_problems(self, directory: Directory) -> Iterator[str]:
+        """What this directory itself gets wrong: references to absent objects, wrong file sizes."""
         for child in directory.directories:
-            if child.digest not in listed:
+            if self._dir_state(child.digest) == _MISSING:
                 yield f"entry {display_name(child.name)!r}: directory {b3_text(child.digest)} is missing"
         for file in directory.files:
-            if file.digest in self.bad_blobs:
-                continue
-            yield from self._file_problems(file, f"entry {display_name(file.name)!r}")
+            state = self._blob_state(file.digest)
+            if state != _BAD:  # a damaged blob was reported as itself
+                yield from self._file_problems(file, f"entry {display_name(file.name)!r}")
 
     def _file_problems(self, file: FileNode, where: str) -> Iterator[str]:
-        size = self.blob_sizes.get(file.digest)
-        if size is None:
-            state = "is damaged" if file.digest in self.bad_blobs else "is missing"
-            yield f"{where}: blob {b3_text(file.digest)} {state}"
-        elif size != file.size:
-            yield f"{where}: blob {b3_text(file.digest)} is {size} bytes, the FileNode says {file.size}"
+        state = self._blob_state(file.digest)
+        if state != _GOOD:
+            yield f"{where}: blob {b3_text(file.digest)} is {state}"
+        elif self.blob_sizes[file.digest] != file.size:
+            yield (f"{where}: blob {b3_text(file.digest)} is {self.blob_sizes[file.digest]} bytes, "
+                   f"the FileNode says {file.size}")
 
     # -- 3. path infos ---------------------------------------------------------------
 
@@ -228,7 +272,7 @@ class Verifier:
             return
         if self.nar and info.narinfo is not None:
             try:
-                size, sha256 = nar_hash(info.node, self._get_directory, self._read_blob)
+                size, sha256 = nar_hash(info.node, self.good_dirs.__getitem__, self._read_blob)
             except TvixError as exc:
                 self.problem(what, f"NAR cannot be rendered: {exc}")
                 return
@@ -248,38 +292,33 @@ class Verifier:
         return self._tree_problem(node.digest)
 
     def _tree_problem(self, root: bytes) -> str | None:
-        """Depth-first over directories, each digest settled once for the whole run."""
+        """Depth first over directories; each digest is settled once for the whole run."""
         stack: list[tuple[bytes, bool]] = [(root, False)]
         while stack:
             digest, expanded = stack.pop()
-            if digest in self._complete:
+            if digest in self._settled:
                 continue
-            directory = self.good_dirs.get(digest)
-            if directory is None:
-                state = "is damaged" if digest in self.bad_dirs else "is missing"
-                self._complete[digest] = f"directory {b3_text(digest)} {state}"
+            state = self._dir_state(digest)
+            if state != _GOOD:
+                self._settled[digest] = f"directory {b3_text(digest)} is {state}"
                 continue
+            directory = self.good_dirs[digest]
             if not expanded:
                 stack.append((digest, True))
                 stack.extend((c.digest, False) for c in directory.directories
-                             if c.digest not in self._complete)
+                             if c.digest not in self._settled)
                 continue
             found: str | None = None
             for file in directory.files:
-                found = next(self._file_problems(file, f"directory {b3_text(digest)} entry "
-                                                       f"{display_name(file.name)!r}"), None)
+                where = f"directory {b3_text(digest)} entry {display_name(file.name)!r}"
+                found = next(self._file_problems(file, where), None)
                 if found:
                     break
             if found is None:
-                for child in directory.directories:
-                    found = self._complete.get(child.digest)
-                    if found:
-                        break
-            self._complete[digest] = found
-        return self._complete.get(root)
-
-    def _get_directory(self, digest: bytes) -> Directory:
-        return self.good_dirs[digest]
+                found = next((self._settled[c.digest] for c in directory.directories
+                              if self._settled.get(c.digest)), None)
+            self._settled[digest] = found
+        return self._settled.get(root)
 
     def _read_blob(self, digest: bytes, size: int) -> Iterator[bytes]:
         with self.store.blobs.open_read(digest) as reader:
