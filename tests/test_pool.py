@@ -246,7 +246,7 @@ def test_close_under_load_ends_every_caller(tree):
 
 
 def test_worker_writing_garbage_is_replaced(pool, caplog):
-    victim_slot = pool._slots[0].worker
+    victim_slot = pool._state.slots[0].worker
     assert victim_slot is not None
     victim = victim_slot.pid
     # A second write end of the worker's reply pipe, as if the worker wrote it.
@@ -308,8 +308,9 @@ def test_workers_hold_no_fd_they_do_not_need(tree):
     try:
         with WorkerPool(MEMORY, 2, request_timeout=10) as pool, \
                 WorkerPool(MEMORY, 1, request_timeout=10) as other:
-            mine = {w.id: (w.pid, _pipe(w.req_fd), _pipe(w.rep_fd)) for s in pool._slots if (w := s.worker)}
-            theirs = [_pipe(w.req_fd) for s in other._slots if (w := s.worker)]
+            mine = {w.id: (w.pid, _pipe(w.req_fd), _pipe(w.rep_fd))
+                    for s in pool._state.slots if (w := s.worker)}
+            theirs = [_pipe(w.req_fd) for s in other._state.slots if (w := s.worker)]
             for slot, (pid, req, rep) in mine.items():
                 held = set(open_fds(pid).values())
                 assert "/dev/fuse" not in held

@@ -1,0 +1,293 @@
+"""The collector thread: the one reader of every reply pipe and of the zygote's socket.
+
+It completes calls as their replies arrive, notices a worker's death at once
+(EOF on its reply pipe, since nobody else holds the write end), re-sends or
+fails that worker's calls, and asks the zygote for a replacement, backing
+off with jitter while replacements keep dying young. It is also the only
+thread that registers fds in its selector and closes a dead worker's fds.
+
+    reply pipe ──> read frames ──> decode_reply ──> state.complete(call)   (or hello: worker ready)
+              └──> EOF / garbage ──> retire: resend_or_fail, schedule a respawn, close fds
+    zygote ─────> "spawned"+fds: register the worker │ "exited": log its status │ EOF: no more respawns
+    timers ─────> due respawns: "spawn" to the zygote; workers never ready: kill
+
+State lives in poolstate.py; pool.py starts and stops this thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import selectors
+import socket
+import threading
+import time
+
+from . import protocol
+from .poolstate import PoolState, Slot, Worker
+
+log = logging.getLogger("tvixmount.pool")
+
+FAST_DEATH = 1.0  # a worker dying sooner than this after its start counts towards back-off
+BACKOFF_BASE = 0.1
+BACKOFF_MAX = 10.0
+
+
+class Collector:
+    def __init__(self, state: PoolState, ctl: socket.socket, zygote_pid: int, store_name: str,
+                 start_timeout: float) -> None:
+        self.state = state
+        self.ctl = ctl
+        self.zygote_pid = zygote_pid
+        self.store_name = store_name  # for log lines: describe(urls)
+        self.start_timeout = start_timeout
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tvixmount-pool-collector", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """End the thread (bounded) and release its wake-up pipe; workers' fds stay open."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        self._thread.join(timeout)
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def request_spawn(self, slot: Slot) -> None:
+        """Ask the zygote for a worker in ``slot``. State lock held."""
+        slot.respawn_at = None
+        if self.state.zygote_gone:
+            return
+        try:
+            self.ctl.send(protocol.encode_control("spawn", slot.id))
+        except OSError as exc:
+            log.error("cannot reach the zygote pid %d: %s", self.zygote_pid, exc)
+            return
+        slot.spawning = True
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        sel.register(self.ctl.fileno(), selectors.EVENT_READ, self.ctl)
+        try:
+            while not self._stopping:
+                try:
+                    for key, _ in sel.select(self._next_timer()):
+                        if key.data is None:
+                            os.read(self._wake_r, 4096)
+                        elif key.data is self.ctl:
+                            self._on_control(sel)
+                        else:
+                            self._on_replies(sel, key.data)
+                    self._run_timers()
+                except Exception:  # a bug here must not stop every reply from arriving
+                    log.exception("worker pool collector failed; continuing")
+                    time.sleep(0.1)
+        finally:
+            sel.close()
+
+    def _next_timer(self) -> float | None:
+        """Seconds until a respawn is due or a starting worker runs out of time."""
+        with self.state.lock:
+            times = [s.respawn_at for s in self.state.slots if s.respawn_at is not None]
+            times += [w.started + self.start_timeout
+                      for w in self.state.workers() if not w.ready and not w.doomed]
+        return None if not times else max(0.0, min(times) - time.monotonic())
+
+    def _run_timers(self) -> None:
+        state = self.state
+        with state.lock:
+            if not state.serving:
+                return
+            now = time.monotonic()
+            for slot in state.slots:
+                worker = slot.worker
+                if worker is None:
+                    if slot.respawn_at is not None and slot.respawn_at <= now:
+                        slot.restarts += 1
+                        state.counts["restarts"] += 1
+                        self.request_spawn(slot)
+                elif not worker.ready and not worker.doomed and now - worker.started >= self.start_timeout:
+                    state.kill(worker, f"not ready {self.start_timeout:.0f} s after it was started")
+
+    # -- replies ----------------------------------------------------------------------------
+
+    def _on_replies(self, sel: selectors.BaseSelector, worker: Worker) -> None:
+        state = self.state
+        try:
+            messages = worker.reader.read()
+        except (protocol.ProtocolError, OSError) as exc:
+            with state.lock:
+                if isinstance(exc, protocol.ProtocolError):
+                    state.kill(worker, f"sent a malformed frame ({exc})")
+                else:
+                    worker.doomed = worker.doomed or f"reading its replies failed ({exc})"
+            self._retire(sel, worker)
+            return
+        if messages is None:
+            self._retire(sel, worker)
+            return
+        with state.lock:
+            now = time.monotonic()
+            for message in messages:
+                try:
+                    req_id, ok, value = protocol.decode_reply(message)
+                    if req_id == protocol.HELLO_ID:
+                        self._on_hello(worker, ok, value)
+                        continue
+                except protocol.ProtocolError as exc:
+                    state.kill(worker, f"sent a malformed message ({exc})")
+                    break
+                worker.last_reply = now
+                call = worker.inflight.pop(req_id, None)
+                if call is None:
+                    continue  # its caller gave up (timed out) before the reply came
+                if not ok:
+                    state.counts["errors"] += 1
+                state.complete(call, ok, value)
+            if state.backlog:
+                state.drain_backlog()
+        if worker.doomed:
+            self._retire(sel, worker)
+
+    def _on_hello(self, worker: Worker, ok: bool, value: object) -> None:
+        """State lock held."""
+        slot = self.state.slots[worker.id]
+        if not ok:
+            assert isinstance(value, tuple)
+            worker.fatal = value[1]
+            slot.last_error = value[1] if self.state.phase == "starting" else None
+            return
+        worker_id, pid = protocol.decode_hello(value)
+        if (worker_id, pid) != (worker.id, worker.pid):
+            raise protocol.ProtocolError(f"hello from worker {worker_id} pid {pid}, expected "
+                                         f"worker {worker.id} pid {worker.pid}")
+        worker.ready = True
+        worker.last_reply = time.monotonic()
+        if slot.restarts:
+            log.info("worker %d restarted as pid %d (restart %d)", worker.id, worker.pid, slot.restarts)
+        self.state.changed.notify_all()
+
+    # -- deaths and births ------------------------------------------------------------------
+
+    def _retire(self, sel: selectors.BaseSelector, worker: Worker) -> None:
+        """Forget a dead (or killed) worker: re-send or fail its calls, schedule its replacement."""
+        sel.unregister(worker.rep_fd)
+        state = self.state
+        with state.lock:
+            slot = state.slots[worker.id]
+            if slot.worker is worker:
+                slot.worker = None
+            calls = list(worker.inflight.values())
+            worker.inflight.clear()
+            now = time.monotonic()
+            if state.serving:
+                self._log_death(worker, len(calls), now)
+            state.resend_or_fail(worker, calls)
+            if state.phase == "running" or (state.phase == "starting" and worker.fatal is None):
+                self._schedule_respawn(slot, worker, now)
+            state.changed.notify_all()
+        for fd in (worker.req_fd, worker.rep_fd):
+            os.close(fd)
+
+    def _log_death(self, worker: Worker, calls: int, now: float) -> None:
+        if worker.fatal is not None:
+            if self.state.phase == "running":
+                log.warning("worker %d pid %d could not open %s: %s", worker.id, worker.pid, self.store_name,
+                            worker.fatal)
+            return
+        why = worker.doomed or "its reply pipe closed"
+        if worker.reader.pending:
+            why += f", {worker.reader.pending} bytes of a reply unread"
+        log.warning("worker %d pid %d is gone (%s) after %.1f s with %d requests in flight",
+                    worker.id, worker.pid, why, now - worker.started, calls)
+
+    def _schedule_respawn(self, slot: Slot, worker: Worker | None, now: float) -> None:
+        """Next start now, or after an exponential, jittered delay while starts keep failing."""
+        fast = (worker is None or worker.fatal is not None or not worker.ready
+                or now - worker.started < FAST_DEATH)
+        slot.fast_deaths = slot.fast_deaths + 1 if fast else 0
+        delay = 0.0
+        if slot.fast_deaths:
+            delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (slot.fast_deaths - 1)) * random.uniform(0.5, 1.5)
+        slot.respawn_at = now + delay
+        if delay >= 1.0:
+            log.warning("worker %d (last pid %s) keeps dying; next start in %.1f s",
+                        slot.id, worker.pid if worker else "-", delay)
+
+    def _on_control(self, sel: selectors.BaseSelector) -> None:
+        try:
+            data, fds, _, _ = socket.recv_fds(self.ctl, 4096, 4)
+        except OSError as exc:
+            log.error("reading from the zygote pid %d failed: %s", self.zygote_pid, exc)
+            data, fds = b"", []
+        if not data:
+            self._on_zygote_gone(sel, fds)
+            return
+        try:
+            message = protocol.decode_control(data)
+        except protocol.ProtocolError as exc:
+            log.error("zygote pid %d: %s", self.zygote_pid, exc)
+            _close_all(fds)
+            return
+        if message[0] == "spawned":
+            self._on_spawned(sel, message[1], message[2], fds)
+            return
+        _close_all(fds)
+        if message[0] == "spawn_failed":
+            with self.state.lock:
+                slot = self.state.slots[message[1]]
+                slot.spawning = False
+                log.error("zygote could not start worker %d: %s", slot.id, message[2])
+                self._schedule_respawn(slot, None, time.monotonic())
+        elif message[0] == "exited":
+            _, worker_id, pid, how = message
+            quiet = self.state.phase != "running" or how == "exited with status 0"
+            log.log(logging.DEBUG if quiet else logging.INFO, "worker %d pid %d %s", worker_id, pid, how)
+
+    def _on_spawned(self, sel: selectors.BaseSelector, worker_id: int, pid: int, fds: list[int]) -> None:
+        if len(fds) != 2 or not 0 <= worker_id < self.state.size:
+            log.error("zygote sent a bad spawn reply (worker %d pid %d, %d fds)", worker_id, pid, len(fds))
+            _close_all(fds)
+            return
+        for fd in fds:
+            os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive without close-on-exec
+        req_fd, rep_fd = fds
+        os.set_blocking(req_fd, False)
+        worker = Worker(worker_id, pid, req_fd, rep_fd)
+        with self.state.lock:
+            slot = self.state.slots[worker_id]
+            slot.spawning = False
+            if slot.worker is not None or not self.state.serving:
+                _close_all(fds)  # the worker sees EOF and exits
+                return
+            slot.worker = worker
+        sel.register(rep_fd, selectors.EVENT_READ, worker)
+        log.debug("worker %d started as pid %d", worker_id, pid)
+
+    def _on_zygote_gone(self, sel: selectors.BaseSelector, fds: list[int]) -> None:
+        _close_all(fds)
+        sel.unregister(self.ctl.fileno())
+        with self.state.lock:
+            self.state.zygote_gone = True
+            if self.state.serving:
+                log.error("zygote pid %d exited; workers that die can no longer be replaced", self.zygote_pid)
+            self.state.changed.notify_all()
+            if self.state.backlog:
+                self.state.drain_backlog()
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -1,0 +1,293 @@
+"""The worker pool's bookkeeping: calls, workers, slots, and the rules that move a call.
+
+Shared by pool.py (callers' threads) and collector.py (the collector
+thread). Every ``PoolState`` method runs with ``PoolState.lock`` held, which
+its callers take; the classes here are the private, mutable records of one
+process and never leave the pool modules.
+
+Invariants:
+
+* An unanswered call is in exactly one place: one worker's ``inflight``
+  table or the ``backlog`` (no worker was ready). Whoever takes it out
+  either completes it, exactly once (``complete``), or places it again
+  (``route``).
+* A call is written only to a worker that is ready and not doomed.
+* ``Worker.doomed`` is set once we know (or decided) the worker is dead:
+  it gets no new calls, and the collector retires it on its EOF.
+* Worker ids are slots 0..N-1; a restart keeps the id and changes the pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from . import protocol
+from .castore import nixbase32
+from .castore.nodes import b3_text
+
+log = logging.getLogger("tvixmount.pool")
+
+Outcome = tuple[str, str]  # (error code, message) of a failed call
+
+
+class Call:
+    """One request as its caller sees it; ``done`` is a latch, released exactly once."""
+
+    __slots__ = ("affinity", "args", "created", "deadline", "done", "finished", "frame", "id", "idempotent",
+                 "ok", "op", "sends", "sent_at", "timeout", "value", "worker")
+
+    def __init__(self, req_id: int, op: str, args: tuple[Any, ...], timeout: float,
+                 affinity: int | None, idempotent: bool) -> None:
+        self.id = req_id
+        self.op = op
+        self.args = args
+        self.timeout = timeout
+        self.created = time.monotonic()
+        self.deadline = self.created + timeout
+        self.affinity = affinity
+        self.idempotent = idempotent
+        self.frame = protocol.encode_request(req_id, op, args, self.deadline)  # re-sent as is
+        self.sends = 0
+        self.sent_at = 0.0
+        self.worker: Worker | None = None
+        self.finished = False
+        self.ok = False
+        self.value: Any = None  # the wire result, or an Outcome
+        self.done = threading.Lock()
+        self.done.acquire()
+
+    def what(self) -> str:
+        """The call for log lines and error messages: ``op(arguments)``."""
+        return f"{self.op}({summarize(self.args)})"
+
+
+class Worker:
+    """One worker process as the dispatcher sees it."""
+
+    __slots__ = ("doomed", "fatal", "id", "inflight", "last_reply", "pid", "reader", "ready", "rep_fd",
+                 "req_fd", "started")
+
+    def __init__(self, worker_id: int, pid: int, req_fd: int, rep_fd: int) -> None:
+        self.id = worker_id
+        self.pid = pid
+        self.req_fd = req_fd  # non-blocking; requests are shorter than PIPE_BUF, so writes are atomic
+        self.rep_fd = rep_fd
+        self.reader = protocol.FrameReader(rep_fd)
+        self.inflight: dict[int, Call] = {}
+        self.ready = False  # its store opened and it said hello
+        self.started = time.monotonic()
+        self.last_reply = self.started
+        self.doomed: str | None = None  # why it is dead or being killed
+        self.fatal: str | None = None  # why it could not open its store
+
+
+class Slot:
+    """A worker id and what outlives its processes: restarts and back-off."""
+
+    __slots__ = ("fast_deaths", "id", "last_error", "respawn_at", "restarts", "spawning", "worker")
+
+    def __init__(self, worker_id: int) -> None:
+        self.id = worker_id
+        self.worker: Worker | None = None
+        self.spawning = False
+        self.respawn_at: float | None = None
+        self.fast_deaths = 0
+        self.restarts = 0
+        self.last_error: str | None = None  # a store-open failure during start-up
+
+
+class PoolState:
+    """Slots, the backlog and counters, behind one lock (with a condition for start-up)."""
+
+    def __init__(self, size: int, retries: int) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.size = size
+        self.retries = retries
+        self.slots = [Slot(i) for i in range(size)]
+        self.backlog: deque[Call] = deque()
+        self.phase = "new"  # new -> starting -> running -> closing -> closed
+        self.zygote_gone = False
+        self.counts = dict.fromkeys(
+            ("requests", "errors", "timeouts", "lost", "resent", "restarts", "killed"), 0)
+        self._rotor = 0
+
+    @property
+    def serving(self) -> bool:
+        return self.phase in ("starting", "running")
+
+    def workers(self) -> list[Worker]:
+        return [s.worker for s in self.slots if s.worker is not None]
+
+    # -- placing calls ---------------------------------------------------------------------
+
+    def route(self, call: Call, exclude: Worker | None = None) -> None:
+        """Send ``call`` to a worker, or park it in the backlog, or fail it if none can come."""
+        tried: list[Worker] = [] if exclude is None else [exclude]
+        while (worker := self._pick(call.affinity, tried)) is not None:
+            if self._send(worker, call):
+                return
+            tried.append(worker)
+        if self.zygote_gone and not any(not w.doomed for w in self.workers()):
+            self.complete(call, False,
+                          ("unavailable", f"{call.what()}: no worker left and the zygote is gone"))
+            return
+        call.worker = None
+        self.backlog.append(call)
+
+    def _pick(self, affinity: int | None, tried: list[Worker]) -> Worker | None:
+        """The affinity slot's worker while it serves, else the least loaded one (ties rotate)."""
+        if affinity is not None:
+            worker = self.slots[affinity % self.size].worker
+            if worker is not None and worker.ready and not worker.doomed and worker not in tried:
+                return worker
+        best: Worker | None = None
+        self._rotor = (self._rotor + 1) % self.size
+        for i in range(self.size):
+            worker = self.slots[(self._rotor + i) % self.size].worker
+            if worker is None or not worker.ready or worker.doomed or worker in tried:
+                continue
+            if best is None or len(worker.inflight) < len(best.inflight):
+                best = worker
+                if not best.inflight:
+                    break
+        return best
+
+    def _send(self, worker: Worker, call: Call) -> bool:
+        """Write the request; False if the pipe took nothing (full, or the worker is gone)."""
+        try:
+            os.write(worker.req_fd, call.frame)
+        except BlockingIOError:
+            log.debug("worker %d pid %d: request pipe full; trying another", worker.id, worker.pid)
+            return False
+        except OSError as exc:
+            log.debug("worker %d pid %d: request pipe broken (%s)", worker.id, worker.pid, exc)
+            worker.doomed = worker.doomed or "its request pipe broke"
+            return False
+        worker.inflight[call.id] = call
+        call.worker = worker
+        call.sends += 1
+        call.sent_at = time.monotonic()
+        return True
+
+    def drain_backlog(self) -> None:
+        """Route parked calls again (a worker became ready, or none ever will)."""
+        parked = list(self.backlog)
+        self.backlog.clear()
+        for call in parked:
+            self.route(call)
+
+    def complete(self, call: Call, ok: bool, value: Any) -> None:
+        """Record the outcome and wake the caller; the call must be in no table any more."""
+        if call.finished:
+            return
+        call.finished = True
+        call.ok = ok
+        call.value = value
+        call.worker = None
+        call.done.release()
+
+    # -- failures --------------------------------------------------------------------------
+
+    def expire(self, call: Call) -> None:
+        """The caller's deadline passed: take the call back and fail it with Timeout.
+
+        Its worker is killed as hung if it held the call for at least half
+        the call's budget, answered nothing in that time, and no earlier
+        call it still holds, with time left, could explain the silence.
+        """
+        if call.finished:
+            return  # the reply won the race
+        worker = call.worker
+        now = time.monotonic()
+        if worker is not None and worker.inflight.get(call.id) is call:
+            busy_earlier = any(other.sent_at < call.sent_at and other.deadline > now
+                               for other in worker.inflight.values() if other is not call)
+            del worker.inflight[call.id]
+            where = f"on worker {worker.id} pid {worker.pid}"
+            silent = now - worker.last_reply
+            if (worker.last_reply < call.sent_at and now - call.sent_at >= call.timeout / 2
+                    and not busy_earlier and not worker.doomed):
+                self.kill(worker, f"no reply for {silent:.1f} s ({call.what()} timed out)")
+        else:
+            with contextlib.suppress(ValueError):
+                self.backlog.remove(call)
+            where = "waiting for a ready worker"
+        self.counts["timeouts"] += 1
+        self.complete(call, False, ("timeout", f"{call.what()} timed out after {call.timeout:.1f} s {where}"))
+
+    def kill(self, worker: Worker, why: str) -> None:
+        """SIGKILL a worker; the collector retires it when its reply pipe reports EOF."""
+        worker.doomed = why
+        self.counts["killed"] += 1
+        log.warning("worker %d pid %d: %s; killing it", worker.id, worker.pid, why)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGKILL)
+
+    def resend_or_fail(self, dead: Worker, calls: list[Call]) -> None:
+        """A worker died holding ``calls``: re-send the idempotent ones with sends and time left."""
+        now = time.monotonic()
+        for call in calls:
+            if call.idempotent and call.sends <= self.retries and call.deadline > now:
+                self.counts["resent"] += 1
+                self.route(call, exclude=dead)
+                continue
+            why = ("not idempotent" if not call.idempotent else
+                   "already re-sent" if call.sends > self.retries else "deadline passed")
+            self.counts["lost"] += 1
+            log.warning("%s on worker %d pid %d failed: the worker died (%s)", call.what(), dead.id, dead.pid,
+                        why)
+            self.complete(call, False,
+                          ("worker_lost", f"{call.what()}: worker {dead.id} pid {dead.pid} died"))
+
+    def take_all_calls(self) -> list[Call]:
+        """Every unanswered call, removed from its place (for shutdown)."""
+        calls = list(self.backlog)
+        self.backlog.clear()
+        for worker in self.workers():
+            calls.extend(worker.inflight.values())
+            worker.inflight.clear()
+        return calls
+
+    def stats(self) -> dict[str, Any]:
+        workers = {
+            str(s.id): {
+                "pid": s.worker.pid if s.worker else None,
+                "ready": bool(s.worker and s.worker.ready),
+                "inflight": len(s.worker.inflight) if s.worker else 0,
+                "restarts": s.restarts,
+            }
+            for s in self.slots
+        }
+        return {
+            **self.counts,
+            "failures": self.counts["errors"] + self.counts["timeouts"] + self.counts["lost"],
+            "workers": workers,
+            "backlog": len(self.backlog),
+            "state": self.phase,
+        }
+
+
+def summarize(args: Iterable[Any], limit: int = 120) -> str:
+    """Arguments for a log line: digests in the notation of their kind."""
+    parts = []
+    for arg in args:
+        if isinstance(arg, bytes):
+            if len(arg) == 32:
+                parts.append(b3_text(arg))
+            elif len(arg) == 20:
+                parts.append(nixbase32.encode(arg))
+            else:
+                parts.append(arg[:16].hex() + ("..." if len(arg) > 16 else ""))
+        else:
+            parts.append(repr(arg))
+    text = ", ".join(parts)
+    return text if len(text) <= limit else text[:limit] + "..."
