@@ -75,6 +75,16 @@ def test_start_ping_close_leaves_nothing_behind(tree):
     pool.close()  # twice is fine
 
 
+def test_ctrl_c_is_for_the_dispatcher_only(pool):
+    """A terminal's SIGINT reaches the whole process group; workers and zygote ignore it."""
+    pids = pool.pids()
+    for pid in [*pids, pool._zygote_pid]:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.2)
+    assert pool.pids() == pids and pool.alive()
+    assert [pool.call("ping", affinity=i)[1] for i in range(2)] == pids
+
+
 def test_many_threads_many_calls(pool):
     f = PoolFetcher(pool)
     errors: list[BaseException] = []

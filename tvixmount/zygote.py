@@ -85,7 +85,7 @@ def start(urls: StoreUrls) -> tuple[multiprocessing.process.BaseProcess, socket.
 
 def _main(sock: socket.socket, urls: StoreUrls) -> None:
     logging.disable(logging.CRITICAL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the dispatcher; workers follow via EOF
+    _reset_signals()
     _set_name("tvix-zygote")
     _neutralise_fds({0, 1, 2, sock.fileno()} | _logging_fds())
     gc.freeze()  # inherited objects are never collected here or in workers (no stale finalizers)
@@ -197,6 +197,20 @@ def _worker_child(sock: socket.socket, urls: StoreUrls, worker_id: int, req_r: i
     finally:
         _flush_logging()
         os._exit(code)
+
+
+def _reset_signals() -> None:
+    """Default signal handling here and in workers, whatever the dispatcher had set up.
+
+    Ctrl-C goes to the whole process group but is the dispatcher's to
+    handle: the zygote and the workers ignore SIGINT and follow the
+    dispatcher through EOF. SIGPIPE stays ignored (Python's default), so a
+    vanished reader is a BrokenPipeError, not a silent death.
+    """
+    signal.set_wakeup_fd(-1)
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def describe_status(status: int) -> str:
