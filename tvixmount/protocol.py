@@ -33,6 +33,16 @@ Messages (all msgpack arrays; bytes travel as bin and stay ``bytes``):
   fds (request write end, reply read end) as SCM_RIGHTS;
   ``["spawn_failed", worker_id, message]``; ``["exited", worker_id, pid, how]``.
 
+Bulk bytes: a ``blob_read`` reply is written without copying the payload
+(``encode_reply_parts``: a hand-made msgpack prefix, then the bytes object,
+in one ``writev``), and the dispatcher decodes it like any reply. The seam
+for a shared-memory data path is that op: an anonymous ``MAP_SHARED``
+arena mapped by the pool before it forks the zygote is inherited by every
+worker the zygote ever forks, so a ``blob_read_into(digest, offset,
+length, slot)`` op could have the worker ``preadv`` into a slot and reply
+with the length only; handlers.blob_read and PoolFetcher.blob_read are
+the two places that change.
+
 Invariants:
 
 * Decoding untrusted bytes raises ``ProtocolError`` and nothing else; the
