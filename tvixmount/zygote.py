@@ -115,12 +115,16 @@ class _Zygote:
         self.shutdown()
 
     def spawn(self, worker_id: int) -> None:
+        fds: list[int] = []
         try:
-            req_r, req_w = os.pipe()
-            rep_r, rep_w = os.pipe()
+            fds += os.pipe()
+            fds += os.pipe()
         except OSError as exc:
+            for fd in fds:
+                os.close(fd)
             self.send(protocol.encode_control("spawn_failed", worker_id, f"pipe: {exc}"))
             return
+        req_r, req_w, rep_r, rep_w = fds
         try:
             _grow_pipe(rep_w)
             pid = os.fork()
