@@ -171,6 +171,29 @@ def test_chunked_blob_reads_only_covering_chunks_and_verifies_each(blobs: Blobs)
         service.close()
 
 
+def test_reading_in_order_fetches_ahead_and_checks_what_it_fetched(blobs: Blobs) -> None:
+    parts = [pattern(1000, seed=20 + i) for i in range(6)]
+    data = b"".join(parts)
+    digest = b3(data)
+    blobs.listing[digest] = [(b3(p), len(p)) for p in parts]
+    for p in parts:
+        blobs.contents[b3(p)] = p
+    blobs.contents[b3(parts[3])] = b"y" * 1000  # damaged, and fetched ahead before it is read
+    with blobs.server() as server:
+        service = grpc_client.open_blob_service(server.url, FAST)
+        with service.open_read(digest) as reader:
+            assert reader.pread(0, 500) == data[:500]
+            deadline = time.monotonic() + 5
+            while server.calls.get(READ, 0) < 3:  # chunks 1 and 2 come without being asked for
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert reader.pread(500, 2500) == data[500:3000]  # served from what came ahead
+            with pytest.raises(IntegrityError, match=r"chunk 3 "):
+                reader.pread(3000, 10)
+            assert reader.pread(4000, 2000) == data[4000:]
+        service.close()
+
+
 def test_chunk_not_served_falls_back_to_whole_blob(blobs: Blobs) -> None:
     parts = [pattern(700, seed=10 + i) for i in range(3)]
     data = b"".join(parts)
@@ -404,6 +427,39 @@ def test_slow_but_steady_stream_is_not_cut() -> None:
         service = grpc_client.open_blob_service(server.url, ClientConfig(stream_gap=0.4))
         with service.open_read(digest) as reader:  # 0.75 s in all, never 0.4 s between messages
             assert reader.pread(0, len(data)) == data
+        service.close()
+
+
+def test_put_to_a_server_that_stops_reading_times_out() -> None:
+    def stuck(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        next(requests)
+        time.sleep(4)  # reads no more: flow control stops the client
+        return b""
+
+    with FakeServer({PUT_BLOB: stuck}) as server:
+        service = grpc_client.open_blob_service(server.url, ClientConfig(stream_gap=0.5))
+        started = time.monotonic()
+        with pytest.raises(Timeout), service.open_write() as writer:
+            for _ in range(32):
+                writer.write(pattern(1024 * 1024))
+            writer.commit()
+        assert time.monotonic() - started < 3
+        service.close()
+
+
+def test_put_answered_too_late_times_out() -> None:
+    def slow(requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        for _ in requests:
+            pass
+        time.sleep(3)
+        return b""
+
+    with FakeServer({PUT_BLOB: slow}) as server:
+        service = grpc_client.open_blob_service(server.url, ClientConfig(unary_timeout=0.5, stream_gap=0.5))
+        started = time.monotonic()
+        with pytest.raises(Timeout, match="did not answer within"):
+            service.put(pattern(3 * 1024 * 1024))
+        assert time.monotonic() - started < 2.5
         service.close()
 
 

@@ -46,12 +46,13 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
 from google.protobuf.message import DecodeError
 
 from ..castore.nodes import DIGEST_LEN, b3_text
-from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound
+from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound, TvixError
 from ..proto import rpc_blobstore_pb2 as pb
 from . import records
 from .base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
@@ -66,6 +67,8 @@ PUT = "/tvix.castore.v1.BlobService/Put"
 EMPTY_DIGEST = blake3.blake3(b"").digest()
 MEMORY_COPY = 1024 * 1024  # whole-blob copies up to this size stay in memory
 CACHED_CHUNKS = 4  # verified chunks a chunked reader keeps
+READAHEAD = 2  # chunks a reader fetches ahead while reads go in order
+PREFETCH_THREADS = 4  # per service, shared by its readers
 CACHED_COPIES = 4  # verified whole-blob copies a service keeps after stat()
 _PUT_QUEUE = 4  # messages waiting for grpc to send (bounds a writer's memory)
 
@@ -178,6 +181,8 @@ class ChunkedBlobReader(BlobReader):
             total += chunk.size
         self.size = total
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._ahead: dict[int, Future[bytes]] = {}  # chunks being fetched ahead of the reads
+        self._last = -1  # the chunk fetched last; the next one in order means "sequential"
         self._whole: LocalCopy | None = None
         self._closed = False
 
@@ -209,23 +214,66 @@ class ChunkedBlobReader(BlobReader):
         if cached is not None:
             self._cache.move_to_end(index)
             return cached
-        chunk = self._chunks[index]
-        what = f"reading chunk {index} ({b3_text(chunk.digest)}) of blob {b3_text(self._digest)}"
         try:
-            data = self._service.fetch_chunk(chunk, what)
+            data = self._prefetched(index) or self._fetch(index)
         except Absent:
-            log.warning("%s: %s no longer serves the chunk; fetching the whole blob instead",
-                        what, self._service.endpoint.server)
+            chunk = self._chunks[index]
+            log.warning("reading chunk %d (%s) of blob %s: %s no longer serves it; fetching the whole blob",
+                        index, b3_text(chunk.digest), b3_text(self._digest), self._service.endpoint.server)
+            self._drop_ahead()
             self._whole = self._service.fetch_whole(self._digest, self.size)
             self._cache.clear()
             return None
         self._cache[index] = data
         if len(self._cache) > CACHED_CHUNKS:
             self._cache.popitem(last=False)
+        self._read_ahead(index, sequential=index == self._last + 1)
+        self._last = index
         return data
+
+    def _prefetched(self, index: int) -> bytes | None:
+        """The chunk if a read-ahead fetched it; None to fetch it now.
+
+        A read-ahead that failed is not the answer: it may have run into a
+        daemon restart long before this read; the fetch now decides.
+        """
+        future = self._ahead.pop(index, None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except TvixError as exc:
+            log.debug("read-ahead of chunk %d of blob %s failed (%s); fetching it again",
+                      index, b3_text(self._digest), exc)
+            return None
+
+    def _fetch(self, index: int) -> bytes:
+        chunk = self._chunks[index]
+        what = f"reading chunk {index} ({b3_text(chunk.digest)}) of blob {b3_text(self._digest)}"
+        return self._service.fetch_chunk(chunk, what)
+
+    def _read_ahead(self, index: int, sequential: bool) -> None:
+        """After a chunk read in order, start fetching the next READAHEAD chunks.
+
+        Each chunk is a round trip; in order (a file read front to back,
+        as FUSE does) the next ones are fetched while these bytes are used.
+        A jump elsewhere drops what was fetched ahead for the old place.
+        """
+        wanted = range(index + 1, min(index + 1 + READAHEAD, len(self._chunks))) if sequential else range(0)
+        for stale in [i for i in self._ahead if i not in wanted]:
+            self._ahead.pop(stale).cancel()
+        for later in wanted:
+            if later not in self._ahead and later not in self._cache:
+                self._ahead[later] = self._service.prefetcher().submit(self._fetch, later)
+
+    def _drop_ahead(self) -> None:
+        for future in self._ahead.values():
+            future.cancel()
+        self._ahead.clear()
 
     def close(self) -> None:
         self._closed = True
+        self._drop_ahead()
         self._cache.clear()
         self._whole = None
 
@@ -271,19 +319,13 @@ class GrpcBlobWriter(BlobWriter):
         """Consumed by a grpc thread: the queued messages, until the end marker."""
         while True:
             item = self._queue.get()
-            stream = self._stream
             if item is None:
-                if stream is not None:
-                    stream.taken()
                 return
-            if stream is not None and self._queue.empty():
-                stream.taken()
             yield item
 
     def _send(self, piece: bytes) -> None:
         stream = self._start()
         message = pb.BlobChunk(data=piece).SerializeToString()
-        stream.waiting()
         while True:
             try:
                 self._queue.put(message, timeout=0.2)
@@ -362,6 +404,16 @@ class GrpcBlobService(BlobService):
         self.endpoint = endpoint
         self._lock = threading.Lock()
         self._copies: OrderedDict[bytes, LocalCopy] = OrderedDict()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_pid = -1
+
+    def prefetcher(self) -> ThreadPoolExecutor:
+        """The threads readers fetch chunks ahead with (made on first use, in this process)."""
+        with self._lock:
+            if self._pool is None or self._pool_pid != os.getpid():
+                self._pool = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="grpc-readahead")
+                self._pool_pid = os.getpid()
+            return self._pool
 
     def chunks(self, digest: bytes) -> tuple[ChunkMeta, ...] | None:
         """The chunk list Stat reports (maybe empty), or None when the blob is absent."""
@@ -482,6 +534,9 @@ class GrpcBlobService(BlobService):
     def close(self) -> None:
         with self._lock:
             self._copies.clear()
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.shutdown(wait=True, cancel_futures=True)
         self.endpoint.close()
 
 
