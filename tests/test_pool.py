@@ -75,11 +75,12 @@ def test_start_ping_close_leaves_nothing_behind(tree):
     pool.close()  # twice is fine
 
 
-def test_ctrl_c_is_for_the_dispatcher_only(pool):
-    """A terminal's SIGINT reaches the whole process group; workers and zygote ignore it."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_stop_signals_are_for_the_dispatcher_only(pool, sig):
+    """Ctrl-C reaches the process group, systemd's SIGTERM the cgroup; workers and zygote ignore both."""
     pids = pool.pids()
     for pid in [*pids, pool._zygote_pid]:
-        os.kill(pid, signal.SIGINT)
+        os.kill(pid, sig)
     time.sleep(0.2)
     assert pool.pids() == pids and pool.alive()
     assert [pool.call("ping", affinity=i)[1] for i in range(2)] == pids

@@ -206,15 +206,19 @@ def _worker_child(sock: socket.socket, urls: StoreUrls, worker_id: int, req_r: i
 def _reset_signals() -> None:
     """Default signal handling here and in workers, whatever the dispatcher had set up.
 
-    Ctrl-C goes to the whole process group but is the dispatcher's to
-    handle: the zygote and the workers ignore SIGINT and follow the
-    dispatcher through EOF. SIGPIPE stays ignored (Python's default), so a
-    vanished reader is a BrokenPipeError, not a silent death.
+    Stop signals are the dispatcher's to handle: Ctrl-C reaches the whole
+    process group and systemd sends SIGTERM to the whole cgroup, and a
+    worker dying first would fail reads during an orderly unmount. So the
+    zygote and the workers ignore SIGINT, SIGTERM and SIGHUP and follow the
+    dispatcher through EOF (and PR_SET_PDEATHSIG). SIGPIPE stays ignored
+    (Python's default), so a vanished reader is a BrokenPipeError, not a
+    silent death.
     """
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def describe_status(status: int) -> str:
