@@ -51,8 +51,7 @@ def daemon(root: Path) -> Iterator[Daemon]:
 
 
 def client(d: Daemon) -> Store:
-    return Store(grpc_client.open_blob_service(d.url, FAST), grpc_client.open_directory_service(d.url, FAST),
-                 grpc_client.open_path_info_service(d.url, FAST))
+    return client_at(d.url)
 
 
 def channel(d: Daemon) -> grpc.Channel:
@@ -355,3 +354,35 @@ def test_same_client_works_after_a_daemon_restart(root: Path) -> None:
     finally:
         store.close()
         assert second.stop() == 0
+
+
+def test_serve_in_process_in_front_of_another_daemon(daemon: Daemon) -> None:
+    """serve() over any store: here a second server whose store is the first daemon."""
+    from tvixmount.server import serve
+
+    socket_path = daemon.root / "front.sock"
+    front = serve(StoreUrls.single(daemon.url), listen=str(socket_path), max_workers=4)
+    try:
+        assert front.url == f"grpc+unix://{socket_path}"
+        store = client_at(front.url)
+        data = pattern(600_000, seed=9)
+        digest = store.blobs.put(data)
+        store.directories.put_many([DIR_WITH_KEEP, DIR_COMPLICATED])
+        info = make_info(DirectoryNode(b"", DIR_COMPLICATED.digest(), 4), store_path(3))
+        store.path_infos.put(info)
+        with store.blobs.open_read(digest) as reader:
+            assert reader.pread(0, len(data)) == data
+        assert list(store.directories.get_recursive(DIR_COMPLICATED.digest())) == [DIR_COMPLICATED,
+                                                                                   DIR_WITH_KEEP]
+        assert list(store.path_infos.list()) == [info]
+        store.close()
+    finally:
+        front.stop(1).wait()
+    with open_store(StoreUrls.embedded(daemon.store_dir)) as backing:  # it all reached the first daemon
+        assert backing.blobs.stat(digest) is not None
+        assert backing.path_infos.get(store_path(3).digest) == info
+
+
+def client_at(url: str) -> Store:
+    return Store(grpc_client.open_blob_service(url, FAST), grpc_client.open_directory_service(url, FAST),
+                 grpc_client.open_path_info_service(url, FAST))

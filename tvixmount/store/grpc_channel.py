@@ -212,11 +212,12 @@ def _trailer_code(exc: grpc.RpcError) -> str | None:
 class _Watched:
     """One call under watch: cancelled when ``due`` passes while ``armed``."""
 
-    __slots__ = ("armed", "call", "due", "gap", "timed_out")
+    __slots__ = ("armed", "call", "due", "gap", "timed_out", "what")
 
-    def __init__(self, call: Any, gap: float) -> None:
+    def __init__(self, call: Any, gap: float, what: str) -> None:
         self.call = call
         self.gap = gap
+        self.what = what
         self.due = time.monotonic() + gap
         self.armed = True
         self.timed_out = False
@@ -234,8 +235,8 @@ class _Watchdog:
         self._pid = -1
         self._wake = threading.Event()
 
-    def watch(self, call: Any, gap: float) -> _Watched:
-        watched = _Watched(call, gap)
+    def watch(self, call: Any, gap: float, what: str) -> _Watched:
+        watched = _Watched(call, gap, what)
         with self._lock:
             if self._pid != os.getpid():  # first use, or a forked child: the thread is not ours
                 self._pid = os.getpid()
@@ -264,7 +265,7 @@ class _Watchdog:
                         self._calls.add(w)
                     continue
                 w.timed_out = True
-                log.warning("cancelling a gRPC stream: no progress for %.1f s", w.gap)
+                log.warning("%s: no progress for %.1f s; cancelling the call", w.what, w.gap)
                 w.call.cancel()
 
 
@@ -370,7 +371,7 @@ class Endpoint:
             call = method(request, timeout=timeout)
         except ValueError as exc:
             raise Unavailable(f"{what}: channel to {self.server} unusable: {exc}") from None
-        watched = _watchdog.watch(call, self.config.stream_gap)
+        watched = _watchdog.watch(call, self.config.stream_gap, f"{what} from {self.server}")
         try:
             while True:
                 try:
@@ -406,7 +407,7 @@ class ClientStream:
         self._endpoint = endpoint
         self.what = what
         self._sent_at: float | None = None
-        self._watched = _watchdog.watch(None, endpoint.config.stream_gap)
+        self._watched = _watchdog.watch(None, endpoint.config.stream_gap, f"{what} on {endpoint.server}")
         self._watched.armed = False
         try:
             self._future = method.future(self._tracked(requests))
