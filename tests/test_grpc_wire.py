@@ -184,6 +184,16 @@ def test_unknown_fields_from_a_newer_server_are_tolerated(newer_server: FakeServ
         assert store.path_infos.calculate_nar(FileNode(b"", HELLO_B3, 12)) == (128, NAR_SHA)
 
 
+@pytest.mark.parametrize("size", [1, 127, 128, 300, 16383, 16384, 1024 * 1024])
+def test_blob_chunk_fast_encoding(size: int) -> None:
+    """Our one-copy BlobChunk encoder writes what the protobuf runtime writes."""
+    from tvixmount.store.grpc_blobs import encode_blob_chunk
+
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    assert encode_blob_chunk(data) == rpc_blobstore_pb2.BlobChunk(data=data).SerializeToString()
+    assert encode_blob_chunk(memoryview(data)) == lfield(1, data)
+
+
 def test_client_encodes_requests_canonically() -> None:
     """What the client sends for a put is the canonical encoding, byte for byte."""
     received: list[bytes] = []

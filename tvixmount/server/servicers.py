@@ -65,6 +65,7 @@ from ..proto import rpc_directory_pb2 as dir_pb
 from ..proto import rpc_pathinfo_pb2 as pi_pb
 from ..store import Store
 from ..store.base import ChunkMeta
+from ..store.grpc_blobs import encode_blob_chunk
 from ..store.grpc_channel import ERROR_CODE_KEY
 from ..store.narcalc import calculate_nar
 from .stats import Stats
@@ -284,7 +285,7 @@ class BlobServicer(_Rpc):
                         f"blob {b3_text(digest)} ends at {offset} bytes, before its size {reader.size}"
                     )
                 offset += len(piece)
-                yield blob_pb.BlobChunk(data=piece).SerializeToString()
+                yield encode_blob_chunk(piece)
 
     def _read_chunk(self, digest: bytes, place: ChunkLocation) -> Iterator[bytes]:
         with self.store.blobs.open_read(place.blob) as reader:
@@ -295,7 +296,7 @@ class BlobServicer(_Rpc):
                 f"{place.size} bytes) does not match its digest"
             )
         for start in range(0, len(data), READ_MESSAGE):
-            yield blob_pb.BlobChunk(data=data[start : start + READ_MESSAGE]).SerializeToString()
+            yield encode_blob_chunk(memoryview(data)[start : start + READ_MESSAGE])
 
     @_unary("BlobService/Put")
     def put(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:

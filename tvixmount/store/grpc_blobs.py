@@ -302,13 +302,21 @@ class GrpcBlobWriter(BlobWriter):
     def write(self, data: bytes) -> None:
         if self._state != "open":
             raise InvalidArgument(f"blob writer is already {self._state}")
-        self._hasher.update(data)
-        self._buffer += data
-        self.size += len(data)
-        while len(self._buffer) >= PUT_MESSAGE:
-            piece = bytes(self._buffer[:PUT_MESSAGE])
-            del self._buffer[:PUT_MESSAGE]
-            self._send(piece)
+        view = memoryview(data).cast("B")
+        self._hasher.update(view)
+        self.size += len(view)
+        position = 0
+        if self._buffer:  # top up what an earlier small write left
+            position = min(PUT_MESSAGE - len(self._buffer), len(view))
+            self._buffer += view[:position]
+            if len(self._buffer) < PUT_MESSAGE:
+                return
+            self._send(self._buffer)
+            self._buffer = bytearray()
+        while len(view) - position >= PUT_MESSAGE:  # whole messages straight from the caller's bytes
+            self._send(view[position : position + PUT_MESSAGE])
+            position += PUT_MESSAGE
+        self._buffer += view[position:]
 
     def _start(self) -> ClientStream:
         if self._stream is None:
@@ -323,9 +331,9 @@ class GrpcBlobWriter(BlobWriter):
                 return
             yield item
 
-    def _send(self, piece: bytes) -> None:
+    def _send(self, piece: bytes | bytearray | memoryview) -> None:
         stream = self._start()
-        message = pb.BlobChunk(data=piece).SerializeToString()
+        message = encode_blob_chunk(piece)
         while True:
             try:
                 self._queue.put(message, timeout=0.2)
@@ -538,6 +546,22 @@ class GrpcBlobService(BlobService):
         if pool is not None and self._pool_pid == os.getpid():
             pool.shutdown(wait=True, cancel_futures=True)
         self.endpoint.close()
+
+
+def encode_blob_chunk(data: bytes | bytearray | memoryview) -> bytes:
+    """``BlobChunk{data}`` encoded with one copy (field 1, length-delimited: tag 0x0a).
+
+    The protobuf runtime copies the payload twice (into the message, then
+    out); at hundreds of MB/s that shows.
+    """
+    length = len(data)
+    header = bytearray(b"\x0a")
+    while True:
+        low, length = length & 0x7F, length >> 7
+        header.append(low | (0x80 if length else 0))
+        if not length:
+            break
+    return b"".join((header, data))
 
 
 def _chunk_data(raw: bytes, what: str, server: str) -> bytes:
