@@ -237,6 +237,11 @@ class Daemon:
         except FileNotFoundError:
             return ""
 
+    def problems(self) -> list[str]:
+        """Log lines at ERROR or above, and tracebacks (a test expecting none asserts [])."""
+        return [line for line in self.log().splitlines()
+                if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback")]
+
     def __enter__(self) -> Daemon:
         return self.start()
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import blake3
 import grpc
 import pytest
 
-from tests.grpc_daemon import FakeServer, free_port, scratch_dir
+from tests.grpc_daemon import FakeServer, free_port
 from tests.store_suite import pattern
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode, b3_text
@@ -464,11 +465,8 @@ def test_put_answered_too_late_times_out() -> None:
 
 
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
-def test_server_down_at_start_is_unavailable_quickly(kind: str) -> None:
-    if kind == "tcp":
-        url = f"grpc+http://127.0.0.1:{free_port()}"
-    else:
-        url = f"grpc+unix://{scratch_dir('tvx-none-')}/nobody.sock"
+def test_server_down_at_start_is_unavailable_quickly(kind: str, tmp_path: Path) -> None:
+    url = f"grpc+http://127.0.0.1:{free_port()}" if kind == "tcp" else f"grpc+unix://{tmp_path}/nobody.sock"
     service = grpc_client.open_blob_service(url, FAST)
     started = time.monotonic()
     with pytest.raises(Unavailable) as info:

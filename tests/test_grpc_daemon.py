@@ -48,6 +48,7 @@ def daemon(root: Path) -> Iterator[Daemon]:
     d = Daemon(root).start()
     yield d
     assert d.stop() == 0, d.log()
+    assert d.problems() == []
 
 
 def client(d: Daemon) -> Store:

@@ -70,6 +70,7 @@ def daemon(spares: DaemonSpares) -> Iterator[Daemon]:
     daemon = spares.take()
     yield daemon
     assert daemon.stop() == 0, daemon.log()
+    assert daemon.problems() == []
 
 
 @pytest.fixture
