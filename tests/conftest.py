@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+# grpc's C core installs fork handlers that wait for its own threads; in a
+# child of a process with live grpc threads (pytest runs gRPC servers
+# in-process) they can hang the next fork, e.g. the pool's fork server
+# forking a worker. tvixmount itself never loads grpc before it forks.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path

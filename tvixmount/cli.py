@@ -115,6 +115,9 @@ def store_urls(args: argparse.Namespace):  # -> StoreUrls
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The dispatcher never loads grpc before forking its workers, but if it
+    # ever did, grpc's fork handlers could hang the fork server's forks.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
     extra: list[str] = []
