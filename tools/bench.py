@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", default="native,squashfuse,tvix-embedded,tvix-grpc",
                    help="comma-separated subset of targets to measure (default all)")
     p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="record a py-spy flame graph of tvixmount for every cold tvix workload into DIR")
+                   help="record py-spy profiles (collapsed stacks) of tvixmount and its workers for "
+                        "every cold tvix workload into DIR")
     p.add_argument("--json", type=Path, help="JSON results (default WORKDIR/bench.json)")
     p.add_argument("--markdown", type=Path, help="Markdown table (default WORKDIR/bench.md)")
     p.add_argument("--plot", type=Path, help="PNG plot (default WORKDIR/bench.png)")
@@ -176,7 +177,7 @@ class Bench:
         pid = target.mount_pid()
         if not self.args.profile or pid is None or not isinstance(target, Tvixmount):
             return contextlib.nullcontext()
-        return _PySpy(pid, self.args.profile / f"{target.name}-{label}.svg", self.say)
+        return _PySpy(pid, self.args.profile / f"{target.name}-{label}.txt", self.say)
 
     # -- phases ----------------------------------------------------------------------------
 
@@ -360,7 +361,11 @@ class Bench:
 
 
 class _PySpy:
-    """py-spy record --subprocesses on the mount for the duration of one workload."""
+    """py-spy record --subprocesses on the mount for the duration of one workload.
+
+    Collapsed stacks (``--format raw``): summarise them with
+    ``tools/benchlib/profile_summary.py``, or load them into a flame graph viewer.
+    """
 
     def __init__(self, pid: int, out: Path, say) -> None:
         self.pid, self.out, self.say = pid, out, say
@@ -369,9 +374,9 @@ class _PySpy:
     def __enter__(self) -> _PySpy:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         spy = Path(sys.executable).with_name("py-spy")
-        self.proc = subprocess.Popen([str(spy), "record", "--pid", str(self.pid), "--subprocesses",
-                                      "--rate", "200", "-o", str(self.out)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cmd = [str(spy), "record", "--pid", str(self.pid), "--subprocesses", "--nonblocking", "--rate", "250",
+               "--format", "raw", "-o", str(self.out)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # let it attach before the workload starts
         return self
 
