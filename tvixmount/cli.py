@@ -31,8 +31,8 @@ examples:
       --path-info-service-addr grpc+http://store:8000 --workers 8
 """
 
-# -o options we understand; anything else is handed to FUSE as is.
-_KNOWN_O = {"allow_other", "ro", "list_root", "noshow_xattr"}
+# -o options that would undo the read-only, nosuid, nodev promise.
+_REFUSED_O = {"rw", "suid", "dev"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("mountpoint", type=Path, help="an existing, empty directory")
     store = p.add_argument_group("store")
-    store.add_argument("--store-dir", type=Path, default=None,
+    store.add_argument("--store-dir", type=Path, default=None, metavar="DIR",
                        help="embedded store directory (env TVIXMOUNT_STORE_DIR; default "
                             f"{default_store_dir()})")
     for service, env in (("blob", "BLOB_SERVICE_ADDR"), ("directory", "DIRECTORY_SERVICE_ADDR"),
@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.list_root = True
             elif opt == "noshow_xattr":
                 args.show_xattr = False
+            elif opt.split("=", 1)[0] in _REFUSED_O:
+                parser.error(f"-o {opt}: tvixmount mounts are always ro,nosuid,nodev")
             elif opt != "ro":
                 extra.append(opt)
     threads = args.threads or int(os.environ.get("THREADS", 0)) or max(8, 2 * args.workers)
