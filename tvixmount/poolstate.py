@@ -15,6 +15,10 @@ Invariants:
 * ``Worker.doomed`` is set once we know (or decided) the worker is dead:
   it gets no new calls, and the collector retires it on its EOF.
 * Worker ids are slots 0..N-1; a restart keeps the id and changes the pid.
+* A worker that has held calls without answering any for ``STALLED_AFTER``
+  seconds gets no new call while another worker can take it, affinity or
+  not: it may be hung, and every call sent to it would tie up a FUSE
+  thread until that call's deadline.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from .castore import nixbase32
 from .castore.nodes import b3_text
 
 log = logging.getLogger("tvixmount.pool")
+
+STALLED_AFTER = 1.0  # seconds of silence while holding calls after which a worker gets no new ones
 
 Outcome = tuple[str, str]  # (error code, message) of a failed call
 
@@ -87,6 +93,18 @@ class Worker:
         self.last_reply = self.started
         self.doomed: str | None = None  # why it is dead or being killed
         self.fatal: str | None = None  # why it could not open its store
+
+    def silence(self, now: float) -> float:
+        """Seconds this worker has held calls without answering any (0 while it holds none).
+
+        A worker serves its pipe in order, so the oldest call it holds is the
+        one it works on: the silence counts from that call's send or from the
+        last reply, whichever came later.
+        """
+        if not self.inflight:
+            return 0.0
+        oldest = next(iter(self.inflight.values()))
+        return now - max(self.last_reply, oldest.sent_at)
 
 
 class Slot:
@@ -144,20 +162,27 @@ class PoolState:
         self.backlog.append(call)
 
     def _pick(self, affinity: int | None, tried: list[Worker]) -> Worker | None:
-        """The affinity slot's worker while it serves, else the least loaded one (ties rotate)."""
+        """The affinity slot's worker while it serves and answers, else the least loaded one.
+
+        Workers silent for ``STALLED_AFTER`` come last; ties rotate.
+        """
+        now = time.monotonic()
         if affinity is not None:
             worker = self.slots[affinity % self.size].worker
-            if worker is not None and worker.ready and not worker.doomed and worker not in tried:
+            if (worker is not None and worker.ready and not worker.doomed and worker not in tried
+                    and worker.silence(now) < STALLED_AFTER):
                 return worker
         best: Worker | None = None
+        best_rank = (True, 0)
         self._rotor = (self._rotor + 1) % self.size
         for i in range(self.size):
             worker = self.slots[(self._rotor + i) % self.size].worker
             if worker is None or not worker.ready or worker.doomed or worker in tried:
                 continue
-            if best is None or len(worker.inflight) < len(best.inflight):
-                best = worker
-                if not best.inflight:
+            rank = (worker.silence(now) >= STALLED_AFTER, len(worker.inflight))
+            if best is None or rank < best_rank:
+                best, best_rank = worker, rank
+                if rank == (False, 0):
                     break
         return best
 
