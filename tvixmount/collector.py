@@ -9,7 +9,8 @@ thread that registers fds in its selector and closes a dead worker's fds.
     reply pipe ──> read frames ──> decode_reply ──> state.complete(call)   (or hello: worker ready)
               └──> EOF / garbage ──> retire: resend_or_fail, schedule a respawn, close fds
     zygote ─────> "spawned"+fds: register the worker │ "exited": log its status │ EOF: no more respawns
-    timers ─────> due respawns: "spawn" to the zygote; workers never ready: kill
+    timers ─────> due respawns: "spawn" to the zygote; workers never ready: kill;
+                  hung workers (with hang detection on): kill, so their calls are re-sent
 
 State lives in poolstate.py; pool.py starts and stops this thread.
 """
@@ -33,16 +34,20 @@ log = logging.getLogger("tvixmount.pool")
 FAST_DEATH = 1.0  # a worker dying sooner than this after its start counts towards back-off
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 10.0
+HANG_TICK = 0.25  # with hang detection on, look at silent workers at least this often
 
 
 class Collector:
     def __init__(self, state: PoolState, ctl: socket.socket, zygote_pid: int, store_name: str,
-                 start_timeout: float) -> None:
+                 start_timeout: float, hang_fraction: float | None = None) -> None:
         self.state = state
         self.ctl = ctl
         self.zygote_pid = zygote_pid
         self.store_name = store_name  # for log lines: describe(urls)
         self.start_timeout = start_timeout
+        # A worker silent for this fraction of its oldest call's budget is hung (None: never
+        # declared hung before a call times out; see WorkerPool).
+        self.hang_fraction = hang_fraction
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stopping = False
@@ -97,11 +102,13 @@ class Collector:
             sel.close()
 
     def _next_timer(self) -> float | None:
-        """Seconds until a respawn is due or a starting worker runs out of time."""
+        """Seconds until a respawn is due, a starting worker runs out of time, or a hang check."""
         with self.state.lock:
             times = [s.respawn_at for s in self.state.slots if s.respawn_at is not None]
             times += [w.started + self.start_timeout
                       for w in self.state.workers() if not w.ready and not w.doomed]
+        if self.hang_fraction is not None:  # calls reach idle workers without waking this thread
+            times.append(time.monotonic() + HANG_TICK)
         return None if not times else max(0.0, min(times) - time.monotonic())
 
     def _run_timers(self) -> None:
@@ -119,6 +126,22 @@ class Collector:
                         self.request_spawn(slot)
                 elif not worker.ready and not worker.doomed and now - worker.started >= self.start_timeout:
                     state.kill(worker, f"not ready {self.start_timeout:.0f} s after it was started")
+                elif worker.ready and not worker.doomed and worker.inflight:
+                    self._check_hung(worker, now)
+
+    def _check_hung(self, worker: Worker, now: float) -> None:
+        """Kill a worker silent for ``hang_fraction`` of its oldest call's budget. State lock held.
+
+        Its death re-sends the idempotent calls it held (once, with the time
+        they have left) instead of letting each wait for its deadline.
+        """
+        if self.hang_fraction is None:
+            return
+        oldest = next(iter(worker.inflight.values()))
+        silent = worker.silence(now)
+        if silent >= oldest.timeout * self.hang_fraction:
+            self.state.kill(worker, f"hung: no reply for {silent:.1f} s while holding {len(worker.inflight)} "
+                                    f"requests, the oldest {oldest.what()}")
 
     # -- replies ----------------------------------------------------------------------------
 

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FUSECTL = Path("/sys/fs/fuse/connections")
 MNT_DETACH = 2
+# A worker silent for half of a request's deadline is declared hung, killed, and its
+# requests re-sent: every request waiting on it holds a FUSE thread, so waiting for the
+# deadline itself could starve the whole mount, and the re-sent request still has the
+# other half to succeed in. (Half is also what the pool calls hung when a call times out.)
+HANG_FRACTION = 0.5
 
 
 class MountpointError(Exception):
@@ -118,7 +123,8 @@ def run(config: MountConfig) -> int:
     """
     check_mountpoint(config.mountpoint)
     ensure_fusectl()
-    pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout)
+    pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout,
+                      hang_fraction=HANG_FRACTION)
     pool.start()
     try:
         fetcher = PoolFetcher(pool)

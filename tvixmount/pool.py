@@ -65,16 +65,22 @@ class WorkerPool:
     """
 
     def __init__(self, urls: StoreUrls, workers: int, *, request_timeout: float = 30.0, retries: int = 1,
-                 start_timeout: float = DEFAULT_START_TIMEOUT) -> None:
+                 start_timeout: float = DEFAULT_START_TIMEOUT, hang_fraction: float | None = None) -> None:
+        """``hang_fraction``: a worker that answers nothing for this fraction of its oldest call's
+        budget is declared hung at once, killed, and its calls re-sent with the time they have
+        left; None declares it hung only when a call it holds times out (that call then fails).
+        """
         if workers < 1:
             raise InvalidArgument(f"a worker pool needs at least one worker, not {workers}")
-        if request_timeout <= 0 or retries < 0 or start_timeout <= 0:
+        if (request_timeout <= 0 or retries < 0 or start_timeout <= 0
+                or (hang_fraction is not None and not 0 < hang_fraction < 1)):
             raise InvalidArgument(f"bad pool settings: request_timeout {request_timeout}, retries {retries}, "
-                                  f"start_timeout {start_timeout}")
+                                  f"start_timeout {start_timeout}, hang_fraction {hang_fraction}")
         self.urls = urls
         self.size = workers
         self.request_timeout = request_timeout
         self.start_timeout = start_timeout
+        self.hang_fraction = hang_fraction
         self._state = PoolState(workers, retries)
         self._ids = itertools.count(1)
         self._zygote: Any = None  # multiprocessing.Process
@@ -99,7 +105,8 @@ class WorkerPool:
             self._zygote, ctl = zygote.start(self.urls)
             self._zygote_pid = self._zygote.pid
             log.debug("zygote pid %d started for %s", self._zygote_pid, describe(self.urls))
-            self._collector = Collector(state, ctl, self._zygote_pid, describe(self.urls), self.start_timeout)
+            self._collector = Collector(state, ctl, self._zygote_pid, describe(self.urls), self.start_timeout,
+                                        self.hang_fraction)
             self._collector.start()
             with state.lock:
                 for slot in state.slots:
