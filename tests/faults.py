@@ -211,6 +211,24 @@ def read_bytes(path: Path) -> bytes:
         return f.read()
 
 
+def direct_read(path: Path, offset: int = 0, length: int = 64 * 1024) -> bytes:
+    """One read past the page cache (O_DIRECT): one FUSE read request, never retried by the kernel.
+
+    A buffered read whose readahead fails is retried by the kernel with a
+    second, synchronous FUSE read, so it can wait two deadlines and hide an
+    EIO; this is the read to use where one request's outcome is asserted.
+    """
+    import mmap
+
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        with mmap.mmap(-1, max(length, mmap.PAGESIZE)) as buf:  # page-aligned, as O_DIRECT wants
+            got = os.preadv(fd, [buf], offset)
+            return bytes(buf[:got])
+    finally:
+        os.close(fd)
+
+
 def errname(code: int) -> str:
     return errno.errorcode.get(code, str(code)) if code else "OK"
 
