@@ -28,6 +28,15 @@ against the blob digest (blake3 chunk digests do not compose), so a server
 that lies about a blob's chunk list is trusted as far as that list goes,
 as tvix's own client trusts it.
 
+A blob stream that breaks off after data arrived (UNAVAILABLE mid-stream:
+the server or the connection went away) or ends early (fewer bytes than
+the chunk list says, or, where no size is known, bytes that do not hash
+right) is fetched again, ``STREAM_ATTEMPTS`` times in all, backing off,
+since a blob never changes; failures before the first message are grpc's
+own retry policy's (grpc_channel.py). Bytes of the right length that hash
+wrong are corrupt, not cut short, and are not fetched again. The last
+failure is the answer: Unavailable, or IntegrityError.
+
 Writes stream ``Put`` in messages of at most 1 MiB while hashing locally;
 commit checks the server's digest against ours (and against
 ``expected_digest``, before the stream is finished, so a mismatch stores
@@ -45,20 +54,22 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
 
 import blake3
 from google.protobuf.message import DecodeError
 
 from ..castore.nodes import DIGEST_LEN, b3_text
-from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound, TvixError
+from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Timeout, TvixError, Unavailable
 from ..proto import rpc_blobstore_pb2 as pb
 from . import records
 from .base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
 from .grpc_channel import PUT_MESSAGE, Absent, ClientStream, Endpoint
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STAT = "/tvix.castore.v1.BlobService/Stat"
 READ = "/tvix.castore.v1.BlobService/Read"
@@ -71,6 +82,16 @@ READAHEAD = 2  # chunks a reader fetches ahead while reads go in order
 PREFETCH_THREADS = 4  # per service, shared by its readers
 CACHED_COPIES = 4  # verified whole-blob copies a service keeps after stat()
 _PUT_QUEUE = 4  # messages waiting for grpc to send (bounds a writer's memory)
+STREAM_ATTEMPTS = 3  # fetches of one blob or chunk whose stream broke off or came out wrong
+RETRY_BACKOFF = 0.1  # seconds before the second attempt, doubling after each
+
+
+class _BrokenOff(Unavailable):
+    """A Read stream failed after some of its data had arrived (fetched again)."""
+
+
+class _CutShort(IntegrityError):
+    """A Read stream ended before all of the blob or chunk had arrived (fetched again)."""
 
 
 class LocalCopy:
@@ -481,21 +502,50 @@ class GrpcBlobService(BlobService):
             while len(self._copies) > CACHED_COPIES:
                 self._copies.popitem(last=False)
 
+    def _attempts(self, what: str, fetch: Callable[[], T]) -> T:
+        """``fetch()``, again after a stream that broke off or brought wrong bytes (see module doc)."""
+        for attempt in range(1, STREAM_ATTEMPTS + 1):
+            try:
+                return fetch()
+            except (_BrokenOff, _CutShort) as exc:
+                if attempt == STREAM_ATTEMPTS:
+                    raise
+                delay = RETRY_BACKOFF * 2 ** (attempt - 1)
+                log.info("%s: attempt %d of %d failed (%s): trying again in %.1f s", what, attempt,
+                         STREAM_ATTEMPTS, exc, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _stream(self, request: bytes, what: str) -> Iterator[bytes]:
+        """The BlobChunk payloads of one Read; Unavailable after the first one is _BrokenOff."""
+        arrived = False
+        try:
+            for raw in self.endpoint.stream(READ, request, what):
+                arrived = True
+                yield _chunk_data(raw, what, self.endpoint.server)
+        except Unavailable as exc:
+            if arrived and not isinstance(exc, Timeout):
+                raise _BrokenOff(str(exc)) from None
+            raise
+
     def fetch_whole(self, digest: bytes, expected_size: int | None) -> LocalCopy:
         """Stream ``Read(digest)`` into a local copy, verified before it is returned."""
         what = f"reading blob {b3_text(digest)}"
+        return self._attempts(what, lambda: self._fetch_whole_once(digest, expected_size, what))
+
+    def _fetch_whole_once(self, digest: bytes, expected_size: int | None, what: str) -> LocalCopy:
         started = time.monotonic()
         spool = _Spool(expected_size)
         hasher = blake3.blake3()
         request = pb.ReadBlobRequest(digest=digest).SerializeToString()
         try:
-            for raw in self.endpoint.stream(READ, request, what):
-                data = _chunk_data(raw, what, self.endpoint.server)
+            for data in self._stream(request, what):
                 hasher.update(data)
                 spool.add(data)
             actual = hasher.digest()
             if actual != digest:
-                raise IntegrityError(
+                short = expected_size is None or spool.size < expected_size
+                raise (_CutShort if short else IntegrityError)(
                     f"blob {b3_text(digest)} from {self.endpoint.server} hashes to {b3_text(actual)} "
                     f"({spool.size} bytes); nothing of it was served"
                 )
@@ -509,19 +559,21 @@ class GrpcBlobService(BlobService):
 
     def fetch_chunk(self, chunk: ChunkMeta, what: str) -> bytes:
         """One chunk's bytes, checked against its size and digest."""
+        return self._attempts(what, lambda: self._fetch_chunk_once(chunk, what))
+
+    def _fetch_chunk_once(self, chunk: ChunkMeta, what: str) -> bytes:
         request = pb.ReadBlobRequest(digest=chunk.digest).SerializeToString()
         parts = []
         received = 0
         hasher = blake3.blake3()
-        for raw in self.endpoint.stream(READ, request, what):
-            data = _chunk_data(raw, what, self.endpoint.server)
+        for data in self._stream(request, what):
             received += len(data)
             if received > chunk.size:
                 raise IntegrityError(f"{what}: {self.endpoint.server} sent more than its {chunk.size} bytes")
             hasher.update(data)
             parts.append(data)
         if received != chunk.size or hasher.digest() != chunk.digest:
-            raise IntegrityError(
+            raise (_CutShort if received < chunk.size else IntegrityError)(
                 f"{what}: {self.endpoint.server} sent {received} bytes that do not match the chunk "
                 f"digest and size {chunk.size}; nothing of it was served"
             )
