@@ -280,7 +280,8 @@ class ScriptedStore:
     * ``("status", code)``: fail the call with that grpc.StatusCode;
     * ``("bytes", data)``: serve ``data`` as the blob / raw message instead;
     * ``("cut", n)``: a Read stream that ends cleanly after n bytes;
-    * ``("drop", n)``: a Read stream that fails UNAVAILABLE after n bytes.
+    * ``("drop", n)``: a Read stream that fails UNAVAILABLE after n bytes;
+    * ``("raw", data)``: a Read stream of one message of exactly these bytes.
     """
 
     def __init__(self) -> None:
@@ -352,6 +353,9 @@ class ScriptedStore:
     def _read(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         digest = blob_pb.ReadBlobRequest.FromString(request).digest
         action = self._fault(READ, digest, context)
+        if action and action[0] == "raw":
+            yield action[1]
+            return
         data = self.blobs.get(digest)
         if action and action[0] == "bytes":
             data = action[1]
