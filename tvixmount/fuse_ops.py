@@ -184,12 +184,17 @@ class TvixOperations(llfuse.Operations):
         if handle is None:
             raise llfuse.FUSEError(errno.EIO)
         if isinstance(handle, _RootListing):
-            entries = self._root_listing(handle)
-        else:
-            entries = [(node.name, node) for node in self._listing(handle).entries]
+            named = self._root_listing(handle)
+            for pos in range(off, len(named)):
+                name, node = named[pos]
+                yield name, self._attributes(self.vfs.ino_for(node), node), pos + 1
+            return
+        # The kernel asks for a buffer's worth per call: start at ``off``, copy nothing
+        # (rebuilding the whole list per call made listing N entries cost N squared).
+        entries = self._listing(handle).entries
         for pos in range(off, len(entries)):
-            name, node = entries[pos]
-            yield name, self._attributes(self.vfs.ino_for(node), node), pos + 1
+            node = entries[pos]
+            yield node.name, self._attributes(self.vfs.ino_for(node), node), pos + 1
 
     def _root_listing(self, handle: _RootListing) -> list[tuple[bytes, Node]]:
         if handle.names is None:
