@@ -187,13 +187,34 @@ def test_reimport_stores_no_new_blobs(tmp_path, capsysbinary):
     assert len(blobs) == 6
     with open_store(StoreUrls.embedded(store)) as s:
         dirs = set(s.directories.iter_digests())
+    inodes = {p.name: p.stat().st_ino for p in (store / "blobs").glob("*/*")}
     code, second, _ = run(capsysbinary, *store_args(store), "import", "-j", "0", str(tree))
     assert (code, second) == (0, first)
     assert blob_files(store) == blobs
+    assert {p.name: p.stat().st_ino for p in (store / "blobs").glob("*/*")} == inodes  # nothing rewritten
     assert not any((store / "tmp").iterdir())
     with open_store(StoreUrls.embedded(store)) as s:
         assert set(s.directories.iter_digests()) == dirs
         assert len(list(s.path_infos.list())) == 1
+
+
+def test_blobs_are_recorded_before_the_path_info(tmp_path, monkeypatch):
+    """The PathInfo is put after the import's blob batch ended: every blob below it is recorded."""
+    tree = make_rich_tree(tmp_path)
+    with open_store(StoreUrls.single(f"local://{tmp_path / 'store'}?create=1")) as store:
+        real_put = store.path_infos.put
+        checked: list[int] = []
+
+        def put(info):
+            for directory in store.directories.get_recursive(info.node.digest):
+                for file in directory.files:
+                    assert store.blobs.stat(file.digest) is not None, file.name
+                    checked.append(1)
+            return real_put(info)
+
+        monkeypatch.setattr(store.path_infos, "put", put)
+        Ingester(store).import_path(tree)
+    assert len(checked) == 7  # every file node of the rich tree
 
 
 def test_parallel_and_serial_agree(tmp_path):
@@ -267,6 +288,9 @@ def test_special_file_fails_whole_import(tmp_path, capsysbinary, make, why):
     assert len(lines) == 1 and lines[0].startswith(f"tvixstore: error: {inner}/")
     assert why in lines[0]
     assert _no_paths(store)
+    # The blobs stored before the failure were in the import's batch: none is recorded.
+    with open_store(StoreUrls.embedded(store)) as s:
+        assert list(s.blobs.iter_digests()) == []
 
 
 def test_missing_and_badly_named_inputs(tmp_path, capsysbinary):

@@ -22,10 +22,13 @@ process that opened it: see embedded_db.py on fork.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidArgument, InvalidData, NotFound, Unavailable
 from .embedded_db import Database
@@ -66,9 +69,10 @@ class StoreHandle:
         self.refs = 0
         self.temp_swept = False
 
-    def blob_path(self, digest: bytes) -> Path:
+    def blob_path(self, digest: bytes) -> str:
+        """``blobs/<2 hex>/<64 hex>`` (a str: pathlib costs ~5 us a call, per blob, on hot paths)."""
         text = digest.hex()
-        return self.blobs_dir / text[:2] / text
+        return f"{self.blobs_dir}/{text[:2]}/{text}"
 
     def retain(self) -> StoreHandle:
         """Take one more reference (for a service built on an open handle)."""
@@ -213,11 +217,56 @@ def _initialise(root: Path) -> None:
     fsync_dir(root)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make a rename or create inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _load_syncfs() -> Any:
+    """libc's syncfs(2), or None where this libc has none (Python has no os.syncfs)."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _load_syncfs()
+
+
+def sync_filesystem(path: Path) -> bool:
+    """syncfs(2) on the filesystem holding ``path``: everything written to it is durable after.
+
+    One call instead of one fsync per file: the kernel writes back and
+    flushes the whole filesystem once. Returns False (having done nothing)
+    when the libc or the kernel lacks syncfs, so the caller syncs each file
+    instead; raises OSError for a failed writeback (reported by Linux >= 5.8).
+    """
+    if _syncfs is None:
+        return False
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if _syncfs(fd) == 0:
+            return True
+        err = ctypes.get_errno()
+    finally:
+        os.close(fd)
+    if err == errno.ENOSYS:
+        return False
+    raise OSError(err, f"syncfs failed: {os.strerror(err)}", str(path))
+
+
+def sync_file(path: str | os.PathLike[str]) -> None:
+    """fdatasync one existing file (read-only fd: Linux syncs the inode's data all the same)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
     finally:
         os.close(fd)
 
