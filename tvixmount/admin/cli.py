@@ -1,4 +1,4 @@
-"""``tvixstore``: fill and inspect a store (import, ls, cat, info, list, verify).
+"""``tvixstore``: fill and inspect a store (import, ls, cat, info, list, verify, copy, daemon).
 
 This module only parses flags, opens the store, calls the module doing the
 work and turns failures into one line on stderr and an exit status:
@@ -45,7 +45,8 @@ EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 DESCRIPTION = """\
 Fill and inspect a tvix store: import local trees or NAR files as store paths,
-list and read what a store holds, and verify every object in it."""
+list and read what a store holds, verify every object in it, and copy store
+paths with their closure into another store."""
 
 EPILOG = f"""\
 The store: by default the embedded on-disk store in --store-dir (env
@@ -63,6 +64,7 @@ examples:
   tvixstore cat <hash>-result/share/doc/README > README
   tvixstore info <hash>-result           # the PathInfo as JSON
   tvixstore verify                       # exit 1 on any damaged object
+  tvixstore copy <hash>-result --to-store-dir /srv/store   # with its closure
   tvixstore daemon -l 127.0.0.1:8000     # serve the store over gRPC
   tvixstore --store-dir /srv/store import ./tree
   tvixstore import ./tree --blob-service-addr grpc+http://[::1]:8000 \\
@@ -180,6 +182,27 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p.add_argument("--nar", action="store_true",
                    help="also re-render every store path's NAR and compare its size and sha256 "
                         "(reads every file once more)")
+
+    p = command("copy", "copy store paths and their closure into another store",
+                "Copy each STOREPATH, and every path it references (recursively, as its PathInfo\n"
+                "lists them), from this store (the usual store flags) into a target store. For\n"
+                "each path: blobs first (those the target has are skipped), then directories,\n"
+                "then the PathInfo, so the target never shows a path it cannot read; paths the\n"
+                "target already holds are skipped whole. The target is --to-store-dir (an\n"
+                "embedded store, created if needed) and/or the three --to-*-service-addr URLs;\n"
+                "a service not given there is the --to-store-dir one. Prints a summary line.",
+                "examples:\n  tvixstore copy <hash>-hello --to-store-dir /srv/store\n"
+                "  tvixstore copy --all --to-blob-service-addr grpc+unix:///run/tvix.sock \\\n"
+                "      --to-directory-service-addr grpc+unix:///run/tvix.sock \\\n"
+                "      --to-path-info-service-addr grpc+unix:///run/tvix.sock")
+    p.add_argument("paths", nargs="*", metavar="STOREPATH", help="<hash>-<name> or /nix/store/<hash>-<name>")
+    p.add_argument("--all", action="store_true", help="copy every store path the source holds")
+    p.add_argument("--to-store-dir", type=Path, metavar="DIR",
+                   help="target embedded store directory (created if needed)")
+    for service, _env in _SERVICES:
+        p.add_argument(f"--to-{service}-service-addr", metavar="URL", help=f"target {service} service URL")
+    p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
+                   help="blobs copied at once (default 4)")
 
     p = command("daemon", "serve the store over tvix's gRPC protocol",
                 "Serve the store (the embedded one by default) over tvix's gRPC protocol until\n"
@@ -416,6 +439,67 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_DATA if report.problems else EXIT_OK
 
 
+def _target_urls(args: argparse.Namespace) -> StoreUrls:
+    """The copy target: the three --to-*-service-addr URLs, any missing one from --to-store-dir."""
+    given = [getattr(args, f"to_{service.replace('-', '_')}_service_addr") for service, _ in _SERVICES]
+    if args.to_store_dir is None and not all(given):
+        if any(given):
+            names = [f"--to-{service}-service-addr" for service, _ in _SERVICES]
+            missing = ", ".join(name for name, url in zip(names, given, strict=True) if not url)
+            raise InvalidArgument(f"copy: {missing} not given (and no --to-store-dir to take it from)")
+        raise InvalidArgument("copy: no target store: give --to-store-dir DIR or the three "
+                              "--to-*-service-addr URLs")
+    embedded = StoreUrls.embedded(args.to_store_dir, create=True) if args.to_store_dir is not None else None
+    chosen = []
+    for index, url in enumerate(given):
+        if url:
+            url = _creating(url)
+        else:
+            assert embedded is not None
+            url = (embedded.blob, embedded.directory, embedded.path_info)[index]
+        urls.parse(url)  # bad URLs are usage errors, before anything is opened
+        chosen.append(url)
+    return StoreUrls(*chosen)
+
+
+def cmd_copy(args: argparse.Namespace) -> int:
+    from .browse import parse_target
+    from .copy import DEFAULT_JOBS, Closure, Copier
+
+    if args.all and args.paths:
+        raise InvalidArgument("copy: give STOREPATHs or --all, not both")
+    if not args.all and not args.paths:
+        raise InvalidArgument("copy: nothing to copy (give STOREPATHs, or --all)")
+    roots = []
+    for arg in args.paths:
+        target = parse_target(arg)
+        if target.components:
+            raise InvalidArgument(f"copy: {arg}: give the store path itself, without a sub path")
+        roots.append(target.store_path)
+    jobs = DEFAULT_JOBS if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise InvalidArgument(f"copy: --jobs {jobs} must be at least 1")
+    target_urls = _target_urls(args)
+    bars = _bars(args)
+    started = time.monotonic()
+    with _open(args) as source:
+        closure = Closure(source)
+        infos = closure.resolve(closure.every_path() if args.all else roots)
+        with open_store(target_urls) as target:
+            copier = Copier(source, target, jobs)
+            copier.check_target(describe(target_urls))
+            copier.paths_bar = progress.bar(bars, "paths", unit="path", total=len(infos), position=0)
+            copier.bytes_bar = progress.bar(bars, "data", unit="B", unit_scale=True, position=1)
+            try:
+                stats = copier.copy(infos)
+            finally:
+                copier.bytes_bar.close()
+                copier.paths_bar.close()
+    if not args.quiet:
+        _out().write(stats.summary(time.monotonic() - started).encode() + b"\n")
+    return EXIT_OK
+
+
 def cmd_daemon(args: argparse.Namespace) -> int:
     from ..server.daemon import run as run_daemon
 
@@ -429,6 +513,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "info": cmd_info,
     "list": cmd_list,
     "verify": cmd_verify,
+    "copy": cmd_copy,
     "daemon": cmd_daemon,
 }
 
