@@ -11,18 +11,26 @@ nar_size / nar_sha256 (tests check the result against castore/nar.py and
 ``nix-store --dump``).
 
 Where time goes, and what runs in parallel: the NAR hash is one sequential
-stream and stays on the walking thread. Storing a blob (blake3, temp file,
-fsync, rename, database row) is independent per file and mostly waits on
-the disk, so files up to ``SMALL_FILE`` are handed to a thread pool with the
-bytes already in memory (bounded by ``MAX_IN_FLIGHT`` bytes); bigger files
-are streamed on the walking thread so memory stays flat. Blob digests are
-therefore known only after the walk: Directory messages are built
-afterwards, leaves first, from the recorded shape of the tree.
+stream and stays on the walking thread. Storing a blob (blake3, a file, a
+database look-up) is independent per file, so files up to ``SMALL_FILE`` are
+handed to a thread pool with the bytes already in memory (bounded by
+``MAX_IN_FLIGHT`` bytes); bigger files are streamed on the walking thread so
+memory stays flat. Blob digests are therefore known only after the walk:
+Directory messages are built afterwards, leaves first, from the recorded
+shape of the tree.
+
+Durability: each store path's blobs are written in one blob-service batch
+where the backend has one (``blob_batch``). The embedded store then skips
+the two fsyncs per blob and makes the whole batch durable with one syncfs
+at its end; on the 40,000-file tree of tools/gen_tree.py (--seed 1) that
+took a first import from ~570-710 to ~1,200-1,450 files/s on a 2-core VM
+(interleaved runs; CPU time halved as well, ~44 s to ~20 s).
 
 Visibility: blobs and directories are content-addressed and harmless when
-orphaned, so a failed import may leave some behind; the PathInfo, the only
-thing that makes a store path visible, is written last and only after
-everything below it was stored.
+orphaned, so a failed import may leave some behind (a failed batch records
+none of its blobs); the PathInfo, the only thing that makes a store path
+visible, is written last, after the batch has ended, so only after
+everything below it is stored and durable.
 """
 
 from __future__ import annotations
@@ -52,7 +60,10 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20  # read size; also the largest file stored from memory by the pool
 SMALL_FILE = CHUNK
 MAX_IN_FLIGHT = 64 << 20  # bytes of small files queued for the pool at most
-DEFAULT_WORKERS = 8  # blob stores mostly wait on fsync, so more threads than cores pay off
+# Threads storing small files. Outside a batch, stores mostly wait on fsync
+# and many threads pay off; in a batch the pool overlaps file creation with
+# the walk (measured with batches: -j 2, 4 and 8 within noise of each other).
+DEFAULT_WORKERS = 8
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
