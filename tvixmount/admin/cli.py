@@ -472,10 +472,10 @@ def cmd_copy(args: argparse.Namespace) -> int:
         raise InvalidArgument("copy: nothing to copy (give STOREPATHs, or --all)")
     roots = []
     for arg in args.paths:
-        target = parse_target(arg)
-        if target.components:
+        parsed = parse_target(arg)
+        if parsed.components:
             raise InvalidArgument(f"copy: {arg}: give the store path itself, without a sub path")
-        roots.append(target.store_path)
+        roots.append(parsed.store_path)
     jobs = DEFAULT_JOBS if args.jobs is None else args.jobs
     if jobs < 1:
         raise InvalidArgument(f"copy: --jobs {jobs} must be at least 1")
