@@ -54,9 +54,10 @@ def test_directory_and_tree(fetcher, tree):
     assert fetcher.directory(LEAF.digest()) == LEAF
     with pytest.raises(NotFound, match="not found"):
         fetcher.directory(b3(b"no such directory"))
-    assert fetcher.directory_tree(ROOT.digest()) == [(ROOT.digest(), ROOT), (LEAF.digest(), LEAF)]
+    assert fetcher.directory_tree(ROOT.digest(), 1000) == [(ROOT.digest(), ROOT), (LEAF.digest(), LEAF)]
+    assert fetcher.directory_tree(ROOT.digest(), 1) == [(ROOT.digest(), ROOT)]  # bounded, root first
     with pytest.raises(NotFound):
-        fetcher.directory_tree(b3(b"no such directory"))
+        fetcher.directory_tree(b3(b"no such directory"), 1000)
 
 
 def test_list_root(fetcher, tree):

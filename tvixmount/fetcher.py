@@ -30,8 +30,11 @@ class Fetcher(Protocol):
     def directory(self, digest: bytes) -> Directory:
         """One validated Directory (NotFound if absent). May block."""
 
-    def directory_tree(self, digest: bytes) -> list[tuple[bytes, Directory]]:
-        """The directory and all below it, parents first, as (digest, Directory). May block."""
+    def directory_tree(self, digest: bytes, max_entries: int) -> list[tuple[bytes, Directory]]:
+        """The directory and what is below it, parents first, as (digest, Directory). May block.
+
+        Bounded: stops once ``max_entries`` entries were sent (the root always comes).
+        """
 
     def list_root(self) -> list[Node]:
         """Every root node, in the store's order. May block."""
@@ -66,8 +69,8 @@ class PoolFetcher:
     def directory(self, digest: bytes) -> Directory:
         return self._call("directory", digest)  # type: ignore[no-any-return]
 
-    def directory_tree(self, digest: bytes) -> list[tuple[bytes, Directory]]:
-        return self._call("directory_tree", digest)  # type: ignore[no-any-return]
+    def directory_tree(self, digest: bytes, max_entries: int) -> list[tuple[bytes, Directory]]:
+        return self._call("directory_tree", digest, max_entries)  # type: ignore[no-any-return]
 
     def list_root(self) -> list[Node]:
         return self._call("list_root")  # type: ignore[no-any-return]
@@ -123,8 +126,8 @@ class LocalFetcher:
     def directory(self, digest: bytes) -> Directory:
         return self._call("directory", digest)  # type: ignore[no-any-return]
 
-    def directory_tree(self, digest: bytes) -> list[tuple[bytes, Directory]]:
-        return self._call("directory_tree", digest)  # type: ignore[no-any-return]
+    def directory_tree(self, digest: bytes, max_entries: int) -> list[tuple[bytes, Directory]]:
+        return self._call("directory_tree", digest, max_entries)  # type: ignore[no-any-return]
 
     def list_root(self) -> list[Node]:
         return self._call("list_root")  # type: ignore[no-any-return]

@@ -44,6 +44,8 @@ EMPTY_BLOB = blake3.blake3(b"").digest()
 class MountOptions:
     list_root: bool = False
     show_xattr: bool = True
+    # Entries fetched ahead when a directory is first listed or looked into.
+    prefetch_entries: int = 20_000
 
 
 @dataclass(slots=True)
@@ -114,9 +116,16 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.ENOTDIR)
         listing = self.vfs.listing(node.digest)
         if listing is None:
+            # One request brings the directory and (a bounded part of) what is
+            # below it: a walk of a fresh store path then costs one worker
+            # round trip, not one per directory.
             what = f"directory {b3_text(node.digest)} (inode {ino})"
-            directory = self._fetch(what, ("dir", node.digest), lambda: self.fetcher.directory(node.digest))
-            listing = self.vfs.add_listing(node.digest, directory)
+            limit = self.options.prefetch_entries
+            tree = self._fetch(what, ("dir", node.digest),
+                               lambda: self.fetcher.directory_tree(node.digest, limit))
+            for digest, directory in tree:
+                self.vfs.add_listing(digest, directory)
+            listing = self.vfs.listing(node.digest) or self.vfs.add_listing(node.digest, tree[0][1])
         return listing
 
     def _count(self, op: str) -> None:

@@ -413,7 +413,7 @@ OPS: dict[str, OpSpec] = {
         OpSpec("ping", (), list, _decode_ping),
         OpSpec("path_info", (bytes,), _optional(encode_node), _optional(decode_node)),
         OpSpec("directory", (bytes,), encode_directory, decode_directory),
-        OpSpec("directory_tree", (bytes,), _encode_tree, _decode_tree),
+        OpSpec("directory_tree", (bytes, int), _encode_tree, _decode_tree),
         OpSpec("list_root", (), lambda nodes: [encode_node(n) for n in nodes], _decode_nodes),
         OpSpec("blob_stat", (bytes,), _same, _decode_size),
         OpSpec("blob_read", (bytes, int, int), _same, _decode_bytes),

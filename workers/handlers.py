@@ -129,14 +129,22 @@ def directory(ctx: Context, digest: bytes) -> Directory:
     return found
 
 
-def directory_tree(ctx: Context, digest: bytes) -> list[tuple[bytes, Directory]]:
-    """The directory and everything below it, parents first, each once (for prefetch)."""
+def directory_tree(ctx: Context, digest: bytes, max_entries: int) -> list[tuple[bytes, Directory]]:
+    """The directory and what is below it, parents first, each once (for prefetch).
+
+    Stops after the directory that brings the total past ``max_entries``
+    (the root always comes): DirectoryNode.size cannot be trusted to bound
+    a tree, so the reply is bounded here, and the dispatcher fetches the
+    rest lazily.
+    """
     _check_len(digest, DIGEST_LEN, "directory digest")
     tree: list[tuple[bytes, Directory]] = []
-    for index, found in enumerate(ctx.store.directories.get_recursive(digest)):
-        # The backend checked each digest; the root's we know, the others
-        # we recompute (cheap next to fetching them) to label them.
-        tree.append((digest if index == 0 else found.digest(), found))
+    entries = 0
+    for found_digest, found in ctx.store.directories.get_tree(digest):
+        tree.append((found_digest, found))
+        entries += len(found)
+        if entries >= max_entries:
+            break
     if not tree:
         raise NotFound(f"directory {b3_text(digest)} not found")
     return tree

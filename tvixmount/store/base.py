@@ -121,8 +121,8 @@ class DirectoryService(abc.ABC):
     def get(self, digest: bytes) -> Directory | None:
         """One validated Directory whose digest is ``digest``, or None."""
 
-    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
-        """The root, then every directory below it once, parents before children.
+    def get_tree(self, digest: bytes) -> Iterator[tuple[bytes, Directory]]:
+        """(digest, Directory) for the root, then every directory below it once, parents first.
 
         Yields nothing when the root is absent; raises NotFound for a missing
         descendant. Backends with a cheaper bulk path override this.
@@ -131,10 +131,10 @@ class DirectoryService(abc.ABC):
         if root is None:
             return
         seen = {digest}
-        queue = [root]
+        queue = [(digest, root)]
         while queue:
-            directory = queue.pop(0)
-            yield directory
+            parent_digest, directory = queue.pop(0)
+            yield parent_digest, directory
             for child in directory.directories:
                 if child.digest in seen:
                     continue
@@ -143,7 +143,12 @@ class DirectoryService(abc.ABC):
                 if got is None:
                     raise NotFound(f"directory {b3_text(child.digest)} referenced below "
                                    f"{b3_text(digest)} is missing")
-                queue.append(got)
+                queue.append((child.digest, got))
+
+    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+        """The directories of ``get_tree``, without their digests."""
+        for _, directory in self.get_tree(digest):
+            yield directory
 
     @abc.abstractmethod
     def put(self, directory: Directory) -> bytes:

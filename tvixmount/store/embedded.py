@@ -52,12 +52,12 @@ class EmbeddedDirectoryService(DirectoryService):
         )
         return None if row is None else records.directory_from_row(digest, row[0])
 
-    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+    def get_tree(self, digest: bytes) -> Iterator[tuple[bytes, Directory]]:
         """Breadth first, fetching each level's new directories in bulk queries."""
         root = self.get(digest)
         if root is None:
             return
-        yield root
+        yield digest, root
         seen = {digest}
         level = [(digest, root)]
         while level:
@@ -79,7 +79,7 @@ class EmbeddedDirectoryService(DirectoryService):
                             f"(below {b3_text(digest)}) is missing from store {self.handle.where}"
                         )
                     directory = records.directory_from_row(child_digest, data)
-                    yield directory
+                    yield child_digest, directory
                     level.append((child_digest, directory))
 
     def _fetch_many(self, digests: list[bytes]) -> dict[bytes, bytes]:

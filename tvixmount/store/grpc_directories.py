@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
-from ..castore.directory import Directory, decode_directory
+from ..castore.directory import Directory, decode_directory, decode_directory_digest
 from ..castore.nodes import b3_text
 from ..errors import InvalidArgument, InvalidData, NotFound
 from ..proto import rpc_directory_pb2 as pb
@@ -62,7 +62,7 @@ class GrpcDirectoryService(DirectoryService):
         except InvalidData as exc:
             raise InvalidData(f"{exc} (sent by {self.endpoint.server})") from None
 
-    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+    def get_tree(self, digest: bytes) -> Iterator[tuple[bytes, Directory]]:
         records.check_b3(digest, "directory")
         server = self.endpoint.server
         what = f"getting the tree below directory {b3_text(digest)}"
@@ -74,10 +74,9 @@ class GrpcDirectoryService(DirectoryService):
         try:
             for raw in stream:
                 try:
-                    directory = decode_directory(raw)
+                    got, directory = decode_directory_digest(raw)
                 except InvalidData as exc:
                     raise InvalidData(f"{what}: message {count} from {server}: {exc}") from None
-                got = directory.digest()
                 if count == 0 and got != digest:
                     raise InvalidData(f"{what}: {server} sent {b3_text(got)} first instead of the root")
                 count += 1
@@ -93,7 +92,7 @@ class GrpcDirectoryService(DirectoryService):
                 for child in directory.directories:
                     if child.digest not in received:
                         expected.add(child.digest)
-                yield directory
+                yield got, directory
         finally:
             stream.close()
         if count and expected:

@@ -159,12 +159,12 @@ class MemoryDirectoryService(DirectoryService):
             data = _tables.directories.get(digest)
         return None if data is None else records.directory_from_row(digest, data)
 
-    def get_recursive(self, digest: bytes) -> Iterator[Directory]:
+    def get_tree(self, digest: bytes) -> Iterator[tuple[bytes, Directory]]:
         """Breadth first, each directory once; NotFound naming a missing descendant."""
         root = self.get(digest)
         if root is None:
             return
-        yield root
+        yield digest, root
         seen = {digest}
         queue = deque([(digest, root)])
         while queue:
@@ -179,7 +179,7 @@ class MemoryDirectoryService(DirectoryService):
                         f"directory {b3_text(child.digest)} referenced by {b3_text(parent_digest)} "
                         f"(below {b3_text(digest)}) is missing from memory://"
                     )
-                yield directory
+                yield child.digest, directory
                 queue.append((child.digest, directory))
 
     def put(self, directory: Directory) -> bytes:
