@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 import blake3
 
 from ..castore import nixbase32
-from ..castore.directory import Directory, decode_directory, validate
+from ..castore.directory import MAX_ENCODED_LEN, Directory, decode_directory, validate
 from ..castore.nodes import DIGEST_LEN, b3_text, display_name
 from ..castore.pathinfo import PathInfo, validate_pathinfo
 from ..castore.wire import decode_pathinfo, encode_pathinfo
@@ -53,6 +53,9 @@ def directory_row(directory: Directory) -> tuple[bytes, bytes]:
     data = directory.encode()
     digest = _blake3(data)
     validate(directory, f"directory {b3_text(digest)}")
+    if len(data) > MAX_ENCODED_LEN:  # it could never be read back
+        raise InvalidData(f"directory {b3_text(digest)} has {len(directory)} entries, {len(data)} bytes "
+                          f"encoded, more than the {MAX_ENCODED_LEN} a directory may have")
     return digest, data
 
 
