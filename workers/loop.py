@@ -19,7 +19,7 @@ import os
 import time
 
 from tvixmount import protocol
-from tvixmount.errors import Timeout, TvixError
+from tvixmount.errors import InvalidData, Timeout, TvixError
 from tvixmount.store import StoreUrls, describe, open_store
 
 from .handlers import HANDLERS, Context
@@ -82,7 +82,12 @@ def handle(ctx: Context, message: object) -> tuple[bytes, ...]:
             req_id, Timeout(f"{op}: deadline passed before worker {ctx.worker_id} took it up")),)
     try:
         spec = protocol.check_args(op, args)
-        return protocol.encode_reply_parts(req_id, spec.encode(HANDLERS[op](ctx, *args)))
+        parts = protocol.encode_reply_parts(req_id, spec.encode(HANDLERS[op](ctx, *args)))
+        size = sum(len(p) for p in parts)
+        if size > protocol.MAX_FRAME:  # the dispatcher would take it for garbage and kill us
+            raise InvalidData(f"{op}: the answer is {size} bytes, more than the {protocol.MAX_FRAME} "
+                              "a reply may carry")
+        return parts
     except TvixError as exc:
         log.debug("worker %d: %s failed: %s", ctx.worker_id, op, exc)
         return (protocol.encode_error(req_id, exc),)
