@@ -29,6 +29,7 @@ import errno
 import io
 import itertools
 import os
+import re
 import sqlite3
 import tracemalloc
 from collections.abc import Iterator
@@ -456,6 +457,20 @@ def test_worker_answers_every_request_or_calls_it_a_protocol_error(worker_contex
         return
     req_id, _, _ = protocol.decode_reply(protocol.unpack(b"".join(parts)))
     assert req_id == message[0]
+
+
+def test_worker_answers_an_error_rather_than_a_reply_larger_than_a_frame(
+        worker_context: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.loop import handle
+
+    listing = Directory(files=tuple(FileNode(b"f%04d" % i, b3(b""), 0) for i in range(100)))
+    worker_context.store.directories.put(listing)
+    monkeypatch.setattr(protocol, "MAX_FRAME", 1000)  # the listing is ~5 kB on the wire
+    reply = protocol.decode_reply(protocol.unpack(b"".join(
+        handle(worker_context, [7, "directory", [listing.digest()], 1e12]))))
+    assert reply[:2] == (7, False)
+    assert reply[2][0] == "invalid"
+    assert re.search(r"directory: the answer is \d+ bytes, more than the 1000", reply[2][1])
 
 
 # -- too big for one piece: against a real mount ---------------------------------------------------
