@@ -196,14 +196,21 @@ class TvixOperations(llfuse.Operations):
             named = self._root_listing(handle)
             for pos in range(off, len(named)):
                 name, node = named[pos]
-                yield name, self._attributes(self.vfs.ino_for(node), node), pos + 1
+                yield name, self._dirent(node), pos + 1
             return
         # The kernel asks for a buffer's worth per call: start at ``off``, copy nothing
         # (rebuilding the whole list per call made listing N entries cost N squared).
         entries = self._listing(handle).entries
         for pos in range(off, len(entries)):
             node = entries[pos]
-            yield node.name, self._attributes(self.vfs.ino_for(node), node), pos + 1
+            yield node.name, self._dirent(node), pos + 1
+
+    def _dirent(self, node: Node) -> llfuse.EntryAttributes:
+        """What a directory entry carries: the kernel takes only inode and type from it."""
+        entry = llfuse.EntryAttributes()
+        entry.st_ino = self.vfs.ino_for(node)
+        entry.st_mode = A.dirent_type(node)
+        return entry
 
     def _root_listing(self, handle: _RootListing) -> list[tuple[bytes, Node]]:
         if handle.names is None:
