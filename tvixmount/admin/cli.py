@@ -202,7 +202,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     for service, _env in _SERVICES:
         p.add_argument(f"--to-{service}-service-addr", metavar="URL", help=f"target {service} service URL")
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
-                   help="blobs copied at once (default 4)")
+                   help="blobs copied at once (default 8)")
 
     p = command("daemon", "serve the store over tvix's gRPC protocol",
                 "Serve the store (the embedded one by default) over tvix's gRPC protocol until\n"

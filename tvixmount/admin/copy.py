@@ -42,7 +42,10 @@ from .progress import Bar, NullBar
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read from the source blob
-DEFAULT_JOBS = 4  # blobs copied at once: hides round trips to a remote store
+# Blobs copied at once: hides disk reads of the source and round trips to a
+# remote store (the 40,000-file store into a new embedded one, 2-core VM:
+# -j 1 44 s, -j 8 23 s).
+DEFAULT_JOBS = 8
 
 
 @dataclass(slots=True)
@@ -242,19 +245,20 @@ class Copier:
         """Copy one blob unless the target has it; the bytes copied, or None when skipped."""
         if self.target.blobs.stat(digest) is not None:
             return None
-        what = f"{path}: blob {b3_text(digest)}"
         try:
             reader = self.source.blobs.open_read(digest)
         except NotFound:
-            raise NotFound(f"{what}: not in the source store") from None
+            raise NotFound(f"{path}: blob {b3_text(digest)}: not in the source store") from None
         with reader, self.target.blobs.open_write(expected_digest=digest) as writer:
             if reader.size != size:
-                raise InvalidData(f"{what}: the source holds {reader.size} bytes, the tree says {size}")
+                raise InvalidData(f"{path}: blob {b3_text(digest)}: the source holds {reader.size} bytes, "
+                                  f"the tree says {size}")
             offset = 0
             while offset < size:
                 piece = reader.pread(offset, min(CHUNK, size - offset))
                 if not piece:
-                    raise InvalidData(f"{what}: source blob ended at {offset} of {size} bytes")
+                    raise InvalidData(f"{path}: blob {b3_text(digest)}: source blob ended at {offset} "
+                                      f"of {size} bytes")
                 writer.write(piece)
                 offset += len(piece)
                 self.bytes_bar.update(len(piece))
