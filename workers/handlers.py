@@ -26,7 +26,7 @@ from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DIGEST_LEN, Node, b3_text
 from tvixmount.castore.pathinfo import PathInfo, validate_pathinfo
 from tvixmount.castore.storepath import DIGEST_LEN as STORE_DIGEST_LEN
-from tvixmount.errors import IntegrityError, InvalidArgument, InvalidData, NotFound
+from tvixmount.errors import IntegrityError, InvalidArgument, InvalidData, NotFound, TvixError
 from tvixmount.protocol import MAX_READ
 from tvixmount.store import BlobReader, Store
 
@@ -135,16 +135,24 @@ def directory_tree(ctx: Context, digest: bytes, max_entries: int) -> list[tuple[
     Stops after the directory that brings the total past ``max_entries``
     (the root always comes): DirectoryNode.size cannot be trusted to bound
     a tree, so the reply is bounded here, and the dispatcher fetches the
-    rest lazily.
+    rest lazily. A descendant that is missing or broken also ends the
+    prefetch, not the request: it fails on its own when it is asked for
+    (EIO for that directory only), and what came before it is good.
     """
     _check_len(digest, DIGEST_LEN, "directory digest")
     tree: list[tuple[bytes, Directory]] = []
     entries = 0
-    for found_digest, found in ctx.store.directories.get_tree(digest):
-        tree.append((found_digest, found))
-        entries += len(found)
-        if entries >= max_entries:
-            break
+    try:
+        for found_digest, found in ctx.store.directories.get_tree(digest):
+            tree.append((found_digest, found))
+            entries += len(found)
+            if entries >= max_entries:
+                break
+    except TvixError as exc:
+        if not tree:
+            raise  # the directory asked for is what is broken
+        log.debug("prefetch below directory %s stopped after %d directories: %s", b3_text(digest), len(tree),
+                  exc)
     if not tree:
         raise NotFound(f"directory {b3_text(digest)} not found")
     return tree
