@@ -53,6 +53,7 @@ FINE = Directory(files=(FileNode(b"inner", b3(GOOD), len(GOOD)),))
 SLASHED = Directory(files=(FileNode(b"a/b", b3(GOOD), len(GOOD)),))
 OTHER = Directory(symlinks=(SymlinkNode(b"x", b"y"),))
 MISMATCH_DIGEST = b3(b"the digest a parent claims for a row holding OTHER")
+MISSING_DIGEST = b3(b"a directory the store does not have")
 
 TREE = store_path("integrity-tree")
 NAMED = store_path("integrity-named")
@@ -74,7 +75,8 @@ def _populate_embedded(store_dir: Path) -> None:
         db.close()
     tree = Directory(
         directories=(DirectoryNode(b"broken", SLASHED.digest(), 2), DirectoryNode(b"fine", FINE.digest(), 2),
-                     DirectoryNode(b"mismatch", MISMATCH_DIGEST, 2)),
+                     DirectoryNode(b"mismatch", MISMATCH_DIGEST, 2),
+                     DirectoryNode(b"missing", MISSING_DIGEST, 2)),
         files=(FileNode(b"big", b3(BIG), len(BIG)), FileNode(b"good", b3(GOOD), len(GOOD)),
                FileNode(b"small", b3(SMALL), len(SMALL))),
     )
@@ -110,7 +112,8 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, 
     base = tmp_path_factory.mktemp("integrity")
     store_dir = base / "store"
     _populate_embedded(store_dir)
-    with serving(base / "mnt", store_dir, "--request-timeout", "3") as m:
+    missing = rf"directory {re.escape(b3_text(MISSING_DIGEST))} .*referenced object is missing"
+    with serving(base / "mnt", store_dir, "--request-timeout", "3", allowed_errors=(missing,)) as m:
         yield m, store_dir
 
 
@@ -165,7 +168,7 @@ def test_directory_breaking_a_rule_fails_only_itself(embedded: tuple[Mount, Path
     m, _ = embedded
     cursor = LogCursor(m)
     top = m.path(TREE.basename)
-    assert sorted(os.listdir(top)) == ["big", "broken", "fine", "good", "mismatch", "small"]
+    assert sorted(os.listdir(top)) == ["big", "broken", "fine", "good", "mismatch", "missing", "small"]
     for _ in range(2):
         assert attempt(lambda: os.listdir(top / "broken"))[0] == errno.EIO
         assert attempt(lambda: os.stat(top / "broken" / "a"))[0] == errno.EIO
@@ -186,6 +189,16 @@ def test_directory_not_matching_its_parents_digest(embedded: tuple[Mount, Path])
     assert f"content hashes to {b3_text(OTHER.digest())}" in line
     assert len(_warnings_naming(cursor, MISMATCH_DIGEST)) == 1
     assert os.listdir(top / "fine") == ["inner"]
+
+
+def test_missing_directory_fails_only_itself(embedded: tuple[Mount, Path]) -> None:
+    m, _ = embedded
+    cursor = LogCursor(m)
+    top = m.path(TREE.basename)
+    assert attempt(lambda: os.listdir(top / "missing"))[0] == errno.EIO
+    cursor.wait_for(rf"ERROR .*directory {re.escape(b3_text(MISSING_DIGEST))} .*referenced object is missing")
+    assert "missing" in os.listdir(top)
+    assert read_bytes(top / "good") == GOOD
 
 
 def test_root_node_name_not_matching_the_store_path(embedded: tuple[Mount, Path]) -> None:
@@ -291,7 +304,7 @@ def test_grpc_directory_breaking_a_rule_or_not_matching(scripted: tuple[Mount, S
         line = cursor.wait_for(rf"WARNING .*directory {re.escape(b3_text(G_DIR.digest()))}")
         assert "contains '/'" in line
         line = cursor.wait_for(rf"WARNING .*directory {re.escape(b3_text(G_BROKEN_DIR.digest()))}")
-        assert "content hashes to" in line
+        assert re.search(r"content hashes to|sent \S+ first instead of the root", line)
         assert sorted(os.listdir(top)) == ["chunked", "dir", "other", "whole"]  # the parent is fine
     finally:
         fake.faults.clear()
