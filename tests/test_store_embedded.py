@@ -575,3 +575,27 @@ def test_sync_filesystem_works_here(root: Path) -> None:
 
     root.mkdir()
     assert sync_filesystem(root) is True  # Linux with glibc: syncfs(2) exists
+
+
+def _die_in_batch(root: str, datas: list[bytes]) -> None:
+    with open_store(StoreUrls.embedded(root)) as store, store.blobs.batch():
+        for data in datas:
+            store.blobs.put(data)
+        os._exit(3)  # a crash: no batch end, no cleanup
+
+
+def test_process_dying_in_a_batch_leaves_only_unrecorded_files(root: Path) -> None:
+    open_store(StoreUrls.embedded(root, create=True)).close()
+    datas = [pattern(CHUNK * 2, seed=7), b"small one"]
+    child = multiprocessing.get_context("fork").Process(target=_die_in_batch, args=(str(root), datas))
+    child.start()
+    child.join(20)
+    assert child.exitcode == 3
+    assert _rows(root) == set()
+    assert len(blob_files(root)) == 2  # in place, never recorded
+    with open_store(StoreUrls.embedded(root)) as store:
+        assert [store.blobs.stat(b3(d)) for d in datas] == [None, None]
+        with store.blobs.batch():
+            for data in datas:
+                store.blobs.put(data)
+        assert [read_all(store, b3(d)) for d in datas] == datas
