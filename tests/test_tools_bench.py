@@ -45,7 +45,8 @@ def test_quick_run_measures_every_workload_on_every_target(workdir):
                           capture_output=True, text=True, timeout=200)
     took = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert took < 90, f"the quick run took {took:.0f} s"
+    # ~35 s on an idle 2-CPU machine; the margin is for a machine shared with other jobs
+    assert took < 150, f"the quick run took {took:.0f} s"
     assert mounts_under(workdir) == []
 
     report = json.loads((out / "b.json").read_text())

@@ -53,8 +53,9 @@ from benchlib.targets import Native, Squashfuse, Target, Tvixmount  # noqa: E402
 FULL = {"files": 40000, "big": 8, "big_size": "128M", "repeat": 3, "readers": "1,2,4,8,16",
         "workers": "1,2,4,8", "random_reads": 2048, "latency_duration": 8.0}
 QUICK = {"files": 500, "big": 2, "big_size": "4M", "repeat": 1, "readers": "8", "workers": "1,8",
-         "random_reads": 64, "latency_duration": 1.5}
+         "random_reads": 64, "latency_duration": 1.0}
 MAIN_READERS = 8
+ALL_WORKLOADS = ("seq_read", "find", "stat_walk", "tar", "random_read", "sweeps")
 STATS_XATTR = "user.tvixmount.stats"
 
 
@@ -109,9 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="daemon --added-latency for the latency sweep (default 0.02)")
     p.add_argument("--targets", default="native,squashfuse,tvix-embedded,tvix-grpc",
                    help="comma-separated subset of targets to measure (default all)")
+    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
+                   help="comma-separated subset of workloads, 'sweeps' being the --workers sweeps and the "
+                        "plain gRPC client (default all; for profiling one of them)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record py-spy profiles (collapsed stacks) of tvixmount and its workers for "
                         "every cold tvix workload into DIR")
+    p.add_argument("--profile-gil", action="store_true",
+                   help="with --profile: sample only threads holding the GIL (CPU time, not waits)")
     p.add_argument("--json", type=Path, help="JSON results (default WORKDIR/bench.json)")
     p.add_argument("--markdown", type=Path, help="Markdown table (default WORKDIR/bench.md)")
     p.add_argument("--plot", type=Path, help="PNG plot (default WORKDIR/bench.png)")
@@ -131,6 +137,7 @@ class Bench:
         self.warnings: list[str] = []
         self.mount_stats: dict[str, dict[str, Any]] = {}
         self.caches_dropped = True
+        self.load_start = (0.0, 0.0, 0.0)
 
     def say(self, text: str) -> None:
         print(f"[{time.monotonic() - self.t0:7.1f}s] {text}", flush=True)
@@ -177,7 +184,7 @@ class Bench:
         pid = target.mount_pid()
         if not self.args.profile or pid is None or not isinstance(target, Tvixmount):
             return contextlib.nullcontext()
-        return _PySpy(pid, self.args.profile / f"{target.name}-{label}.txt", self.say)
+        return _PySpy(pid, self.args.profile / f"{target.name}-{label}.txt", self.say, self.args.profile_gil)
 
     # -- phases ----------------------------------------------------------------------------
 
@@ -185,14 +192,14 @@ class Bench:
         a = self.args
         for target in targets:
             try:
-                for name in ("seq_read", "find", "stat_walk", "tar"):
+                for name in [w for w in ("seq_read", "find", "stat_walk", "tar") if w in a.workload_names]:
                     cold, warm = self.cold_warm(target, name,
                                                 lambda root, n=name, t=target: self.workload(t, n, root))
                     self.record(target.name, name, "cold", cold)
                     self.record(target.name, name, "warm", warm)
                     self.say(f"run {rep_index + 1}/{a.repeat} {target.name:<13} {name:<10} "
                              f"cold {_show(cold)}   warm {_show(warm)}")
-                for readers in a.readers:
+                for readers in a.readers if "random_read" in a.workload_names else []:
                     label = f"random_read-{readers}"
 
                     def fn(root: Path, n: int = readers, t: Target = target) -> dict[str, float]:
@@ -274,6 +281,13 @@ class Bench:
         a = self.args
         spec = DatasetSpec(a.files, a.big, a.big_size, a.seed)
         ds = prepare(a.workdir, spec, self.say)
+        self.load_start = os.getloadavg()
+        busy = self.load_start[0] / (os.cpu_count() or 1)
+        if busy > 0.5:
+            self.warnings.append(f"the machine was busy when the run started (load average "
+                                 f"{self.load_start[0]:.1f} on {os.cpu_count()} CPUs): numbers are noisy")
+            self.say(f"WARNING: load average {self.load_start[0]:.1f} on {os.cpu_count()} CPUs: "
+                     "other processes compete with the measurements")
         (a.workdir / "logs").mkdir(exist_ok=True)
         self.say(f"data set: {ds.entries} entries, {ds.tree_bytes / 1e6:.0f} MB, "
                  f"{len(ds.packages)} packages, "
@@ -287,9 +301,10 @@ class Bench:
         targets = [t for t in all_targets if t.name in a.target_names]
         for i in range(a.repeat):
             self.main_targets(targets, i)
-            if "tvix-grpc" in a.target_names:
-                self.grpc_baseline(ds, i)
-            self.workers_sweeps(ds, i)
+            if "sweeps" in a.workload_names:
+                if "tvix-grpc" in a.target_names:
+                    self.grpc_baseline(ds, i)
+                self.workers_sweeps(ds, i)
         report = self.report(ds, targets)
         print()
         print(rep.markdown(report), end="")
@@ -334,6 +349,8 @@ class Bench:
             "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
             "elapsed_s": time.monotonic() - self.t0,
             "caches_dropped": self.caches_dropped,
+            "loadavg_start": list(self.load_start),
+            "loadavg_end": list(os.getloadavg()),
             "machine": machine(),
             "git_commit": _git_commit(),
             "dataset": {"files": ds.spec.files, "big": ds.spec.big, "big_size": ds.spec.big_size,
@@ -367,15 +384,15 @@ class _PySpy:
     ``tools/benchlib/profile_summary.py``, or load them into a flame graph viewer.
     """
 
-    def __init__(self, pid: int, out: Path, say) -> None:
-        self.pid, self.out, self.say = pid, out, say
+    def __init__(self, pid: int, out: Path, say, gil: bool = False) -> None:
+        self.pid, self.out, self.say, self.gil = pid, out, say, gil
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> _PySpy:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         spy = Path(sys.executable).with_name("py-spy")
         cmd = [str(spy), "record", "--pid", str(self.pid), "--subprocesses", "--nonblocking", "--rate", "250",
-               "--format", "raw", "-o", str(self.out)]
+               "--format", "raw", "-o", str(self.out), *(["--gil"] if self.gil else [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(1.0)  # let it attach before the workload starts
         return self
@@ -444,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     args.readers = sorted({*args.readers, MAIN_READERS})
     args.workers = sorted({*args.workers, 1, 8})
     args.target_names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    args.workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    unknown = sorted(set(args.workload_names) - set(ALL_WORKLOADS))
+    if unknown:
+        print(f"tools/bench: unknown workloads {unknown}; choose from {', '.join(ALL_WORKLOADS)}",
+              file=sys.stderr)
+        return 2
     if args.repeat < 1 or args.files < 1 or args.big < 1:
         print("tools/bench: --repeat, --files and --big must be at least 1", file=sys.stderr)
         return 2

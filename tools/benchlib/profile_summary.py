@@ -24,6 +24,14 @@ _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
 
 
+# Frames on every stack of a process kind (process start, thread start, main loops):
+# they say nothing about where the time goes.
+_PLUMBING = ("<frozen runpy>", "multiprocessing/", "threading.py:Thread.", "tvixmount/cli.py",
+             "tvixmount/zygote.py", "tvixmount/mount.py:run", "tvixmount/pool.py:WorkerPool.start",
+             "workers/loop.py:serve", "workers/loop.py:_loop", "workers/__main__")
+_PLUMBING_FUNCS = (":main", ":<module>")
+
+
 def frame_name(frame: str) -> str:
     """'read (tvixmount/fuse_ops.py:233)' -> 'fuse_ops.py:read' (lines dropped, so a function adds up)."""
     m = _FRAME.match(frame.strip())
@@ -35,7 +43,18 @@ def frame_name(frame: str) -> str:
     return f"{short}:{m.group('func')}"
 
 
-def process_kind(frames: list[str]) -> str:
+_BY_DEPTH = {1: "dispatcher", 2: "zygote"}
+
+
+def process_kind(frames: list[str], depth: int = 0) -> str:
+    """Which tvixmount process a stack is from.
+
+    With ``py-spy --subprocesses`` each stack starts with the chain of
+    processes from the one py-spy was given: the dispatcher, its zygote,
+    the zygote's workers. Without that chain, guess from the frames.
+    """
+    if depth:
+        return _BY_DEPTH.get(depth, "worker")
     text = ";".join(frames)
     if "workers/loop.py" in text or "workers/handlers.py" in text:
         return "worker"
@@ -54,13 +73,13 @@ def summarise(paths: list[Path], top: int) -> str:
             if not m:
                 continue
             frames = m.group("stack").split(";")
-            if frames and frames[0].startswith("process "):
-                frames = frames[1:]
-            frames = [f for f in frames if not f.startswith("thread ")]
+            # --subprocesses prefixes the chain of processes; --threads a thread frame
+            depth = sum(1 for f in frames if f.startswith("process "))
+            frames = [f for f in frames if not f.startswith(("process ", "thread "))]
             if not frames:
                 continue
             count = int(m.group("count"))
-            kind = process_kind(frames)
+            kind = process_kind(frames, depth)
             samples[kind] += count
             names = [frame_name(f) for f in frames]
             selfs.setdefault(kind, Counter())[names[-1]] += count
@@ -73,8 +92,10 @@ def summarise(paths: list[Path], top: int) -> str:
         out.append("  self:")
         for name, n in selfs[kind].most_common(top):
             out.append(f"    {100 * n / total:5.1f}%  {name}")
-        out.append("  inclusive:")
-        for name, n in inclusive[kind].most_common(top):
+        out.append("  inclusive (start-up and thread frames left out):")
+        shown = [(name, n) for name, n in inclusive[kind].most_common()
+                 if not name.startswith(_PLUMBING) and not name.endswith(_PLUMBING_FUNCS)]
+        for name, n in shown[:top]:
             out.append(f"    {100 * n / total:5.1f}%  {name}")
     return "\n".join(out)
 

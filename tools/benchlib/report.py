@@ -213,7 +213,8 @@ def plot(report: dict[str, Any], out: Path) -> str | None:
              title="Random 128 KiB reads vs readers")
     left.set_xticks(sorted({int(n) for t in sweeps.get("readers", {}).values() for n in t}))
     left.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    left.legend(fontsize=7)
+    left.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
+    left.legend(fontsize=7, ncol=2)
     left.grid(True, which="both", alpha=0.3)
     for name, row in sweeps.get("workers", {}).items():
         xs = sorted(int(n) for n in row)
@@ -222,6 +223,7 @@ def plot(report: dict[str, Any], out: Path) -> str | None:
               title="Random 128 KiB reads, 8 readers, vs workers")
     right.set_xticks(sorted({int(n) for t in sweeps.get("workers", {}).values() for n in t}) or [1])
     right.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    right.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.legend(fontsize=8)
     right.grid(True, which="both", alpha=0.3)
     machine = report["meta"]["machine"]
