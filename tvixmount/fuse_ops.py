@@ -13,6 +13,7 @@ that turns out missing is EIO, not ENOENT (only an unknown name is ENOENT).
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -64,7 +65,11 @@ class TvixOperations(llfuse.Operations):
         self._flight = SingleFlight()
         self._files: dict[int, FileNode] = {}
         self._dirs: dict[int, int | _RootListing] = {}
-        self._next_fh = 1
+        # File and directory handles count apart: a file handle is also the
+        # read's worker affinity (fh % workers), so consecutive opens must
+        # spread evenly over the workers, whatever directories were opened.
+        self._file_fhs = itertools.count(1)
+        self._dir_fhs = itertools.count(1)
         self._broken_reported: set[bytes] = set()
         self.counters: dict[str, int] = {}
 
@@ -182,10 +187,10 @@ class TvixOperations(llfuse.Operations):
         if inode == A.ROOT_INODE:
             if not self.options.list_root:
                 raise llfuse.FUSEError(errno.EPERM)
-            return self._new_handle(self._dirs, _RootListing())
+            return self._new_handle(self._dirs, self._dir_fhs, _RootListing())
         if not isinstance(self._node(inode), DirectoryNode):
             raise llfuse.FUSEError(errno.ENOTDIR)
-        return self._new_handle(self._dirs, inode)
+        return self._new_handle(self._dirs, self._dir_fhs, inode)
 
     def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
         self._count("readdir")
@@ -241,7 +246,7 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.EIO)
         # The blob is not looked at here: a missing or broken blob fails the
         # first read with EIO, which saves a worker round trip per open.
-        return self._new_handle(self._files, node)
+        return self._new_handle(self._files, self._file_fhs, node)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
         self._count("read")
@@ -262,9 +267,9 @@ class TvixOperations(llfuse.Operations):
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)
 
-    def _new_handle(self, table: dict[int, Any], value: Any) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
+    @staticmethod
+    def _new_handle(table: dict[int, Any], numbers: Iterator[int], value: Any) -> int:
+        fh = next(numbers)
         table[fh] = value
         return fh
 
