@@ -129,6 +129,7 @@ class Bench:
         self.args = args
         self.registry = registry
         self.t0 = time.monotonic()
+        self.started = time.strftime("%Y-%m-%d %H:%M:%S %z")
         self.samples: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
         self.readers_sweep: dict[str, dict[str, dict[str, list[float]]]] = {}
         self.workers_sweep: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -346,7 +347,7 @@ class Bench:
             "command": " ".join(["tools/bench", *sys.argv[1:]]),
             "quick": a.quick,
             "repeat": a.repeat,
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "started": self.started,
             "elapsed_s": time.monotonic() - self.t0,
             "caches_dropped": self.caches_dropped,
             "loadavg_start": list(self.load_start),
@@ -425,9 +426,12 @@ def machine() -> dict[str, Any]:
 
 
 def _git_commit() -> str:
+    """HEAD, with "+dirty" when the mount's own code (tvixmount/, workers/) has uncommitted changes."""
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                          check=False)
-    return out.stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "tvixmount", "workers"], cwd=HERE.parent,
+                           capture_output=True, text=True, check=False)
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _show(result: dict[str, float]) -> str:
