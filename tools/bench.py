@@ -55,6 +55,7 @@ FULL = {"files": 40000, "big": 8, "big_size": "128M", "repeat": 3, "readers": "1
 QUICK = {"files": 500, "big": 2, "big_size": "4M", "repeat": 1, "readers": "8", "workers": "1,8",
          "random_reads": 64, "latency_duration": 1.0}
 MAIN_READERS = 8
+DEFAULT_WORKDIR = Path("/var/tmp/tvixmount-bench")
 ALL_WORKLOADS = ("seq_read", "find", "stat_walk", "tar", "random_read", "sweeps")
 STATS_XATTR = "user.tvixmount.stats"
 
@@ -80,12 +81,13 @@ def parse_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="example: tools/bench --quick --workdir /tmp/bench")
-    p.add_argument("--workdir", type=Path, default=Path("/var/tmp/tvixmount-bench"),
-                   help="data set, store, image, mounts, logs and default outputs (reused; "
-                        "default /var/tmp/tvixmount-bench)")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="data set, store, image, mounts, logs and default outputs (reused while the "
+                        f"data set parameters match; default {DEFAULT_WORKDIR}, with --quick "
+                        f"{DEFAULT_WORKDIR}-quick)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['files']} files + {QUICK['big']} x {QUICK['big_size']}, "
                         "1 repeat, short sweeps (well under a minute)")
@@ -477,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("tools/bench: needs root (FUSE mounts with ro,nodev and drop_caches)", file=sys.stderr)
         return 2
+    if args.workdir is None:
+        # apart, so a smoke run never replaces the full data set (minutes to rebuild)
+        args.workdir = Path(f"{DEFAULT_WORKDIR}-quick") if args.quick else DEFAULT_WORKDIR
     args.workdir = args.workdir.resolve()
 
     registry = Registry()
