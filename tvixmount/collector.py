@@ -132,14 +132,17 @@ class Collector:
     def _check_hung(self, worker: Worker, now: float) -> None:
         """Kill a worker silent for ``hang_fraction`` of its oldest call's budget. State lock held.
 
-        Its death re-sends the idempotent calls it held (once, with the time
-        they have left) instead of letting each wait for its deadline.
+        The budget is what the call had left when it was sent to this worker
+        (a re-sent call has less), so a hung worker that was only handed
+        re-sent calls is found before they run out. Its death re-sends the
+        idempotent calls it held (once, with the time they have left)
+        instead of letting each wait for its deadline.
         """
         if self.hang_fraction is None:
             return
         oldest = next(iter(worker.inflight.values()))
         silent = worker.silence(now)
-        if silent >= oldest.timeout * self.hang_fraction:
+        if silent >= (oldest.deadline - oldest.sent_at) * self.hang_fraction:
             self.state.kill(worker, f"hung: no reply for {silent:.1f} s while holding {len(worker.inflight)} "
                                     f"requests, the oldest {oldest.what()}")
 
