@@ -473,6 +473,26 @@ def test_worker_answers_an_error_rather_than_a_reply_larger_than_a_frame(
     assert re.search(r"directory: the answer is \d+ bytes, more than the 1000", reply[2][1])
 
 
+# -- the coverage-guided harness, briefly, when atheris is installed -----------------------------
+
+HARNESS = Path(__file__).resolve().parent / "fuzz" / "fuzz_decoders.py"
+
+
+@pytest.mark.parametrize("target", ["directory", "pathinfo", "nar", "storepath", "frames", "request"])
+def test_atheris_harness_finds_nothing_quickly(tmp_path: Path, target: str) -> None:
+    pytest.importorskip("atheris", reason="atheris is optional (pip install atheris); see tests/fuzz/")
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "corpus"
+    subprocess.run([sys.executable, str(HARNESS), "--seed", str(corpus), target], check=True, timeout=60)
+    runs = "100" if target == "frames" else "1000"  # frames opens a pipe per input
+    done = subprocess.run([sys.executable, str(HARNESS), target, str(corpus), f"-runs={runs}"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not list(tmp_path.glob("crash-*"))
+
+
 # -- too big for one piece: against a real mount ---------------------------------------------------
 
 HUGE_ENTRIES = 2_000_000
