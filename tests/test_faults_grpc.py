@@ -132,7 +132,8 @@ def test_daemon_killed_mid_read_then_restarted(daemon_mount: tuple[Mount, Daemon
         data, took = _until_served(lambda: direct_read(big, 1_000_000, 65536))
         assert data == D_BIG[1_000_000:1_065_536] and took < 5
         assert os.pread(f.fileno(), 100_000, 1_900_000) == D_BIG[1_900_000:]  # the open file works on
-    assert read_bytes(m.path(D_LATER.basename)) == D_SMALL
+    data, took = _until_served(lambda: read_bytes(m.path(D_LATER.basename)))  # each channel reconnects
+    assert data == D_SMALL and took < 5
     assert stats(m.mountpoint)["fetcher"]["killed"] == 0  # workers were never the problem
 
 
@@ -162,7 +163,8 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, 
     top = Directory(files=tuple(sorted(files, key=lambda f: f.name)))
     fake.add_directory(top)
     fake.add_root(DirectoryNode(S_TREE.basename.encode(), top.digest(), 2 * len(files)))
-    allowed = (r"answered UNAVAILABLE: scripted", r"timed out after 3\.0 s", r"connection lost mid-stream")
+    allowed = (r"answered UNAVAILABLE: scripted", r"timed out after 3\.0 s", r"connection lost mid-stream",
+               r": worker \d pid \d+ died")  # the second worker stuck in a slow call, killed as hung
     try:
         with serving(tmp_path_factory.mktemp("scripted") / "mnt", None, "--request-timeout", str(DEADLINE),
                      urls=(fake.url,) * 3, allowed_errors=allowed) as m:
@@ -219,15 +221,15 @@ def test_slow_server_past_the_deadline_is_eio_at_the_deadline(scripted: tuple[Mo
     try:
         code, took = attempt(lambda: direct_read(_file(m, "s01")))
         assert code == errno.EIO
-        assert DEADLINE - 0.2 <= took < DEADLINE + SLACK
+        assert DEADLINE / 2 <= took < DEADLINE + SLACK  # the re-sent call fails too, by its deadline
         cursor.wait_for(r"WARNING .*hung: no reply for 1\.\d s .*blob_read")
-        cursor.wait_for(rf"ERROR .*read of {re.escape(b3_text(digest))} .*timed out after 3\.0 s")
+        cursor.wait_for(rf"ERROR .*read of {re.escape(b3_text(digest))} .*(timed out after 3\.0 s|died)")
     finally:
         fake.faults.clear()
     assert read_bytes(_file(m, "s01")) == _small(1)  # the server is fast again: served
     after = wait_until(lambda: (s := stats(m.mountpoint)["fetcher"])["workers"]["0"]["ready"]
                        and s["workers"]["1"]["ready"] and s, 10)
-    assert after["timeouts"] == before["timeouts"] + 1
+    assert after["timeouts"] + after["lost"] == before["timeouts"] + before["lost"] + 1
     assert after["killed"] >= before["killed"] + 1  # the workers stuck in the slow call were replaced
 
 
