@@ -63,6 +63,16 @@ def b3_text(digest: bytes) -> str:
     return "b3:" + base64.b64encode(digest).decode("ascii")
 
 
+# Names longer than this are shown cut (no valid name is: names have at most 255 bytes).
+_SHOWN_MAX = 300
+
+
 def display_name(name: bytes) -> str:
-    """A name for log lines and error messages, lossless for odd bytes."""
+    """A name for log lines and error messages, lossless for odd bytes.
+
+    An over-long name (invalid anyway) is cut and its length said, so that
+    a 1 MiB name in a damaged directory makes a log line, not a megabyte.
+    """
+    if len(name) > _SHOWN_MAX:
+        return name[:64].decode("utf-8", "backslashreplace") + f"...({len(name)} bytes)"
     return name.decode("utf-8", "backslashreplace")
