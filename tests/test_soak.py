@@ -68,6 +68,7 @@ def _check(result: soak.SoakResult, capsys: pytest.CaptureFixture[str]) -> None:
     assert kills >= int(active / cfg.kill_every[1]) - 1, f"only {kills} worker kills in {active:g} s"
     assert restarts >= int(active / (cfg.restart_every * 1.2)), f"only {restarts} daemon restarts"
     assert result.pool["restarts"] >= kills, result.pool  # every kill really killed a worker
+    assert result.pool["resent"] >= 1, result.pool  # and some killed a worker in the middle of requests
 
     # the load ran, and every byte of it was right
     assert result.total("reads") >= MIN_READS_PER_S * cfg.seconds, f"too little load {where}"
