@@ -172,7 +172,17 @@ class Bench:
         root = target.prepare(cold=True)
         with self.profiler(target, label):
             cold = fn(root)
+        before = page_cache_bytes()
         warm = fn(target.prepare(cold=False))
+        after = page_cache_bytes()
+        if before > 64 << 20 and after < before // 2:
+            # Someone else dropped the caches (another benchmark, a test): this
+            # warm sample measured a cold cache and is left out of the medians.
+            warm["external_drop"] = 1.0
+            self.warnings.append(f"{target.name} {label} warm: the page cache shrank from {before >> 20} "
+                                 f"to {after >> 20} MiB during the run (dropped by another process); "
+                                 "sample left out")
+            self.say(f"WARNING: page cache dropped by another process during {target.name} {label} warm")
         if isinstance(target, Tvixmount):
             try:
                 stats = json.loads(os.getxattr(root, STATS_XATTR))
@@ -409,6 +419,15 @@ class _PySpy:
                 self.proc.kill()
                 self.proc.wait()
             self.say(f"profile: {self.out}")
+
+
+def page_cache_bytes() -> int:
+    """The kernel's page cache size ("Cached" in /proc/meminfo)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Cached:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def machine() -> dict[str, Any]:

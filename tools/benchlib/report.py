@@ -70,7 +70,10 @@ def summarise(samples: dict[str, dict[str, dict[str, list[dict[str, float]]]]]) 
     for target, workloads in samples.items():
         for workload, modes in workloads.items():
             for mode, runs in modes.items():
-                keys = sorted({k for run in runs for k in run})
+                # a warm run whose page cache another process dropped measured nothing warm
+                clean = [run for run in runs if not run.get("external_drop")]
+                runs = clean or runs
+                keys = sorted({k for run in runs for k in run} - {"external_drop"})
                 out.setdefault(target, {}).setdefault(workload, {})[mode] = {
                     k: median([run[k] for run in runs if k in run]) for k in keys}
     return out
