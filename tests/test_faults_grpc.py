@@ -99,6 +99,7 @@ def _until_served(fn: Callable[[], Any], timeout: float = 15.0) -> tuple[Any, fl
 
 def test_daemon_down_at_start_then_up(daemon_mount: tuple[Mount, Daemon]) -> None:
     m, daemon = daemon_mount
+    assert re.search(r"WARNING .*store .* is not answering: .*UNAVAILABLE.*mounting anyway", m.log())
     cursor = LogCursor(m)
     top = m.path(D_TREE.basename)
     for _ in range(2):

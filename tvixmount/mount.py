@@ -25,6 +25,7 @@ from pathlib import Path
 
 import llfuse
 
+from .errors import TvixError
 from .fetcher import PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
 from .pool import WorkerPool
@@ -128,6 +129,7 @@ def run(config: MountConfig) -> int:
     pool.start()
     try:
         fetcher = PoolFetcher(pool)
+        probe_store(pool, config)
         ops = TvixOperations(Vfs(), fetcher, MountOptions(config.list_root, config.show_xattr))
         llfuse.init(ops, str(config.mountpoint), list(fuse_options(config)))
         stopper = _Stopper(config.mountpoint, config.stop_grace)
@@ -147,6 +149,25 @@ def run(config: MountConfig) -> int:
     finally:
         pool.close()
     return 0
+
+
+PROBE_TIMEOUT = 10.0
+
+
+def probe_store(pool: WorkerPool, config: MountConfig) -> None:
+    """Ask the store for one path info, so an unreachable store is said at start.
+
+    A remote store that is down is not fatal (it may come back, and the
+    mount recovers by itself), but the operator should hear it now rather
+    than from the first failed build.
+    """
+    try:
+        pool.call("path_info", bytes(20), timeout=min(PROBE_TIMEOUT, config.request_timeout))
+    except TvixError as exc:
+        log.warning("store %s is not answering: %s; mounting anyway, requests will fail with EIO "
+                    "until it does", describe(config.urls), exc)
+    else:
+        log.debug("store %s answers", describe(config.urls))
 
 
 class _Stopper:
