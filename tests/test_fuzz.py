@@ -15,7 +15,7 @@ matters: a directory of two million entries is refused unread (EIO and a
 WARNING naming it, not a worker decoding it for minutes), a name of 1 MiB
 never reaches the kernel, and blobs of 10 GiB (embedded and over gRPC) are
 read in place with the workers' memory unchanged; the NAR reader streams a
-10 GiB file without holding it.
+file past 2 GiB without holding it.
 
 A coverage-guided harness for the same decoders is tests/fuzz/fuzz_decoders.py
 (atheris; see its docstring for how to run it).
@@ -74,7 +74,7 @@ from tvixmount.errors import InvalidData
 from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
 from tvixmount.store import StoreUrls, memory, open_store
 
-FUZZ = settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 U64 = (1 << 64) - 1
 
 # -- mutations ------------------------------------------------------------------------------------
@@ -313,11 +313,13 @@ class _Zeros(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    _ZERO = bytes(4 << 20)
+
     def readinto(self, buffer: Any) -> int:
         total = len(self.head) + self.size + len(self.tail)
-        n = min(len(buffer), total - self.pos)
+        n = min(len(buffer), total - self.pos, len(self._ZERO))
         view = memoryview(buffer)[:n]
-        view[:] = b"\0" * n  # zeros everywhere, then the framing bytes where they belong
+        view[:] = self._ZERO[:n]  # zeros everywhere, then the framing bytes where they belong
         for part, at in ((self.head, 0), (self.tail, len(self.head) + self.size)):
             lo, hi = max(at, self.pos), min(at + len(part), self.pos + n)
             if lo < hi:
@@ -326,19 +328,20 @@ class _Zeros(io.RawIOBase):
         return n
 
 
-def test_nar_reader_streams_a_10_gib_file_in_bounded_memory() -> None:
-    size = 10 << 30
+def test_nar_reader_streams_a_big_file_in_bounded_memory() -> None:
+    size = (2 << 30) + 3  # past 2**31, and padded
     tracemalloc.start()
     try:
         events = read_nar(io.BufferedReader(_Zeros(size), 1 << 20))
         event = next(events)
         assert isinstance(event, NarFile) and event.size == size
         assert event.reader.read(1 << 20) == bytes(1 << 20)  # contents are handed out as they come
-        assert list(events) == []  # the rest is skipped through, framing and padding checked
+        assert event.reader.read(1 << 20) == bytes(1 << 20)
+        assert list(events) == []  # the rest skipped through, a piece at a time; padding checked
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8 << 20, peak
+    assert peak < 12 << 20, peak  # a few pieces, whatever the file's size
 
 
 # -- nixbase32 and store paths --------------------------------------------------------------------
@@ -528,11 +531,12 @@ def oversized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount,
     base = tmp_path_factory.mktemp("oversized")
     store_dir = base / "store"
     huge = _huge_directory_row(HUGE_ENTRIES)
+    huge_digest = b3(huge)
     assert len(huge) > MAX_ENCODED_LEN
     long_named = Directory(files=(FileNode(b"n" * (1 << 20), b3(b""), 0),)).encode()
     with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
         store.blobs.put(b"")
-        store.path_infos.put(path_info(DirectoryNode(HUGE.basename.encode(), b3(huge), 2 * HUGE_ENTRIES)))
+        store.path_infos.put(path_info(DirectoryNode(HUGE.basename.encode(), huge_digest, 2 * HUGE_ENTRIES)))
         store.path_infos.put(path_info(DirectoryNode(LONG.basename.encode(), b3(long_named), 2)))
         store.path_infos.put(path_info(FileNode(SPARSE.basename.encode(), TEN_GIB_ZEROS_B3, TEN_GIB)))
     segment = b3(bytes(SEGMENT))
@@ -542,7 +546,7 @@ def oversized(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount,
     db = sqlite3.connect(store_dir / "store.sqlite")
     try:
         db.executemany("INSERT INTO directories (digest, data) VALUES (?, ?)",
-                       [(b3(huge), huge), (b3(long_named), long_named)])
+                       [(huge_digest, huge), (b3(long_named), long_named)])
         db.execute("INSERT INTO blobs (digest, size, chunk_size, chunks) VALUES (?, ?, ?, ?)",
                    (TEN_GIB_ZEROS_B3, TEN_GIB, SEGMENT, segment * (TEN_GIB // SEGMENT)))
         db.commit()
@@ -612,8 +616,9 @@ def test_a_10_gib_blob_over_grpc_is_read_chunk_by_chunk(tmp_path: Path) -> None:
     chunk = bytes(1 << 20)
     fake.blobs[b3(chunk)] = chunk
     listing = blob_pb.StatBlobResponse()
+    chunk_digest = b3(chunk)
     for _ in range(TEN_GIB // len(chunk)):
-        listing.chunks.add(digest=b3(chunk), size=len(chunk))
+        listing.chunks.add(digest=chunk_digest, size=len(chunk))
     stat = listing.SerializeToString()
     fake.faults[STAT] = lambda digest: ("bytes", stat) if digest == TEN_GIB_ZEROS_B3 else None
     fake.add_root(FileNode(SPARSE.basename.encode(), TEN_GIB_ZEROS_B3, TEN_GIB))
