@@ -36,6 +36,7 @@ import platform
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -172,15 +173,14 @@ class Bench:
         root = target.prepare(cold=True)
         with self.profiler(target, label):
             cold = fn(root)
-        before = page_cache_bytes()
-        warm = fn(target.prepare(cold=False))
-        after = page_cache_bytes()
-        if before > 64 << 20 and after < before // 2:
+        with CacheWatch() as watch:
+            warm = fn(target.prepare(cold=False))
+        if watch.dropped:
             # Someone else dropped the caches (another benchmark, a test): this
             # warm sample measured a cold cache and is left out of the medians.
             warm["external_drop"] = 1.0
-            self.warnings.append(f"{target.name} {label} warm: the page cache shrank from {before >> 20} "
-                                 f"to {after >> 20} MiB during the run (dropped by another process); "
+            self.warnings.append(f"{target.name} {label} warm: the page cache fell from {watch.peak >> 20} "
+                                 f"to {watch.low >> 20} MiB during the run (dropped by another process); "
                                  "sample left out")
             self.say(f"WARNING: page cache dropped by another process during {target.name} {label} warm")
         if isinstance(target, Tvixmount):
@@ -419,6 +419,37 @@ class _PySpy:
                 self.proc.kill()
                 self.proc.wait()
             self.say(f"profile: {self.out}")
+
+
+class CacheWatch:
+    """Notices, while a warm run goes on, that another process dropped the page cache.
+
+    ``echo 3 > drop_caches`` empties the cache at once; a warm run that
+    re-reads its data refills it, so comparing before and after misses
+    it. Sampling every 20 ms sees the cliff.
+    """
+
+    def __init__(self) -> None:
+        self.peak = self.low = page_cache_bytes()
+        self.dropped = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.02):
+            now = page_cache_bytes()
+            if self.peak > 64 << 20 and now < self.peak // 2:
+                self.dropped = True
+                self.low = min(self.low, now)
+            self.peak = max(self.peak, now)
+
+    def __enter__(self) -> CacheWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def page_cache_bytes() -> int:
