@@ -315,7 +315,7 @@ class GrpcBlobWriter(BlobWriter):
         self._expected = expected_digest
         self._hasher = blake3.blake3()
         self._buffer = bytearray()
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=_PUT_QUEUE)
+        self._queue: queue.Queue[bytes | object | None] = queue.Queue(maxsize=_PUT_QUEUE)
         self._stream: ClientStream | None = None
         self._state = "open"
         self.size = 0
@@ -345,10 +345,22 @@ class GrpcBlobWriter(BlobWriter):
         return self._stream
 
     def _requests(self) -> Iterator[bytes]:
-        """Consumed by a grpc thread: the queued messages, until the end marker."""
+        """Consumed by a grpc thread: the queued messages, until the end marker.
+
+        An aborted upload must never look finished to the server: ending the
+        iterator half-closes the stream, and a server that saw that before
+        the cancel would store the prefix it got. So on abort the iterator
+        ends only once the cancelled call is done, when nothing more is sent.
+        """
         while True:
             item = self._queue.get()
             if item is None:
+                return
+            if not isinstance(item, bytes):  # only _ABORTED is not bytes
+                stream = self._stream
+                deadline = time.monotonic() + _ABORT_WAIT
+                while stream is not None and not stream.done() and time.monotonic() < deadline:
+                    time.sleep(0.01)
                 return
             yield item
 
@@ -416,11 +428,15 @@ class GrpcBlobWriter(BlobWriter):
                 except queue.Empty:
                     break
             with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(None)
+                self._queue.put_nowait(_ABORTED)
 
     def __del__(self) -> None:
         if getattr(self, "_state", None) == "open" and getattr(self, "_stream", None) is not None:
             self.abort()
+
+
+_ABORTED = object()  # the queue's abort marker
+_ABORT_WAIT = 5.0  # how long the request iterator waits for a cancel to take effect
 
 
 # -- service -----------------------------------------------------------------------------
