@@ -55,8 +55,9 @@ LOADTEST = ROOT / "tools" / "loadtest.py"
 # (grpc reconnect back-off, at most 2 s plus 20 % jitter; grpc_channel.py), and
 # a failing call takes its three attempts (~0.3 s) before it is logged.
 RECONNECT_SLACK = 3.0
-# How often the kernel's page, dentry and inode caches are dropped (seconds).
-DROP_EVERY = 1.0
+# Seconds between samples of the dispatcher, each with a drop of the kernel's
+# page, dentry and inode caches.
+SAMPLE_EVERY = 1.0
 # What a failure caused by the daemon being away says (grpc_channel.translate).
 DAEMON_AWAY = re.compile(r"answered (UNAVAILABLE|CANCELLED)")
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (ERROR|CRITICAL) (.*)$", re.M)
@@ -324,14 +325,13 @@ class Sampler(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        next_sample = time.monotonic() + 1.0
-        while not self.stop.wait(DROP_EVERY):
+        tick = time.monotonic() + SAMPLE_EVERY
+        # The wait is to the next tick, not a fixed second: a cache drop can take
+        # a good part of a second on a busy host.
+        while not self.stop.wait(max(0.0, tick - time.monotonic())):
+            tick = max(tick + SAMPLE_EVERY, time.monotonic() + SAMPLE_EVERY / 4)
             with contextlib.suppress(OSError):
                 Path("/proc/sys/vm/drop_caches").write_text("3\n")
-            now = time.monotonic()
-            if now < next_sample:
-                continue
-            next_sample = max(next_sample + 1.0, now + 0.5)
             try:
                 rss, fds = _rss_kib(self.pid), len(os.listdir(f"/proc/{self.pid}/fd"))
             except OSError:
