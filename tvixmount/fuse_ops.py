@@ -70,7 +70,7 @@ class TvixOperations(llfuse.Operations):
         # spread evenly over the workers, whatever directories were opened.
         self._file_fhs = itertools.count(1)
         self._dir_fhs = itertools.count(1)
-        self._broken_reported: set[bytes] = set()
+        self._broken_reported: set[object] = set()  # digests warned about once
         self.counters: dict[str, int] = {}
 
     # -- helpers ------------------------------------------------------------
