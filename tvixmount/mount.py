@@ -116,6 +116,22 @@ def ensure_fusectl() -> None:
                     FUSECTL, result.stderr.strip())
 
 
+class _AnsweredTooLate(logging.Filter):
+    """Demote llfuse's "fuse_reply_* failed with No such file or directory" to DEBUG.
+
+    The kernel answers a reply with ENOENT when it no longer waits for it: the
+    request was interrupted, or the mount is gone (a release racing an
+    unmount). Nothing was lost, so it is not an ERROR for the operator.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR and "fuse_reply_* failed with No such file or directory" in message:
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("llfuse").isEnabledFor(logging.DEBUG)
+        return True
+
+
 def run(config: MountConfig) -> int:
     """Mount, serve until stopped, tear down in order; return the exit status.
 
@@ -124,6 +140,7 @@ def run(config: MountConfig) -> int:
     """
     check_mountpoint(config.mountpoint)
     ensure_fusectl()
+    logging.getLogger("llfuse").addFilter(_AnsweredTooLate())
     pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout,
                       hang_fraction=HANG_FRACTION)
     pool.start()
