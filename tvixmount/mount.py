@@ -125,8 +125,8 @@ class _AnsweredTooLate(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.levelno >= logging.ERROR and "fuse_reply_* failed with No such file or directory" in message:
+        late = "fuse_reply_* failed with No such file or directory" in record.getMessage()
+        if late and record.levelno >= logging.ERROR:
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger("llfuse").isEnabledFor(logging.DEBUG)
         return True
