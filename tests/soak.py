@@ -44,7 +44,7 @@ from typing import Any
 from tests.faults import stats as mount_stats
 from tests.faults import workers as worker_pids
 from tests.grpc_daemon import Daemon, scratch_dir
-from tests.mounting import Mount, is_mounted
+from tests.mounting import Mount, descendants, is_mounted
 from tvixmount.store import StoreUrls
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,24 +287,6 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -337,7 +319,7 @@ class Sampler(threading.Thread):
             except OSError:
                 return  # the dispatcher is gone: the test will say why
             self.result.samples.append(Sample(round(time.monotonic() - self.started, 2), rss, fds))
-            for child in _descendants(self.pid):
+            for child in descendants(self.pid):
                 start = _proc_start(child)
                 if start is not None:
                     self.seen.setdefault(child, start)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.fs_fixtures import BLOB_A, BLOB_A_NAME, EMPTY, Populate, b3, path_info
-from tests.mounting import FUSE_MISSING, Mount, is_mounted
+from tests.mounting import FUSE_MISSING, Mount, descendants, is_mounted
 from tvixmount.castore import nixbase32
 from tvixmount.castore.directory import Directory, SizeConvention
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
@@ -36,25 +36,6 @@ def add_tree(store, name: bytes, directory: Directory) -> None:
 
 def stats(mountpoint: Path) -> dict:
     return json.loads(os.getxattr(mountpoint, "user.tvixmount.stats"))
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (the zygote and the workers)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def test_executable_and_plain_copy_differ(local_store, mount):
