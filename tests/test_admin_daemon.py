@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_admin_import import make_import_fixtures
 from tvixmount.admin import cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,22 +61,8 @@ def _remote(url: str) -> list[str]:
     return ["--blob-service-addr", url, "--directory-service-addr", url, "--path-info-service-addr", url]
 
 
-def _tree(parent: Path) -> Path:
-    root = parent / "import_fixtures"
-    (root / "a_dir").mkdir(parents=True)
-    (root / "a_dir" / "a_file").touch()
-    (root / "a_file").touch()
-    (root / "b_dir" / "a_dir").mkdir(parents=True)
-    (root / "c_dir").mkdir()
-    (root / "c_dir" / "symlink_to_a_file").symlink_to("../a_dir/a_file")
-    (root / "d_dir").mkdir()
-    (root / "d_dir" / "dangling_symlink").symlink_to("a_dir/a_file")
-    (root / "symlink_to_a_dir").symlink_to("a_dir")
-    return root
-
-
 def test_import_browse_and_verify_over_grpc(daemon, tmp_path, capsysbinary):
-    tree = _tree(tmp_path)
+    tree = make_import_fixtures(tmp_path)
     (tree / "a_dir" / "a_file").write_bytes(b"over the wire\n" * 1000)
     remote = _remote(daemon)
 
