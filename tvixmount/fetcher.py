@@ -54,14 +54,11 @@ class Fetcher(Protocol):
     def close(self) -> None: ...
 
 
-class PoolFetcher:
-    """Fetches through a started WorkerPool; every method blocks until reply or deadline."""
-
-    def __init__(self, pool: WorkerPool) -> None:
-        self.pool = pool
+class _OpFetcher:
+    """The Fetcher methods, written once: each is one op; subclasses say how an op runs."""
 
     def _call(self, op: str, *args: Any, affinity: int | None = None) -> Any:
-        return protocol.OPS[op].decode(self.pool.call(op, *args, affinity=affinity))
+        raise NotImplementedError
 
     def path_info(self, digest20: bytes) -> Node | None:
         return self._call("path_info", digest20)  # type: ignore[no-any-return]
@@ -83,6 +80,16 @@ class PoolFetcher:
         # taken here and passed instead of receiving the bytes in the reply.
         return self._call("blob_read", digest, offset, length, affinity=affinity)  # type: ignore[no-any-return]
 
+
+class PoolFetcher(_OpFetcher):
+    """Fetches through a started WorkerPool; every method blocks until reply or deadline."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    def _call(self, op: str, *args: Any, affinity: int | None = None) -> Any:
+        return protocol.OPS[op].decode(self.pool.call(op, *args, affinity=affinity))
+
     def stats(self) -> dict[str, Any]:
         return self.pool.stats()
 
@@ -90,7 +97,7 @@ class PoolFetcher:
         self.pool.close()
 
 
-class LocalFetcher:
+class LocalFetcher(_OpFetcher):
     """Runs the worker handlers in this process, one call at a time.
 
     With ``wire=True`` every argument and result also makes the msgpack
@@ -108,7 +115,7 @@ class LocalFetcher:
         self._lock = threading.Lock()  # handlers and their reader cache are single-threaded
         self._calls = 0
 
-    def _call(self, op: str, *args: Any) -> Any:
+    def _call(self, op: str, *args: Any, affinity: int | None = None) -> Any:
         with self._lock:
             self._calls += 1
             spec = protocol.OPS[op]
@@ -119,24 +126,6 @@ class LocalFetcher:
             protocol.check_args(op, list(args))
             result = self._handlers[op](self._ctx, *args)
             return spec.decode(protocol.unpack(protocol.pack(spec.encode(result))))
-
-    def path_info(self, digest20: bytes) -> Node | None:
-        return self._call("path_info", digest20)  # type: ignore[no-any-return]
-
-    def directory(self, digest: bytes) -> Directory:
-        return self._call("directory", digest)  # type: ignore[no-any-return]
-
-    def directory_tree(self, digest: bytes, max_entries: int) -> list[tuple[bytes, Directory]]:
-        return self._call("directory_tree", digest, max_entries)  # type: ignore[no-any-return]
-
-    def list_root(self) -> list[Node]:
-        return self._call("list_root")  # type: ignore[no-any-return]
-
-    def blob_stat(self, digest: bytes) -> int | None:
-        return self._call("blob_stat", digest)  # type: ignore[no-any-return]
-
-    def blob_read(self, digest: bytes, offset: int, length: int, affinity: int | None = None) -> bytes:
-        return self._call("blob_read", digest, offset, length)  # type: ignore[no-any-return]
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
