@@ -73,10 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
                       help="FUSE request threads (env THREADS; default: max(8, 2 x workers))")
     perf.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="deadline of one store request, retries included (default 30)")
+    p.add_argument("--metrics-listen", type=_listen, default=None, metavar="[HOST]:PORT",
+                   help="serve Prometheus metrics at http://HOST:PORT/metrics; HOST defaults to "
+                        "127.0.0.1, [::1]:PORT for IPv6, port 0 picks a free port (logged). "
+                        "Default: off (the counters are always in the user.tvixmount.stats "
+                        "xattr of the mount root)")
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     p.add_argument("--version", action="version", version=f"tvixmount {__version__}")
     return p
+
+
+def _listen(text: str):  # -> metrics.ListenAddress
+    from .metrics import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _positive(text: str) -> int:
@@ -136,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or int(os.environ.get("THREADS", 0)) or max(8, 2 * args.workers)
 
     from .errors import TvixError
+    from .metrics import ListenError
     from .mount import MountConfig, MountpointError, run
 
     setup_logging(args.log_level)
@@ -149,13 +164,14 @@ def main(argv: list[str] | None = None) -> int:
         allow_other=args.allow_other,
         request_timeout=args.request_timeout,
         extra_options=tuple(extra),
+        metrics_listen=args.metrics_listen,
     )
     try:
         return run(config)
     except MountpointError as exc:
         print(f"tvixmount: error: mountpoint {exc}", file=sys.stderr)
         return 2
-    except TvixError as exc:
+    except (TvixError, ListenError) as exc:
         print(f"tvixmount: error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:  # llfuse.init failures

@@ -30,6 +30,7 @@ from .castore.storepath import parse_basename
 from .errors import InvalidData, NotFound, TvixError, errno_for
 from .fetcher import Fetcher
 from .inflight import SingleFlight
+from .metrics import FuseMetrics, timed
 from .vfs import Listing, Vfs
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,8 @@ class _RootListing:
 
 
 class TvixOperations(llfuse.Operations):
-    def __init__(self, vfs: Vfs, fetcher: Fetcher, options: MountOptions) -> None:
+    def __init__(self, vfs: Vfs, fetcher: Fetcher, options: MountOptions,
+                 metrics: FuseMetrics | None = None) -> None:
         super().__init__()
         self.vfs = vfs
         self.fetcher = fetcher
@@ -71,7 +73,7 @@ class TvixOperations(llfuse.Operations):
         self._file_fhs = itertools.count(1)
         self._dir_fhs = itertools.count(1)
         self._broken_reported: set[object] = set()  # digests warned about once
-        self.counters: dict[str, int] = {}
+        self.metrics = metrics or FuseMetrics()
 
     # -- helpers ------------------------------------------------------------
 
@@ -120,6 +122,7 @@ class TvixOperations(llfuse.Operations):
         if not isinstance(node, DirectoryNode):
             raise llfuse.FUSEError(errno.ENOTDIR)
         listing = self.vfs.listing(node.digest)
+        self.metrics.cache("listing", listing is not None)
         if listing is None:
             # One request brings the directory and (a bounded part of) what is
             # below it: a walk of a fresh store path then costs one worker
@@ -133,13 +136,10 @@ class TvixOperations(llfuse.Operations):
             listing = self.vfs.listing(node.digest) or self.vfs.add_listing(node.digest, tree[0][1])
         return listing
 
-    def _count(self, op: str) -> None:
-        self.counters[op] = self.counters.get(op, 0) + 1
-
     # -- lookups and attributes ---------------------------------------------
 
+    @timed("lookup")
     def lookup(self, parent: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
-        self._count("lookup")
         if parent == A.ROOT_INODE:
             return self._entry(self._root_lookup(name))
         child = self._listing(parent).child(name)
@@ -149,6 +149,7 @@ class TvixOperations(llfuse.Operations):
 
     def _root_lookup(self, name: bytes) -> Node:
         node = self.vfs.root_entry(name)
+        self.metrics.cache("root_name", node is not None)
         if node is not None:
             return node
         try:
@@ -192,8 +193,8 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.ENOTDIR)
         return self._new_handle(self._dirs, self._dir_fhs, inode)
 
+    @timed("readdir")
     def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
-        self._count("readdir")
         handle = self._dirs.get(fh)
         if handle is None:
             raise llfuse.FUSEError(errno.EIO)
@@ -231,8 +232,8 @@ class TvixOperations(llfuse.Operations):
 
     # -- files --------------------------------------------------------------
 
+    @timed("open")
     def open(self, inode: int, flags: int, ctx: Any = None) -> int:
-        self._count("open")
         if inode == A.ROOT_INODE:
             raise llfuse.FUSEError(errno.ENOSYS)
         node = self._node(inode)
@@ -248,8 +249,8 @@ class TvixOperations(llfuse.Operations):
         # first read with EIO, which saves a worker round trip per open.
         return self._new_handle(self._files, self._file_fhs, node)
 
+    @timed("read", counts_bytes=True)
     def read(self, fh: int, off: int, size: int) -> bytes:
-        self._count("read")
         node = self._files.get(fh)
         if node is None:
             raise llfuse.FUSEError(errno.EIO)
@@ -309,9 +310,12 @@ class TvixOperations(llfuse.Operations):
         return st
 
     def stats(self) -> dict[str, Any]:
-        """Counters for ``getfattr -n user.tvixmount.stats`` on the mount root."""
+        """Counters for ``getfattr -n user.tvixmount.stats`` on the mount root (and /metrics).
+
+        ops, errors, read_bytes, cache and latency come from metrics.FuseMetrics.
+        """
         return {
-            "ops": dict(self.counters),
+            **self.metrics.summary(),
             "vfs": self.vfs.stats(),
             "open_files": len(self._files),
             "open_dirs": len(self._dirs),

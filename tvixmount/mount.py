@@ -1,7 +1,8 @@
 """Mount lifecycle: pool first, then llfuse; one way down for every kind of stop.
 
 Order matters. The worker pool (and its fork server) starts before
-``llfuse.init`` so that no process is forked from the threaded dispatcher.
+``llfuse.init`` so that no process is forked from the threaded dispatcher;
+the metrics endpoint's thread starts after the pool, before ``llfuse.init``.
 Stopping has a single path: SIGINT, SIGTERM and SIGHUP unmount the
 filesystem from a watcher thread, and an unmount, ours or an operator's
 ``fusermount -u``, ends ``llfuse.main`` because the kernel closes the FUSE
@@ -28,6 +29,7 @@ import llfuse
 from .errors import TvixError
 from .fetcher import PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
+from .metrics import Exporter, FuseMetrics, ListenAddress
 from .pool import WorkerPool
 from .store import StoreUrls, describe
 from .vfs import Vfs
@@ -59,6 +61,7 @@ class MountConfig:
     allow_other: bool = False
     request_timeout: float = 30.0
     stop_grace: float = 5.0
+    metrics_listen: ListenAddress | None = None
     extra_options: tuple[str, ...] = field(default=())
 
 
@@ -144,10 +147,16 @@ def run(config: MountConfig) -> int:
     pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout,
                       hang_fraction=HANG_FRACTION)
     pool.start()
+    exporter: Exporter | None = None
     try:
         fetcher = PoolFetcher(pool)
         probe_store(pool, config)
-        ops = TvixOperations(Vfs(), fetcher, MountOptions(config.list_root, config.show_xattr))
+        metrics = FuseMetrics()
+        ops = TvixOperations(Vfs(), fetcher, MountOptions(config.list_root, config.show_xattr), metrics)
+        if config.metrics_listen is not None:
+            # Its thread starts after the pool's fork and before llfuse.init: a busy
+            # port then fails the start with nothing mounted.
+            exporter = Exporter(config.metrics_listen, metrics, ops.stats)
         llfuse.init(ops, str(config.mountpoint), list(fuse_options(config)))
         stopper = _Stopper(config.mountpoint, config.stop_grace)
         log.info("mounted %s on %s (%d workers, %d threads, list-root %s)",
@@ -164,6 +173,8 @@ def run(config: MountConfig) -> int:
         else:
             log.info("%s was unmounted; exiting", config.mountpoint)
     finally:
+        if exporter is not None:
+            exporter.close()
         pool.close()
     return 0
 

@@ -1,0 +1,215 @@
+"""Mount metrics: /metrics (Prometheus text) and the stats xattr count what really happened.
+
+The mount tests read known files from a real mount, then scrape the real
+HTTP endpoint and parse it with prometheus_client's own parser: the bytes
+read must equal the bytes the files hold, each op's histogram count must
+equal its counter, a killed worker must show as one restart. The CLI tests
+check that a bad --metrics-listen and a busy port fail before anything is
+mounted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.fs_fixtures import (
+    BLOB_B,
+    BLOB_B_NAME,
+    DIRECTORY_COMPLICATED_NAME,
+    HELLOWORLD,
+    HELLOWORLD_BLOB_NAME,
+    Populate,
+)
+from tests.mounting import FUSE_MISSING, Mount, is_mounted
+from tvixmount.metrics import LATENCY_BUCKETS, TIMED_OPS, parse_listen, quantile
+
+# -- pure parts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "host", "port"), [
+    ("9100", "127.0.0.1", 9100),
+    (":9100", "127.0.0.1", 9100),
+    ("0.0.0.0:80", "0.0.0.0", 80),
+    ("[::1]:0", "::1", 0),
+    ("metrics.example:65535", "metrics.example", 65535),
+])
+def test_parse_listen(text, host, port):
+    address = parse_listen(text)
+    assert (address.host, address.port) == (host, port)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("", "port must be a number"),
+    ("host:", "port must be a number"),
+    (":65536", "0 to 65535"),
+    ("::1:9100", "brackets"),
+    ("[]:9100", "empty IPv6"),
+    ("host:-1", "port must be a number"),
+])
+def test_parse_listen_refuses(text, said):
+    with pytest.raises(ValueError, match=said):
+        parse_listen(text)
+
+
+def test_quantile_interpolates_inside_the_bucket():
+    # 10 samples <= 1 ms, 10 more in (1 ms, 2 ms], none above.
+    cumulative = [(0.001, 10.0), (0.002, 20.0), (float("inf"), 20.0)]
+    assert quantile(0.5, cumulative) == pytest.approx(0.001)
+    assert quantile(0.75, cumulative) == pytest.approx(0.0015)
+    assert quantile(0.99, cumulative) == pytest.approx(0.00198)
+    assert quantile(0.5, [(0.001, 0.0), (float("inf"), 0.0)]) is None
+    # Beyond the last finite bound all that is known is "more than that".
+    assert quantile(0.99, [(0.001, 1.0), (float("inf"), 100.0)]) == 0.001
+
+
+# -- a real mount ------------------------------------------------------------------------
+
+mount_only = pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "")
+METRICS_AT = re.compile(r"metrics on http://(\S+)/metrics")
+
+
+def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics as {(name, sorted labels): value}."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            samples[s.name, tuple(sorted(s.labels.items()))] = s.value
+    return samples
+
+
+def metric(samples: dict, name: str, **labels: str) -> float:
+    return samples[name, tuple(sorted(labels.items()))]
+
+
+def metrics_url(m: Mount) -> str:
+    found = METRICS_AT.search(m.log())
+    assert found, f"no 'metrics on' line in the log:\n{m.log()[-2000:]}"
+    return f"http://{found.group(1)}/metrics"
+
+
+def xattr_stats(mountpoint: Path) -> dict:
+    """What ``getfattr -n user.tvixmount.stats --only-values MNT`` prints, as the operator runs it."""
+    out = subprocess.run(["getfattr", "-n", "user.tvixmount.stats", "--only-values", str(mountpoint)],
+                         capture_output=True, check=True, timeout=10).stdout
+    return json.loads(out)
+
+
+@mount_only
+@pytest.mark.mount
+def test_metrics_count_what_was_read(local_store, mount):
+    fixtures = Populate(local_store)
+    fixtures.helloworld()
+    fixtures.blob_b()
+    fixtures.directory_complicated()
+    m = mount("--metrics-listen", "127.0.0.1:0")
+    url = metrics_url(m)
+    before = scrape(url)
+    assert metric(before, "tvixmount_read_bytes_total") == 0
+    assert metric(before, "tvixmount_fuse_ops_total", op="read") == 0
+
+    assert m.path(HELLOWORLD_BLOB_NAME).read_bytes() == HELLOWORLD
+    assert m.path(BLOB_B_NAME).read_bytes() == BLOB_B
+    assert sorted(os.listdir(m.path(DIRECTORY_COMPLICATED_NAME))) == [".keep", "aa", "keep"]
+    with pytest.raises(FileNotFoundError):
+        os.stat(m.path(DIRECTORY_COMPLICATED_NAME, "missing"))
+
+    after = scrape(url)
+    assert metric(after, "tvixmount_read_bytes_total") == len(HELLOWORLD) + len(BLOB_B)
+    reads = metric(after, "tvixmount_fuse_ops_total", op="read")
+    assert reads >= 2  # at least one per file; BLOB_B (1 MiB) takes several
+    for op in TIMED_OPS:
+        count = metric(after, "tvixmount_fuse_ops_total", op=op)
+        assert metric(after, "tvixmount_fuse_op_seconds_count", op=op) == count
+        assert metric(after, "tvixmount_fuse_op_seconds_bucket", op=op, le="+Inf") == count
+    assert metric(after, "tvixmount_fuse_ops_total", op="lookup") >= 4  # three names and a missing one
+    assert metric(after, "tvixmount_fuse_ops_total", op="open") == 2
+    assert metric(after, "tvixmount_fuse_ops_total", op="readdir") >= 1
+    assert metric(after, "tvixmount_fuse_op_seconds_sum", op="read") > 0
+    assert metric(after, "tvixmount_fuse_errors_total", op="lookup", errno="ENOENT") == 1
+    # Two store paths the kernel had not seen, one directory listed once and then cached.
+    assert metric(after, "tvixmount_cache_misses_total", cache="root_name") == 3
+    assert metric(after, "tvixmount_cache_misses_total", cache="listing") == 1
+    assert metric(after, "tvixmount_cache_hits_total", cache="listing") >= 1
+    assert metric(after, "tvixmount_pool_requests_total") > metric(before, "tvixmount_pool_requests_total")
+    assert metric(after, "tvixmount_pool_timeouts_total") == 0
+    assert metric(after, "tvixmount_worker_restarts_total") == 0
+    assert metric(after, "tvixmount_pool_workers_ready") == 2
+    assert metric(after, "tvixmount_vfs_inodes") >= 3
+
+    stats = xattr_stats(m.mountpoint)
+    assert stats["read_bytes"] == len(HELLOWORLD) + len(BLOB_B)
+    assert stats["ops"]["read"] == reads
+    assert stats["errors"] == {"lookup": {"ENOENT": 1}}
+    assert stats["cache"]["listing"]["misses"] == 1
+    read = stats["latency"]["read"]
+    assert read["count"] == reads
+    assert 0 < read["p50_s"] <= read["p99_s"] <= LATENCY_BUCKETS[-1]
+    assert read["sum_s"] == pytest.approx(metric(after, "tvixmount_fuse_op_seconds_sum", op="read"),
+                                          abs=1e-5)
+
+
+@mount_only
+@pytest.mark.mount
+def test_a_killed_worker_counts_one_restart(local_store, mount):
+    Populate(local_store).helloworld()
+    m = mount("--metrics-listen", ":0")
+    url = metrics_url(m)
+    assert "127.0.0.1:" in url  # no host means loopback
+    victim = xattr_stats(m.mountpoint)["fetcher"]["workers"]["0"]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while (restarts := metric(scrape(url), "tvixmount_worker_restarts_total")) < 1:
+        assert time.monotonic() < deadline, "the restart never showed in /metrics"
+        time.sleep(0.05)
+    assert restarts == 1
+    assert m.path(HELLOWORLD_BLOB_NAME).read_bytes() == HELLOWORLD
+    assert xattr_stats(m.mountpoint)["fetcher"]["restarts"] == 1
+
+
+def run_cli(mountpoint: Path, store_dir: Path, *args: str) -> subprocess.CompletedProcess:
+    mountpoint.mkdir(exist_ok=True)
+    return subprocess.run([sys.executable, "-m", "tvixmount.cli", str(mountpoint), "--store-dir",
+                           str(store_dir), "--workers", "1", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_bad_metrics_listen_is_a_usage_error(tmp_path, store_dir):
+    result = run_cli(tmp_path / "mnt", store_dir, "--metrics-listen", "localhost:http")
+    assert result.returncode == 2
+    assert ("argument --metrics-listen: 'localhost:http': the port must be a number from 0 to 65535"
+            in result.stderr)
+
+
+@mount_only
+@pytest.mark.mount
+def test_busy_metrics_port_fails_with_nothing_mounted(tmp_path, local_store, store_dir):
+    Populate(local_store).helloworld()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        mountpoint = tmp_path / "mnt"
+        started = time.monotonic()
+        result = run_cli(mountpoint, store_dir, "--metrics-listen", f"127.0.0.1:{port}")
+    assert result.returncode == 1, result.stderr
+    assert f"tvixmount: error: --metrics-listen 127.0.0.1:{port}: cannot listen: Address already in use" \
+        in result.stderr
+    assert time.monotonic() - started < 20
+    assert not is_mounted(mountpoint)
+    assert list(mountpoint.iterdir()) == []
+    assert "Traceback" not in result.stderr
