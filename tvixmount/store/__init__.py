@@ -15,6 +15,12 @@ Adding a backend: give its scheme an entry in ``_OPENERS``, a function
 ``open_blob_service(url: StoreUrl)``, ``open_directory_service(url)`` and
 ``open_path_info_service(url)``, each taking the already validated URL.
 
+A blob cache (blobcache.py) is asked for with ``StoreUrls.blob_cache``;
+``open_store`` then wraps the blob service in it. It is for remote blob
+services (grpc, and memory:// in tests); with a ``local://`` blob service
+it is refused when the StoreUrls is made: the blobs are on local disk
+already, and a silent no-op would hide a misconfiguration.
+
 Open services in the process that uses them, after any fork.
 """
 
@@ -39,10 +45,12 @@ from .base import (
     DirectoryService,
     PathInfoService,
 )
+from .blobcache import BlobCacheConfig, CachingBlobService
 from .location import default_store_dir
 from .urls import StoreUrl
 
 __all__ = [
+    "BlobCacheConfig",
     "BlobReader",
     "BlobService",
     "BlobStat",
@@ -71,6 +79,14 @@ class StoreUrls:
     blob: str
     directory: str
     path_info: str
+    blob_cache: BlobCacheConfig | None = None  # wrap the blob service in an on-disk cache
+
+    def __post_init__(self) -> None:
+        if self.blob_cache is not None and urls.parse(self.blob).scheme == urls.LOCAL:
+            raise InvalidArgument(
+                f"a blob cache ({self.blob_cache.directory}) is for a remote blob service; "
+                f"{urls.redact(self.blob)} is on local disk already: drop --cache-dir"
+            )
 
     @classmethod
     def embedded(cls, store_dir: str | os.PathLike[str], create: bool = False) -> StoreUrls:
@@ -130,6 +146,9 @@ def open_store(store_urls: StoreUrls) -> Store:
     opened: list[Any] = []
     try:
         opened.append(open_blob_service(store_urls.blob))
+        cache = store_urls.blob_cache
+        if cache is not None:
+            opened[0] = CachingBlobService(opened[0], cache.directory, cache.max_bytes)
         opened.append(open_directory_service(store_urls.directory))
         opened.append(open_path_info_service(store_urls.path_info))
     except BaseException:
@@ -144,9 +163,10 @@ def describe(store_urls: StoreUrls) -> str:
     blob, directory, path_info = (
         urls.redact(u) for u in (store_urls.blob, store_urls.directory, store_urls.path_info)
     )
+    cache = "" if store_urls.blob_cache is None else f" through {store_urls.blob_cache.describe()}"
     if blob == directory == path_info:
-        return f"store {blob}"
-    return f"blobs {blob}, directories {directory}, path infos {path_info}"
+        return f"store {blob}{cache}"
+    return f"blobs {blob}{cache}, directories {directory}, path infos {path_info}"
 
 
 # -- dispatch -------------------------------------------------------------------
