@@ -28,6 +28,7 @@ import time
 
 from . import protocol
 from .poolstate import PoolState, Slot, Worker
+from .shmring import Arena, RingError
 
 log = logging.getLogger("tvixmount.pool")
 
@@ -39,8 +40,11 @@ HANG_TICK = 0.25  # with hang detection on, look at silent workers at least this
 
 class Collector:
     def __init__(self, state: PoolState, ctl: socket.socket, zygote_pid: int, store_name: str,
-                 start_timeout: float, hang_fraction: float | None = None) -> None:
+                 start_timeout: float, hang_fraction: float | None = None,
+                 arena: Arena | None = None) -> None:
         self.state = state
+        # The consumer end of each slot's ring; outlives the slot's workers.
+        self.rings = [arena.reader(i) for i in range(state.size)] if arena is not None else None
         self.ctl = ctl
         self.zygote_pid = zygote_pid
         self.store_name = store_name  # for log lines: describe(urls)
@@ -163,7 +167,16 @@ class Collector:
         if messages is None:
             self._retire(sel, worker)
             return
+        try:
+            ring_replies, ring_bytes = _take_ring_bytes(worker, messages)
+        except (protocol.ProtocolError, RingError) as exc:
+            with state.lock:
+                state.kill(worker, f"sent a bad reply ({exc})")
+            self._retire(sel, worker)
+            return
         with state.lock:
+            state.counts["ring_replies"] += ring_replies
+            state.counts["ring_bytes"] += ring_bytes
             now = time.monotonic()
             for message in messages:
                 try:
@@ -290,7 +303,7 @@ class Collector:
             os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive without close-on-exec
         req_fd, rep_fd = fds
         os.set_blocking(req_fd, False)
-        worker = Worker(worker_id, pid, req_fd, rep_fd)
+        worker = Worker(worker_id, pid, req_fd, rep_fd, None if self.rings is None else self.rings[worker_id])
         with self.state.lock:
             slot = self.state.slots[worker_id]
             slot.spawning = False
@@ -311,6 +324,25 @@ class Collector:
             self.state.changed.notify_all()
             if self.state.backlog:
                 self.state.drain_backlog()
+
+
+def _take_ring_bytes(worker: Worker, messages: list[object]) -> tuple[int, int]:
+    """Replace each reply's RingRef by the bytes it names, in order, freeing them in the ring.
+
+    Done for every reply, also those whose caller gave up, so the ring's
+    consumed position follows the worker's. Outside the state lock: the
+    copy is the biggest thing the collector does. Returns (replies, bytes) taken.
+    """
+    replies = taken = 0
+    for message in messages:
+        if type(message) is list and len(message) == 3 and type(message[2]) is protocol.RingRef:
+            if worker.ring is None:
+                raise protocol.ProtocolError("a ring reference from a worker without a ring")
+            ref = message[2]
+            message[2] = worker.ring.take(ref.start, ref.length)
+            replies += 1
+            taken += ref.length
+    return replies, taken
 
 
 def _close_all(fds: list[int]) -> None:

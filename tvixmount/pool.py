@@ -44,7 +44,7 @@ import select
 import time
 from typing import Any
 
-from . import zygote
+from . import shmring, zygote
 from .collector import Collector
 from .errors import InvalidArgument, Unavailable, from_code
 from .poolstate import Call, PoolState
@@ -86,6 +86,7 @@ class WorkerPool:
         self._zygote: Any = None  # multiprocessing.Process
         self._zygote_pid = 0
         self._collector: Collector | None = None
+        self._arena: shmring.Arena | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -102,11 +103,12 @@ class WorkerPool:
                 raise InvalidArgument(f"worker pool already {state.phase}")
             state.phase = "starting"
         try:
-            self._zygote, ctl = zygote.start(self.urls)
+            self._arena = shmring.Arena(self.size)
+            self._zygote, ctl = zygote.start(self.urls, self._arena)
             self._zygote_pid = self._zygote.pid
             log.debug("zygote pid %d started for %s", self._zygote_pid, describe(self.urls))
             self._collector = Collector(state, ctl, self._zygote_pid, describe(self.urls), self.start_timeout,
-                                        self.hang_fraction)
+                                        self.hang_fraction, self._arena)
             self._collector.start()
             with state.lock:
                 for slot in state.slots:
@@ -176,6 +178,8 @@ class WorkerPool:
             for slot in state.slots:
                 slot.worker = None
             state.phase = "closed"
+        if self._arena is not None:
+            self._arena.close()
         log.debug("worker pool closed")
 
     def __enter__(self) -> WorkerPool:

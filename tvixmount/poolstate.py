@@ -36,6 +36,7 @@ from typing import Any
 from . import protocol
 from .castore import nixbase32
 from .castore.nodes import b3_text
+from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
 
@@ -79,14 +80,16 @@ class Worker:
     """One worker process as the dispatcher sees it."""
 
     __slots__ = ("doomed", "fatal", "id", "inflight", "last_reply", "pid", "reader", "ready", "rep_fd",
-                 "req_fd", "started")
+                 "req_fd", "ring", "started")
 
-    def __init__(self, worker_id: int, pid: int, req_fd: int, rep_fd: int) -> None:
+    def __init__(self, worker_id: int, pid: int, req_fd: int, rep_fd: int,
+                 ring: RingReader | None = None) -> None:
         self.id = worker_id
         self.pid = pid
         self.req_fd = req_fd  # non-blocking; requests are shorter than PIPE_BUF, so writes are atomic
         self.rep_fd = rep_fd
         self.reader = protocol.FrameReader(rep_fd)
+        self.ring = ring  # its slot's shared-memory ring, where read replies put their bytes
         self.inflight: dict[int, Call] = {}
         self.ready = False  # its store opened and it said hello
         self.started = time.monotonic()
@@ -135,7 +138,8 @@ class PoolState:
         self.phase = "new"  # new -> starting -> running -> closing -> closed
         self.zygote_gone = False
         self.counts = dict.fromkeys(
-            ("requests", "errors", "timeouts", "lost", "resent", "restarts", "killed"), 0)
+            ("requests", "errors", "timeouts", "lost", "resent", "restarts", "killed", "ring_replies",
+             "ring_bytes"), 0)
         self._rotor = 0
 
     @property

@@ -33,15 +33,14 @@ Messages (all msgpack arrays; bytes travel as bin and stay ``bytes``):
   fds (request write end, reply read end) as SCM_RIGHTS;
   ``["spawn_failed", worker_id, message]``; ``["exited", worker_id, pid, how]``.
 
-Bulk bytes: a ``blob_read`` reply is written without copying the payload
-(``encode_reply_parts``: a hand-made msgpack prefix, then the bytes object,
-in one ``writev``), and the dispatcher decodes it like any reply. The seam
-for a shared-memory data path is that op: an anonymous ``MAP_SHARED``
-arena mapped by the pool before it forks the zygote is inherited by every
-worker the zygote ever forks, so a ``blob_read_into(digest, offset,
-length, slot)`` op could have the worker ``preadv`` into a slot and reply
-with the length only; handlers.blob_read and PoolFetcher.blob_read are
-the two places that change.
+Bulk bytes: a ``blob_read`` reply from a pool worker normally carries a
+``RingRef`` (a msgpack ext of 12 bytes) naming where the worker put the
+verified bytes in its shared-memory ring (shmring.py); the collector
+copies them out before anyone sees the reply, so callers always get bytes.
+When the ring has no room, or there is no ring (``python -m workers``,
+LocalFetcher), the bytes travel inline, written without copying the
+payload (``encode_reply_parts``: a hand-made msgpack prefix, then the
+bytes object, in one ``writev``).
 
 Invariants:
 
@@ -54,6 +53,7 @@ Invariants:
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +73,8 @@ MAX_READ = 16 << 20  # largest blob_read length a worker accepts
 _SCATTER_MIN = 4096  # bytes results from this size on are written without a copy
 
 _TAG_DIR, _TAG_FILE, _TAG_LINK = 0, 1, 2
+_EXT_RING = 1
+_RING_REF = struct.Struct(">QI")
 
 
 class ProtocolError(TvixError):
@@ -84,18 +86,38 @@ class ProtocolError(TvixError):
     code = "protocol"
 
 
+@dataclass(frozen=True, slots=True)
+class RingRef:
+    """A reply's bytes are ``length`` bytes at position ``start`` of the sender's ring (shmring.py)."""
+
+    start: int
+    length: int
+
+
 # -- framing ------------------------------------------------------------------
 
 
+def _ext_default(obj: Any) -> Any:
+    if type(obj) is RingRef:
+        return msgpack.ExtType(_EXT_RING, _RING_REF.pack(obj.start, obj.length))
+    raise TypeError(f"cannot send a {type(obj).__name__}")
+
+
+def _ext_hook(code: int, data: bytes) -> Any:
+    if code == _EXT_RING and len(data) == _RING_REF.size:
+        return RingRef(*_RING_REF.unpack(data))
+    raise ValueError(f"unknown msgpack extension {code} of {len(data)} bytes")
+
+
 def pack(obj: Any) -> bytes:
-    """One msgpack value (bytes as bin, str as str)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    """One msgpack value (bytes as bin, str as str, RingRef as an ext)."""
+    return msgpack.packb(obj, use_bin_type=True, default=_ext_default)
 
 
 def unpack(data: Any) -> Any:
     """Decode exactly one msgpack value from a bytes-like object, or raise ProtocolError."""
     try:
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True)
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True, ext_hook=_ext_hook)
     except Exception as exc:  # msgpack raises a zoo: ExtraData, FormatError, ValueError, ...
         raise ProtocolError(f"undecodable msgpack frame ({len(data)} bytes): {type(exc).__name__}: {exc}") \
             from None

@@ -52,6 +52,7 @@ import time
 from typing import Any
 
 from . import protocol
+from .shmring import Arena
 from .store import StoreUrls
 
 REPLY_PIPE_SIZE = 1 << 20  # a 128 KiB reply fits in one write and one read
@@ -63,16 +64,18 @@ _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 
 
-def start(urls: StoreUrls) -> tuple[multiprocessing.process.BaseProcess, socket.socket]:
+def start(urls: StoreUrls,
+          arena: Arena | None = None) -> tuple[multiprocessing.process.BaseProcess, socket.socket]:
     """Fork the zygote; return it and the pool's end of its control socket.
 
     Call before any thread that may hold locks in a forked child exists
     (before ``llfuse.init``), after logging (and multiprocessing-logging)
-    is configured.
+    is configured. Every worker inherits ``arena`` and writes read replies
+    into the ring of its slot.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     context = multiprocessing.get_context("fork")
-    process = context.Process(target=_main, args=(theirs, urls), name="tvixmount-zygote", daemon=True)
+    process = context.Process(target=_main, args=(theirs, urls, arena), name="tvixmount-zygote", daemon=True)
     try:
         process.start()
     finally:
@@ -83,7 +86,7 @@ def start(urls: StoreUrls) -> tuple[multiprocessing.process.BaseProcess, socket.
 # -- inside the zygote ---------------------------------------------------------------
 
 
-def _main(sock: socket.socket, urls: StoreUrls) -> None:
+def _main(sock: socket.socket, urls: StoreUrls, arena: Arena | None) -> None:
     logging.disable(logging.CRITICAL)
     _reset_signals()
     _set_name("tvix-zygote")
@@ -91,13 +94,14 @@ def _main(sock: socket.socket, urls: StoreUrls) -> None:
     gc.freeze()  # inherited objects are never collected here or in workers (no stale finalizers)
     import workers.loop  # noqa: F401 - imported once here, shared by every fork
 
-    _Zygote(sock, urls).run()
+    _Zygote(sock, urls, arena).run()
 
 
 class _Zygote:
-    def __init__(self, sock: socket.socket, urls: StoreUrls) -> None:
+    def __init__(self, sock: socket.socket, urls: StoreUrls, arena: Arena | None) -> None:
         self.sock = sock
         self.urls = urls
+        self.arena = arena
         self.children: dict[int, int] = {}  # pid -> worker id
 
     def run(self) -> None:
@@ -129,7 +133,7 @@ class _Zygote:
             _grow_pipe(rep_w)
             pid = os.fork()
             if pid == 0:
-                _worker_child(self.sock, self.urls, worker_id, req_r, rep_w, (req_w, rep_r))
+                _worker_child(self.sock, self.urls, self.arena, worker_id, req_r, rep_w, (req_w, rep_r))
         except OSError as exc:
             for fd in (req_r, req_w, rep_r, rep_w):
                 os.close(fd)
@@ -173,8 +177,8 @@ class _Zygote:
         self.reap(block=True)
 
 
-def _worker_child(sock: socket.socket, urls: StoreUrls, worker_id: int, req_r: int, rep_w: int,
-                  others: tuple[int, ...]) -> None:
+def _worker_child(sock: socket.socket, urls: StoreUrls, arena: Arena | None, worker_id: int, req_r: int,
+                  rep_w: int, others: tuple[int, ...]) -> None:
     """The life of a freshly forked worker; never returns."""
     code = EXIT_CRASH
     try:
@@ -190,7 +194,7 @@ def _worker_child(sock: socket.socket, urls: StoreUrls, worker_id: int, req_r: i
         logging.disable(logging.NOTSET)
         from workers.loop import serve
 
-        code = serve(worker_id, urls, req_r, rep_w)
+        code = serve(worker_id, urls, req_r, rep_w, None if arena is None else arena.writer(worker_id))
     except BaseException:
         try:
             import traceback

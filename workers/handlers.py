@@ -27,12 +27,14 @@ from tvixmount.castore.nodes import DIGEST_LEN, Node, b3_text
 from tvixmount.castore.pathinfo import PathInfo, validate_pathinfo
 from tvixmount.castore.storepath import DIGEST_LEN as STORE_DIGEST_LEN
 from tvixmount.errors import IntegrityError, InvalidArgument, InvalidData, NotFound, TvixError
-from tvixmount.protocol import MAX_READ
+from tvixmount.protocol import MAX_READ, RingRef
+from tvixmount.shmring import RingWriter
 from tvixmount.store import BlobReader, Store
 
 log = logging.getLogger(__name__)
 
 READER_CACHE_SIZE = 64
+RING_MIN = 4096  # smaller reads are cheaper inline than through the ring
 
 
 class ReaderCache:
@@ -84,10 +86,11 @@ def _close_quietly(reader: BlobReader) -> None:
 
 @dataclass
 class Context:
-    """What a handler may use: the worker's identity, its store, its caches."""
+    """What a handler may use: the worker's identity, its store, its caches, its ring."""
 
     worker_id: int
     store: Store
+    ring: RingWriter | None = None  # a pool worker's shared-memory ring for read replies
     readers: ReaderCache = field(init=False)
 
     def __post_init__(self) -> None:
@@ -173,12 +176,12 @@ def blob_stat(ctx: Context, digest: bytes) -> int | None:
     return None if stat is None else stat.size
 
 
-def blob_read(ctx: Context, digest: bytes, offset: int, length: int) -> bytes:
+def blob_read(ctx: Context, digest: bytes, offset: int, length: int) -> bytes | RingRef:
     """``length`` verified bytes from ``offset`` (fewer only at EOF, none past it).
 
-    Seam for the shared-memory data path: a future ``blob_read_into`` would
-    take a slot of a shared mmap instead of returning bytes, reading through
-    the same cached reader; only this function and its OpSpec change.
+    In a pool worker the bytes go into the worker's shared-memory ring and
+    the reply names them (a RingRef; the dispatcher turns it back into
+    bytes); inline bytes when there is no ring or no room in it.
     """
     _check_len(digest, DIGEST_LEN, "blob digest")
     if offset < 0 or length < 0 or length > MAX_READ:
@@ -189,8 +192,16 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int) -> bytes:
     reader = ctx.readers.get(digest)
     if offset >= reader.size or length == 0:
         return b""
+    length = min(length, reader.size - offset)
+    room = ctx.ring.reserve(length) if ctx.ring is not None and length >= RING_MIN else None
     try:
-        return reader.pread(offset, length)
+        if room is None:
+            return reader.pread(offset, length)
+        start, view = room
+        with view:
+            got = reader.pread_into(offset, view)
+        ctx.ring.commit(start, got)  # type: ignore[union-attr]
+        return RingRef(start, got)
     except IntegrityError:
         ctx.readers.drop(digest)  # nothing of a broken blob stays cached
         raise

@@ -20,6 +20,7 @@ import time
 
 from tvixmount import protocol
 from tvixmount.errors import InvalidData, Timeout, TvixError
+from tvixmount.shmring import RingWriter
 from tvixmount.store import StoreUrls, describe, open_store
 
 from .handlers import HANDLERS, Context
@@ -31,10 +32,11 @@ EXIT_NO_STORE = 3
 EXIT_PROTOCOL = 4
 
 
-def serve(worker_id: int, urls: StoreUrls, req_fd: int, rep_fd: int) -> int:
+def serve(worker_id: int, urls: StoreUrls, req_fd: int, rep_fd: int, ring: RingWriter | None = None) -> int:
     """Serve until EOF; return the process exit status.
 
-    Blocks in reads of ``req_fd`` for the whole life of the worker.
+    Blocks in reads of ``req_fd`` for the whole life of the worker. With
+    ``ring`` (a pool worker), read replies carry their bytes through it.
     """
     pid = os.getpid()
     try:
@@ -43,7 +45,7 @@ def serve(worker_id: int, urls: StoreUrls, req_fd: int, rep_fd: int) -> int:
         log.debug("worker %d pid %d could not open %s: %s", worker_id, pid, describe(urls), exc)
         _try_write(rep_fd, protocol.encode_error(protocol.HELLO_ID, exc))
         return EXIT_NO_STORE
-    ctx = Context(worker_id, store)
+    ctx = Context(worker_id, store, ring)
     try:
         log.debug("worker %d pid %d serving %s", worker_id, pid, describe(urls))
         if not _try_write(rep_fd, protocol.encode_hello(worker_id, pid)):

@@ -53,6 +53,16 @@ class BlobReader(abc.ABC):
     def pread(self, offset: int, length: int) -> bytes:
         """Exactly ``length`` bytes from ``offset``, fewer only at EOF, none past it."""
 
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` with the bytes from ``offset`` (as ``pread``); return how many were written.
+
+        For a destination that is not ours to allocate (a worker's shared
+        ring). Readers that hold verified bytes override it to copy once.
+        """
+        data = self.pread(offset, len(buf))
+        buf[:len(data)] = data
+        return len(data)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the reader holds."""
 

@@ -148,6 +148,23 @@ class EmbeddedBlobReader(BlobReader):
             parts.append(segment[max(offset - base, 0) : min(end - base, len(segment))])
         return b"".join(parts)
 
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        if offset < 0:
+            raise InvalidArgument(f"pread offset {offset} must not be negative")
+        end = min(self.size, offset + len(buf))
+        step = self._meta.chunk_size
+        done = 0
+        while offset + done < end:
+            at = offset + done
+            index = at // step
+            base = index * step
+            segment = self._segment(index)
+            take = min(end - at, len(segment) - (at - base))
+            with memoryview(segment) as view:
+                buf[done: done + take] = view[at - base: at - base + take]
+            done += take
+        return done
+
     def _segment(self, index: int) -> bytes:
         cached = self._cache.get(index)
         if cached is not None:
