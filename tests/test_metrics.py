@@ -11,6 +11,7 @@ mounted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -33,7 +34,7 @@ from tests.fs_fixtures import (
     Populate,
 )
 from tests.mounting import FUSE_MISSING, Mount, is_mounted
-from tvixmount.metrics import LATENCY_BUCKETS, TIMED_OPS, parse_listen, quantile
+from tvixmount.metrics import LATENCY_BUCKETS, TIMED_OPS, FuseMetrics, parse_listen, quantile
 
 # -- pure parts -------------------------------------------------------------------------
 
@@ -65,13 +66,28 @@ def test_parse_listen_refuses(text, said):
 
 def test_quantile_interpolates_inside_the_bucket():
     # 10 samples <= 1 ms, 10 more in (1 ms, 2 ms], none above.
-    cumulative = [(0.001, 10.0), (0.002, 20.0), (float("inf"), 20.0)]
+    cumulative = [(0.001, 10), (0.002, 20), (math.inf, 20)]
     assert quantile(0.5, cumulative) == pytest.approx(0.001)
     assert quantile(0.75, cumulative) == pytest.approx(0.0015)
     assert quantile(0.99, cumulative) == pytest.approx(0.00198)
-    assert quantile(0.5, [(0.001, 0.0), (float("inf"), 0.0)]) is None
+    assert quantile(0.5, [(0.001, 0), (math.inf, 0)]) is None
     # Beyond the last finite bound all that is known is "more than that".
-    assert quantile(0.99, [(0.001, 1.0), (float("inf"), 100.0)]) == 0.001
+    assert quantile(0.99, [(0.001, 1), (math.inf, 100)]) == 0.001
+
+
+def test_latency_buckets_hold_upper_bounds():
+    metrics = FuseMetrics()
+    for seconds in (50e-6, 51e-6, 0.003, 0.003, 11.0):
+        metrics.done("read", seconds)
+    cumulative = dict(metrics.latency["read"].cumulative())
+    assert (cumulative[50e-6], cumulative[100e-6], cumulative[2.5e-3], cumulative[5e-3]) == (1, 2, 2, 4)
+    assert (cumulative[10.0], cumulative[math.inf]) == (4, 5)
+    summary = metrics.summary()
+    assert summary["ops"] == {"lookup": 0, "readdir": 0, "open": 0, "read": 5}
+    assert summary["latency"]["read"]["count"] == 5
+    assert summary["latency"]["read"]["sum_s"] == pytest.approx(11.006101)
+    assert summary["latency"]["read"]["p50_s"] == pytest.approx(0.003125)  # rank 2.5 of 2..4 in (2.5, 5] ms
+    assert summary["latency"]["lookup"] == {"count": 0, "sum_s": 0.0, "p50_s": None, "p99_s": None}
 
 
 # -- a real mount ------------------------------------------------------------------------
