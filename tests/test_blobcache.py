@@ -228,7 +228,7 @@ def test_unusable_cache_directory_is_a_clear_error_at_open(tmp_path: Path) -> No
     for where in (not_a_dir, not_a_dir / "below"):
         with pytest.raises(InvalidArgument, match=f"blob cache directory {where}"):
             cache(where)
-    urls = StoreUrls("memory://", "memory://", "memory://", BlobCacheConfig(not_a_dir))
+    urls = StoreUrls("memory://", "memory://", "memory://", blob_cache=BlobCacheConfig(not_a_dir))
     with pytest.raises(InvalidArgument, match="not a directory"):
         open_store(urls)
     created = tmp_path / "new" / "cache"  # a missing directory is made, private
@@ -239,8 +239,8 @@ def test_unusable_cache_directory_is_a_clear_error_at_open(tmp_path: Path) -> No
 def test_store_urls_wrap_remote_blobs_and_refuse_local(tmp_path: Path) -> None:
     config = BlobCacheConfig(tmp_path / "c", 10 * MiB)
     with pytest.raises(InvalidArgument, match="on local disk already"):
-        StoreUrls(f"local://{tmp_path}/store", "memory://", "memory://", config)
-    urls = StoreUrls("memory://", "memory://", "memory://", config)
+        StoreUrls(f"local://{tmp_path}/store", "memory://", "memory://", blob_cache=config)
+    urls = StoreUrls("memory://", "memory://", "memory://", blob_cache=config)
     with open_store(urls) as store:
         assert isinstance(store.blobs, CachingBlobService) and store.blobs.max_bytes == 10 * MiB
         digest = store.blobs.put(b"through the store")
@@ -332,7 +332,7 @@ def test_cached_blobs_are_read_after_the_daemon_is_gone(tmp_path: Path) -> None:
             digests = [plain.blobs.put(data) for data in blobs]
             uncached = plain.blobs.put(b"never read through the cache")
         config = BlobCacheConfig(tmp_path / "c", 256 * MiB)
-        urls = StoreUrls(daemon.url, daemon.url, daemon.url, config)
+        urls = StoreUrls(daemon.url, daemon.url, daemon.url, blob_cache=config)
         with open_store(urls) as store:
             for digest, data in zip(digests, blobs, strict=True):
                 with store.blobs.open_read(digest) as reader:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -79,7 +79,8 @@ class StoreUrls:
     blob: str
     directory: str
     path_info: str
-    blob_cache: BlobCacheConfig | None = None  # wrap the blob service in an on-disk cache
+    # Wrap the blob service in an on-disk cache (keyword-only: StoreUrls(*three_urls) stays valid).
+    blob_cache: BlobCacheConfig | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
         if self.blob_cache is not None and urls.parse(self.blob).scheme == urls.LOCAL:
