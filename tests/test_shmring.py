@@ -60,7 +60,7 @@ def test_no_room_until_the_reader_consumes():
 def test_a_new_writer_starts_where_the_reader_stopped():
     arena = Arena(1, 4 * PAGE)
     old, reader = arena.writer(0), arena.reader(0)
-    start, view = old.reserve(PAGE)
+    start, _ = old.reserve(PAGE)
     old.commit(start, PAGE)
     reader.take(start, PAGE)
     orphan, _ = old.reserve(PAGE)  # written by a worker that died before replying
