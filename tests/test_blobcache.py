@@ -12,6 +12,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -331,6 +332,7 @@ def test_cached_blobs_are_read_after_the_daemon_is_gone(tmp_path: Path) -> None:
         with open_store(StoreUrls.single(daemon.url)) as plain:
             digests = [plain.blobs.put(data) for data in blobs]
             uncached = plain.blobs.put(b"never read through the cache")
+            cut_off = plain.blobs.put(pattern(12 * MiB, seed=203))
         config = BlobCacheConfig(tmp_path / "c", 256 * MiB)
         urls = StoreUrls(daemon.url, daemon.url, daemon.url, blob_cache=config)
         with open_store(urls) as store:
@@ -338,7 +340,17 @@ def test_cached_blobs_are_read_after_the_daemon_is_gone(tmp_path: Path) -> None:
                 with store.blobs.open_read(digest) as reader:
                     assert read_all(reader) == data
             assert store.blobs.stats()["fills"] == 3
-        assert daemon.stop() == 0
+            # A fill that breaks off half way (the daemon dies) leaves nothing visible.
+            partial = store.blobs.open_read(cut_off)
+            assert isinstance(partial, FillingBlobReader)
+            assert partial.pread(0, 4 * MiB) == pattern(12 * MiB, seed=203)[: 4 * MiB]
+            daemon.stop(signal.SIGKILL)  # gone at once (a graceful stop waits for the open streams)
+            with pytest.raises(Unavailable):
+                for offset in range(4 * MiB, partial.size, READ):
+                    partial.pread(offset, READ)
+            partial.close()
+            assert not list((tmp_path / "c" / "tmp").iterdir())
+            assert store.blobs.stats()["entries"] == 3
         assert daemon.problems() == []
         with open_store(urls) as store:  # a remount: the daemon is gone, the cache is not
             for digest, data in zip(digests, blobs, strict=True):
