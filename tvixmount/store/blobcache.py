@@ -197,7 +197,12 @@ class CachingBlobService(BlobService):
         except OSError as exc:
             self._cache_trouble(digest, "opening its file", exc)
             return None
-        reader = CachedBlobReader(self, entry, fd)
+        try:
+            reader = CachedBlobReader(self, entry, fd)
+        except OSError as exc:  # fstat
+            os.close(fd)
+            self._cache_trouble(digest, "opening its file", exc)
+            return None
         if reader.opened.st_size != entry.size:
             self.corrupt(reader, f"the file has {reader.opened.st_size} bytes, not {entry.size}")
             reader.close()
