@@ -31,6 +31,7 @@ from .errors import InvalidData, NotFound, TvixError, errno_for
 from .fetcher import Fetcher
 from .inflight import SingleFlight
 from .metrics import FuseMetrics, timed
+from .readahead import SmallFileReadahead
 from .vfs import Listing, Vfs
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class MountOptions:
     show_xattr: bool = True
     # Entries fetched ahead when a directory is first listed or looked into.
     prefetch_entries: int = 20_000
+    # Small files after an opened one fetched ahead, this many at a time (0: off).
+    readahead_files: int = 4
 
 
 @dataclass(slots=True)
@@ -74,6 +77,7 @@ class TvixOperations(llfuse.Operations):
         self._dir_fhs = itertools.count(1)
         self._broken_reported: set[object] = set()  # digests warned about once
         self.metrics = metrics or FuseMetrics()
+        self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files)
 
     # -- helpers ------------------------------------------------------------
 
@@ -142,10 +146,14 @@ class TvixOperations(llfuse.Operations):
     def lookup(self, parent: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
         if parent == A.ROOT_INODE:
             return self._entry(self._root_lookup(name))
-        child = self._listing(parent).child(name)
+        listing = self._listing(parent)
+        child = listing.child(name)
         if child is None:
             raise llfuse.FUSEError(errno.ENOENT)
-        return self._entry(child)
+        entry = self._entry(child)
+        if type(child) is FileNode:
+            self.readahead.note_lookup(entry.st_ino, listing, name)
+        return entry
 
     def _root_lookup(self, name: bytes) -> Node:
         node = self.vfs.root_entry(name)
@@ -247,6 +255,7 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.EIO)
         # The blob is not looked at here: a missing or broken blob fails the
         # first read with EIO, which saves a worker round trip per open.
+        self.readahead.on_open(inode, node)
         return self._new_handle(self._files, self._file_fhs, node)
 
     @timed("read", counts_bytes=True)
@@ -257,6 +266,9 @@ class TvixOperations(llfuse.Operations):
         if off >= node.size or size <= 0:
             return b""
         length = min(size, node.size - off)
+        ahead = self.readahead.take(node, off, length)
+        if ahead is not None:
+            return ahead
         what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
         data = self._fetch(what, ("read", node.digest, off, length),
                            lambda: self.fetcher.blob_read(node.digest, off, length, affinity=fh))
@@ -264,6 +276,15 @@ class TvixOperations(llfuse.Operations):
             log.error("%s: store returned %d bytes, wanted %d", what, len(data), length)
             raise llfuse.FUSEError(errno.EIO)
         return data
+
+    def _fetch_whole(self, node: FileNode) -> bytes:
+        """A small file's whole blob, for readahead (its own thread, llfuse's lock not held).
+
+        Keyed like a FUSE read of the whole file, so such a read arriving
+        meanwhile waits for this fetch instead of sending its own.
+        """
+        return self._flight.run(("read", node.digest, 0, node.size),
+                                lambda: self.fetcher.blob_read(node.digest, 0, node.size))
 
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)
@@ -320,6 +341,7 @@ class TvixOperations(llfuse.Operations):
             "open_files": len(self._files),
             "open_dirs": len(self._dirs),
             "fetcher": self.fetcher.stats(),
+            "readahead": self.readahead.stats(),
         }
 
 

@@ -62,6 +62,7 @@ class MountConfig:
     request_timeout: float = 30.0
     stop_grace: float = 5.0
     metrics_listen: ListenAddress | None = None
+    readahead_files: int = 4
     extra_options: tuple[str, ...] = field(default=())
 
 
@@ -148,11 +149,13 @@ def run(config: MountConfig) -> int:
                       hang_fraction=HANG_FRACTION)
     pool.start()
     exporter: Exporter | None = None
+    ops: TvixOperations | None = None
     try:
         fetcher = PoolFetcher(pool)
         probe_store(pool, config)
         metrics = FuseMetrics()
-        ops = TvixOperations(Vfs(), fetcher, MountOptions(config.list_root, config.show_xattr), metrics)
+        options = MountOptions(config.list_root, config.show_xattr, readahead_files=config.readahead_files)
+        ops = TvixOperations(Vfs(), fetcher, options, metrics)
         if config.metrics_listen is not None:
             # Its thread starts after the pool's fork and before llfuse.init: a busy
             # port then fails the start with nothing mounted.
@@ -175,6 +178,8 @@ def run(config: MountConfig) -> int:
     finally:
         if exporter is not None:
             exporter.close()
+        if ops is not None:
+            ops.readahead.close()
         pool.close()
     return 0
 

@@ -1,0 +1,178 @@
+"""Small-file readahead: what it schedules, and a real mount read file by file (tar-like) serving
+reads from it with the right bytes, while a stat-only walk fetches nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from tvixmount.admin.ingest import Ingester
+from tvixmount.castore.directory import Directory
+from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
+from tvixmount.readahead import SmallFileReadahead
+from tvixmount.vfs import Listing
+
+# -- scheduling ----------------------------------------------------------------------------
+
+
+def _file(i: int, size: int) -> FileNode:
+    return FileNode(b"f%03d" % i, bytes([i]) * 32, size)
+
+
+def _listing() -> Listing:
+    files = [_file(i, 100 + i) for i in range(20)]
+    files[5] = _file(5, 10 << 20)  # a big one: never fetched ahead
+    return Listing.of(Directory(
+        (DirectoryNode(b"d", b"\x01" * 32, 0),), tuple(files), (SymlinkNode(b"l", b"t"),)))
+
+
+class _Fetches:
+    def __init__(self) -> None:
+        self.asked: list[bytes] = []
+        self.gate = threading.Event()
+
+    def __call__(self, node: FileNode) -> bytes:
+        self.asked.append(node.name)
+        self.gate.wait(5)
+        return b"x" * node.size
+
+
+def _settle(ra: SmallFileReadahead) -> None:
+    deadline = time.monotonic() + 5
+    while ra.stats()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_open_fetches_the_next_small_files_and_reads_take_them_once():
+    fetches = _Fetches()
+    fetches.gate.set()
+    ra = SmallFileReadahead(fetches, depth=3)
+    listing = _listing()
+    ra.note_lookup(42, listing, b"f003")
+    ra.on_open(42, listing.child(b"f003"))
+    _settle(ra)
+    assert sorted(fetches.asked) == [b"f004", b"f006", b"f007"]  # f005 is big: skipped
+    f4 = listing.child(b"f004")
+    assert ra.take(f4, 0, 50) == b"x" * 50  # a partial read leaves the entry
+    assert ra.take(f4, 50, 4096) == b"x" * (f4.size - 50)  # its end: the entry goes
+    assert ra.take(f4, 0, 4096) is None
+    assert ra.stats()["hits"] == 2
+    ra.close()
+
+
+def test_in_flight_and_cached_files_are_not_fetched_twice_and_depth_bounds_it():
+    fetches = _Fetches()  # gate closed: fetches hang until released
+    ra = SmallFileReadahead(fetches, depth=2)
+    listing = _listing()
+    for name, ino in ((b"f000", 1), (b"f001", 2), (b"f002", 3)):
+        ra.note_lookup(ino, listing, name)
+        ra.on_open(ino, listing.child(name))
+    time.sleep(0.05)
+    assert len(fetches.asked) == 2 and ra.stats()["pending"] == 4  # 2 running, 2 queued, no more
+    fetches.gate.set()
+    _settle(ra)
+    assert len(fetches.asked) == len(set(fetches.asked)) == 4
+    ra.close()
+
+
+def test_no_lookup_no_readahead_and_depth_zero_is_off():
+    fetches = _Fetches()
+    fetches.gate.set()
+    listing = _listing()
+    ra = SmallFileReadahead(fetches, depth=4)
+    ra.on_open(7, listing.child(b"f000"))  # opened without a lookup we saw (e.g. by inode)
+    off = SmallFileReadahead(fetches, depth=0)
+    off.note_lookup(7, listing, b"f000")
+    off.on_open(7, listing.child(b"f000"))
+    time.sleep(0.05)
+    assert fetches.asked == []
+    ra.close()
+    off.close()
+
+
+def test_a_failed_fetch_is_forgotten_and_not_served():
+    def broken(node: FileNode) -> bytes:
+        raise OSError("store is down")
+
+    ra = SmallFileReadahead(broken, depth=2)
+    listing = _listing()
+    ra.note_lookup(1, listing, b"f000")
+    ra.on_open(1, listing.child(b"f000"))
+    _settle(ra)
+    assert ra.stats()["failed"] == 2
+    assert ra.take(listing.child(b"f001"), 0, 4096) is None
+    ra.close()
+
+
+def test_the_cache_is_bounded():
+    fetches = _Fetches()
+    fetches.gate.set()
+    ra = SmallFileReadahead(fetches, depth=8, max_bytes=300)
+    listing = _listing()
+    ra.note_lookup(1, listing, b"f000")
+    ra.on_open(1, listing.child(b"f000"))
+    _settle(ra)
+    stats = ra.stats()
+    assert stats["cached_bytes"] <= 300 and stats["evicted"] >= 1
+    ra.close()
+
+
+# -- a real mount --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_files(tmp_path, local_store):
+    """A store path with 3 directories of 60 small files each, all different."""
+    root = tmp_path / "src" / "smalls-1.0"
+    expected = {}
+    for d in range(3):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(60):
+            data = os.urandom(1000 + 97 * i)
+            (root / f"d{d}" / f"f{i:03d}").write_bytes(data)
+            expected[f"d{d}/f{i:03d}"] = data
+    imported = Ingester(local_store).import_path(root)
+    return imported.store_path.basename, expected
+
+
+def _stats(mnt) -> dict:
+    return json.loads(os.getxattr(mnt, "user.tvixmount.stats"))
+
+
+def test_reading_a_directory_file_by_file_is_served_ahead_and_right(mount, small_files):
+    name, expected = small_files
+    m = mount("--readahead-files", "4")
+    base = m.path(name)
+    for rel in sorted(expected):
+        assert (base / rel).read_bytes() == expected[rel], rel
+    stats = _stats(m.mountpoint)
+    ahead = stats["readahead"]
+    assert ahead["hits"] > 100  # most of the 180 files after the first of each directory
+    assert ahead["fetched"] >= ahead["hits"]
+    assert ahead["failed"] == 0
+
+
+def test_a_stat_only_walk_fetches_nothing(mount, small_files):
+    name, expected = small_files
+    m = mount("--readahead-files", "4")
+    seen = 0
+    for dirpath, _dirs, files in os.walk(m.path(name)):
+        for f in files:
+            os.lstat(os.path.join(dirpath, f))
+            seen += 1
+    assert seen == len(expected)
+    stats = _stats(m.mountpoint)
+    assert stats["readahead"]["scheduled"] == 0
+    assert stats["ops"].get("read", 0) == 0
+
+
+def test_readahead_off_reads_everything_itself(mount, small_files):
+    name, expected = small_files
+    m = mount("--readahead-files", "0")
+    for rel in sorted(expected)[:20]:
+        assert (m.path(name) / rel).read_bytes() == expected[rel]
+    assert _stats(m.mountpoint)["readahead"]["scheduled"] == 0

@@ -1,0 +1,153 @@
+"""Fetch the next small files of a directory while the reader is still on this one.
+
+Why: a compiler, ``tar`` or a loader opens the files of a directory one
+after another and reads each whole. Cold, every such read waits for a
+worker round trip and, on the embedded store, for the disk (one file per
+blob), and the reader has only one of them in flight at a time, so the
+workers and the disk idle while the reader is between files. After the
+open of a small file, the small files that follow it in the same listing
+are fetched in the background, ``depth`` at a time, into a bounded cache
+of verified bytes (what a worker's blob_read returns), and their first
+reads are served from there.
+
+What does not trigger it: walks that only stat (find, ls -l, a build tool
+checking timestamps) open nothing, so they fetch nothing. Files bigger
+than ``max_file`` are left to the kernel's own readahead.
+
+Thread model: ``note_lookup``, ``on_open`` and ``take`` are called from
+FUSE handlers (under llfuse's lock); the fetches run on this module's own
+threads, without that lock, through the same single-flight table as FUSE
+reads, so a read of a file being fetched ahead joins that fetch instead
+of sending a second request. The cache has its own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .castore.nodes import FileNode, b3_text
+from .vfs import Listing
+
+log = logging.getLogger(__name__)
+
+LOOKUPS_REMEMBERED = 8192  # inode -> where it was looked up, for the opens that follow
+SCAN_LIMIT = 4  # look at most depth * SCAN_LIMIT entries past the opened one
+
+
+class SmallFileReadahead:
+    def __init__(self, fetch: Callable[[FileNode], bytes], *, depth: int, max_file: int = 256 << 10,
+                 max_bytes: int = 64 << 20) -> None:
+        """``fetch(node)`` returns the node's whole blob, verified, or raises; it may block."""
+        self._fetch = fetch
+        self.depth = depth
+        self.max_file = max_file
+        self.max_bytes = max_bytes
+        self._lookups: OrderedDict[int, tuple[Listing, int]] = OrderedDict()
+        self._lock = threading.Lock()
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cached_bytes = 0
+        self._pending: set[bytes] = set()
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: after the worker pool forked
+        self._closed = False
+        self.counts = dict.fromkeys(("scheduled", "fetched", "failed", "hits", "joined_or_missed",
+                                     "evicted"), 0)
+
+    # -- called from FUSE handlers ------------------------------------------------------
+
+    def note_lookup(self, ino: int, listing: Listing, name: bytes) -> None:
+        """Remember where ``ino`` was found, so its open knows its siblings."""
+        pos = listing.index.get(name)
+        if pos is None:
+            return
+        lookups = self._lookups
+        lookups[ino] = (listing, pos)
+        lookups.move_to_end(ino)
+        if len(lookups) > LOOKUPS_REMEMBERED:
+            lookups.popitem(last=False)
+
+    def on_open(self, ino: int, node: FileNode) -> None:
+        """A small file was opened: start fetching the small files after it in its directory."""
+        if self.depth <= 0 or node.size > self.max_file:
+            return
+        found = self._lookups.get(ino)
+        if found is None:
+            return
+        listing, pos = found
+        entries = listing.entries
+        chosen: list[FileNode] = []
+        with self._lock:
+            if self._closed:
+                return
+            room = self.depth * 2 - len(self._pending)
+            for sibling in entries[pos + 1: pos + 1 + self.depth * SCAN_LIMIT]:
+                if len(chosen) >= min(room, self.depth):
+                    break
+                if (type(sibling) is FileNode and 0 < sibling.size <= self.max_file
+                        and sibling.digest not in self._pending and sibling.digest not in self._cache):
+                    self._pending.add(sibling.digest)
+                    chosen.append(sibling)
+            if not chosen:
+                return
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="tvixmount-readahead")
+            self.counts["scheduled"] += len(chosen)
+            pool = self._pool
+        for sibling in chosen:
+            pool.submit(self._run, sibling)
+
+    def take(self, node: FileNode, offset: int, length: int) -> bytes | None:
+        """The bytes of a read if the file was fetched ahead; the entry goes once its end is served."""
+        with self._lock:
+            data = self._cache.get(node.digest)
+            if data is None:
+                if node.digest in self._pending:
+                    self.counts["joined_or_missed"] += 1
+                return None
+            self.counts["hits"] += 1
+            if offset + length >= len(data):
+                del self._cache[node.digest]
+                self._cached_bytes -= len(data)
+        return data[offset:offset + length]
+
+    # -- background ---------------------------------------------------------------------
+
+    def _run(self, node: FileNode) -> None:
+        try:
+            data = self._fetch(node)
+        except Exception as exc:  # the reader's own read will fail and say why, with an errno
+            log.debug("readahead of %s failed: %s", b3_text(node.digest), exc)
+            with self._lock:
+                self._pending.discard(node.digest)
+                self.counts["failed"] += 1
+            return
+        with self._lock:
+            self._pending.discard(node.digest)
+            if self._closed or len(data) != node.size or node.digest in self._cache:
+                return
+            self.counts["fetched"] += 1
+            self._cache[node.digest] = data
+            self._cached_bytes += len(data)
+            while self._cached_bytes > self.max_bytes:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= len(old)
+                self.counts["evicted"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {**self.counts, "cached_files": len(self._cache), "cached_bytes": self._cached_bytes,
+                    "pending": len(self._pending)}
+
+    def close(self) -> None:
+        """Stop fetching; fetches in flight end by their own deadline (bounded)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            self._cache.clear()
+            self._cached_bytes = 0
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
