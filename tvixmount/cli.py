@@ -66,11 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mount options: allow_other, list_root, noshow_xattr, or FUSE options")
     fs.add_argument("-f", "--foreground", action="store_true", default=True,
                     help="stay in the foreground (always; accepted for compatibility)")
+    from .store.blobcache import add_cache_arguments
+
+    add_cache_arguments(p.add_argument_group("blob cache (remote stores)"))
     perf = p.add_argument_group("processes")
     perf.add_argument("--workers", type=_positive, default=cpus,
                       help=f"worker processes doing store I/O (default: CPU count, {cpus})")
     perf.add_argument("--threads", type=_positive, default=None,
                       help="FUSE request threads (env THREADS; default: max(8, 2 x workers))")
+    perf.add_argument("--readahead-files", type=_natural, default=None, metavar="N",
+                      help="after a small file (<= 256 KiB) is opened, fetch up to N of the small files "
+                           "after it in its directory in the background, so a reader going through a "
+                           "directory finds them ready; 0 turns it off (default: max(4, workers))")
     perf.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
                       help="deadline of one store request, retries included (default 30)")
     p.add_argument("--metrics-listen", type=_listen, default=None, metavar="[HOST]:PORT",
@@ -93,11 +100,18 @@ def _listen(text: str):  # -> metrics.ListenAddress
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _positive(text: str) -> int:
+def _natural(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = _natural(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be at least 1")
     return value
@@ -121,11 +135,26 @@ def store_urls(args: argparse.Namespace):  # -> StoreUrls
 
     addrs = (args.blob_service_addr, args.directory_service_addr, args.path_info_service_addr)
     if not any(addrs):
-        return StoreUrls.embedded(args.store_dir or default_store_dir())
-    if not all(addrs):
+        urls = StoreUrls.embedded(args.store_dir or default_store_dir())
+    elif not all(addrs):
         raise SystemExit("tvixmount: error: give all three --*-service-addr flags, or none "
                          "for the embedded store")
-    return StoreUrls(*addrs)
+    else:
+        urls = StoreUrls(*addrs)
+    return _with_cache(urls, args)
+
+
+def _with_cache(urls, args: argparse.Namespace):  # StoreUrls -> StoreUrls
+    """The blob cache settings travel inside the StoreUrls, to the workers that open the store."""
+    import dataclasses
+
+    from .errors import InvalidArgument
+    from .store.blobcache import cache_config_from
+
+    try:
+        return dataclasses.replace(urls, blob_cache=cache_config_from(args))
+    except InvalidArgument as exc:  # --cache-size alone, or a cache for the embedded store
+        raise SystemExit(f"tvixmount: error: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout=args.request_timeout,
         extra_options=tuple(extra),
         metrics_listen=args.metrics_listen,
+        readahead_files=max(4, args.workers) if args.readahead_files is None else args.readahead_files,
     )
     try:
         return run(config)
