@@ -8,7 +8,10 @@ under a live mount must not need a remount.
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -79,3 +82,47 @@ def test_mount_through_a_daemon_and_survive_its_restart(served: tuple[Daemon, Pa
     finally:
         status = m.stop()
     assert status == 0, m.log()[-3000:]
+
+
+def test_a_blob_cache_serves_a_second_mount_without_reading_blobs_from_the_daemon(
+        served: tuple[Daemon, Path]) -> None:
+    """--cache-dir end to end: the first mount fills the cache; a second mount with the same cache
+    reads the same bytes while the daemon's blob reads are counted and do not move."""
+    daemon, tmp_path = served
+    cache = tmp_path / "cache"
+    urls = (daemon.url, daemon.url, daemon.url)
+    cache_args = ("--cache-dir", str(cache), "--cache-size", "64M")
+    first = Mount(tmp_path / "mnt1", None, *cache_args, urls=urls).start()
+    try:
+        top = first.path(PATH.basename)
+        assert (top / "big").read_bytes() == BIG
+        assert (top / "sub" / "other").read_bytes() == OTHER
+    finally:
+        assert first.stop() == 0, first.log()[-3000:]
+    cached = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size in (len(BIG), len(OTHER))]
+    assert len(cached) == 2, sorted(str(p) for p in cache.rglob("*"))
+
+    reads_before = _blob_reads(daemon)
+    assert reads_before >= 1
+    second = Mount(tmp_path / "mnt2", None, "--cache-dir", str(cache), urls=urls).start()
+    try:
+        top = second.path(PATH.basename)
+        assert (top / "big").read_bytes() == BIG
+        assert (top / "sub" / "other").read_bytes() == OTHER
+    finally:
+        assert second.stop() == 0, second.log()[-3000:]
+    assert _blob_reads(daemon) == reads_before
+
+
+def _blob_reads(daemon: Daemon) -> int:
+    """Blob Read calls the daemon served, from its debug log (one line per call)."""
+    return len(re.findall(r"\bRead b3:", daemon.log()))
+
+
+def test_a_blob_cache_for_the_embedded_store_is_refused(tmp_path: Path) -> None:
+    argv = [str(tmp_path), "--store-dir", str(tmp_path / "s"), "--cache-dir", str(tmp_path / "c")]
+    out = subprocess.run([sys.executable, "-m", "tvixmount.cli", *argv], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode != 0
+    assert "blob cache" in out.stderr and "drop --cache-dir" in out.stderr
+    assert not (tmp_path / "c").exists()
