@@ -13,7 +13,7 @@ import pytest
 from tvixmount.admin.ingest import Ingester
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
-from tvixmount.readahead import SmallFileReadahead
+from tvixmount.readahead import SmallFileReadahead, TreeAhead
 from tvixmount.vfs import Listing
 
 # -- scheduling ----------------------------------------------------------------------------
@@ -176,3 +176,51 @@ def test_readahead_off_reads_everything_itself(mount, small_files):
     for rel in sorted(expected)[:20]:
         assert (m.path(name) / rel).read_bytes() == expected[rel]
     assert _stats(m.mountpoint)["readahead"]["scheduled"] == 0
+
+
+# -- trees of the next store paths ---------------------------------------------------------
+
+
+def test_tree_ahead_queues_the_next_store_paths_once_and_skips_listed_ones():
+    fetched: list[bytes] = []
+    done = threading.Event()
+
+    def fetch(digest: bytes) -> None:
+        fetched.append(digest)
+        if len(fetched) == 4:
+            done.set()
+
+    ahead = TreeAhead(fetch, ahead=2)
+    order = [bytes([i]) * 32 for i in range(6)]
+    ahead.set_order(order)
+    listed = {order[2]}
+    ahead.on_walk(order[0], listed.__contains__)  # -> 1 (2 is listed)
+    ahead.on_walk(order[1], listed.__contains__)  # -> 3 (2 listed)
+    ahead.on_walk(order[3], listed.__contains__)  # -> 4, 5
+    ahead.on_walk(b"\xff" * 32, listed.__contains__)  # not a store path of the listing: nothing
+    assert done.wait(5)
+    time.sleep(0.05)
+    ahead.close()
+    assert fetched == [order[1], order[3], order[4], order[5]]  # one thread, in the order queued
+    assert ahead.counts == {"scheduled": 4, "fetched": 4, "failed": 0}
+
+
+def test_a_find_over_the_root_fetches_following_trees_ahead(mount, local_store, tmp_path):
+    expected = set()
+    for p in range(5):
+        root = tmp_path / "src" / f"pkg{p}-1.0"
+        for d in range(4):
+            (root / f"d{d}").mkdir(parents=True)
+            (root / f"d{d}" / "f").write_bytes(b"%d-%d" % (p, d))
+        name = Ingester(local_store).import_path(root).store_path.basename
+        expected |= {name, f"{name}/d0", f"{name}/d1", f"{name}/d2", f"{name}/d3"}
+        expected |= {f"{name}/d{d}/f" for d in range(4)}
+    m = mount("--list-root")
+    found = set()
+    for dirpath, dirs, files in os.walk(m.mountpoint):
+        rel = os.path.relpath(dirpath, m.mountpoint)
+        found |= {os.path.normpath(os.path.join(rel, x)) for x in dirs + files}
+    assert found == expected
+    stats = _stats(m.mountpoint)
+    assert stats["tree_ahead"]["scheduled"] >= 1
+    assert stats["tree_ahead"]["failed"] == 0

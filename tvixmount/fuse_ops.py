@@ -31,7 +31,7 @@ from .errors import InvalidData, NotFound, TvixError, errno_for
 from .fetcher import Fetcher
 from .inflight import SingleFlight
 from .metrics import FuseMetrics, timed
-from .readahead import SmallFileReadahead
+from .readahead import SmallFileReadahead, TreeAhead
 from .vfs import Listing, Vfs
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,8 @@ class MountOptions:
     prefetch_entries: int = 20_000
     # Small files after an opened one fetched ahead, this many at a time (0: off).
     readahead_files: int = 4
+    # Store paths (in root listing order) whose trees are fetched ahead of a walk (0: off).
+    tree_ahead: int = 2
 
 
 @dataclass(slots=True)
@@ -78,6 +80,8 @@ class TvixOperations(llfuse.Operations):
         self._broken_reported: set[object] = set()  # digests warned about once
         self.metrics = metrics or FuseMetrics()
         self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files)
+        self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
+        self._closing = False
 
     # -- helpers ------------------------------------------------------------
 
@@ -138,7 +142,25 @@ class TvixOperations(llfuse.Operations):
             for digest, directory in tree:
                 self.vfs.add_listing(digest, directory)
             listing = self.vfs.listing(node.digest) or self.vfs.add_listing(node.digest, tree[0][1])
+            self.tree_ahead.on_walk(node.digest, lambda digest: self.vfs.listing(digest) is not None)
         return listing
+
+    def _prefetch_tree(self, digest: bytes) -> None:
+        """TreeAhead's fetch, on its own thread: one tree request, then the listings go in under the lock.
+
+        Keyed like ``_listing``'s fetch, so a walk that gets there first
+        waits for this request instead of sending its own.
+        """
+        limit = self.options.prefetch_entries
+        tree = self._flight.run(("dir", digest), lambda: self.fetcher.directory_tree(digest, limit))
+        while not llfuse.lock.acquire(timeout=0.5):
+            if self._closing:
+                return
+        try:
+            for found, directory in tree:
+                self.vfs.add_listing(found, directory)
+        finally:
+            llfuse.lock.release()
 
     # -- lookups and attributes ---------------------------------------------
 
@@ -233,6 +255,7 @@ class TvixOperations(llfuse.Operations):
             for node in nodes:
                 self.vfs.add_root_entry(node.name, node)
                 handle.names.append((node.name, node))
+            self.tree_ahead.set_order([node.digest for node in nodes if isinstance(node, DirectoryNode)])
         return handle.names
 
     def releasedir(self, fh: int) -> None:
@@ -289,6 +312,12 @@ class TvixOperations(llfuse.Operations):
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)
 
+    def close(self) -> None:
+        """Stop the background fetches (after llfuse.main returned); bounded."""
+        self._closing = True
+        self.tree_ahead.close()
+        self.readahead.close()
+
     @staticmethod
     def _new_handle(table: dict[int, Any], numbers: Iterator[int], value: Any) -> int:
         fh = next(numbers)
@@ -342,6 +371,7 @@ class TvixOperations(llfuse.Operations):
             "open_dirs": len(self._dirs),
             "fetcher": self.fetcher.stats(),
             "readahead": self.readahead.stats(),
+            "tree_ahead": dict(self.tree_ahead.counts),
         }
 
 

@@ -179,7 +179,7 @@ def run(config: MountConfig) -> int:
         if exporter is not None:
             exporter.close()
         if ops is not None:
-            ops.readahead.close()
+            ops.close()
         pool.close()
     return 0
 

@@ -24,6 +24,7 @@ of sending a second request. The cache has its own lock.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -151,3 +152,63 @@ class SmallFileReadahead:
             self._cached_bytes = 0
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+class TreeAhead:
+    """While a walk is in one store path, fetch the trees of the next ones in root listing order.
+
+    Why: ``find``, ``du`` or a backup walk the store paths one after
+    another, and each fresh store path costs one tree fetch the walk waits
+    for (the worker reads and checks every directory below it). Fetching
+    the next ``ahead`` trees while the walk works through the current one
+    hides that wait behind the walk, on the worker side of the machine.
+    Triggered only when a store path's tree had to be fetched for a walk,
+    so ``ls`` of the root alone fetches no tree.
+
+    The fetch runs on one daemon thread (it must never hold up the
+    process's exit while waiting for llfuse's lock) through ``fetch_tree``,
+    which the FUSE layer provides; this class only decides what and when.
+    """
+
+    def __init__(self, fetch_tree: Callable[[bytes], None], *, ahead: int) -> None:
+        self._fetch_tree = fetch_tree
+        self.ahead = ahead
+        self._order: list[bytes] = []
+        self._pos: dict[bytes, int] = {}
+        self._asked: set[bytes] = set()
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.counts = dict.fromkeys(("scheduled", "fetched", "failed"), 0)
+
+    def set_order(self, digests: list[bytes]) -> None:
+        """The root listing's directory digests, in the order a walk visits them. Under llfuse's lock."""
+        self._order = digests
+        self._pos = {digest: i for i, digest in enumerate(digests)}
+
+    def on_walk(self, digest: bytes, listed: Callable[[bytes], bool]) -> None:
+        """A walk had to fetch store path ``digest``: queue the next ones not listed yet. Under the lock."""
+        pos = self._pos.get(digest)
+        if pos is None or self.ahead <= 0:
+            return
+        self._asked.add(digest)
+        for following in self._order[pos + 1: pos + 1 + self.ahead]:
+            if following in self._asked or listed(following):
+                continue
+            self._asked.add(following)
+            self.counts["scheduled"] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="tvixmount-tree-ahead", daemon=True)
+                self._thread.start()
+            self._queue.put(following)
+
+    def _run(self) -> None:
+        while (digest := self._queue.get()) is not None:
+            try:
+                self._fetch_tree(digest)
+                self.counts["fetched"] += 1
+            except Exception as exc:  # the walk's own fetch will fail and say why
+                self.counts["failed"] += 1
+                log.debug("tree prefetch of %s failed: %s", b3_text(digest), exc)
+
+    def close(self) -> None:
+        self._queue.put(None)
