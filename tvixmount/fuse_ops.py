@@ -303,10 +303,12 @@ class TvixOperations(llfuse.Operations):
     def _fetch_whole(self, node: FileNode) -> bytes:
         """A small file's whole blob, for readahead (its own thread, llfuse's lock not held).
 
-        Keyed like a FUSE read of the whole file, so such a read arriving
-        meanwhile waits for this fetch instead of sending its own.
+        Not keyed like a FUSE read: a read arriving while this fetch is in
+        flight sends its own request rather than wait for this one, which
+        may sit on a worker that has just hung. Readahead may cost a
+        duplicate request; it never makes a read slower.
         """
-        return self._flight.run(("read", node.digest, 0, node.size),
+        return self._flight.run(("ahead", node.digest),
                                 lambda: self.fetcher.blob_read(node.digest, 0, node.size))
 
     def release(self, fh: int) -> None:

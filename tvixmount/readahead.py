@@ -16,9 +16,11 @@ than ``max_file`` are left to the kernel's own readahead.
 
 Thread model: ``note_lookup``, ``on_open`` and ``take`` are called from
 FUSE handlers (under llfuse's lock); the fetches run on this module's own
-threads, without that lock, through the same single-flight table as FUSE
-reads, so a read of a file being fetched ahead joins that fetch instead
-of sending a second request. The cache has its own lock.
+threads, without that lock. A read of a file still being fetched ahead
+does not wait for that fetch (it may sit on a worker that just hung, and
+the read would inherit the hang); it sends its own request, so readahead
+can cost a duplicate request but never slows a read. The cache has its
+own lock.
 """
 
 from __future__ import annotations
