@@ -10,11 +10,13 @@ import time
 
 import pytest
 
+from tests.test_metrics import metric, metrics_url, scrape
 from tvixmount.admin.ingest import Ingester
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixmount.readahead import SmallFileReadahead, TreeAhead
 from tvixmount.vfs import Listing
+from workers.handlers import RING_MIN
 
 # -- scheduling ----------------------------------------------------------------------------
 
@@ -145,7 +147,7 @@ def _stats(mnt) -> dict:
 
 def test_reading_a_directory_file_by_file_is_served_ahead_and_right(mount, small_files):
     name, expected = small_files
-    m = mount("--readahead-files", "4")
+    m = mount("--readahead-files", "4", "--metrics-listen", "127.0.0.1:0")
     base = m.path(name)
     for rel in sorted(expected):
         assert (base / rel).read_bytes() == expected[rel], rel
@@ -154,6 +156,13 @@ def test_reading_a_directory_file_by_file_is_served_ahead_and_right(mount, small
     assert ahead["hits"] > 100  # most of the 180 files after the first of each directory
     assert ahead["fetched"] >= ahead["hits"]
     assert ahead["failed"] == 0
+    samples = scrape(metrics_url(m))
+    assert metric(samples, "tvixmount_readahead_hits_total") >= ahead["hits"]
+    assert metric(samples, "tvixmount_read_bytes_total") == sum(len(v) for v in expected.values())
+    # Every file of 4 KiB or more came through a worker's shared-memory ring, not its pipe
+    # (once, or twice when its reader raced the fetch ahead).
+    big_enough = [v for v in expected.values() if len(v) >= RING_MIN]
+    assert len(big_enough) <= metric(samples, "tvixmount_pool_ring_replies_total") <= 2 * len(big_enough)
 
 
 def test_a_stat_only_walk_fetches_nothing(mount, small_files):

@@ -72,6 +72,15 @@ _POOL_COUNTERS = {
     "lost": "store requests lost with their worker and not re-sent",
     "resent": "store requests re-sent after their worker died",
     "killed": "workers killed as hung",
+    "ring_replies": "read replies whose bytes came through the shared-memory ring",
+    "ring_bytes": "bytes that came through the shared-memory ring",
+}
+_READAHEAD_COUNTERS = {
+    "scheduled": "small files queued to be fetched ahead of their reader",
+    "fetched": "small files fetched ahead and kept",
+    "failed": "fetches ahead that failed (the reader's own read reports why)",
+    "hits": "FUSE reads answered from the files fetched ahead",
+    "evicted": "files fetched ahead and dropped unread (cache full)",
 }
 _POOL_OTHER = {"restarts", "backlog", "failures"}  # failures = errors + timeouts + lost
 
@@ -275,6 +284,21 @@ class MountCollector(PrometheusCollector):
             if isinstance(value, int):
                 yield GaugeMetricFamily(f"tvixmount_vfs_{key}", f"Vfs table size: {key}", value=value)
         yield from _pool_families(stats.get("fetcher", {}))
+        yield from _readahead_families(stats)
+
+
+def _readahead_families(stats: dict[str, Any]) -> Iterator[Metric]:
+    files = stats.get("readahead", {})
+    for key, help_text in _READAHEAD_COUNTERS.items():
+        if isinstance(files.get(key), int):
+            yield CounterMetricFamily(f"tvixmount_readahead_{key}", help_text, value=files[key])
+    if isinstance(files.get("cached_bytes"), int):
+        yield GaugeMetricFamily("tvixmount_readahead_cached_bytes", "bytes fetched ahead, not yet read",
+                                value=files["cached_bytes"])
+    trees = stats.get("tree_ahead", {})
+    if isinstance(trees.get("fetched"), int):
+        yield CounterMetricFamily("tvixmount_tree_ahead_fetched", "store path trees fetched ahead of a walk",
+                                  value=trees["fetched"])
 
 
 def _pool_families(pool: dict[str, Any]) -> Iterator[Metric]:
