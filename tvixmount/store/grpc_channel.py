@@ -22,6 +22,14 @@ Invariants:
 * A failed call leaves the Endpoint usable: grpc reconnects its channel by
   itself (short back-off, see ``_OPTIONS``), and read-only methods are
   retried on UNAVAILABLE by grpc's retry policy within their deadline.
+* A read-only call that fails because the *connection* is down (a daemon
+  restarting) waits for the channel to reconnect, for a bounded patience,
+  and is made again (``Endpoint._await_return``). The patience is a share
+  of the time left in the caller's ``request_deadline`` scope
+  (grpc_deadline.py: a mount worker serving a request), else
+  ``ClientConfig.reconnect_wait``. An UNAVAILABLE the server answered on a
+  connected channel is not waited for: it fails after grpc's retries, as
+  before. A call never waits past its patience, so nothing hangs.
 
 Our own daemon adds the tvixmount error class to the trailers
 (``ERROR_CODE_KEY``), so errors keep their exact class across the wire;
@@ -53,6 +61,7 @@ from ..errors import (
     from_code,
 )
 from . import urls
+from .grpc_deadline import patience_until
 from .urls import StoreUrl
 
 log = logging.getLogger(__name__)
@@ -66,6 +75,10 @@ PUT_MESSAGE = 1 * MiB
 UNARY_TIMEOUT = 30.0  # seconds for a whole unary call
 STREAM_GAP = 30.0  # seconds a stream may go without a message before it is cancelled
 CONNECT_TIMEOUT = 10.0  # seconds ?wait-connect=1 waits for the first connection
+# Seconds a read waits for a reconnecting server outside any request_deadline
+# scope. Small: a mount worker is declared hung after half its request's
+# deadline (3 s in the fault tests), and it is the scope that should decide.
+RECONNECT_WAIT = 0.5
 
 # Trailing metadata our daemon sets on errors: the tvixmount error code.
 ERROR_CODE_KEY = "tvix-error-code"
@@ -78,6 +91,8 @@ _READ_METHODS = (
     ("tvix.store.v1.PathInfoService", "List"),
     ("tvix.store.v1.PathInfoService", "CalculateNAR"),
 )
+_PATIENT = frozenset(f"/{service}/{method}" for service, method in _READ_METHODS)
+_READY_CHECK = 0.05  # seconds to learn whether the channel is connected right now
 # Reads are idempotent: let grpc retry them when the connection is not up
 # (a daemon restarting). A stream is only retried before its first message.
 _SERVICE_CONFIG = json.dumps({
@@ -105,7 +120,8 @@ _OPTIONS: tuple[tuple[str, Any], ...] = (
     # After a daemon restart, come back within seconds, not grpc's default 2 min.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    # 1 s: a read waiting for a restarted daemon notices it within about a second.
+    ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.enable_retries", 1),
     ("grpc.service_config", _SERVICE_CONFIG),
     # Server streams driven by the calling thread: grpc otherwise starts a
@@ -131,6 +147,7 @@ class ClientConfig:
     unary_timeout: float = UNARY_TIMEOUT
     stream_gap: float = STREAM_GAP
     connect_timeout: float = CONNECT_TIMEOUT
+    reconnect_wait: float = RECONNECT_WAIT
 
 
 # -- errors --------------------------------------------------------------------------
@@ -181,6 +198,16 @@ def translate(exc: grpc.RpcError, what: str, server: str, timed_out: bool = Fals
     return TvixError(message)
 
 
+# grpc core's words for a connection that failed or went away (not a server's answer).
+_TRANSPORT_WORDS = ("failed to connect", "socket closed", "connection reset", "connection refused",
+                    "broken pipe", "goaway", "stream removed", "connection aborted", "end of tcp stream")
+
+
+def _transport_words(exc: TvixError) -> bool:
+    text = str(exc).lower()
+    return any(word in text for word in _TRANSPORT_WORDS)
+
+
 def _status(exc: grpc.RpcError) -> grpc.StatusCode | None:
     try:
         return exc.code()  # type: ignore[attr-defined]
@@ -212,12 +239,13 @@ def _trailer_code(exc: grpc.RpcError) -> str | None:
 class _Watched:
     """One call under watch: cancelled when ``due`` passes while ``armed``."""
 
-    __slots__ = ("armed", "call", "due", "gap", "timed_out", "what")
+    __slots__ = ("armed", "call", "due", "gap", "quiet", "timed_out", "what")
 
-    def __init__(self, call: Any, gap: float, what: str) -> None:
+    def __init__(self, call: Any, gap: float, what: str, quiet: bool = False) -> None:
         self.call = call
         self.gap = gap
         self.what = what
+        self.quiet = quiet  # an idle stream its reader parked: cancelling it is routine
         self.due = time.monotonic() + gap
         self.armed = True
         self.timed_out = False
@@ -235,8 +263,8 @@ class _Watchdog:
         self._pid = -1
         self._wake = threading.Event()
 
-    def watch(self, call: Any, gap: float, what: str) -> _Watched:
-        watched = _Watched(call, gap, what)
+    def watch(self, call: Any, gap: float, what: str, quiet: bool = False) -> _Watched:
+        watched = _Watched(call, gap, what, quiet)
         with self._lock:
             if self._pid != os.getpid():  # first use, or a forked child: the thread is not ours
                 self._pid = os.getpid()
@@ -265,7 +293,8 @@ class _Watchdog:
                         self._calls.add(w)
                     continue
                 w.timed_out = True
-                log.warning("%s: no progress for %.1f s; cancelling the call", w.what, w.gap)
+                log.log(logging.DEBUG if w.quiet else logging.WARNING,
+                        "%s: no progress for %.1f s; cancelling the call", w.what, w.gap)
                 w.call.cancel()
 
 
@@ -291,6 +320,9 @@ class Endpoint:
         self._pid = -1
         self._methods: dict[tuple[str, str], Callable[..., Any]] = {}
         self._closed = False
+        # The patience point of the last wait that ran out: other calls with the same point
+        # (the same request) do not wait again, so one request waits at most once.
+        self._gave_up_at: float | None = None
         if url.flag("wait-connect"):
             self.wait_connected()
 
@@ -350,41 +382,102 @@ class Endpoint:
     # calls ------------------------------------------------------------------------------
 
     def unary(self, path: str, request: bytes, what: str) -> bytes:
-        """One unary call within ``unary_timeout``; the raw response bytes."""
-        method = self._method("unary_unary", path)
-        try:
-            return method(request, timeout=self.config.unary_timeout)
-        except grpc.RpcError as exc:
-            raise translate(exc, what, self.server) from None
-        except ValueError as exc:  # grpc's "closed channel"
-            raise Unavailable(f"{what}: channel to {self.server} unusable: {exc}") from None
+        """One unary call within ``unary_timeout``; the raw response bytes.
 
-    def stream(self, path: str, request: bytes, what: str,
-               timeout: float | None = None) -> Generator[bytes, None, None]:
-        """The raw messages of a server stream; cancelled if one is ``stream_gap`` late.
+        A read-only call that met a server being away is made again once
+        the channel reconnects, within its patience (module doc).
+        """
+        method = self._method("unary_unary", path)
+        until = patience_until(self.config.reconnect_wait) if path in _PATIENT else None
+        while True:
+            try:
+                response: bytes = method(request, timeout=self.config.unary_timeout)
+            except grpc.RpcError as exc:
+                error = translate(exc, what, self.server)
+                if until is None:
+                    raise error from None
+                self._await_return(exc, error, until)
+            except ValueError as exc:  # grpc's "closed channel"
+                raise Unavailable(f"{what}: channel to {self.server} unusable: {exc}") from None
+            else:
+                return response
+
+    def stream(self, path: str, request: bytes, what: str, timeout: float | None = None,
+               gap: float | None = None, quiet: bool = False) -> Generator[bytes, None, None]:
+        """The raw messages of a server stream; cancelled if one is ``gap`` late.
 
         Closing the iterator early cancels the call (nothing keeps running).
         ``timeout`` bounds the whole call (for streams known to be short).
+        ``gap`` defaults to ``stream_gap``; ``quiet`` logs its cancellation at
+        DEBUG (a stream its reader left idle on purpose). A read-only stream
+        that fails before its first message because the server is away is
+        made again once the channel reconnects, within its patience.
         """
         method = self._method("unary_stream", path)
+        until = patience_until(self.config.reconnect_wait) if path in _PATIENT else None
+        while True:
+            try:
+                call = method(request, timeout=timeout)
+            except ValueError as exc:
+                raise Unavailable(f"{what}: channel to {self.server} unusable: {exc}") from None
+            watched = _watchdog.watch(call, self.config.stream_gap if gap is None else gap,
+                                      f"{what} from {self.server}", quiet)
+            arrived = False
+            try:
+                while True:
+                    try:
+                        message = next(call)
+                    except StopIteration:
+                        return
+                    except grpc.RpcError as exc:
+                        error = translate(exc, what, self.server, watched.timed_out)
+                        if arrived or until is None or watched.timed_out:
+                            raise error from None
+                        self._await_return(exc, error, until)
+                        break  # the server is back: make the call again
+                    watched.progress()
+                    arrived = True
+                    yield message
+            finally:
+                _watchdog.forget(watched)
+                call.cancel()  # no-op when the call already ended
+
+    def _await_return(self, exc: grpc.RpcError, error: TvixError, until: float) -> None:
+        """Return when a call that failed with ``error`` should be made again; else raise.
+
+        Made again: an UNAVAILABLE that came from the connection (grpc's
+        words for it, or a channel that is not connected now), once the
+        channel is connected again before ``until``. Raised: everything
+        else, including an UNAVAILABLE our daemon or any server answered
+        on a connected channel, and a server that stays away.
+        """
+        if type(error) is not Unavailable or _trailer_code(exc) is not None:
+            raise error from None  # not about the connection, or our daemon's own answer
+        started = time.monotonic()
+        if until <= started:
+            raise error from None
+        future = grpc.channel_ready_future(self.channel())
         try:
-            call = method(request, timeout=timeout)
-        except ValueError as exc:
-            raise Unavailable(f"{what}: channel to {self.server} unusable: {exc}") from None
-        watched = _watchdog.watch(call, self.config.stream_gap, f"{what} from {self.server}")
-        try:
-            while True:
-                try:
-                    message = next(call)
-                except StopIteration:
-                    return
-                except grpc.RpcError as exc:
-                    raise translate(exc, what, self.server, watched.timed_out) from None
-                watched.progress()
-                yield message
+            try:
+                future.result(timeout=min(until - started, _READY_CHECK))
+            except grpc.FutureTimeoutError:
+                if self._gave_up_at == until:  # this request already waited in vain
+                    raise error from None
+            else:
+                if _transport_words(error):
+                    return  # the connection broke and is already back
+                raise error from None  # connected all along: the server answered this
+            log.debug("%s is away (%s); waiting up to %.1f s for it", self.server, error, until - started)
+            try:
+                future.result(timeout=max(0.0, until - time.monotonic()))
+            except grpc.FutureTimeoutError:
+                self._gave_up_at = until
+                waited = time.monotonic() - started
+                raise Unavailable(f"{error}; not back after waiting {waited:.1f} s") from None
+            log.info("%s is back after %.1f s; making the call again (%s)", self.server,
+                     time.monotonic() - started, str(error).split(":", 1)[0])
         finally:
-            _watchdog.forget(watched)
-            call.cancel()  # no-op when the call already ended
+            future.cancel()
 
     def client_stream(self, path: str, requests: Iterable[bytes], what: str) -> ClientStream:
         """Start a client-streaming call fed from ``requests``; see ClientStream."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from .grpc_blobs import GrpcBlobService
 from .grpc_channel import ClientConfig, Endpoint
+from .grpc_deadline import request_deadline
 from .grpc_directories import GrpcDirectoryService
 from .grpc_pathinfo import GrpcPathInfoService
 from .urls import GRPC_SCHEMES, StoreUrl, parse
@@ -27,6 +28,7 @@ __all__ = [
     "open_blob_service",
     "open_directory_service",
     "open_path_info_service",
+    "request_deadline",
 ]
 
 

@@ -1,0 +1,55 @@
+"""How long a gRPC read may wait for a server that is coming back: the request's own deadline.
+
+A mount worker serves one request at a time, each with a deadline the
+pool set (``time.monotonic()``); the pool declares a worker hung when it
+is silent for half of a request's budget. A read that meets a daemon
+restart should wait for it, but never long enough to be taken for hung.
+So the worker says, around each request::
+
+    with request_deadline(deadline):
+        handler(...)
+
+and every gRPC call made by that thread inside may wait for a
+reconnecting channel until ``share`` of the time the request had left on
+entry (grpc_channel.Endpoint._await_return). The point is fixed on entry,
+so the calls of one request share one patience rather than each taking a
+fresh share. Outside any scope a client's ``ClientConfig.reconnect_wait``
+applies.
+
+This module imports no grpc: a worker of any store may set the scope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+
+__all__ = ["PATIENCE_SHARE", "patience_until", "request_deadline"]
+
+# Below the pool's hang fraction (0.5), leaving time for the call itself.
+PATIENCE_SHARE = 0.4
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def request_deadline(deadline: float, share: float = PATIENCE_SHARE) -> Iterator[None]:
+    """Calls made by this thread inside may wait for a server until ``share`` of the time left.
+
+    Nested scopes: the inner one counts, then the outer one again.
+    """
+    previous = getattr(_scope, "until", None)
+    now = time.monotonic()
+    _scope.until = now + max(0.0, deadline - now) * share
+    try:
+        yield
+    finally:
+        _scope.until = previous
+
+
+def patience_until(default_wait: float) -> float:
+    """The monotonic time until which a failing call of this thread may wait for its server."""
+    until = getattr(_scope, "until", None)
+    return until if until is not None else time.monotonic() + default_wait
