@@ -59,7 +59,9 @@ CHUNK = 100_000  # how the scripted server chunks its chunked blobs
 # -- a real daemon that goes away and comes back --------------------------------------------------
 
 D_SMALL = b"served by a daemon that comes and goes\n"
-D_BIG = pattern(2_000_000, seed=11)  # eight 256 KiB chunks on the daemon
+# Twenty 256 KiB chunks on the daemon: bigger than the client fetches whole (grpc_blobs.WHOLE_RUN),
+# so a read at random fetches only its chunk and a later read elsewhere needs the daemon.
+D_BIG = pattern(5_000_000, seed=11)
 D_TREE = store_path("daemon-tree")
 D_LATER = store_path("daemon-later")
 
@@ -123,7 +125,7 @@ def test_daemon_killed_mid_read_then_restarted(daemon_mount: tuple[Mount, Daemon
     _until_served(lambda: os.stat(big))
     cursor = LogCursor(m)
     with open(big, "rb", buffering=0) as f:
-        assert os.pread(f.fileno(), 65536, 0) == D_BIG[:65536]
+        assert os.pread(f.fileno(), 65536, 65536) == D_BIG[65536:131072]  # not in order: one chunk
         daemon.stop(signal.SIGKILL)  # gone without a goodbye
         code, took = attempt(lambda: direct_read(big, 1_000_000, 65536))
         assert code == errno.EIO and took < DEADLINE
@@ -132,7 +134,7 @@ def test_daemon_killed_mid_read_then_restarted(daemon_mount: tuple[Mount, Daemon
         daemon.start()
         data, took = _until_served(lambda: direct_read(big, 1_000_000, 65536))
         assert data == D_BIG[1_000_000:1_065_536] and took < 5
-        assert os.pread(f.fileno(), 100_000, 1_900_000) == D_BIG[1_900_000:]  # the open file works on
+        assert os.pread(f.fileno(), 100_000, 1_900_000) == D_BIG[1_900_000:2_000_000]  # the file works on
     data, took = _until_served(lambda: read_bytes(m.path(D_LATER.basename)))  # each channel reconnects
     assert data == D_SMALL and took < 5
     assert stats(m.mountpoint)["fetcher"]["killed"] == 0  # workers were never the problem
@@ -253,7 +255,9 @@ def test_unavailable_now_and_then_is_retried_unseen(scripted: tuple[Mount, Scrip
         assert read_bytes(_file(m, "c02")) == _chunked(2)
     finally:
         fake.faults.clear()
-    assert turn[0] >= 2 * 5  # each of the Stat and Read calls was answered UNAVAILABLE once, then retried
+    # Stat and Read of each file (the chunked one is streamed whole in one Read), each answered
+    # UNAVAILABLE once, then retried.
+    assert turn[0] >= 2 * 4
     assert cursor.lines("ERROR") == [] and cursor.lines("WARNING") == []
 
 
@@ -276,16 +280,16 @@ def test_stream_breaking_off_once_is_retried(scripted: tuple[Mount, ScriptedStor
     m, fake = scripted
     cursor = LogCursor(m)
     whole = b3(_small(4))
-    piece = b3(_chunked(4)[CHUNK : 2 * CHUNK])
-    whole_once, piece_once = _first(1, {whole}, ("drop", 10_000)), _first(1, {piece}, ("drop", 10_000))
-    fake.faults[READ] = lambda digest: whole_once(digest) or piece_once(digest)
+    chunked = b3(_chunked(4))  # a small chunked blob: one Read of all of it, verified chunk by chunk
+    whole_once, chunked_once = _first(1, {whole}, ("drop", 10_000)), _first(1, {chunked}, ("drop", 10_000))
+    fake.faults[READ] = lambda digest: whole_once(digest) or chunked_once(digest)
     try:
         assert read_bytes(_file(m, "s04")) == _small(4)
         assert read_bytes(_file(m, "c04")) == _chunked(4)
     finally:
         fake.faults.clear()
     cursor.wait_for(rf"INFO .*reading blob {re.escape(b3_text(whole))}.*: trying again in")
-    cursor.wait_for(rf"INFO .*reading chunk 1 \({re.escape(b3_text(piece))}\).*: trying again in")
+    cursor.wait_for(rf"INFO .*reading blob {re.escape(b3_text(chunked))}.*: trying again in")
     assert cursor.lines("ERROR") == [] and cursor.lines("WARNING") == []
 
 
@@ -308,9 +312,9 @@ def test_truncated_stream_once_is_retried(scripted: tuple[Mount, ScriptedStore])
     m, fake = scripted
     cursor = LogCursor(m)
     whole = b3(_small(6))
-    piece = b3(_chunked(6)[:CHUNK])
-    whole_once, piece_once = _first(1, {whole}, ("cut", 5_000)), _first(1, {piece}, ("cut", 5_000))
-    fake.faults[READ] = lambda digest: whole_once(digest) or piece_once(digest)
+    chunked = b3(_chunked(6))  # a small chunked blob: one Read of all of it, verified chunk by chunk
+    whole_once, chunked_once = _first(1, {whole}, ("cut", 5_000)), _first(1, {chunked}, ("cut", 5_000))
+    fake.faults[READ] = lambda digest: whole_once(digest) or chunked_once(digest)
     try:
         assert read_bytes(_file(m, "s06")) == _small(6)
         assert read_bytes(_file(m, "c06")) == _chunked(6)
@@ -325,7 +329,7 @@ def test_truncated_stream_every_time_is_eio_with_one_warning(scripted: tuple[Mou
     cursor = LogCursor(m)
     chunked = b3(_chunked(7))
     piece = b3(_chunked(7)[2 * CHUNK : 3 * CHUNK])
-    fake.faults[READ] = _for({piece}, ("cut", 5_000))
+    fake.faults[READ] = _for({piece, chunked}, ("cut", 5_000))  # whole-blob streams are cut too
     try:
         with open(_file(m, "c07"), "rb", buffering=0) as f:
             assert os.pread(f.fileno(), 1000, 0) == _chunked(7)[:1000]  # the good chunks are served
