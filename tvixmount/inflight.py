@@ -16,10 +16,18 @@ T = TypeVar("T")
 
 
 class _Call:
+    """One fetch in flight. ``done`` is a plain lock held until the outcome is known.
+
+    Not an Event: an Event builds a Condition and a second lock, and one
+    _Call is made per FUSE read; a waiter takes ``done`` and hands it on
+    at once, so any number of waiters pass one after another.
+    """
+
     __slots__ = ("done", "error", "result")
 
     def __init__(self) -> None:
-        self.done = threading.Event()
+        self.done = threading.Lock()
+        self.done.acquire()
         self.result: Any = None
         self.error: BaseException | None = None
 
@@ -42,7 +50,8 @@ class SingleFlight:
                 call = self._calls[key] = _Call()
         assert call is not None
         if not leader:
-            call.done.wait()
+            call.done.acquire()
+            call.done.release()
             if call.error is not None:
                 raise call.error
             return call.result  # type: ignore[no-any-return]
@@ -55,4 +64,4 @@ class SingleFlight:
         finally:
             with self._lock:
                 del self._calls[key]
-            call.done.set()
+            call.done.release()
