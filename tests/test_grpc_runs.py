@@ -215,6 +215,25 @@ def test_stalled_stream_is_cancelled_and_chunks_take_over(blobs: Blobs, big: Non
         service.close()
 
 
+def test_runs_open_at_once_are_bounded(blobs: Blobs, big: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(grpc_blobs, "MAX_RUNS", 1)  # each open run holds a server thread
+    first, second = pattern(6 * CHUNK, seed=12), pattern(6 * CHUNK, seed=13)
+    digests = [blobs.add_chunked(first), blobs.add_chunked(second)]
+    with blobs.server() as server:
+        service = grpc_client.open_blob_service(server.url, FAST)
+        one, two = service.open_read(digests[0]), service.open_read(digests[1])
+        assert one.pread(0, 100) == first[:100]  # a run, left open
+        assert two.pread(0, 100) == second[:100]  # no slot: chunk 0 alone
+        assert blobs.reads[:2] == [digests[0], b3(second[:CHUNK])] and digests[1] not in blobs.reads
+        one.close()
+        three = service.open_read(digests[1])
+        assert three.pread(0, len(second)) == second  # the slot is free again
+        assert blobs.reads.count(digests[1]) == 1
+        two.close()
+        three.close()
+        service.close()
+
+
 def test_server_that_serves_no_whole_blob_is_read_by_chunks(blobs: Blobs, big: None) -> None:
     data = pattern(4 * CHUNK, seed=7)
     digest = blobs.add_chunked(data)

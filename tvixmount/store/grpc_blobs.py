@@ -11,8 +11,8 @@ the blob exists and, from a chunking server, its chunk list:
   server back meanwhile). One call instead of one per chunk: per-call cost
   on both ends was what held sequential reads to a fifth of a plain
   client's speed. A run left idle for ``RUN_IDLE`` seconds is cancelled
-  (it holds a server thread), as is the oldest when a service has
-  ``MAX_RUNS``; a run that breaks off, ends early or carries a chunk that
+  (it holds a server thread), and a service opens at most ``MAX_RUNS``
+  (beyond that, chunk reads); a run that breaks off, ends early or carries a chunk that
   hashes wrong (never served; WARNING) is dropped and the chunk path below
   takes over, whose reads are verified on their own. A blob of at most
   ``WHOLE_RUN`` bytes is streamed into a local copy before its first
@@ -70,6 +70,7 @@ import queue
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,7 +100,7 @@ WHOLE_RUN = 4 * 1024 * 1024  # chunked blobs up to this size are streamed whole 
 RUN_SKIP = 1024 * 1024  # an in-order read starting within this many bytes of the start streams the blob
 RUN_REACH = 64  # chunks a run is pulled forward to reach a read ahead of it (else: that chunk alone)
 RUN_IDLE = 10.0  # seconds a run may go unread before it is cancelled (it holds a server thread)
-MAX_RUNS = 8  # runs open at once per service; starting one more cancels the oldest
+MAX_RUNS = 8  # runs open at once per service (each holds a server thread); beyond: chunk reads
 READAHEAD = 2  # chunks a reader fetches ahead while reads go in order
 PREFETCH_THREADS = 4  # per service, shared by its readers
 CACHED_COPIES = 4  # verified whole-blob copies a service keeps after stat()
@@ -370,7 +371,7 @@ class ChunkedBlobReader(BlobReader):
             self._cache.move_to_end(index)
             return cached
         run = self._run
-        if run is None and self._wants_run(index):
+        if run is None and self._wants_run(index) and self._service.run_starting(self):
             run = self._start_run()
         if run is not None and run.next <= index <= run.next + RUN_REACH:
             streamed = self._from_run(run, index)
@@ -415,7 +416,6 @@ class ChunkedBlobReader(BlobReader):
     def _start_run(self) -> _Run:
         self._drop_ahead()  # the run brings those chunks
         self._run = _Run(self._service, self._digest, self._chunks)
-        self._service.run_started(self)
         return self._run
 
     def _from_run(self, run: _Run, index: int) -> bytes | memoryview | None:
@@ -667,17 +667,22 @@ class GrpcBlobService(BlobService):
         self._copies: OrderedDict[bytes, LocalCopy] = OrderedDict()
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = -1
-        self._runs: OrderedDict[int, ChunkedBlobReader] = OrderedDict()  # readers with a run open
+        # Readers with a run open (weakly: a reader dropped without close() frees its slot).
+        self._runs: weakref.WeakValueDictionary[int, ChunkedBlobReader] = weakref.WeakValueDictionary()
         self._bad_streams: OrderedDict[bytes, None] = OrderedDict()  # blobs whose whole stream was bad
 
-    def run_started(self, reader: ChunkedBlobReader) -> None:
-        """Count a reader's open run; past MAX_RUNS the oldest other run is cancelled."""
+    def run_starting(self, reader: ChunkedBlobReader) -> bool:
+        """Count a reader's new run; False (no run: chunk reads) when MAX_RUNS are open already.
+
+        Each open run holds a server thread; runs left idle end after
+        RUN_IDLE, so a slot frees up soon. Another reader's run is never
+        touched from here: readers belong to their threads.
+        """
         with self._lock:
+            if len(self._runs) >= MAX_RUNS and id(reader) not in self._runs:
+                return False
             self._runs[id(reader)] = reader
-            self._runs.move_to_end(id(reader))
-            oldest = next(iter(self._runs.values())) if len(self._runs) > MAX_RUNS else None
-        if oldest is not None and oldest is not reader:
-            oldest._drop_run()
+            return True
 
     def run_ended(self, reader: ChunkedBlobReader) -> None:
         with self._lock:
