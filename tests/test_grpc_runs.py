@@ -186,6 +186,22 @@ def test_small_blob_with_a_bad_chunk_is_read_by_chunks(blobs: Blobs) -> None:
         service.close()
 
 
+def test_small_blob_whose_chunk_list_is_not_the_blob_is_refused(blobs: Blobs) -> None:
+    data, other = pattern(3 * CHUNK, seed=14), pattern(3 * CHUNK, seed=15)
+    digest = blobs.add_chunked(data)
+    blobs.add_chunked(other)
+    blobs.listing[digest] = blobs.listing[b3(other)]  # the chunks of another blob, each fine by itself
+    blobs.contents[digest] = other
+    with blobs.server() as server:
+        service = grpc_client.open_blob_service(server.url, FAST)
+        with service.open_read(digest) as reader:
+            with pytest.raises(IntegrityError, match="together hash to"):
+                reader.pread(0, 10)
+            with pytest.raises(IntegrityError):  # and never by chunk reads either
+                reader.pread(0, 10)
+        service.close()
+
+
 def test_stream_ending_early_hands_over_to_chunk_reads(blobs: Blobs, big: None) -> None:
     data = pattern(8 * CHUNK, seed=5)
     digest = blobs.add_chunked(data)

@@ -16,7 +16,9 @@ the blob exists and, from a chunking server, its chunk list:
   hashes wrong (never served; WARNING) is dropped and the chunk path below
   takes over, whose reads are verified on their own. A blob of at most
   ``WHOLE_RUN`` bytes is streamed into a local copy before its first
-  read is answered (so a small file is one Stat and one Read).
+  read is answered (so a small file is one Stat and one Read); with all of
+  its bytes at hand, its digest is checked too, which verifies the chunk
+  list itself (a list that does not make up the blob is IntegrityError).
 * more than one chunk otherwise (random access): ``pread`` fetches only the
   chunks covering the range (``Read(chunk digest)``), checks each against
   its chunk digest, and keeps the last few verified chunks, fetching ahead
@@ -115,6 +117,10 @@ class _BrokenOff(Unavailable):
 
 class _CutShort(IntegrityError):
     """A Read stream ended before all of the blob or chunk had arrived (fetched again)."""
+
+
+class _WrongChunkList(IntegrityError):
+    """The chunks a server listed for a blob do not make up that blob (never served)."""
 
 
 class LocalCopy:
@@ -316,6 +322,7 @@ class ChunkedBlobReader(BlobReader):
         self._runs_refused = service.stream_refused(digest)
         self._end = -1  # where the previous read ended
         self._in_order = False  # this read starts where the previous one ended (or at 0)
+        self._broken: IntegrityError | None = None  # the blob's chunk list proved wrong: nothing is served
         self._closed = False
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -342,6 +349,8 @@ class ChunkedBlobReader(BlobReader):
         _check_range(offset, length)
         if self._closed:
             raise InvalidArgument(f"blob {b3_text(self._digest)}: reader is closed")
+        if self._broken is not None:
+            raise IntegrityError(str(self._broken))
         end = min(self.size, offset + length)
         if offset >= end:
             return []
@@ -404,6 +413,9 @@ class ChunkedBlobReader(BlobReader):
         """A blob of at most WHOLE_RUN bytes: one Read into a local copy, verified chunk by chunk."""
         try:
             self._whole = self._service.fetch_by_chunks(self._digest, self._chunks)
+        except _WrongChunkList as exc:
+            self._broken = exc  # the chunk list lies: no chunk read could be trusted either
+            raise
         except Absent as exc:
             self._run_failed(exc)  # the server serves no whole blob: chunk reads
         except (IntegrityError, _BrokenOff, Timeout) as exc:
@@ -837,11 +849,21 @@ class GrpcBlobService(BlobService):
         return self._attempts(what, lambda: self._fetch_by_chunks_once(digest, chunks))
 
     def _fetch_by_chunks_once(self, digest: bytes, chunks: tuple[ChunkMeta, ...]) -> LocalCopy:
+        """Also checks the whole blob's digest: with every byte here, the chunk list itself is verified."""
         run = _Run(self, digest, chunks)
         spool = _Spool(sum(c.size for c in chunks))
+        whole = blake3.blake3()
         try:
             while not run.done():
-                spool.add(run.pull())
+                data = run.pull()
+                whole.update(data)
+                spool.add(data)
+            actual = whole.digest()
+            if actual != digest:
+                raise _WrongChunkList(
+                    f"reading blob {b3_text(digest)}: the {len(chunks)} chunks {self.endpoint.server} "
+                    f"listed each verify, but together hash to {b3_text(actual)}; nothing of it was served"
+                )
         except BaseException:
             run.close()
             spool.discard()
