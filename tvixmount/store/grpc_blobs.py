@@ -74,7 +74,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -802,7 +802,7 @@ class GrpcBlobService(BlobService):
         raise AssertionError("unreachable")
 
     def _stream(self, request: bytes, what: str, gap: float | None = None,
-                quiet: bool = False) -> Iterator[bytes | memoryview]:
+                quiet: bool = False) -> Generator[bytes | memoryview, None, None]:
         """The BlobChunk payloads of one Read; Unavailable after the first one is _BrokenOff."""
         arrived = False
         try:
