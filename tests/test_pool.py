@@ -399,3 +399,24 @@ def _children() -> set[int]:
             except OSError:
                 pass
     return found
+
+
+def test_a_busy_affinity_worker_hands_other_files_calls_to_an_idle_one(pool):
+    """Affinity is a preference: a call whose worker is busy with another file's call goes to an
+    idle worker; a call of the same file as the busy one stays and waits (its reader is there)."""
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            held = ex.submit(pool.call, "ping", affinity=0)
+            assert wait_until(lambda: pool.stats()["workers"]["0"]["inflight"] == 1, 2)
+            started = time.monotonic()
+            assert pool.call("ping", affinity=2)[0] == 1  # slot 0 as well, but another file
+            assert time.monotonic() - started < 0.5
+            same = ex.submit(pool.call, "ping", affinity=0)
+            time.sleep(0.3)
+            assert not same.done()
+            os.kill(victim, signal.SIGCONT)
+            assert held.result(5)[0] == 0 and same.result(5)[0] == 0
+    finally:
+        os.kill(victim, signal.SIGCONT)

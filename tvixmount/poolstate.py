@@ -168,14 +168,31 @@ class PoolState:
     def _pick(self, affinity: int | None, tried: list[Worker]) -> Worker | None:
         """The affinity slot's worker while it serves and answers, else the least loaded one.
 
+        Affinity keeps a file's reads on the worker that holds its reader
+        (verified segments, an open stream), but it is a preference, not a
+        rule: when that worker is busy with another file's request and some
+        worker is idle, the idle one gets the call. Readers whose handles
+        share a slot would otherwise queue behind each other while other
+        workers wait (measured: 8 random readers over gRPC with 20 ms per
+        call reached 4.7x of one worker with 8 workers, against 8x possible).
+        Requests of the same file (kernel readahead) stay together.
         Workers silent for ``STALLED_AFTER`` come last; ties rotate.
         """
         now = time.monotonic()
+        preferred: Worker | None = None
         if affinity is not None:
             worker = self.slots[affinity % self.size].worker
             if (worker is not None and worker.ready and not worker.doomed and worker not in tried
                     and worker.silence(now) < STALLED_AFTER):
-                return worker
+                if all(other.affinity == affinity for other in worker.inflight.values()):
+                    return worker
+                preferred = worker
+        best = self._least_loaded(tried, now)
+        if preferred is not None and (best is None or best.inflight or best.silence(now) >= STALLED_AFTER):
+            return preferred
+        return best
+
+    def _least_loaded(self, tried: list[Worker], now: float) -> Worker | None:
         best: Worker | None = None
         best_rank = (True, 0)
         self._rotor = (self._rotor + 1) % self.size
