@@ -22,6 +22,7 @@ from tvixmount import protocol
 from tvixmount.errors import InvalidData, Timeout, TvixError
 from tvixmount.shmring import RingWriter
 from tvixmount.store import StoreUrls, describe, open_store
+from tvixmount.store.grpc_deadline import request_deadline
 
 from .handlers import HANDLERS, Context
 
@@ -84,7 +85,9 @@ def handle(ctx: Context, message: object) -> tuple[bytes, ...]:
             req_id, Timeout(f"{op}: deadline passed before worker {ctx.worker_id} took it up")),)
     try:
         spec = protocol.check_args(op, args)
-        parts = protocol.encode_reply_parts(req_id, spec.encode(HANDLERS[op](ctx, *args)))
+        with request_deadline(deadline):  # a store call may wait for its server this long, no longer
+            result = HANDLERS[op](ctx, *args)
+        parts = protocol.encode_reply_parts(req_id, spec.encode(result))
         size = sum(len(p) for p in parts)
         if size > protocol.MAX_FRAME:  # the dispatcher would take it for garbage and kill us
             raise InvalidData(f"{op}: the answer is {size} bytes, more than the {protocol.MAX_FRAME} "
