@@ -132,3 +132,15 @@ def test_store_path_names():
     for bad in ("", "/nix/store/", "a/b", ".."):
         with pytest.raises(Exception, match="store path"):
             loadtest.store_path_name(bad)
+
+
+def test_wrong_bytes_count_only_bytes_that_differ():
+    """A short read is an error of its own (SHORT_READ); only bytes that were returned and differ
+    from the verified copy count as wrong."""
+    run = loadtest.LoadTest(loadtest.build_parser().parse_args(["/nonexistent"]), [], [])
+    run._compare("f", 0, b"abcd", b"abcdefgh")  # short, all returned bytes right
+    assert run.totals.wrong_bytes == 0
+    run._compare("f", 0, b"abXd", b"abcdefgh")  # short, one returned byte wrong
+    assert run.totals.wrong_bytes == 1
+    run._compare("f", 0, b"abcdefghij", b"abcdefgh")  # more than there is: the extra bytes are wrong
+    assert run.totals.wrong_bytes == 3
