@@ -364,3 +364,35 @@ def test_cached_blobs_are_read_after_the_daemon_is_gone(tmp_path: Path) -> None:
     finally:
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_many_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
+    """Every worker of a mount opens the index at the same moment; the first one switches the new
+    file to WAL, the others must wait for it rather than fail with 'database is locked'."""
+    from tvixmount.store.blobcache_index import CacheIndex
+
+    ctx = multiprocessing.get_context("fork")
+    go = ctx.Event()
+    results = ctx.Queue()
+
+    def opener() -> None:
+        go.wait(10)
+        try:
+            CacheIndex(tmp_path / "cache")
+            results.put("ok")
+        except Exception as exc:  # reported to the test, which shows it
+            results.put(f"{type(exc).__name__}: {exc}")
+
+    for _round in range(3):
+        cache = tmp_path / "cache"
+        if cache.exists():
+            shutil.rmtree(cache)
+        go.clear()
+        procs = [ctx.Process(target=opener) for _ in range(8)]
+        for p in procs:
+            p.start()
+        go.set()
+        outcomes = [results.get(timeout=30) for _ in procs]
+        for p in procs:
+            p.join(10)
+        assert outcomes == ["ok"] * 8

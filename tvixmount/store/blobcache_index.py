@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import secrets
 import sqlite3
 import threading
@@ -148,17 +149,7 @@ class CacheIndex:
         except sqlite3.Error as exc:
             raise InvalidArgument(f"blob cache index {path}: cannot open it: {exc}") from None
         try:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-            if not mode or str(mode[0]).lower() != "wal":
-                raise InvalidArgument(f"blob cache index {path}: sqlite refused WAL mode (got {mode})")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
-                raise InvalidArgument(
-                    f"blob cache index {path} has schema version {version}, this tvixmount knows "
-                    f"{SCHEMA_VERSION}; point --cache-dir elsewhere or delete that directory"
-                )
-            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            self._set_up(conn, path)
         except sqlite3.Error as exc:
             conn.close()
             raise InvalidArgument(
@@ -168,6 +159,40 @@ class CacheIndex:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _set_up(conn: sqlite3.Connection, path: Path) -> None:
+        """WAL mode and the schema, retried while another process does the same.
+
+        Every worker of a mount opens the index at the same moment. Switching
+        a new file to WAL takes an exclusive lock for which sqlite does not
+        call the busy handler, so the losers get "database is locked" at
+        once; they wait a moment and look again (WAL, once set, is kept in
+        the file, and the schema statements are idempotent).
+        """
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()
+                if not mode or str(mode[0]).lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
+                if not mode or str(mode[0]).lower() != "wal":
+                    raise InvalidArgument(f"blob cache index {path}: sqlite refused WAL mode (got {mode})")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version not in (0, SCHEMA_VERSION):
+                    raise InvalidArgument(
+                        f"blob cache index {path} has schema version {version}, this tvixmount knows "
+                        f"{SCHEMA_VERSION}; point --cache-dir elsewhere or delete that directory"
+                    )
+                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                time.sleep(random.uniform(0.01, 0.05))
 
     def _sweep_temp(self) -> None:
         """Remove temp files a crashed process left (old enough that no fill still writes them)."""
