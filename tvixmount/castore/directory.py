@@ -10,7 +10,7 @@ peer, a file on disk) is decoded with ``decode_directory`` and passes
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 
@@ -138,10 +138,11 @@ def check_node(node: Node) -> str | None:
     return None
 
 
-def validate(directory: Directory, what: str = "directory") -> None:
+def validate(directory: Directory, what: str | Callable[[], str] = "directory") -> None:
     """Raise InvalidData naming the first rule ``directory`` breaks.
 
-    ``what`` names the directory in the message (usually its b3: digest).
+    ``what`` names the directory in the message (usually its b3: digest);
+    it may be a function, called only to build a message.
     DirectoryNode.size is deliberately not checked (PROTOCOL.md §7).
 
     Every directory a mount lists passes through here, so the loop only
@@ -156,7 +157,7 @@ def validate(directory: Directory, what: str = "directory") -> None:
             if (name <= previous or name in seen or len(name) > MAX_NAME_LEN or b"/" in name or b"\0" in name
                     or name == b"." or name == b".." or len(node.digest) != DIGEST_LEN
                     or not 0 <= node.size <= _U64_MAX):
-                _explain(directory, what)
+                _explain(directory, _named(what))
             seen.add(name)
             previous = name
     previous = b""
@@ -165,13 +166,17 @@ def validate(directory: Directory, what: str = "directory") -> None:
         if (name <= previous or name in seen or len(name) > MAX_NAME_LEN or b"/" in name or b"\0" in name
                 or name == b"." or name == b".." or not target or b"\0" in target
                 or len(target) > MAX_TARGET_LEN):
-            _explain(directory, what)
+            _explain(directory, _named(what))
         seen.add(name)
         previous = name
     try:
         directory.size()
     except InvalidData:
-        raise InvalidData(f"{what}: descendant count overflows u64") from None
+        raise InvalidData(f"{_named(what)}: descendant count overflows u64") from None
+
+
+def _named(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
 
 
 def _explain(directory: Directory, what: str) -> None:
@@ -237,12 +242,14 @@ def decode_directory_digest(data: bytes, expected_digest: bytes | None = None) -
     except DecodeError as exc:
         raise InvalidData(f"directory is not a valid protobuf message: {exc}") from None
     directory = from_proto(msg)
-    what = "directory" if expected_digest is None else f"directory {_b3(expected_digest)}"
+    def what() -> str:  # only for a message: a tree fetch decodes thousands of directories
+        return "directory" if expected_digest is None else f"directory {_b3(expected_digest)}"
+
     validate(directory, what)
     msg.DiscardUnknownFields()
     actual = blake3.blake3(msg.SerializeToString(deterministic=True)).digest()
     if expected_digest is not None and actual != expected_digest:
-        raise InvalidData(f"{what}: content hashes to {_b3(actual)}")
+        raise InvalidData(f"{what()}: content hashes to {_b3(actual)}")
     return actual, directory
 
 
