@@ -47,6 +47,7 @@ from pathlib import Path
 
 from ..castore.nodes import DIGEST_LEN, b3_text
 from ..errors import InvalidArgument, InvalidData, Unavailable
+from .embedded_db import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -237,14 +238,8 @@ class CacheIndex:
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         """A write transaction, holding sqlite's write lock from BEGIN to COMMIT."""
-        with self._db(what) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self._db(what) as conn, write_transaction(conn):
+            yield conn
 
     def lookup(self, digest: bytes) -> Entry | None:
         with self._db(f"looking up blob {b3_text(digest)}") as conn:

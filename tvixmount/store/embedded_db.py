@@ -85,6 +85,21 @@ def translate(exc: sqlite3.Error, where: str, what: str) -> TvixError:
     return InvalidData(text)
 
 
+@contextlib.contextmanager
+def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT on ``conn``, rolled back on any exception.
+
+    IMMEDIATE takes sqlite's write lock at BEGIN (waiting in the busy
+    handler), so a transaction never fails half-way for want of it.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
 class Database:
     """Connections to one store's sqlite file, usable from several threads."""
 
@@ -165,14 +180,8 @@ class Database:
     @contextlib.contextmanager
     def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """A write transaction (taken at BEGIN, so it cannot deadlock later)."""
-        with self.connection(what) as conn:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+        with self.connection(what) as conn, write_transaction(conn):
+            yield conn
 
     # -- convenience ---------------------------------------------------------
 
