@@ -102,7 +102,7 @@ def test_a_blob_cache_serves_a_second_mount_without_reading_blobs_from_the_daemo
     cached = [p for p in cache.rglob("*") if p.is_file() and p.stat().st_size in (len(BIG), len(OTHER))]
     assert len(cached) == 2, sorted(str(p) for p in cache.rglob("*"))
 
-    reads_before = _blob_reads(daemon)
+    reads_before = _calls(daemon, "Read")
     assert reads_before >= 1
     second = Mount(tmp_path / "mnt2", None, "--cache-dir", str(cache), urls=urls).start()
     try:
@@ -111,12 +111,9 @@ def test_a_blob_cache_serves_a_second_mount_without_reading_blobs_from_the_daemo
         assert (top / "sub" / "other").read_bytes() == OTHER
     finally:
         assert second.stop() == 0, second.log()[-3000:]
-    assert _blob_reads(daemon) == reads_before
+    assert _calls(daemon, "Read") == reads_before
 
 
-def _blob_reads(daemon: Daemon) -> int:
-    """Blob Read calls the daemon served, from its debug log (one line per call)."""
-    return len(re.findall(r"\bRead b3:", daemon.log()))
 
 
 def test_a_blob_cache_for_the_embedded_store_is_refused(tmp_path: Path) -> None:
@@ -126,3 +123,24 @@ def test_a_blob_cache_for_the_embedded_store_is_refused(tmp_path: Path) -> None:
     assert out.returncode != 0
     assert "blob cache" in out.stderr and "drop --cache-dir" in out.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_small_files_are_read_with_one_read_call_and_no_stat(served: tuple[Daemon, Path]) -> None:
+    """The mount passes each FileNode's size down as a hint, so a blob of a few MiB costs the
+    daemon one Read call and no Stat (the hint decides only that; the bytes are verified)."""
+    daemon, tmp_path = served
+    m = Mount(tmp_path / "mnt", urls=(daemon.url, daemon.url, daemon.url)).start()
+    try:
+        top = m.path(PATH.basename)
+        stats_before, reads_before = _calls(daemon, "Stat"), _calls(daemon, "Read")
+        assert (top / "small").read_bytes() == SMALL
+        assert (top / "sub" / "other").read_bytes() == OTHER
+    finally:
+        assert m.stop() == 0, m.log()[-3000:]
+    assert _calls(daemon, "Stat") == stats_before
+    assert _calls(daemon, "Read") == reads_before + 2
+
+
+def _calls(daemon: Daemon, method: str) -> int:
+    """Calls of a BlobService method the daemon logged (one debug line per call)."""
+    return len(re.findall(rf"\b{method} b3:", daemon.log()))

@@ -121,13 +121,13 @@ def test_op_results_round_trip_through_their_specs():
 
 
 def test_check_args():
-    assert protocol.check_args("blob_read", [b"d", 0, 1]).name == "blob_read"
+    assert protocol.check_args("blob_read", [b"d", 0, 1, -1]).name == "blob_read"
     with pytest.raises(InvalidArgument, match="unknown op 'nope'"):
         protocol.check_args("nope", [])
-    with pytest.raises(InvalidArgument, match=r"takes \(bytes, int, int\), got \(bytes, str\)"):
+    with pytest.raises(InvalidArgument, match=r"takes \(bytes, int, int, int\), got \(bytes, str\)"):
         protocol.check_args("blob_read", [b"d", "x"])
     with pytest.raises(InvalidArgument):
-        protocol.check_args("blob_read", [b"d", True, 1])  # bool is not an offset
+        protocol.check_args("blob_read", [b"d", True, 1, -1])  # bool is not an offset
 
 
 @pytest.mark.parametrize("kind,fields", [("spawn", (1,)), ("spawned", (1, 2)), ("spawn_failed", (0, "why")),

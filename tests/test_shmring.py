@@ -148,8 +148,8 @@ def test_a_worker_naming_bytes_it_never_wrote_is_killed_not_believed(blob, monke
     real = handlers.blob_read
     marker = tmp_path / "lied"  # only the first worker lies: its replacement finds the marker
 
-    def liar(ctx, digest, offset, length):
-        result = real(ctx, digest, offset, length)
+    def liar(ctx, digest, offset, length, size):
+        result = real(ctx, digest, offset, length, size)
         if isinstance(result, protocol.RingRef) and not marker.exists():
             marker.touch()
             return protocol.RingRef(result.start + DEFAULT_CAPACITY, result.length)

@@ -42,11 +42,13 @@ class Fetcher(Protocol):
     def blob_stat(self, digest: bytes) -> int | None:
         """A blob's size, or None if absent. May block."""
 
-    def blob_read(self, digest: bytes, offset: int, length: int, affinity: int | None = None) -> bytes:
+    def blob_read(self, digest: bytes, offset: int, length: int, affinity: int | None = None,
+                  size: int | None = None) -> bytes:
         """``length`` verified bytes at ``offset`` (short only at EOF). May block.
 
         Reads with the same ``affinity`` (an open file handle) go to the same
         worker, which keeps that blob's reader and its verified chunks.
+        ``size``: the blob's size as the FileNode says, a hint for the store.
         """
 
     def stats(self) -> dict[str, Any]: ...
@@ -75,10 +77,10 @@ class _OpFetcher:
     def blob_stat(self, digest: bytes) -> int | None:
         return self._call("blob_stat", digest)  # type: ignore[no-any-return]
 
-    def blob_read(self, digest: bytes, offset: int, length: int, affinity: int | None = None) -> bytes:
-        # Seam for the shared-memory data path: a slot of a shared mmap would be
-        # taken here and passed instead of receiving the bytes in the reply.
-        return self._call("blob_read", digest, offset, length, affinity=affinity)  # type: ignore[no-any-return]
+    def blob_read(self, digest: bytes, offset: int, length: int, affinity: int | None = None,
+                  size: int | None = None) -> bytes:
+        hint = -1 if size is None else size
+        return self._call("blob_read", digest, offset, length, hint, affinity=affinity)  # type: ignore[no-any-return]
 
 
 class PoolFetcher(_OpFetcher):

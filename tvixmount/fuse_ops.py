@@ -293,8 +293,8 @@ class TvixOperations(llfuse.Operations):
         if ahead is not None:
             return ahead
         what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
-        data = self._fetch(what, ("read", node.digest, off, length),
-                           lambda: self.fetcher.blob_read(node.digest, off, length, affinity=fh))
+        data = self._fetch(what, ("read", node.digest, off, length), lambda: self.fetcher.blob_read(
+            node.digest, off, length, affinity=fh, size=node.size))
         if len(data) != length:
             log.error("%s: store returned %d bytes, wanted %d", what, len(data), length)
             raise llfuse.FUSEError(errno.EIO)
@@ -309,7 +309,7 @@ class TvixOperations(llfuse.Operations):
         duplicate request; it never makes a read slower.
         """
         return self._flight.run(("ahead", node.digest),
-                                lambda: self.fetcher.blob_read(node.digest, 0, node.size))
+                                lambda: self.fetcher.blob_read(node.digest, 0, node.size, size=node.size))
 
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)

@@ -438,7 +438,7 @@ OPS: dict[str, OpSpec] = {
         OpSpec("directory_tree", (bytes, int), _encode_tree, _decode_tree),
         OpSpec("list_root", (), lambda nodes: [encode_node(n) for n in nodes], _decode_nodes),
         OpSpec("blob_stat", (bytes,), _same, _decode_size),
-        OpSpec("blob_read", (bytes, int, int), _same, _decode_bytes),
+        OpSpec("blob_read", (bytes, int, int, int), _same, _decode_bytes),  # digest, offset, length, size
     )
 }
 

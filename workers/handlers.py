@@ -45,18 +45,19 @@ class ReaderCache:
     Not thread-safe; a worker is single-threaded.
     """
 
-    def __init__(self, open_reader: Callable[[bytes], BlobReader], capacity: int = READER_CACHE_SIZE) -> None:
+    def __init__(self, open_reader: Callable[[bytes, int | None], BlobReader],
+                 capacity: int = READER_CACHE_SIZE) -> None:
         self._open = open_reader
         self._capacity = capacity
         self._readers: OrderedDict[bytes, BlobReader] = OrderedDict()
         self.opened = 0
 
-    def get(self, digest: bytes) -> BlobReader:
+    def get(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
         reader = self._readers.get(digest)
         if reader is not None:
             self._readers.move_to_end(digest)
             return reader
-        reader = self._open(digest)
+        reader = self._open(digest, size_hint)
         self.opened += 1
         self._readers[digest] = reader
         while len(self._readers) > self._capacity:
@@ -176,8 +177,11 @@ def blob_stat(ctx: Context, digest: bytes) -> int | None:
     return None if stat is None else stat.size
 
 
-def blob_read(ctx: Context, digest: bytes, offset: int, length: int) -> bytes | RingRef:
+def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) -> bytes | RingRef:
     """``length`` verified bytes from ``offset`` (fewer only at EOF, none past it).
+
+    ``size`` is the file's size as its FileNode says, or -1: a hint for the
+    store (see BlobService.open_read), never trusted over the blob itself.
 
     In a pool worker the bytes go into the worker's shared-memory ring and
     the reply names them (a RingRef; the dispatcher turns it back into
@@ -189,7 +193,7 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int) -> bytes | 
             f"blob {b3_text(digest)}: read of {length} bytes at {offset} is out of range "
             f"(at most {MAX_READ} bytes, no negative values)"
         )
-    reader = ctx.readers.get(digest)
+    reader = ctx.readers.get(digest, size if size >= 0 else None)
     if offset >= reader.size or length == 0:
         return b""
     length = min(length, reader.size - offset)

@@ -190,7 +190,7 @@ def seeds() -> dict[str, list[bytes]]:
     tree = {d.digest(): Directory(files=(FileNode(b"a", b3, 1),), symlinks=(SymlinkNode(b"b", b"a"),))}
     root = DirectoryNode(b"", next(iter(tree)), 4)
     rendered = b"".join(nar.nar_chunks(root, tree.__getitem__, lambda digest, size: iter([blobs[digest]])))
-    request = protocol.pack([1, "blob_read", [b3, 0, 10], 1e12])
+    request = protocol.pack([1, "blob_read", [b3, 0, 10, -1], 1e12])
     return {
         "directory": [d.encode(), Directory().encode()],
         "pathinfo": [encode_pathinfo(info)],

@@ -101,8 +101,14 @@ class BlobService(abc.ABC):
         """Size (and chunks) of a blob, or None when it is absent."""
 
     @abc.abstractmethod
-    def open_read(self, digest: bytes) -> BlobReader:
-        """A verified reader; raises NotFound when the blob is absent."""
+    def open_read(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
+        """A verified reader; raises NotFound when the blob is absent.
+
+        ``size_hint`` is the size the caller expects (a FileNode's), for a
+        backend that can save a round trip with it (gRPC: no Stat for a small
+        blob). It is never trusted over the bytes: the reader's ``size`` and
+        data are the store's, verified against the digest.
+        """
 
     @abc.abstractmethod
     def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:

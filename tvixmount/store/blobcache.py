@@ -140,14 +140,14 @@ class CachingBlobService(BlobService):
             return BlobStat(entry.size)
         return self.inner.stat(digest)
 
-    def open_read(self, digest: bytes) -> BlobReader:
+    def open_read(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
         records.check_b3(digest, "blob")
         cached = self._open_cached(digest)
         if cached is not None:
             self._counts["hits"] += 1
             return cached
         self._counts["misses"] += 1
-        return self._open_and_fill(digest)
+        return self._open_and_fill(digest, size_hint)
 
     def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:
         return self.inner.open_write(expected_digest)
@@ -230,8 +230,8 @@ class CachingBlobService(BlobService):
 
     # -- misses and fills ------------------------------------------------------
 
-    def _open_and_fill(self, digest: bytes) -> BlobReader:
-        reader = self.inner.open_read(digest)
+    def _open_and_fill(self, digest: bytes, size_hint: int | None) -> BlobReader:
+        reader = self.inner.open_read(digest, size_hint)
         size = reader.size
         if size == 0 or size > self.max_bytes // 2:
             self._counts["not_cached"] += 1

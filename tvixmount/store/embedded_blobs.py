@@ -556,7 +556,7 @@ class EmbeddedBlobService(BlobService):
         meta = self.meta(digest)
         return None if meta is None else BlobStat(meta.size, meta.chunks())
 
-    def open_read(self, digest: bytes) -> BlobReader:
+    def open_read(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
         records.check_b3(digest, "blob")
         meta = self.meta(digest)
         if meta is None:

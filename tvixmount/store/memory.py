@@ -126,7 +126,7 @@ class MemoryBlobService(BlobService):
         # The memory backend never chunks (as in tvix): no chunk list.
         return None if data is None else BlobStat(len(data))
 
-    def open_read(self, digest: bytes) -> BlobReader:
+    def open_read(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
         records.check_b3(digest, "blob")
         with _tables.lock:
             data = _tables.blobs.get(digest)
