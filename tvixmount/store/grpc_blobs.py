@@ -37,9 +37,12 @@ Stat. A tvix-store lists no chunks for a blob that is one chunk; ``stat``
 then has to fetch the blob to learn its size, and keeps that verified copy
 for the ``open_read`` that usually follows. Callers that know the size from
 a FileNode may pass ``size_hint`` to ``open_read``: a blob of at most
-``WHOLE_RUN`` bytes is then read with one ``Read`` and no ``Stat`` at all,
-verified against its digest; the hint only decides that and where the copy
-goes, and is never trusted over the bytes.
+``HINTED_WHOLE`` bytes (one FUSE read: the reader asks for all of it at
+once, so a chunk list could not save part of it) is then read with one
+``Read`` and no ``Stat`` at all, verified against its digest; the hint only
+decides that and where the copy goes, and is never trusted over the bytes.
+Bigger blobs keep the Stat: with the chunk list, a bad chunk costs only the
+reads that touch it.
 
 What chunk verification covers: each chunk is checked against the digest
 the server's Stat listed for it; the chunk list itself cannot be checked
@@ -106,6 +109,7 @@ MAX_RUNS = 8  # runs open at once per service (each holds a server thread); beyo
 READAHEAD = 2  # chunks a reader fetches ahead while reads go in order
 PREFETCH_THREADS = 4  # per service, shared by its readers
 CACHED_COPIES = 4  # verified whole-blob copies a service keeps after stat()
+HINTED_WHOLE = 128 * 1024  # blobs up to this size_hint are read whole without a Stat (see the module doc)
 _PUT_QUEUE = 4  # messages waiting for grpc to send (bounds a writer's memory)
 STREAM_ATTEMPTS = 3  # fetches of one blob or chunk whose stream broke off or came out wrong
 RETRY_BACKOFF = 0.1  # seconds before the second attempt, doubling after each
@@ -758,7 +762,7 @@ class GrpcBlobService(BlobService):
     def open_read(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
         """A verified reader; NotFound when absent. ``size_hint``: see the module doc."""
         records.check_b3(digest, "blob")
-        if size_hint is not None and 0 < size_hint <= WHOLE_RUN:
+        if size_hint is not None and 0 < size_hint <= HINTED_WHOLE:
             with self._lock:
                 copy = self._copies.pop(digest, None)
             if copy is None:
