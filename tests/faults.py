@@ -36,7 +36,7 @@ import blake3
 import grpc
 
 from tests.grpc_daemon import FakeServer
-from tests.mounting import Mount
+from tests.mounting import Mount, children
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import Node
 from tvixmount.castore.pathinfo import NarInfo, PathInfo
@@ -104,23 +104,9 @@ def _comm(pid: int) -> str:
         return ""
 
 
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if ppid == pid:
-                out.append(int(entry))
-    return out
-
-
 def zygote(m: Mount) -> int:
     assert m.proc is not None
-    found = [p for p in _children(m.proc.pid) if _comm(p) == "tvix-zygote"]
+    found = [p for p in children(m.proc.pid) if _comm(p) == "tvix-zygote"]
     assert len(found) == 1, found
     return found[0]
 
@@ -128,7 +114,7 @@ def zygote(m: Mount) -> int:
 def workers(m: Mount) -> dict[int, int]:
     """Worker id -> pid of the mount's live (not zombie) workers."""
     out = {}
-    for pid in _children(zygote(m)):
+    for pid in children(zygote(m)):
         name = _comm(pid)
         if name.startswith("tvix-worker-") and _state(pid) not in ("Z", "X", ""):
             out[int(name.rsplit("-", 1)[1])] = pid

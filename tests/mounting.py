@@ -27,8 +27,8 @@ def is_mounted(path: Path) -> bool:
         return any(line.split()[4] == target for line in f)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid``, parents before children (the zygote, then its workers)."""
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every live process's pid under its parent's pid, from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -38,9 +38,20 @@ def descendants(pid: int) -> list[int]:
             except (OSError, ValueError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid``."""
+    return _children_by_parent().get(pid, [])
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, parents before children (the zygote, then its workers)."""
+    by_parent = _children_by_parent()
     out, todo = [], [pid]
     while todo:
-        for child in children.get(todo.pop(0), []):
+        for child in by_parent.get(todo.pop(0), []):
             out.append(child)
             todo.append(child)
     return out

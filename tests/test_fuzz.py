@@ -508,15 +508,6 @@ LONG = store_path("long-name")
 SPARSE = store_path("ten-gib")
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        low, n = n & 0x7F, n >> 7
-        out.append(low | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _huge_directory_row(entries: int) -> bytes:
     """The canonical encoding of ``entries`` empty files f0000000.. (fast: no Directory object)."""
     empty = b3(b"")
