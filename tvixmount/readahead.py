@@ -64,6 +64,8 @@ class SmallFileReadahead:
 
     def note_lookup(self, ino: int, listing: Listing, name: bytes) -> None:
         """Remember where ``ino`` was found, so its open knows its siblings."""
+        if self.depth <= 0:
+            return
         pos = listing.index.get(name)
         if pos is None:
             return
