@@ -197,14 +197,15 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
     if offset >= reader.size or length == 0:
         return b""
     length = min(length, reader.size - offset)
-    room = ctx.ring.reserve(length) if ctx.ring is not None and length >= RING_MIN else None
+    ring = ctx.ring
+    room = ring.reserve(length) if ring is not None and length >= RING_MIN else None
     try:
-        if room is None:
+        if ring is None or room is None:
             return reader.pread(offset, length)
         start, view = room
         with view:
             got = reader.pread_into(offset, view)
-        ctx.ring.commit(start, got)  # type: ignore[union-attr]
+        ring.commit(start, got)
         return RingRef(start, got)
     except IntegrityError:
         ctx.readers.drop(digest)  # nothing of a broken blob stays cached
