@@ -1,8 +1,8 @@
-"""The upstream FUSE test fixtures (FILESYSTEM.md §11), and how to store them.
+"""The upstream FUSE test fixtures (docs/protocol.md, 'Upstream FUSE test cases'), and how to store them.
 
 Names and contents are tvix's, so that the ported test cases mean what
 upstream's mean. Directory sizes follow the doubled convention of a current
-tvix-store (PROTOCOL.md §7); the mount reports, never checks, them.
+tvix-store (docs/protocol.md, 'Directory size'); the mount reports, never checks, them.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every test drives the real entry point (``main(argv)`` in-process, or the
 console module in a subprocess where the terminal matters) against a
 ``local://`` store in a temp dir, and checks store paths against what Nix
 itself computes: ``nix-store --dump`` when it works here, else the
-PROTOCOL.md §15 vectors.
+vectors of docs/protocol.md, 'Test vectors'.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def store_args(store_dir: Path) -> list[str]:
 
 
 def make_import_fixtures(parent: Path) -> Path:
-    """The tree behind the §15 vector bqh6kd0x...-import_fixtures (all files empty)."""
+    """The tree behind the test vector bqh6kd0x...-import_fixtures (all files empty)."""
     root = parent / "import_fixtures"
     (root / "a_dir").mkdir(parents=True)
     (root / "a_dir" / "a_file").touch()
@@ -155,7 +155,7 @@ def test_single_file_and_symlink_roots(tmp_path, capsysbinary):
 
 
 def test_root_file_vector_without_nix(tmp_path, capsysbinary):
-    """§15: an empty regular file named valid-name is nd5z11x7...-valid-name."""
+    """docs/protocol.md, 'Test vectors': an empty regular file named valid-name is nd5z11x7...-valid-name."""
     (tmp_path / "valid-name").touch()
     code, out, _ = run(capsysbinary, *store_args(tmp_path / "store"), "import", str(tmp_path / "valid-name"))
     assert (code, out) == (0, b"/nix/store/nd5z11x7zjqqz44rkbhc6v7yifdkn659-valid-name\n")

@@ -1,4 +1,4 @@
-"""Directory: the §6 validation rules with their messages, §15 blob and directory vectors."""
+"""Directory: the validation rules with their messages, blob and directory vectors (docs/protocol.md)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_blob_digests(contents: bytes, hex_: str, text: str | None) -> None:
         assert len(text) == 47
 
 
-# -- §15 fixtures, built in both size conventions -------------------------
+# -- docs/protocol.md, 'Test vectors', built in both size conventions -----
 
 
 def fixtures(convention: SizeConvention) -> dict[str, Directory]:
@@ -149,7 +149,7 @@ def test_odd_bytes_allowed() -> None:
                        symlinks=(SymlinkNode(b"l", b"../..\xff/" + b"t" * 4000),)))
 
 
-# -- §6 rules, each with its message ---------------------------------------
+# -- docs/protocol.md, 'Directory validation', each rule with its message ---
 
 RULES = [
     (Directory(files=(FileNode(b"", D, 0),)), "files[0] '': name is empty"),

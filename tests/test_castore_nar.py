@@ -1,4 +1,4 @@
-"""NAR encoder: §15 NAR vectors, the recursive-import store paths, nar_size.
+"""NAR encoder: the NAR test vectors (docs/protocol.md), the recursive-import store paths, nar_size.
 
 Trees are castore trees held in dicts (castore_fixtures.Store); the same
 trees are cross-checked against a real ``nix-store --dump`` when Nix works.
@@ -77,7 +77,7 @@ def test_nar_vectors(label: str, spec: object, size: int, sha256: str, conventio
 
 
 def test_hello_world_bytes() -> None:
-    """The exact framing for one file, written out by hand from §13."""
+    """The exact framing for one file, written out by hand from docs/protocol.md, 'NAR format'."""
 
     def s(b: bytes) -> bytes:
         return len(b).to_bytes(8, "little") + b + bytes(-len(b) % 8)

@@ -1,4 +1,4 @@
-"""nixbase32: the vectors of PROTOCOL.md §12, strict decoding, round trips."""
+"""nixbase32: the vectors of docs/protocol.md, 'nixbase32', strict decoding, round trips."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PathInfo: every validation rule of PROTOCOL.md §10, proto round trips, JSON view."""
+"""PathInfo: every rule of docs/protocol.md, 'PathInfo validation', proto round trips, JSON view."""
 
 from __future__ import annotations
 

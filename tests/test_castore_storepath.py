@@ -1,4 +1,4 @@
-"""Store paths: parsing, rejections and the text/fixed-output vectors of §15.
+"""Store paths: parsing, rejections and the text/fixed-output vectors of docs/protocol.md, 'Test vectors'.
 
 The recursive-import ("source") vectors need NAR rendering of castore trees
 and live in test_castore_nar.py.

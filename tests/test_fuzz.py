@@ -105,7 +105,7 @@ def mutations_of(strategy: st.SearchStrategy[bytes]) -> st.SearchStrategy[tuple[
     return strategy.flatmap(lambda original: st.tuples(st.just(original), mutated(original)))
 
 
-# -- directories: an independent statement of the rules (PROTOCOL.md §6) ------------------------
+# -- directories: an independent statement of the rules (docs/protocol.md, 'Directory validation') ---
 
 # Names and targets drawn to hit every rule: empty, ".", "..", "/", NUL, too long, fine.
 odd_names = st.one_of(

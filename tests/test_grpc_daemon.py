@@ -2,7 +2,7 @@
 
 Start-up lines, loopback default, health, stop signals, read-only mode,
 validation of everything it is sent (checked with raw calls that bypass
-our client's own checks), status codes of PROTOCOL.md §11, chunk reads,
+our client's own checks), status codes of docs/protocol.md, 'Status codes', chunk reads,
 large messages, and a client that outlives a daemon restart.
 """
 
@@ -247,7 +247,7 @@ def test_aborted_blob_upload_stores_nothing(daemon: Daemon) -> None:
         assert list(backing.blobs.iter_digests()) == [blake3.blake3(data).digest()]
 
 
-# -- status codes (PROTOCOL.md §11) ---------------------------------------------------------------
+# -- status codes (docs/protocol.md, 'Status codes') -----------------------------------------------
 
 
 def test_status_codes(daemon: Daemon) -> None:

@@ -2,8 +2,8 @@
 
 Golden messages are written out field by field with a ten-line encoder
 (tag = field number << 3 | wire type), independent of the protobuf
-runtime, from the field numbers in PROTOCOL.md §2-§4 and the canonical
-Directory encodings of §15. Decoding them and encoding again must give the
+runtime, from the field numbers in docs/protocol.md ('Castore messages', 'Store messages') and the
+canonical Directory encodings of its 'Test vectors'. Decoding them and encoding again must give the
 same bytes; the same bytes with unknown fields appended must decode to the
 same values, both directly and when a real server sends them.
 """
@@ -49,7 +49,7 @@ EMPTY_B3 = bytes.fromhex("af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93
 HELLO = b"Hello World!"
 HELLO_B3 = bytes.fromhex("5ca7815adcb484e9a136c11efe69c1d530176d549b5d18d038eb5280b4b3470c")
 
-# PROTOCOL.md §15, canonical encodings.
+# docs/protocol.md, 'Test vectors': canonical encodings.
 WITH_KEEP_HEX = "12290a052e6b6565701220af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 COMPLICATED_HEX = (
     "0a2a0a046b65657012208b5b5d642b646bb8ed504b0862c39413e87e57491497de7bd075953f7b83810e180112290a052e6b"

@@ -1,7 +1,7 @@
-"""tvix's FUSE test cases (FILESYSTEM.md §11.1), against a real mount.
+"""tvix's FUSE test cases (docs/protocol.md, 'Upstream FUSE test cases'), against a real mount.
 
 Each test is named after its upstream case. Where tvixmount deliberately
-departs from tvix (times are 1 s; FILESYSTEM.md "tvixmount's decisions")
+departs from tvix (times are 1 s; docs/protocol.md, 'Filesystem behaviour')
 the assertion says so.
 """
 

@@ -3,7 +3,7 @@
 Why: a 128 KiB read answered through the reply pipe is copied four times
 (worker buffer -> pipe -> dispatcher frame buffer -> msgpack's bytes object)
 and the big frames make the dispatcher's reader grow and shuffle buffers.
-Measured on this machine (ARCHITECTURE.md), a pipe round trip carrying
+Measured on this machine (docs/architecture.md, 'The read path'), a pipe round trip carrying
 128 KiB took ~220 us; with the bytes in shared memory and only a short
 descriptor on the pipe, ~59 us. Here the worker copies the verified bytes
 into its ring once and the dispatcher copies them out once; the reply

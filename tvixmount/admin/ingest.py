@@ -4,7 +4,7 @@ One pass over the tree does all the work, because reading the data is what
 costs: each file is opened once, ``fstat``-ed once (size and mode come from
 the open descriptor, so they describe the bytes actually read), read in
 1 MiB pieces, and every piece goes both into the NAR hash and into the blob
-store. The NAR (PROTOCOL.md §13) is hashed while walking, which is why the
+store. The NAR (docs/protocol.md, 'NAR format') is hashed while walking, which is why the
 walk visits entries in ascending raw-byte name order, depth first: that is
 exactly NAR order, so no second pass over the store is needed to compute
 nar_size / nar_sha256 (tests check the result against castore/nar.py and

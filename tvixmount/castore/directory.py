@@ -32,7 +32,7 @@ _U64_MAX = (1 << 64) - 1
 
 
 class SizeConvention(Enum):
-    """How ``DirectoryNode.size`` is counted (PROTOCOL.md §7).
+    """How ``DirectoryNode.size`` is counted (docs/protocol.md, 'Directory size').
 
     DOCUMENTED is what the proto comments say: every descendant once.
     DOUBLED is what a current tvix-store computes and checks on Put: every
@@ -143,7 +143,7 @@ def validate(directory: Directory, what: str | Callable[[], str] = "directory") 
 
     ``what`` names the directory in the message (usually its b3: digest);
     it may be a function, called only to build a message.
-    DirectoryNode.size is deliberately not checked (PROTOCOL.md §7).
+    DirectoryNode.size is deliberately not checked (docs/protocol.md, 'Directory size').
 
     Every directory a mount lists passes through here, so the loop only
     asks yes/no per entry, with no string built; the first entry that
@@ -180,7 +180,7 @@ def _named(what: str | Callable[[], str]) -> str:
 
 
 def _explain(directory: Directory, what: str) -> None:
-    """Raise InvalidData for the first broken rule, in the order the rules are listed in §6."""
+    """Raise InvalidData for the first broken rule, in docs/protocol.md's 'Directory validation' order."""
     seen: set[bytes] = set()
     groups: tuple[tuple[str, tuple[Node, ...]], ...] = (
         ("directories", directory.directories),

@@ -1,4 +1,4 @@
-"""Streaming NAR encoder for a castore tree (PROTOCOL.md §13).
+"""Streaming NAR encoder for a castore tree (docs/protocol.md, 'NAR format').
 
 The NAR of a store path is what its nar_sha256 and store path are computed
 over, and what ``tvixstore verify`` re-derives. Trees can be larger than

@@ -1,4 +1,4 @@
-"""Streaming NAR reader for ``tvixstore import --nar`` (PROTOCOL.md §13).
+"""Streaming NAR reader for ``tvixstore import --nar`` (docs/protocol.md, 'NAR format').
 
 A NAR may come from anywhere and be any size, so the reader is a pull
 parser with bounded memory: it yields one event per node in NAR order and

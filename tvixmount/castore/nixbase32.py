@@ -2,7 +2,7 @@
 
 Not RFC 4648: the alphabet omits e, o, t, u, and the input is read as one
 little-endian bit string whose 5-bit groups are written highest group first
-(PROTOCOL.md §12). Decoding is strict because a hash part that decodes
+(docs/protocol.md, 'nixbase32'). Decoding is strict because a hash part that decodes
 "almost" would name a different store path: every character must be in the
 alphabet, the length must be one an encoder can produce, and bits past the
 last whole byte must be zero.

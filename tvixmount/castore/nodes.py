@@ -20,7 +20,7 @@ class DirectoryNode:
 
     name: bytes
     digest: bytes
-    size: int  # descendant count as reported; never validated (PROTOCOL.md §7)
+    size: int  # descendant count as reported; never validated (docs/protocol.md, 'Directory size')
 
 
 @dataclass(frozen=True, slots=True)

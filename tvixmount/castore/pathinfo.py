@@ -46,8 +46,8 @@ class PathInfo:
 # -- validation and presentation ----------------------------------------------
 #
 # A PathInfo is the only link from a store path to its tree, so one that is
-# stored or served must be checked as a current tvix checks it (PROTOCOL.md
-# §10): a bad one would put a tree under the wrong name or carry references
+# stored or served must be checked as a current tvix checks it (docs/protocol.md,
+# 'PathInfo validation'): a bad one would put a tree under the wrong name or carry references
 # no client could resolve.
 
 SHA256_LEN = 32

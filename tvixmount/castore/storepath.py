@@ -2,7 +2,7 @@
 
 A PathInfo is stored and looked up under the 20-byte digest in its root
 node's name, so parsing must be exact: anything that is not a store path is
-refused with a reason rather than guessed at (PROTOCOL.md §12). The ``make_*``
+refused with a reason rather than guessed at (docs/protocol.md, 'Store paths'). The ``make_*``
 functions compute the paths Nix gives to content-addressed objects; a tree
 imported by ``tvixstore import`` gets ``from_nar_sha256``.
 """

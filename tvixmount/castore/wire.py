@@ -108,7 +108,7 @@ def decode_pathinfo(data: bytes, require_narinfo: bool = False) -> PathInfo:
     """Decode and validate an encoded PathInfo.
 
     ``narinfo`` is optional by default because seed-era stores wrote
-    PathInfos without it (PROTOCOL.md §10); pass ``require_narinfo=True``
+    PathInfos without it (docs/protocol.md, 'PathInfo validation'); pass ``require_narinfo=True``
     where a current peer is known.
     """
     msg = pathinfo_pb2.PathInfo()

@@ -198,7 +198,7 @@ def serve(
     ``added_latency`` sleeps that many seconds at the start of each call
     (to emulate a network hop in tests); ``check_dir_sizes`` makes
     Directory Put check DirectoryNode.size in that convention (default:
-    sizes are not checked, PROTOCOL.md §7).
+    sizes are not checked, docs/protocol.md, 'Directory size').
     """
     address = parse_listen(listen)
     if added_latency < 0:

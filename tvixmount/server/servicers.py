@@ -11,7 +11,7 @@ One call, end to end::
 
 Handlers take and return raw bytes and decode them here, so a malformed
 message is INVALID_ARGUMENT naming the rule it breaks rather than a grpc
-deserialisation failure. Status codes follow PROTOCOL.md §11 (a current
+deserialisation failure. Status codes follow docs/protocol.md, 'Status codes' (a current
 tvix-store), with one deliberate difference: a Directory Put that breaks a
 rule is INVALID_ARGUMENT (as seed-era servers answered), not INTERNAL.
 
@@ -96,7 +96,7 @@ class RpcStatus(Exception):
 
 
 def status_for(exc: BaseException) -> RpcStatus:
-    """The status a store error answers with (handlers override where §11 says otherwise)."""
+    """The status a store error answers with (handlers override it per docs/protocol.md, 'Status codes')."""
     if isinstance(exc, RpcStatus):
         return exc
     message = str(exc)
@@ -347,7 +347,8 @@ class DirectoryServicer(_Rpc):
                                 NotFound.code)
             yield found.encode()
             return
-        # Absent root: OK and no message (§9). A missing descendant: INTERNAL after a partial stream.
+        # Absent root: OK and no message. A missing descendant: INTERNAL after a partial stream
+        # (docs/protocol.md, 'Directory service').
         try:
             for directory in self.store.directories.get_recursive(digest):
                 yield directory.encode()

@@ -69,7 +69,7 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 # Large enough for a Directory with ~500k entries; tonic's default is 4 MiB.
 MAX_MESSAGE = 64 * MiB
-# What a Put sends per message (PROTOCOL.md §8: well below 4 MiB).
+# What a Put sends per message (docs/protocol.md, 'Blob service': well below 4 MiB).
 PUT_MESSAGE = 1 * MiB
 
 UNARY_TIMEOUT = 30.0  # seconds for a whole unary call

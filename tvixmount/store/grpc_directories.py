@@ -1,7 +1,8 @@
 """DirectoryService over gRPC (tvix.castore.v1.DirectoryService).
 
 Every Directory that arrives is decoded, validated and hashed before it is
-returned (PROTOCOL.md §6, §9). Unknown fields from a newer server are
+returned (docs/protocol.md, 'Directory validation', 'Directory service').
+Unknown fields from a newer server are
 dropped by decoding and do not change the digest.
 
 ``get`` is a non-recursive Get and reads one message. ``get_recursive``

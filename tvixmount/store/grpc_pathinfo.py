@@ -1,6 +1,6 @@
 """PathInfoService over gRPC (tvix.store.v1.PathInfoService).
 
-Every PathInfo received is validated (PROTOCOL.md §10) and, for ``get``,
+Every PathInfo received is validated (docs/protocol.md, 'PathInfo validation') and, for ``get``,
 must describe the store path it was asked for: a server answering with
 another path's info is InvalidData, never a silently different tree.
 ``narinfo`` is not required on what we *receive*, so a seed-era daemon
@@ -8,7 +8,7 @@ another path's info is InvalidData, never a silently different tree.
 must carry it, as a current daemon requires.
 
 ``calculate_nar`` sends the node with an empty name, which servers of
-both eras accept (§11).
+both eras accept (docs/protocol.md, 'PathInfo service').
 """
 
 from __future__ import annotations

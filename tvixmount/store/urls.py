@@ -1,6 +1,6 @@
 """Store service URLs: parsing, validation and the forms we build ourselves.
 
-Every backend is chosen by one URL per service, as in tvix (PROTOCOL.md §14).
+Every backend is chosen by one URL per service, as in tvix (docs/protocol.md, 'Service URLs').
 This module only checks the *shape* of a URL, so a typo fails at start-up
 with a message naming the URL, not later inside a worker:
 
