@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -507,3 +508,19 @@ def test_a_walk_into_one_store_path_fetches_the_next_trees_ahead(fuse):
     assert f.fetcher.calls["directory_tree"] == asked == 3  # walked, and two fetched ahead
     assert f.ops.stats()["tree_ahead"] == {"scheduled": 2, "fetched": 2, "failed": 0}
 
+
+def test_close_ends_a_tree_fetch_that_waits_for_llfuses_lock(fuse):
+    """close() is bounded: a fetch ahead whose answer came must not wait for the lock forever."""
+    names = separate_store_paths(2)
+    f = fuse(list_root=True, tree_ahead=1)
+    before = set(threading.enumerate())
+    f.readdir(ROOT)
+    f.readdir(f.lookup(names[0]).st_ino)  # the lock stays with this thread from here on
+    deadline = time.monotonic() + 5
+    while f.fetcher.calls["directory_tree"] < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (ahead,) = [t for t in set(threading.enumerate()) - before if t.name == "tvixmount-tree-ahead"]
+    time.sleep(0.1)  # into the wait for the lock
+    f.ops.close()
+    ahead.join(5)
+    assert not ahead.is_alive()
