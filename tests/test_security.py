@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -39,7 +39,14 @@ from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixmount.store import StoreUrls, open_store
 
-pytestmark = pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "")
+
+def mounts(test: Callable[..., None]) -> Callable[..., None]:
+    """Mark a test that mounts: selected by ``-m mount``, skipped where FUSE is missing.
+
+    Not the whole module: the option and daemon checks below mount nothing.
+    """
+    return pytest.mark.mount(pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "")(test))
+
 
 REPO = Path(__file__).resolve().parent.parent
 NOBODY = 65534
@@ -120,6 +127,7 @@ def _as_nobody(*code: str) -> subprocess.CompletedProcess:
 # -- mount options -------------------------------------------------------------------------------
 
 
+@mounts
 def test_mounted_ro_nosuid_nodev_and_private_by_default(default_mount: Mount) -> None:
     per_mount, superblock = _mount_options(default_mount.mountpoint)
     assert {"ro", "nosuid", "nodev"} <= per_mount
@@ -133,6 +141,7 @@ def test_mounted_ro_nosuid_nodev_and_private_by_default(default_mount: Mount) ->
     assert seen.returncode != 0 and "Permission denied" in seen.stderr  # other users are kept out
 
 
+@mounts
 def test_allow_other_only_on_request(store_dir: Path) -> None:
     with serving(store_dir.parent / "mnt-shared", store_dir, "--allow-other") as m:
         per_mount, superblock = _mount_options(m.mountpoint)
@@ -157,6 +166,7 @@ def test_options_undoing_ro_nosuid_nodev_are_refused(tmp_path: Path, option: str
 # -- names and targets ---------------------------------------------------------------------------
 
 
+@mounts
 @pytest.mark.parametrize("label", [*BAD_NAMES, "nul-target"])
 def test_a_directory_with_a_forbidden_name_or_target_is_eio_as_a_whole(default_mount: Mount,
                                                                        label: str) -> None:
@@ -171,6 +181,7 @@ def test_a_directory_with_a_forbidden_name_or_target_is_eio_as_a_whole(default_m
                                                                 "tool"])
 
 
+@mounts
 def test_root_names_are_store_paths_or_nothing(default_mount: Mount) -> None:
     m = default_mount
     for name in ("..", ".", "etc", TREE.basename + "/..", TREE.hash_part, "x" * 255):
@@ -179,6 +190,7 @@ def test_root_names_are_store_paths_or_nothing(default_mount: Mount) -> None:
     assert read_bytes(m.path(TREE.basename, "..", TREE.basename, "plain")) == TOOL
 
 
+@mounts
 def test_symlink_targets_are_verbatim_and_never_followed_by_the_filesystem(default_mount: Mount) -> None:
     links = default_mount.path(TREE.basename, "links")
     assert sorted(os.listdir(links)) == sorted(TARGETS)

@@ -41,6 +41,8 @@ XATTR_DIRECTORY = b"user.tvix.castore.directory.digest"
 XATTR_BLOB = b"user.tvix.castore.blob.digest"
 XATTR_STATS = b"user.tvixmount.stats"
 EMPTY_BLOB = blake3.blake3(b"").digest()
+# How often a background fetch waiting for llfuse's lock looks whether the mount is closing.
+LOCK_POLL_SECONDS = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +155,8 @@ class TvixOperations(llfuse.Operations):
         """
         limit = self.options.prefetch_entries
         tree = self._flight.run(("dir", digest), lambda: self.fetcher.directory_tree(digest, limit))
-        while not llfuse.lock.acquire(timeout=0.5):
+        # Whole seconds: llfuse 1.5 truncates the timeout to an int, and 0 waits forever.
+        while not llfuse.lock.acquire(timeout=LOCK_POLL_SECONDS):
             if self._closing:
                 return
         try:
