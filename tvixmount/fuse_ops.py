@@ -29,8 +29,9 @@ from .castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, b3_text, 
 from .castore.storepath import parse_basename
 from .errors import InvalidData, NotFound, TvixError, errno_for
 from .fetcher import Fetcher
+from .fuse_timing import timed
 from .inflight import SingleFlight
-from .metrics import FuseMetrics, timed
+from .metrics import FuseMetrics
 from .readahead import SmallFileReadahead, TreeAhead
 from .vfs import Listing, Vfs
 

@@ -2,7 +2,7 @@
 
 Data flow::
 
-    FUSE handler (llfuse lock held) ── timed() ──> FuseMetrics: op counts, errors,
+    FUSE handler (llfuse lock held) ── fuse_timing.timed ──> FuseMetrics: op counts, errors,
         bytes read, cache hits, latency bucket counts (plain int increments)
                                            │
     getfattr -n user.tvixmount.stats ──────┤  TvixOperations.stats(): JSON, latency
@@ -33,16 +33,12 @@ from __future__ import annotations
 
 import bisect
 import errno
-import functools
-import inspect
 import logging
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import llfuse
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -193,48 +189,6 @@ def quantile(q: float, cumulative: list[tuple[float, int]]) -> float | None:
             return lower + (bound - lower) * (rank - below) / (count - below)
         lower, below = bound, count
     return lower
-
-
-def timed(op: str, *, counts_bytes: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a TvixOperations handler: count it, time it, count its errno; ``read`` also its bytes.
-
-    The handler's ``self.metrics`` is a FuseMetrics. A generator handler
-    (readdir) is timed until llfuse stops iterating it, which is when its
-    reply is complete.
-    """
-
-    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isgeneratorfunction(method):
-            @functools.wraps(method)
-            def generator(self: Any, *args: Any) -> Iterator[Any]:
-                metrics: FuseMetrics = self.metrics
-                start = time.perf_counter()
-                try:
-                    yield from method(self, *args)
-                except llfuse.FUSEError as exc:
-                    metrics.failed(op, exc.errno)
-                    raise
-                finally:
-                    metrics.done(op, time.perf_counter() - start)
-            return generator
-
-        @functools.wraps(method)
-        def handler(self: Any, *args: Any) -> Any:
-            metrics: FuseMetrics = self.metrics
-            start = time.perf_counter()
-            try:
-                result = method(self, *args)
-            except llfuse.FUSEError as exc:
-                metrics.failed(op, exc.errno)
-                raise
-            finally:
-                metrics.done(op, time.perf_counter() - start)
-            if counts_bytes:
-                metrics.read_bytes += len(result)
-            return result
-        return handler
-
-    return wrap
 
 
 class MountCollector(PrometheusCollector):
