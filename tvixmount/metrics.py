@@ -1,14 +1,15 @@
-"""Mount metrics: what the FUSE handlers record, for the stats xattr and /metrics.
+"""Mount metrics: what the FUSE handlers record, and the stats values every part hands over.
 
 Data flow::
 
-    FUSE handler (llfuse lock held) ── fuse_timing.timed ──> FuseMetrics: op counts, errors,
-        bytes read, cache hits, latency bucket counts (plain int increments)
-                                           │
-    getfattr -n user.tvixmount.stats ──────┤  TvixOperations.stats(): JSON, latency
-                                           │  percentiles estimated from the buckets
-    GET /metrics (metrics_export) ── MountCollector ── reads the same snapshot at
-        scrape time, plus the pool's and the Vfs's own counters
+    FUSE handler (llfuse lock held) ── fuse_timing.timed ──> FuseMetrics: op counts,
+        errors, bytes read, cache hits, latency bucket counts (plain int increments)
+
+    TvixOperations.stats() ──> MountStats: FuseMetrics.snapshot() and each part's
+        own stats() (Vfs, pool, readahead, tree-ahead), frozen dataclasses
+          │
+          ├── getfattr -n user.tvixmount.stats: MountStats.as_json(), the field names
+          └── GET /metrics (metrics_export): the fields declared with counter()/gauge()
 
 Why this split: the handlers run under llfuse's global lock, so the hot
 path may only bump counters it already owns: no allocation, no lock of its
@@ -18,13 +19,17 @@ counter it bumps (measured: 1.2 us per observe, against 0.8 us for the whole
 timed() wrapper); the scrape exports it as a histogram all the same.
 Everything another module already counts (the worker pool's requests,
 timeouts and restarts; the Vfs's table sizes) is read when someone asks,
-never mirrored. The scrape runs in the exporter thread without llfuse's
-lock: it only copies dicts and lists and reads ints, which the GIL keeps
-consistent one object at a time (a scrape may see a read counted in
-``read_bytes`` but not yet in its histogram; counters never go back).
+never mirrored.
 
-This module imports neither llfuse nor prometheus_client; the command line
-parses ``--metrics-listen`` with it before anything starts.
+Each part declares its stats once, as a frozen dataclass whose fields are
+the JSON keys; a field that /metrics exports says so with ``counter()``,
+``gauge()`` or ``untyped()``, which carry its help text (and a family name
+when it is not ``<section>_<field>``). Neither view spells a name again, so
+the two cannot disagree about what a counter means.
+
+This module imports neither llfuse nor prometheus_client: the parts that
+declare stats, and the command line parsing ``--metrics-listen``, load it
+in processes and tools that need neither.
 """
 
 from __future__ import annotations
@@ -32,8 +37,13 @@ from __future__ import annotations
 import bisect
 import errno
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import Field, asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fetcher import FetcherStats
+    from .readahead import ReadaheadStats, TreeAheadStats
+    from .vfs import VfsStats
 
 # FUSE op latencies: a cached lookup answers in tens of microseconds, a cold
 # read from a remote store in up to the request deadline (default 30 s).
@@ -43,11 +53,56 @@ TIMED_OPS = ("lookup", "readdir", "open", "read")
 CACHES = ("listing", "root_name")
 DEFAULT_HOST = "127.0.0.1"
 
+# -- declaring a stats field as exported ----------------------------------------------------
+
+_EXPORTED = "tvixmount.exported"  # the dataclass field metadata key
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """How one stats field appears on /metrics.
+
+    ``kind`` is the family type (counter, gauge or untyped); ``name`` the
+    family name after ``tvixmount_`` when it is not the section's prefix
+    and the field's name.
+    """
+
+    kind: str
+    help: str
+    name: str | None = None
+
+
+def counter(help_text: str, *, name: str | None = None) -> int:
+    """A stats field that only grows; /metrics exports it as a counter (``tvixmount_..._total``)."""
+    return field(default=0, metadata={_EXPORTED: Exported("counter", help_text, name)})
+
+
+def gauge(help_text: str, *, name: str | None = None) -> int:
+    """A stats field that is a level (a table size, handles open); /metrics exports it as a gauge."""
+    return field(default=0, metadata={_EXPORTED: Exported("gauge", help_text, name)})
+
+
+def untyped(help_text: str, *, name: str | None = None) -> int:
+    """A stats field /metrics exports without a type."""
+    return field(default=0, metadata={_EXPORTED: Exported("untyped", help_text, name)})
+
+
+def exported(f: Field[Any]) -> Exported | None:
+    """What ``counter``/``gauge``/``untyped`` declared for a field; None for a JSON-only field."""
+    return f.metadata.get(_EXPORTED)
+
+
+# -- the FUSE handlers' own counters ---------------------------------------------------------
+
+
 class FuseMetrics:
     """Per-op counts, errors and latencies, bytes read and cache hits of one mount.
 
     Every recording method runs under llfuse's global lock (the handler's),
-    so the dicts need no lock of their own.
+    so the dicts need no lock of their own. A snapshot runs without it: it
+    only copies dicts and lists and reads ints, which the GIL keeps
+    consistent one object at a time (it may see a read counted in
+    ``read_bytes`` but not yet in its histogram; counters never go back).
     """
 
     def __init__(self) -> None:
@@ -74,18 +129,21 @@ class FuseMetrics:
         else:
             self.misses[name] += 1
 
-    def summary(self) -> dict[str, Any]:
-        """The xattr's share: counts, errors by errno, bytes read, cache hits, latency percentiles."""
+    def snapshot(self) -> FuseStats:
         errors: dict[str, dict[str, int]] = {}
         for (op, name), n in list(self.errors.items()):
             errors.setdefault(op, {})[name] = n
-        return {
-            "ops": dict(self.counts),
-            "errors": errors,
-            "read_bytes": self.read_bytes,
-            "cache": {c: {"hits": self.hits[c], "misses": self.misses[c]} for c in CACHES},
-            "latency": {op: summary.as_dict() for op, summary in self.latencies().items()},
-        }
+        return FuseStats(
+            ops=dict(self.counts),
+            errors=errors,
+            cache={c: CacheCounts(self.hits[c], self.misses[c]) for c in CACHES},
+            latency=self.latencies(),
+            read_bytes=self.read_bytes,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The xattr's share: counts, errors by errno, bytes read, cache hits, latency percentiles."""
+        return asdict(self.snapshot())
 
     def latencies(self) -> dict[str, LatencySummary]:
         """Each op's count, total seconds and p50/p99, estimated from the histogram's buckets."""
@@ -93,8 +151,8 @@ class FuseMetrics:
         for op, histogram in self.latency.items():
             seconds = histogram.seconds
             cumulative = histogram.cumulative()
-            out[op] = LatencySummary(cumulative[-1][1], seconds, quantile(0.5, cumulative),
-                                     quantile(0.99, cumulative))
+            out[op] = LatencySummary(cumulative[-1][1], round(seconds, 6), _micro(quantile(0.5, cumulative)),
+                                     _micro(quantile(0.99, cumulative)))
         return out
 
 
@@ -122,15 +180,33 @@ class LatencyHistogram:
 
 @dataclass(frozen=True, slots=True)
 class LatencySummary:
-    count: int
-    seconds: float
-    p50: float | None
-    p99: float | None
+    """One op's latency for a reader: seconds rounded to the microsecond, None before the first call."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "sum_s": round(self.seconds, 6),
-                "p50_s": None if self.p50 is None else round(self.p50, 6),
-                "p99_s": None if self.p99 is None else round(self.p99, 6)}
+    count: int
+    sum_s: float
+    p50_s: float | None
+    p99_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheCounts:
+    hits: int
+    misses: int
+
+
+@dataclass(frozen=True, slots=True)
+class FuseStats:
+    """What the FUSE handlers counted; /metrics exports the per-op and per-cache maps with labels."""
+
+    ops: dict[str, int]
+    errors: dict[str, dict[str, int]]  # op -> errno name -> count
+    cache: dict[str, CacheCounts]
+    latency: dict[str, LatencySummary]
+    read_bytes: int = counter("bytes returned by FUSE reads")
+
+
+def _micro(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 6)
 
 
 def quantile(q: float, cumulative: list[tuple[float, int]]) -> float | None:
@@ -153,7 +229,29 @@ def quantile(q: float, cumulative: list[tuple[float, int]]) -> float | None:
     return lower
 
 
-# -- where the endpoint listens (parsed with the command line) ---------------------------
+# -- one mount's stats at one moment ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MountStats:
+    """Everything ``user.tvixmount.stats`` shows and /metrics exports, taken at one moment."""
+
+    fuse: FuseStats
+    vfs: VfsStats
+    fetcher: FetcherStats
+    readahead: ReadaheadStats
+    tree_ahead: TreeAheadStats
+    open_files: int = gauge("FUSE file handles now open")
+    open_dirs: int = gauge("FUSE directory handles now open")
+
+    def as_json(self) -> dict[str, Any]:
+        """The xattr's JSON object: the FUSE counters at the top, each part under its field's name."""
+        out = asdict(self)
+        out.update(out.pop("fuse"))
+        return out
+
+
+# -- where the endpoint listens (parsed with the command line, before anything starts) ------
 
 
 class ListenError(Exception):

@@ -1,5 +1,17 @@
 """The Prometheus endpoint: /metrics built at scrape time from a mount's stats.
 
+Data flow::
+
+    GET /metrics (prometheus_client's server thread, without llfuse's lock)
+        └── MountCollector.collect: FuseMetrics' latency histograms, then one
+            MountStats snapshot (TvixOperations.stats, the xattr's source too)
+
+Every family is a view of that snapshot: the FUSE op, errno and cache maps
+become labelled families here; every other family is a stats field
+declared with metrics.counter/gauge/untyped, named ``tvixmount_<section
+prefix><field>`` unless the field names its family itself. The help text
+comes from that declaration.
+
 The registry is a ``CollectorRegistry`` of its own, never
 prometheus_client's global one: that one also carries process and platform
 metrics we do not promise, and a second registration of our names (a test
@@ -10,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import fields
 from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -23,42 +36,23 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector as PrometheusCollector
 from prometheus_client.utils import floatToGoString
 
-from .metrics import FuseMetrics, ListenAddress, ListenError
+from .metrics import FuseMetrics, ListenAddress, ListenError, MountStats, exported
+from .poolstate import PoolStats
 
 log = logging.getLogger(__name__)
 
-# Pool counters exported as <name>_total; worker restarts get their own name.
-_POOL_COUNTERS = {
-    "requests": "store requests sent to a worker",
-    "errors": "store requests answered with an error",
-    "timeouts": "store requests that ran past their deadline",
-    "lost": "store requests lost with their worker and not re-sent",
-    "resent": "store requests re-sent after their worker died",
-    "killed": "workers killed as hung",
-    "ring_replies": "read replies whose bytes came through the shared-memory ring",
-    "ring_bytes": "bytes that came through the shared-memory ring",
-}
-_READAHEAD_COUNTERS = {
-    "scheduled": "small files queued to be fetched ahead of their reader",
-    "fetched": "small files fetched ahead and kept",
-    "failed": "fetches ahead that failed (the reader's own read reports why)",
-    "hits": "FUSE reads answered from the files fetched ahead",
-    "evicted": "files fetched ahead and dropped unread (cache full)",
-}
-_POOL_OTHER = {"restarts", "backlog", "failures"}  # failures = errors + timeouts + lost
-
+_FAMILY = {"counter": CounterMetricFamily, "gauge": GaugeMetricFamily, "untyped": UnknownMetricFamily}
 
 
 class MountCollector(PrometheusCollector):
     """Prometheus families built at scrape time from a mount's stats snapshot.
 
-    ``snapshot`` is TvixOperations.stats (the xattr's JSON as a dict), so the
-    two views cannot disagree about what a counter means; the latency
-    histograms come from ``metrics`` itself. Keys another module does not
-    report (a LocalFetcher has no pool) are left out.
+    ``snapshot`` is TvixOperations.stats, so /metrics and the stats xattr
+    read the same values; the latency histograms come from ``metrics``
+    itself (the snapshot holds only their percentiles).
     """
 
-    def __init__(self, metrics: FuseMetrics, snapshot: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, metrics: FuseMetrics, snapshot: Callable[[], MountStats]) -> None:
         self.metrics = metrics
         self.snapshot = snapshot
 
@@ -70,72 +64,50 @@ class MountCollector(PrometheusCollector):
             latency.add_metric([op], [(floatToGoString(b), n) for b, n in histogram.cumulative()], seconds)
         yield latency
         stats = self.snapshot()
+        fuse = stats.fuse
         ops = CounterMetricFamily("tvixmount_fuse_ops", "FUSE requests answered, by op", labels=["op"])
-        for op, n in stats["ops"].items():
+        for op, n in fuse.ops.items():
             ops.add_metric([op], n)
         yield ops
         errors = CounterMetricFamily("tvixmount_fuse_errors", "FUSE requests answered with an error",
                                      labels=["op", "errno"])
-        for op, by_errno in stats["errors"].items():
+        for op, by_errno in fuse.errors.items():
             for name, n in by_errno.items():
                 errors.add_metric([op, name], n)
         yield errors
-        yield CounterMetricFamily("tvixmount_read_bytes", "bytes returned by FUSE reads",
-                                  value=stats["read_bytes"])
+        yield from families(fuse, "")
         hits = CounterMetricFamily("tvixmount_cache_hits", "look-ups answered from a cache", labels=["cache"])
         misses = CounterMetricFamily("tvixmount_cache_misses", "look-ups that had to ask a worker",
                                      labels=["cache"])
-        for cache, counts in stats["cache"].items():
-            hits.add_metric([cache], counts["hits"])
-            misses.add_metric([cache], counts["misses"])
+        for cache, counts in fuse.cache.items():
+            hits.add_metric([cache], counts.hits)
+            misses.add_metric([cache], counts.misses)
         yield hits
         yield misses
-        for key in ("open_files", "open_dirs"):
-            yield GaugeMetricFamily(f"tvixmount_{key}", f"FUSE handles now open ({key})", value=stats[key])
-        for key, value in stats.get("vfs", {}).items():
-            if isinstance(value, int):
-                yield GaugeMetricFamily(f"tvixmount_vfs_{key}", f"Vfs table size: {key}", value=value)
-        yield from _pool_families(stats.get("fetcher", {}))
-        yield from _readahead_families(stats)
+        yield from families(stats, "")
+        yield from families(stats.vfs, "vfs_")
+        yield from families(stats.fetcher, "pool_")
+        if isinstance(stats.fetcher, PoolStats):
+            yield from _worker_families(stats.fetcher)
+        yield from families(stats.readahead, "readahead_")
+        yield from families(stats.tree_ahead, "tree_ahead_")
 
 
-def _readahead_families(stats: dict[str, Any]) -> Iterator[Metric]:
-    files = stats.get("readahead", {})
-    for key, help_text in _READAHEAD_COUNTERS.items():
-        if isinstance(files.get(key), int):
-            yield CounterMetricFamily(f"tvixmount_readahead_{key}", help_text, value=files[key])
-    if isinstance(files.get("cached_bytes"), int):
-        yield GaugeMetricFamily("tvixmount_readahead_cached_bytes", "bytes fetched ahead, not yet read",
-                                value=files["cached_bytes"])
-    trees = stats.get("tree_ahead", {})
-    if isinstance(trees.get("fetched"), int):
-        yield CounterMetricFamily("tvixmount_tree_ahead_fetched", "store path trees fetched ahead of a walk",
-                                  value=trees["fetched"])
+def families(stats: Any, prefix: str) -> Iterator[Metric]:
+    """One family per exported field of the stats dataclass ``stats``, in field order."""
+    for f in fields(stats):
+        spec = exported(f)
+        if spec is not None:
+            name = f"tvixmount_{spec.name or prefix + f.name}"
+            yield _FAMILY[spec.kind](name, spec.help, value=getattr(stats, f.name))
 
 
-def _pool_families(pool: dict[str, Any]) -> Iterator[Metric]:
-    for key, help_text in _POOL_COUNTERS.items():
-        if isinstance(pool.get(key), int):
-            yield CounterMetricFamily(f"tvixmount_pool_{key}", help_text, value=pool[key])
-    for key, value in pool.items():
-        # Counters added to the pool after this module was written still show, untyped.
-        if key not in _POOL_COUNTERS and key not in _POOL_OTHER and isinstance(value, int):
-            yield UnknownMetricFamily(f"tvixmount_pool_{key}", f"worker pool stats: {key}", value=value)
-    if isinstance(pool.get("restarts"), int):
-        yield CounterMetricFamily("tvixmount_worker_restarts", "worker processes restarted after dying",
-                                  value=pool["restarts"])
-    if isinstance(pool.get("backlog"), int):
-        yield GaugeMetricFamily("tvixmount_pool_backlog", "store requests waiting for a ready worker",
-                                value=pool["backlog"])
-    workers = pool.get("workers")
-    if isinstance(workers, dict):
-        ready = sum(1 for w in workers.values() if w.get("ready"))
-        inflight = sum(int(w.get("inflight", 0)) for w in workers.values())
-        yield GaugeMetricFamily("tvixmount_pool_workers_ready", "workers ready for requests", value=ready)
-        yield GaugeMetricFamily("tvixmount_pool_inflight", "store requests a worker is working on",
-                                value=inflight)
-
-
+def _worker_families(pool: PoolStats) -> Iterator[Metric]:
+    workers = pool.workers.values()
+    yield GaugeMetricFamily("tvixmount_pool_workers_ready", "workers ready for requests",
+                            value=sum(1 for w in workers if w.ready))
+    yield GaugeMetricFamily("tvixmount_pool_inflight", "store requests a worker is working on",
+                            value=sum(w.inflight for w in workers))
 
 
 class Exporter:
@@ -146,7 +118,7 @@ class Exporter:
     """
 
     def __init__(self, address: ListenAddress, metrics: FuseMetrics,
-                 snapshot: Callable[[], dict[str, Any]]) -> None:
+                 snapshot: Callable[[], MountStats]) -> None:
         registry = CollectorRegistry()
         registry.register(MountCollector(metrics, snapshot))
         try:
