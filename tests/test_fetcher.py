@@ -92,7 +92,7 @@ def test_sequential_reads_reuse_one_reader():
         f = LocalFetcher(store)
         data = b"".join(f.blob_read(b3(BIG), off, 65536) for off in range(0, len(BIG), 65536))
         assert data == BIG
-        assert f.stats()["readers_opened"] == 1
+        assert f.stats().readers_opened == 1
 
 
 def test_broken_path_info_is_invalid_data_across_the_pool(tmp_path):
@@ -124,4 +124,4 @@ def test_pool_over_the_embedded_store(tmp_path):
         assert f.blob_read(b3(BIG), 0, len(BIG), affinity=1) == BIG
         assert sorted(n.name for n in f.list_root()) == sorted(
             n.name for n in (tree.dir_node, tree.file_node, tree.link_node))
-        assert f.stats()["requests"] >= 3
+        assert f.stats().requests >= 3

@@ -10,6 +10,7 @@ mounted.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,8 +21,10 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import fields
 from pathlib import Path
 
+import llfuse
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -34,7 +37,20 @@ from tests.fs_fixtures import (
     Populate,
 )
 from tests.mounting import FUSE_MISSING, Mount, is_mounted
-from tvixmount.metrics import LATENCY_BUCKETS, TIMED_OPS, FuseMetrics, parse_listen, quantile
+from tvixmount.fuse_timing import timed
+from tvixmount.metrics import (
+    LATENCY_BUCKETS,
+    TIMED_OPS,
+    FuseMetrics,
+    MountStats,
+    exported,
+    parse_listen,
+    quantile,
+)
+from tvixmount.metrics_export import MountCollector
+from tvixmount.poolstate import PoolStats, WorkerStats
+from tvixmount.readahead import ReadaheadStats, TreeAheadStats
+from tvixmount.vfs import VfsStats
 
 # -- pure parts -------------------------------------------------------------------------
 
@@ -88,6 +104,102 @@ def test_latency_buckets_hold_upper_bounds():
     assert summary["latency"]["read"]["sum_s"] == pytest.approx(11.006101)
     assert summary["latency"]["read"]["p50_s"] == pytest.approx(0.003125)  # rank 2.5 of 2..4 in (2.5, 5] ms
     assert summary["latency"]["lookup"] == {"count": 0, "sum_s": 0.0, "p50_s": None, "p99_s": None}
+
+
+class _Handlers:
+    """Two handlers timed as TvixOperations' are, with the errno a FUSE reply would carry."""
+
+    def __init__(self) -> None:
+        self.metrics = FuseMetrics()
+
+    @timed("read", counts_bytes=True)
+    def read(self, size: int) -> bytes:
+        if size < 0:
+            raise llfuse.FUSEError(errno.EIO)
+        return bytes(size)
+
+    @timed("readdir")
+    def readdir(self, names: list[str]):
+        for name in names:
+            if not name:
+                raise llfuse.FUSEError(errno.ENOENT)
+            yield name
+
+
+def test_timed_counts_ops_errnos_and_read_bytes():
+    h = _Handlers()
+    assert h.read(10) == bytes(10)
+    with pytest.raises(llfuse.FUSEError):
+        h.read(-1)
+    assert list(h.readdir(["a", "b"])) == ["a", "b"]
+    with pytest.raises(llfuse.FUSEError):
+        list(h.readdir(["a", ""]))
+    summary = h.metrics.summary()
+    assert summary["ops"] == {"lookup": 0, "readdir": 2, "open": 0, "read": 2}
+    assert summary["errors"] == {"read": {"EIO": 1}, "readdir": {"ENOENT": 1}}
+    assert summary["read_bytes"] == 10  # a failed read returned nothing
+
+
+def _mount_stats(metrics: FuseMetrics) -> MountStats:
+    pool = PoolStats(workers={0: WorkerStats(pid=11, ready=True, inflight=2, restarts=1),
+                              1: WorkerStats(pid=None, ready=False, inflight=0, restarts=3)},
+                     state="running", requests=7, restarts=4, failures=1, backlog=5)
+    return MountStats(fuse=metrics.snapshot(), vfs=VfsStats(inodes=3), fetcher=pool,
+                      readahead=ReadaheadStats(hits=6, joined_or_missed=2),
+                      tree_ahead=TreeAheadStats(fetched=9), open_files=1, open_dirs=2)
+
+
+# What /metrics promises an operator's dashboards: every family's name and type.
+SCRAPED = {
+    "tvixmount_fuse_op_seconds": "histogram", "tvixmount_fuse_ops": "counter",
+    "tvixmount_fuse_errors": "counter", "tvixmount_read_bytes": "counter",
+    "tvixmount_cache_hits": "counter", "tvixmount_cache_misses": "counter",
+    "tvixmount_open_files": "gauge", "tvixmount_open_dirs": "gauge",
+    **{f"tvixmount_vfs_{k}": "gauge" for k in ("inodes", "listings", "listed_entries", "root_names")},
+    **{f"tvixmount_pool_{k}": "counter"
+       for k in ("requests", "errors", "timeouts", "lost", "resent", "killed", "ring_replies", "ring_bytes")},
+    "tvixmount_worker_restarts": "counter", "tvixmount_pool_backlog": "gauge",
+    "tvixmount_pool_workers_ready": "gauge", "tvixmount_pool_inflight": "gauge",
+    **{f"tvixmount_readahead_{k}": "counter" for k in ("scheduled", "fetched", "failed", "hits", "evicted")},
+    "tvixmount_readahead_cached_bytes": "gauge", "tvixmount_tree_ahead_fetched": "counter",
+}
+
+
+def test_scrape_exports_the_declared_fields_under_their_promised_names():
+    metrics = FuseMetrics()
+    metrics.done("read", 0.001)
+    stats = _mount_stats(metrics)
+    families = list(MountCollector(metrics, lambda: stats).collect())
+    assert {f.name: f.type for f in families} == SCRAPED
+    assert len(families) == len(SCRAPED)  # no name twice
+    values = {s.name: s.value for f in families for s in f.samples if not s.labels}
+    assert values["tvixmount_pool_requests_total"] == 7
+    assert values["tvixmount_worker_restarts_total"] == 4
+    assert values["tvixmount_pool_backlog"] == 5
+    assert values["tvixmount_pool_workers_ready"] == 1
+    assert values["tvixmount_pool_inflight"] == 2
+    assert values["tvixmount_readahead_hits_total"] == 6
+    assert values["tvixmount_tree_ahead_fetched_total"] == 9
+    assert values["tvixmount_vfs_inodes"] == 3
+    assert (values["tvixmount_open_files"], values["tvixmount_open_dirs"]) == (1, 2)
+    helps = {f.name: f.documentation for f in families}
+    assert helps["tvixmount_pool_killed"] == "workers killed as hung"
+    assert all(helps.values())
+
+
+def test_stats_json_keys_are_the_dataclass_fields():
+    shown = json.loads(json.dumps(_mount_stats(FuseMetrics()).as_json(), sort_keys=True))
+    assert set(shown) == {"ops", "errors", "read_bytes", "cache", "latency", "vfs", "open_files", "open_dirs",
+                          "fetcher", "readahead", "tree_ahead"}
+    assert shown["fetcher"]["workers"] == {
+        "0": {"pid": 11, "ready": True, "inflight": 2, "restarts": 1},
+        "1": {"pid": None, "ready": False, "inflight": 0, "restarts": 3}}
+    assert shown["fetcher"]["restarts"] == 4 and shown["fetcher"]["state"] == "running"
+    # Fields /metrics leaves out are still in the xattr.
+    assert shown["readahead"]["joined_or_missed"] == 2 and shown["fetcher"]["failures"] == 1
+    assert shown["tree_ahead"] == {"scheduled": 0, "fetched": 9, "failed": 0}
+    assert shown["cache"]["listing"] == {"hits": 0, "misses": 0}
+    assert exported(next(f for f in fields(ReadaheadStats) if f.name == "pending")) is None
 
 
 # -- a real mount ------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def _stopped(pid: int) -> bool:
 
 def _replaced(pool: WorkerPool, slot: int, old_pid: int) -> bool:
     pid = pool.pids()[slot]
-    return pid is not None and pid != old_pid and pool.stats()["workers"][str(slot)]["ready"]
+    return pid is not None and pid != old_pid and pool.stats().workers[slot].ready
 
 
 def test_start_ping_close_leaves_nothing_behind(tree):
@@ -114,9 +114,9 @@ def test_many_threads_many_calls(pool):
         t.join()
     assert not errors, errors[:3]
     stats = pool.stats()
-    assert stats["requests"] >= 16 * 60
-    assert stats["timeouts"] == stats["lost"] == stats["restarts"] == 0
-    assert all(w["inflight"] == 0 for w in stats["workers"].values())
+    assert stats.requests >= 16 * 60
+    assert stats.timeouts == stats.lost == stats.restarts == 0
+    assert all(w.inflight == 0 for w in stats.workers.values())
 
 
 def test_sigkill_with_requests_in_flight_resends_them(pool, caplog):
@@ -127,15 +127,15 @@ def test_sigkill_with_requests_in_flight_resends_them(pool, caplog):
     with ThreadPoolExecutor(8) as executor:
         futures = [executor.submit(f.directory, ROOT.digest() if i % 2 else LEAF.digest()) for i in range(8)]
         futures += [executor.submit(f.blob_read, b3(BIG), 0, 4096, 0) for _ in range(4)]  # affinity 0
-        assert wait_until(lambda: pool.stats()["workers"]["0"]["inflight"] >= 4, 5)
+        assert wait_until(lambda: pool.stats().workers[0].inflight >= 4, 5)
         os.kill(victim, signal.SIGKILL)
         results = [fut.result(timeout=10) for fut in futures]
     assert results[:8] == [ROOT if i % 2 else LEAF for i in range(8)]
     assert results[8:] == [BIG[:4096]] * 4
     stats = pool.stats()
-    assert stats["resent"] >= 4 and stats["lost"] == 0
+    assert stats.resent >= 4 and stats.lost == 0
     assert wait_until(lambda: _replaced(pool, 0, victim), 5)
-    assert stats["workers"]["0"]["restarts"] <= 1
+    assert stats.workers[0].restarts <= 1
     assert f.blob_read(b3(BIG), 0, 10, affinity=0) == BIG[:10]
     assert any(f"worker 0 pid {victim} is gone" in r.getMessage() for r in caplog.records)
 
@@ -151,7 +151,7 @@ def test_sigstop_times_out_within_the_deadline_and_recovers(pool):
     assert wait_until(lambda: _replaced(pool, 1, victim), 5)
     assert not process_exists(victim) or wait_until(lambda: not process_exists(victim), 2)
     assert pool.call("blob_stat", b3(SMALL), affinity=1) == len(SMALL)
-    assert pool.stats()["killed"] == 1
+    assert pool.stats().killed == 1
 
 
 def test_lost_calls_fail_with_worker_lost_and_a_warning(pool, caplog):
@@ -162,11 +162,11 @@ def test_lost_calls_fail_with_worker_lost_and_a_warning(pool, caplog):
     with ThreadPoolExecutor(2) as executor:
         once = executor.submit(pool.call, "blob_stat", b3(SMALL), affinity=0, idempotent=False)
         twice = executor.submit(pool.call, "directory", ROOT.digest(), affinity=0)
-        assert wait_until(lambda: pool.stats()["workers"]["0"]["inflight"] == 2, 5)
+        assert wait_until(lambda: pool.stats().workers[0].inflight == 2, 5)
         os.kill(first, signal.SIGKILL)
         with pytest.raises(WorkerLost, match=rf"blob_stat\(b3:.*\): worker 0 pid {first} died"):
             once.result(timeout=5)
-        assert wait_until(lambda: pool.stats()["workers"]["1"]["inflight"] == 1, 5)  # re-sent once
+        assert wait_until(lambda: pool.stats().workers[1].inflight == 1, 5)  # re-sent once
         os.kill(second, signal.SIGKILL)
         with pytest.raises(WorkerLost, match=rf"directory\(b3:.*\): worker 1 pid {second} died"):
             twice.result(timeout=5)
@@ -188,13 +188,13 @@ def test_worker_that_keeps_failing_backs_off_then_recovers(tmp_path, caplog):
         store_dir.rename(tmp_path / "away")
         os.kill(victim, signal.SIGKILL)
         assert wait_until(lambda: len(_open_failures(caplog)) >= 3, 10)
-        assert pool.pids()[0] is None or not pool.stats()["workers"]["0"]["ready"]
+        assert pool.pids()[0] is None or not pool.stats().workers[0].ready
         (tmp_path / "away").rename(store_dir)
         assert wait_until(lambda: _replaced(pool, 0, victim), 10)
         assert pool.call("blob_stat", b3(SMALL), affinity=0) == len(SMALL)
     failures = _open_failures(caplog)
     assert all(m.startswith("worker 0 pid ") for m in failures)
-    assert pool.stats()["restarts"] >= 4
+    assert pool.stats().restarts >= 4
 
 
 def test_zygote_death_fails_calls_fast(pool, caplog):
@@ -219,12 +219,12 @@ def test_calls_wait_in_the_backlog_while_the_only_worker_restarts(tree):
             assert wait_until(lambda: pool.pids()[0] is None, 5)
             with ThreadPoolExecutor(1) as executor:
                 waiting = executor.submit(pool.call, "blob_stat", b3(SMALL))
-                assert wait_until(lambda: pool.stats()["backlog"] == 1, 5)
+                assert wait_until(lambda: pool.stats().backlog == 1, 5)
                 os.kill(pool._zygote_pid, signal.SIGCONT)
                 assert waiting.result(timeout=5) == len(SMALL)
         finally:
             os.kill(pool._zygote_pid, signal.SIGCONT)
-        assert pool.stats()["restarts"] == 1 and pool.stats()["backlog"] == 0
+        assert pool.stats().restarts == 1 and pool.stats().backlog == 0
 
 
 def test_close_under_load_ends_every_caller(tree):
@@ -409,7 +409,7 @@ def test_a_busy_affinity_worker_hands_other_files_calls_to_an_idle_one(pool):
     try:
         with ThreadPoolExecutor(2) as ex:
             held = ex.submit(pool.call, "ping", affinity=0)
-            assert wait_until(lambda: pool.stats()["workers"]["0"]["inflight"] == 1, 2)
+            assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 2)
             started = time.monotonic()
             assert pool.call("ping", affinity=2)[0] == 1  # slot 0 as well, but another file
             assert time.monotonic() - started < 0.5

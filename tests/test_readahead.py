@@ -14,7 +14,7 @@ from tests.test_metrics import metric, metrics_url, scrape
 from tvixmount.admin.ingest import Ingester
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
-from tvixmount.readahead import SmallFileReadahead, TreeAhead
+from tvixmount.readahead import SmallFileReadahead, TreeAhead, TreeAheadStats
 from tvixmount.vfs import Listing
 from workers.handlers import RING_MIN
 
@@ -45,7 +45,7 @@ class _Fetches:
 
 def _settle(ra: SmallFileReadahead) -> None:
     deadline = time.monotonic() + 5
-    while ra.stats()["pending"] and time.monotonic() < deadline:
+    while ra.stats().pending and time.monotonic() < deadline:
         time.sleep(0.005)
 
 
@@ -62,7 +62,7 @@ def test_open_fetches_the_next_small_files_and_reads_take_them_once():
     assert ra.take(f4, 0, 50) == b"x" * 50  # a partial read leaves the entry
     assert ra.take(f4, 50, 4096) == b"x" * (f4.size - 50)  # its end: the entry goes
     assert ra.take(f4, 0, 4096) is None
-    assert ra.stats()["hits"] == 2
+    assert ra.stats().hits == 2
     ra.close()
 
 
@@ -74,7 +74,7 @@ def test_in_flight_and_cached_files_are_not_fetched_twice_and_depth_bounds_it():
         ra.note_lookup(ino, listing, name)
         ra.on_open(ino, listing.child(name))
     time.sleep(0.05)
-    assert len(fetches.asked) == 2 and ra.stats()["pending"] == 4  # 2 running, 2 queued, no more
+    assert len(fetches.asked) == 2 and ra.stats().pending == 4  # 2 running, 2 queued, no more
     fetches.gate.set()
     _settle(ra)
     assert len(fetches.asked) == len(set(fetches.asked)) == 4
@@ -105,7 +105,7 @@ def test_a_failed_fetch_is_forgotten_and_not_served():
     ra.note_lookup(1, listing, b"f000")
     ra.on_open(1, listing.child(b"f000"))
     _settle(ra)
-    assert ra.stats()["failed"] == 2
+    assert ra.stats().failed == 2
     assert ra.take(listing.child(b"f001"), 0, 4096) is None
     ra.close()
 
@@ -119,7 +119,7 @@ def test_the_cache_is_bounded():
     ra.on_open(1, listing.child(b"f000"))
     _settle(ra)
     stats = ra.stats()
-    assert stats["cached_bytes"] <= 300 and stats["evicted"] >= 1
+    assert stats.cached_bytes <= 300 and stats.evicted >= 1
     ra.close()
 
 
@@ -211,7 +211,7 @@ def test_tree_ahead_queues_the_next_store_paths_once_and_skips_listed_ones():
     time.sleep(0.05)
     ahead.close()
     assert fetched == [order[1], order[3], order[4], order[5]]  # one thread, in the order queued
-    assert ahead.counts == {"scheduled": 4, "fetched": 4, "failed": 0}
+    assert ahead.stats() == TreeAheadStats(scheduled=4, fetched=4, failed=0)
 
 
 def test_a_find_over_the_root_fetches_following_trees_ahead(mount, local_store, tmp_path):

@@ -117,15 +117,15 @@ def test_reads_come_through_the_ring_and_are_right(pool, blob):
         length = rng.choice((4096, 65536, 131072, 1 << 20))
         assert fetcher.blob_read(blob, offset, length, affinity=fh % 3) == DATA[offset:offset + length]
     stats = pool.stats()
-    assert stats["ring_replies"] >= 195  # all but reads of the last few bytes (under 4 KiB: inline)
-    assert stats["ring_bytes"] > 5 * DEFAULT_CAPACITY  # far more than the rings hold: they wrapped
+    assert stats.ring_replies >= 195  # all but reads of the last few bytes (under 4 KiB: inline)
+    assert stats.ring_bytes > 5 * DEFAULT_CAPACITY  # far more than the rings hold: they wrapped
 
 
 def test_reads_bigger_than_a_ring_go_inline(pool, blob):
     fetcher = PoolFetcher(pool)
     length = DEFAULT_CAPACITY + 12345
     assert fetcher.blob_read(blob, 100, length) == DATA[100:100 + length]
-    assert pool.stats()["ring_replies"] == 0
+    assert pool.stats().ring_replies == 0
 
 
 def test_sequential_reads_survive_workers_killed_mid_stream(pool, blob):
@@ -137,7 +137,7 @@ def test_sequential_reads_survive_workers_killed_mid_stream(pool, blob):
             got = fetcher.blob_read(blob, offset, 131072, affinity=0)
             assert got == DATA[offset:offset + 131072], f"round {round_} offset {offset}"
         assert wait_until(lambda: all(pool.pids()), 10)
-    assert pool.stats()["restarts"] >= 3
+    assert pool.stats().restarts >= 3
 
 
 def test_a_worker_naming_bytes_it_never_wrote_is_killed_not_believed(blob, monkeypatch, tmp_path):
@@ -161,7 +161,7 @@ def test_a_worker_naming_bytes_it_never_wrote_is_killed_not_believed(blob, monke
         assert PoolFetcher(pool).blob_read(blob, 0, 131072) == DATA[:131072]
         assert marker.exists()
         assert pool.pids()[0] != pid
-        assert pool.stats()["killed"] == 1
+        assert pool.stats().killed == 1
 
 
 def test_a_corrupt_blob_fails_and_the_next_read_is_right(tmp_path):
@@ -182,4 +182,4 @@ def test_a_corrupt_blob_fails_and_the_next_read_is_right(tmp_path):
             fetcher.blob_read(bad_digest, 262144, 131072)
         for offset in range(0, len(good), 131072):
             assert fetcher.blob_read(good_digest, offset, 131072) == good[offset:offset + 131072]
-        assert pool.stats()["ring_replies"] == 9
+        assert pool.stats().ring_replies == 9

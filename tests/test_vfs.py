@@ -88,7 +88,7 @@ def test_listing_cache_is_bounded_by_entries():
         vfs.add_listing(d.digest(), d)
     assert vfs.listing(dirs[0].digest()) is None
     assert vfs.listing(dirs[2].digest()) is not None
-    assert vfs.stats()["listed_entries"] <= 10
+    assert vfs.stats().listed_entries <= 10
 
 
 def test_root_names_are_keyed_by_full_name_and_bounded():
@@ -99,4 +99,4 @@ def test_root_names_are_keyed_by_full_name_and_bounded():
     assert vfs.root_entry(node.name) == node
     vfs.add_root_entry(b"b", node)
     vfs.add_root_entry(b"c", node)
-    assert vfs.stats()["root_names"] == 2
+    assert vfs.stats().root_names == 2

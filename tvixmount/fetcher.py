@@ -14,13 +14,26 @@ broken data, Timeout / WorkerLost / Unavailable when the answer did not come.
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from . import protocol
 from .castore.directory import Directory
 from .castore.nodes import Node
+from .metrics import untyped
 from .pool import WorkerPool
+from .poolstate import PoolStats
 from .store import Store
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFetcherStats:
+    calls: int = untyped("store calls run in this process")
+    open_readers: int = untyped("blob readers open")
+    readers_opened: int = untyped("blob readers opened")
+
+
+FetcherStats = PoolStats | LocalFetcherStats
 
 
 class Fetcher(Protocol):
@@ -51,7 +64,7 @@ class Fetcher(Protocol):
         ``size``: the blob's size as the FileNode says, a hint for the store.
         """
 
-    def stats(self) -> dict[str, Any]: ...
+    def stats(self) -> FetcherStats: ...
 
     def close(self) -> None: ...
 
@@ -92,7 +105,7 @@ class PoolFetcher(_OpFetcher):
     def _call(self, op: str, *args: Any, affinity: int | None = None) -> Any:
         return protocol.OPS[op].decode(self.pool.call(op, *args, affinity=affinity))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         return self.pool.stats()
 
     def close(self) -> None:
@@ -129,10 +142,10 @@ class LocalFetcher(_OpFetcher):
             result = self._handlers[op](self._ctx, *args)
             return spec.decode(protocol.unpack(protocol.pack(spec.encode(result))))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> LocalFetcherStats:
         with self._lock:
-            return {"calls": self._calls, "open_readers": len(self._ctx.readers),
-                    "readers_opened": self._ctx.readers.opened}
+            return LocalFetcherStats(calls=self._calls, open_readers=len(self._ctx.readers),
+                                     readers_opened=self._ctx.readers.opened)
 
     def close(self) -> None:
         with self._lock:

@@ -29,8 +29,9 @@ from .castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, b3_text, 
 from .castore.storepath import parse_basename
 from .errors import InvalidData, NotFound, TvixError, errno_for
 from .fetcher import Fetcher
+from .fuse_timing import timed
 from .inflight import SingleFlight
-from .metrics import FuseMetrics, timed
+from .metrics import FuseMetrics, MountStats
 from .readahead import SmallFileReadahead, TreeAhead
 from .vfs import Listing, Vfs
 
@@ -348,7 +349,7 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.ENOSYS)
         if inode == A.ROOT_INODE:
             if name == XATTR_STATS:
-                return json.dumps(self.stats(), sort_keys=True).encode()
+                return json.dumps(self.stats().as_json(), sort_keys=True).encode()
             raise llfuse.FUSEError(errno.ENODATA)
         node = self.vfs.node(inode)
         if name == XATTR_DIRECTORY and isinstance(node, DirectoryNode):
@@ -364,20 +365,17 @@ class TvixOperations(llfuse.Operations):
         st.f_namemax = 255
         return st
 
-    def stats(self) -> dict[str, Any]:
-        """Counters for ``getfattr -n user.tvixmount.stats`` on the mount root (and /metrics).
-
-        ops, errors, read_bytes, cache and latency come from metrics.FuseMetrics.
-        """
-        return {
-            **self.metrics.summary(),
-            "vfs": self.vfs.stats(),
-            "open_files": len(self._files),
-            "open_dirs": len(self._dirs),
-            "fetcher": self.fetcher.stats(),
-            "readahead": self.readahead.stats(),
-            "tree_ahead": dict(self.tree_ahead.counts),
-        }
+    def stats(self) -> MountStats:
+        """Counters for ``getfattr -n user.tvixmount.stats`` on the mount root (and /metrics)."""
+        return MountStats(
+            fuse=self.metrics.snapshot(),
+            vfs=self.vfs.stats(),
+            fetcher=self.fetcher.stats(),
+            readahead=self.readahead.stats(),
+            tree_ahead=self.tree_ahead.stats(),
+            open_files=len(self._files),
+            open_dirs=len(self._dirs),
+        )
 
 
 def _to_llfuse(a: A.Attributes) -> llfuse.EntryAttributes:

@@ -1,60 +1,49 @@
-"""Mount metrics: what the FUSE handlers record, and the two ways an operator reads it.
+"""Mount metrics: what the FUSE handlers record, and the stats values every part hands over.
 
 Data flow::
 
-    FUSE handler (llfuse lock held) ── timed() ──> FuseMetrics: op counts, errors,
-        bytes read, cache hits, latency bucket counts (plain int increments)
-                                           │
-    getfattr -n user.tvixmount.stats ──────┤  TvixOperations.stats(): JSON, latency
-                                           │  percentiles estimated from the buckets
-    GET /metrics (exporter thread) ── MountCollector ── reads the same snapshot at
-        scrape time, plus the pool's and the Vfs's own counters
+    FUSE handler (llfuse lock held) ── fuse_timing.timed ──> FuseMetrics: op counts,
+        errors, bytes read, cache hits, latency bucket counts (plain int increments)
+
+    TvixOperations.stats() ──> MountStats: FuseMetrics.snapshot() and each part's
+        own stats() (Vfs, pool, readahead, tree-ahead), frozen dataclasses
+          │
+          ├── getfattr -n user.tvixmount.stats: MountStats.as_json(), the field names
+          └── GET /metrics (metrics_export): the fields declared with counter()/gauge()
 
 Why this split: the handlers run under llfuse's global lock, so the hot
 path may only bump counters it already owns: no allocation, no lock of its
 own. That is also why the latency histogram is a list of bucket counts here
 and not a prometheus_client.Histogram, whose observe takes a lock per
 counter it bumps (measured: 1.2 us per observe, against 0.8 us for the whole
-timed() wrapper here); the scrape exports it as a histogram all the same.
+timed() wrapper); the scrape exports it as a histogram all the same.
 Everything another module already counts (the worker pool's requests,
 timeouts and restarts; the Vfs's table sizes) is read when someone asks,
-never mirrored. The scrape runs in the exporter thread without llfuse's
-lock: it only copies dicts and lists and reads ints, which the GIL keeps
-consistent one object at a time (a scrape may see a read counted in
-``read_bytes`` but not yet in its histogram; counters never go back).
+never mirrored.
 
-The exporter's registry is a ``CollectorRegistry`` of its own, never
-prometheus_client's global one: that one also carries process and platform
-metrics we do not promise, and a second registration of our names (a test
-making two exporters in one process) would fail there.
+Each part declares its stats once, as a frozen dataclass whose fields are
+the JSON keys; a field that /metrics exports says so with ``counter()``,
+``gauge()`` or ``untyped()``, which carry its help text (and a family name
+when it is not ``<section>_<field>``). Neither view spells a name again, so
+the two cannot disagree about what a counter means.
+
+This module imports neither llfuse nor prometheus_client: the parts that
+declare stats, and the command line parsing ``--metrics-listen``, load it
+in processes and tools that need neither.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-import functools
-import inspect
-import logging
 import math
-import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import Field, asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
 
-import llfuse
-from prometheus_client import CollectorRegistry
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-    UnknownMetricFamily,
-)
-from prometheus_client.registry import Collector as PrometheusCollector
-from prometheus_client.utils import floatToGoString
-
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .fetcher import FetcherStats
+    from .readahead import ReadaheadStats, TreeAheadStats
+    from .vfs import VfsStats
 
 # FUSE op latencies: a cached lookup answers in tens of microseconds, a cold
 # read from a remote store in up to the request deadline (default 30 s).
@@ -64,32 +53,56 @@ TIMED_OPS = ("lookup", "readdir", "open", "read")
 CACHES = ("listing", "root_name")
 DEFAULT_HOST = "127.0.0.1"
 
-# Pool counters exported as <name>_total; worker restarts get their own name.
-_POOL_COUNTERS = {
-    "requests": "store requests sent to a worker",
-    "errors": "store requests answered with an error",
-    "timeouts": "store requests that ran past their deadline",
-    "lost": "store requests lost with their worker and not re-sent",
-    "resent": "store requests re-sent after their worker died",
-    "killed": "workers killed as hung",
-    "ring_replies": "read replies whose bytes came through the shared-memory ring",
-    "ring_bytes": "bytes that came through the shared-memory ring",
-}
-_READAHEAD_COUNTERS = {
-    "scheduled": "small files queued to be fetched ahead of their reader",
-    "fetched": "small files fetched ahead and kept",
-    "failed": "fetches ahead that failed (the reader's own read reports why)",
-    "hits": "FUSE reads answered from the files fetched ahead",
-    "evicted": "files fetched ahead and dropped unread (cache full)",
-}
-_POOL_OTHER = {"restarts", "backlog", "failures"}  # failures = errors + timeouts + lost
+# -- declaring a stats field as exported ----------------------------------------------------
+
+_EXPORTED = "tvixmount.exported"  # the dataclass field metadata key
+
+
+@dataclass(frozen=True, slots=True)
+class Exported:
+    """How one stats field appears on /metrics.
+
+    ``kind`` is the family type (counter, gauge or untyped); ``name`` the
+    family name after ``tvixmount_`` when it is not the section's prefix
+    and the field's name.
+    """
+
+    kind: str
+    help: str
+    name: str | None = None
+
+
+def counter(help_text: str, *, name: str | None = None) -> int:
+    """A stats field that only grows; /metrics exports it as a counter (``tvixmount_..._total``)."""
+    return field(default=0, metadata={_EXPORTED: Exported("counter", help_text, name)})
+
+
+def gauge(help_text: str, *, name: str | None = None) -> int:
+    """A stats field that is a level (a table size, handles open); /metrics exports it as a gauge."""
+    return field(default=0, metadata={_EXPORTED: Exported("gauge", help_text, name)})
+
+
+def untyped(help_text: str, *, name: str | None = None) -> int:
+    """A stats field /metrics exports without a type."""
+    return field(default=0, metadata={_EXPORTED: Exported("untyped", help_text, name)})
+
+
+def exported(f: Field[Any]) -> Exported | None:
+    """What ``counter``/``gauge``/``untyped`` declared for a field; None for a JSON-only field."""
+    return f.metadata.get(_EXPORTED)
+
+
+# -- the FUSE handlers' own counters ---------------------------------------------------------
 
 
 class FuseMetrics:
     """Per-op counts, errors and latencies, bytes read and cache hits of one mount.
 
     Every recording method runs under llfuse's global lock (the handler's),
-    so the dicts need no lock of their own.
+    so the dicts need no lock of their own. A snapshot runs without it: it
+    only copies dicts and lists and reads ints, which the GIL keeps
+    consistent one object at a time (it may see a read counted in
+    ``read_bytes`` but not yet in its histogram; counters never go back).
     """
 
     def __init__(self) -> None:
@@ -116,18 +129,21 @@ class FuseMetrics:
         else:
             self.misses[name] += 1
 
-    def summary(self) -> dict[str, Any]:
-        """The xattr's share: counts, errors by errno, bytes read, cache hits, latency percentiles."""
+    def snapshot(self) -> FuseStats:
         errors: dict[str, dict[str, int]] = {}
         for (op, name), n in list(self.errors.items()):
             errors.setdefault(op, {})[name] = n
-        return {
-            "ops": dict(self.counts),
-            "errors": errors,
-            "read_bytes": self.read_bytes,
-            "cache": {c: {"hits": self.hits[c], "misses": self.misses[c]} for c in CACHES},
-            "latency": {op: summary.as_dict() for op, summary in self.latencies().items()},
-        }
+        return FuseStats(
+            ops=dict(self.counts),
+            errors=errors,
+            cache={c: CacheCounts(self.hits[c], self.misses[c]) for c in CACHES},
+            latency=self.latencies(),
+            read_bytes=self.read_bytes,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The xattr's share: counts, errors by errno, bytes read, cache hits, latency percentiles."""
+        return asdict(self.snapshot())
 
     def latencies(self) -> dict[str, LatencySummary]:
         """Each op's count, total seconds and p50/p99, estimated from the histogram's buckets."""
@@ -135,8 +151,8 @@ class FuseMetrics:
         for op, histogram in self.latency.items():
             seconds = histogram.seconds
             cumulative = histogram.cumulative()
-            out[op] = LatencySummary(cumulative[-1][1], seconds, quantile(0.5, cumulative),
-                                     quantile(0.99, cumulative))
+            out[op] = LatencySummary(cumulative[-1][1], round(seconds, 6), _micro(quantile(0.5, cumulative)),
+                                     _micro(quantile(0.99, cumulative)))
         return out
 
 
@@ -164,15 +180,33 @@ class LatencyHistogram:
 
 @dataclass(frozen=True, slots=True)
 class LatencySummary:
-    count: int
-    seconds: float
-    p50: float | None
-    p99: float | None
+    """One op's latency for a reader: seconds rounded to the microsecond, None before the first call."""
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "sum_s": round(self.seconds, 6),
-                "p50_s": None if self.p50 is None else round(self.p50, 6),
-                "p99_s": None if self.p99 is None else round(self.p99, 6)}
+    count: int
+    sum_s: float
+    p50_s: float | None
+    p99_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class CacheCounts:
+    hits: int
+    misses: int
+
+
+@dataclass(frozen=True, slots=True)
+class FuseStats:
+    """What the FUSE handlers counted; /metrics exports the per-op and per-cache maps with labels."""
+
+    ops: dict[str, int]
+    errors: dict[str, dict[str, int]]  # op -> errno name -> count
+    cache: dict[str, CacheCounts]
+    latency: dict[str, LatencySummary]
+    read_bytes: int = counter("bytes returned by FUSE reads")
+
+
+def _micro(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 6)
 
 
 def quantile(q: float, cumulative: list[tuple[float, int]]) -> float | None:
@@ -195,136 +229,29 @@ def quantile(q: float, cumulative: list[tuple[float, int]]) -> float | None:
     return lower
 
 
-def timed(op: str, *, counts_bytes: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorate a TvixOperations handler: count it, time it, count its errno; ``read`` also its bytes.
-
-    The handler's ``self.metrics`` is a FuseMetrics. A generator handler
-    (readdir) is timed until llfuse stops iterating it, which is when its
-    reply is complete.
-    """
-
-    def wrap(method: Callable[..., Any]) -> Callable[..., Any]:
-        if inspect.isgeneratorfunction(method):
-            @functools.wraps(method)
-            def generator(self: Any, *args: Any) -> Iterator[Any]:
-                metrics: FuseMetrics = self.metrics
-                start = time.perf_counter()
-                try:
-                    yield from method(self, *args)
-                except llfuse.FUSEError as exc:
-                    metrics.failed(op, exc.errno)
-                    raise
-                finally:
-                    metrics.done(op, time.perf_counter() - start)
-            return generator
-
-        @functools.wraps(method)
-        def handler(self: Any, *args: Any) -> Any:
-            metrics: FuseMetrics = self.metrics
-            start = time.perf_counter()
-            try:
-                result = method(self, *args)
-            except llfuse.FUSEError as exc:
-                metrics.failed(op, exc.errno)
-                raise
-            finally:
-                metrics.done(op, time.perf_counter() - start)
-            if counts_bytes:
-                metrics.read_bytes += len(result)
-            return result
-        return handler
-
-    return wrap
+# -- one mount's stats at one moment ---------------------------------------------------------
 
 
-class MountCollector(PrometheusCollector):
-    """Prometheus families built at scrape time from a mount's stats snapshot.
+@dataclass(frozen=True, slots=True)
+class MountStats:
+    """Everything ``user.tvixmount.stats`` shows and /metrics exports, taken at one moment."""
 
-    ``snapshot`` is TvixOperations.stats (the xattr's JSON as a dict), so the
-    two views cannot disagree about what a counter means; the latency
-    histograms come from ``metrics`` itself. Keys another module does not
-    report (a LocalFetcher has no pool) are left out.
-    """
+    fuse: FuseStats
+    vfs: VfsStats
+    fetcher: FetcherStats
+    readahead: ReadaheadStats
+    tree_ahead: TreeAheadStats
+    open_files: int = gauge("FUSE file handles now open")
+    open_dirs: int = gauge("FUSE directory handles now open")
 
-    def __init__(self, metrics: FuseMetrics, snapshot: Callable[[], dict[str, Any]]) -> None:
-        self.metrics = metrics
-        self.snapshot = snapshot
-
-    def collect(self) -> Iterable[Metric]:
-        latency = HistogramMetricFamily("tvixmount_fuse_op_seconds", "time to answer one FUSE request",
-                                        labels=["op"])
-        for op, histogram in self.metrics.latency.items():
-            seconds = histogram.seconds
-            latency.add_metric([op], [(floatToGoString(b), n) for b, n in histogram.cumulative()], seconds)
-        yield latency
-        stats = self.snapshot()
-        ops = CounterMetricFamily("tvixmount_fuse_ops", "FUSE requests answered, by op", labels=["op"])
-        for op, n in stats["ops"].items():
-            ops.add_metric([op], n)
-        yield ops
-        errors = CounterMetricFamily("tvixmount_fuse_errors", "FUSE requests answered with an error",
-                                     labels=["op", "errno"])
-        for op, by_errno in stats["errors"].items():
-            for name, n in by_errno.items():
-                errors.add_metric([op, name], n)
-        yield errors
-        yield CounterMetricFamily("tvixmount_read_bytes", "bytes returned by FUSE reads",
-                                  value=stats["read_bytes"])
-        hits = CounterMetricFamily("tvixmount_cache_hits", "look-ups answered from a cache", labels=["cache"])
-        misses = CounterMetricFamily("tvixmount_cache_misses", "look-ups that had to ask a worker",
-                                     labels=["cache"])
-        for cache, counts in stats["cache"].items():
-            hits.add_metric([cache], counts["hits"])
-            misses.add_metric([cache], counts["misses"])
-        yield hits
-        yield misses
-        for key in ("open_files", "open_dirs"):
-            yield GaugeMetricFamily(f"tvixmount_{key}", f"FUSE handles now open ({key})", value=stats[key])
-        for key, value in stats.get("vfs", {}).items():
-            if isinstance(value, int):
-                yield GaugeMetricFamily(f"tvixmount_vfs_{key}", f"Vfs table size: {key}", value=value)
-        yield from _pool_families(stats.get("fetcher", {}))
-        yield from _readahead_families(stats)
+    def as_json(self) -> dict[str, Any]:
+        """The xattr's JSON object: the FUSE counters at the top, each part under its field's name."""
+        out = asdict(self)
+        out.update(out.pop("fuse"))
+        return out
 
 
-def _readahead_families(stats: dict[str, Any]) -> Iterator[Metric]:
-    files = stats.get("readahead", {})
-    for key, help_text in _READAHEAD_COUNTERS.items():
-        if isinstance(files.get(key), int):
-            yield CounterMetricFamily(f"tvixmount_readahead_{key}", help_text, value=files[key])
-    if isinstance(files.get("cached_bytes"), int):
-        yield GaugeMetricFamily("tvixmount_readahead_cached_bytes", "bytes fetched ahead, not yet read",
-                                value=files["cached_bytes"])
-    trees = stats.get("tree_ahead", {})
-    if isinstance(trees.get("fetched"), int):
-        yield CounterMetricFamily("tvixmount_tree_ahead_fetched", "store path trees fetched ahead of a walk",
-                                  value=trees["fetched"])
-
-
-def _pool_families(pool: dict[str, Any]) -> Iterator[Metric]:
-    for key, help_text in _POOL_COUNTERS.items():
-        if isinstance(pool.get(key), int):
-            yield CounterMetricFamily(f"tvixmount_pool_{key}", help_text, value=pool[key])
-    for key, value in pool.items():
-        # Counters added to the pool after this module was written still show, untyped.
-        if key not in _POOL_COUNTERS and key not in _POOL_OTHER and isinstance(value, int):
-            yield UnknownMetricFamily(f"tvixmount_pool_{key}", f"worker pool stats: {key}", value=value)
-    if isinstance(pool.get("restarts"), int):
-        yield CounterMetricFamily("tvixmount_worker_restarts", "worker processes restarted after dying",
-                                  value=pool["restarts"])
-    if isinstance(pool.get("backlog"), int):
-        yield GaugeMetricFamily("tvixmount_pool_backlog", "store requests waiting for a ready worker",
-                                value=pool["backlog"])
-    workers = pool.get("workers")
-    if isinstance(workers, dict):
-        ready = sum(1 for w in workers.values() if w.get("ready"))
-        inflight = sum(int(w.get("inflight", 0)) for w in workers.values())
-        yield GaugeMetricFamily("tvixmount_pool_workers_ready", "workers ready for requests", value=ready)
-        yield GaugeMetricFamily("tvixmount_pool_inflight", "store requests a worker is working on",
-                                value=inflight)
-
-
-# -- the exporter -----------------------------------------------------------------------
+# -- where the endpoint listens (parsed with the command line, before anything starts) ------
 
 
 class ListenError(Exception):
@@ -358,31 +285,3 @@ def parse_listen(text: str) -> ListenAddress:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"{text!r}: the port must be a number from 0 to 65535, not {port_text!r}")
     return ListenAddress(host or DEFAULT_HOST, int(port_text))
-
-
-class Exporter:
-    """The /metrics HTTP endpoint: prometheus_client's server in a daemon thread.
-
-    Start it only after the worker pool forked its zygote: no thread may
-    exist in the dispatcher before that fork.
-    """
-
-    def __init__(self, address: ListenAddress, metrics: FuseMetrics,
-                 snapshot: Callable[[], dict[str, Any]]) -> None:
-        from prometheus_client import start_http_server
-
-        registry = CollectorRegistry()
-        registry.register(MountCollector(metrics, snapshot))
-        try:
-            self._server, self._thread = start_http_server(address.port, address.host, registry=registry)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ListenError(f"--metrics-listen {address}: cannot listen: {reason}") from None
-        self.address = ListenAddress(address.host, self._server.server_port)
-        log.info("metrics on http://%s/metrics", self.address)
-
-    def close(self) -> None:
-        """Stop serving and free the port; bounded (the serve loop polls every 0.5 s)."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=2)

@@ -29,7 +29,8 @@ import llfuse
 from .errors import TvixError
 from .fetcher import PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
-from .metrics import Exporter, FuseMetrics, ListenAddress
+from .metrics import FuseMetrics, ListenAddress
+from .metrics_export import Exporter
 from .pool import WorkerPool
 from .store import StoreUrls, describe
 from .vfs import Vfs

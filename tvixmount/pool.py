@@ -47,7 +47,7 @@ from typing import Any
 from . import shmring, zygote
 from .collector import Collector
 from .errors import InvalidArgument, Unavailable, from_code
-from .poolstate import Call, PoolState
+from .poolstate import Call, PoolState, PoolStats
 from .store import StoreUrls, describe
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class WorkerPool:
             return (self._state.phase == "running" and not self._state.zygote_gone
                     and any(w.ready for w in self._state.workers()))
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         """Counters (requests, errors, timeouts, lost, resent, restarts, killed) and per-worker state."""
         with self._state.lock:
             return self._state.stats()

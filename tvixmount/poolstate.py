@@ -3,7 +3,8 @@
 Shared by pool.py (callers' threads) and collector.py (the collector
 thread). Every ``PoolState`` method runs with ``PoolState.lock`` held, which
 its callers take; the classes here are the private, mutable records of one
-process and never leave the pool modules.
+process and never leave the pool modules, except the frozen ``PoolStats``
+snapshot that ``stats()`` takes.
 
 Invariants:
 
@@ -31,11 +32,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from . import protocol
 from .castore import nixbase32
 from .castore.nodes import b3_text
+from .metrics import counter, gauge
 from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
@@ -303,23 +306,46 @@ class PoolState:
             worker.inflight.clear()
         return calls
 
-    def stats(self) -> dict[str, Any]:
-        workers = {
-            str(s.id): {
-                "pid": s.worker.pid if s.worker else None,
-                "ready": bool(s.worker and s.worker.ready),
-                "inflight": len(s.worker.inflight) if s.worker else 0,
-                "restarts": s.restarts,
-            }
-            for s in self.slots
-        }
-        return {
-            **self.counts,
-            "failures": self.counts["errors"] + self.counts["timeouts"] + self.counts["lost"],
-            "workers": workers,
-            "backlog": len(self.backlog),
-            "state": self.phase,
-        }
+    def stats(self) -> PoolStats:
+        counts = self.counts
+        return PoolStats(
+            workers={s.id: WorkerStats(pid=s.worker.pid if s.worker else None,
+                                       ready=bool(s.worker and s.worker.ready),
+                                       inflight=len(s.worker.inflight) if s.worker else 0,
+                                       restarts=s.restarts)
+                     for s in self.slots},
+            state=self.phase,
+            failures=counts["errors"] + counts["timeouts"] + counts["lost"],
+            backlog=len(self.backlog),
+            **counts,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerStats:
+    pid: int | None  # None while the slot's worker is being replaced
+    ready: bool
+    inflight: int
+    restarts: int
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """The pool's counters since start, and its state now. ``PoolState.counts`` holds the counters."""
+
+    workers: dict[int, WorkerStats]  # by worker id
+    state: str  # PoolState.phase
+    requests: int = counter("store requests sent to a worker")
+    errors: int = counter("store requests answered with an error")
+    timeouts: int = counter("store requests that ran past their deadline")
+    lost: int = counter("store requests lost with their worker and not re-sent")
+    resent: int = counter("store requests re-sent after their worker died")
+    killed: int = counter("workers killed as hung")
+    ring_replies: int = counter("read replies whose bytes came through the shared-memory ring")
+    ring_bytes: int = counter("bytes that came through the shared-memory ring")
+    restarts: int = counter("worker processes restarted after dying", name="worker_restarts")
+    failures: int = 0  # errors + timeouts + lost
+    backlog: int = gauge("store requests waiting for a ready worker")
 
 
 def summarize(args: Iterable[Any], limit: int = 120) -> str:

@@ -31,15 +31,36 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
 
 from .castore.nodes import FileNode, b3_text
+from .metrics import counter, gauge
 from .vfs import Listing
 
 log = logging.getLogger(__name__)
 
 LOOKUPS_REMEMBERED = 8192  # inode -> where it was looked up, for the opens that follow
 SCAN_LIMIT = 4  # look at most depth * SCAN_LIMIT entries past the opened one
+
+
+@dataclass(frozen=True, slots=True)
+class ReadaheadStats:
+    scheduled: int = counter("small files queued to be fetched ahead of their reader")
+    fetched: int = counter("small files fetched ahead and kept")
+    failed: int = counter("fetches ahead that failed (the reader's own read reports why)")
+    hits: int = counter("FUSE reads answered from the files fetched ahead")
+    joined_or_missed: int = 0  # reads of a file still being fetched ahead (they sent their own request)
+    evicted: int = counter("files fetched ahead and dropped unread (cache full)")
+    cached_files: int = 0
+    cached_bytes: int = gauge("bytes fetched ahead, not yet read")
+    pending: int = 0  # fetches queued or running
+
+
+@dataclass(frozen=True, slots=True)
+class TreeAheadStats:
+    scheduled: int = 0
+    fetched: int = counter("store path trees fetched ahead of a walk")
+    failed: int = 0
 
 
 class SmallFileReadahead:
@@ -142,10 +163,10 @@ class SmallFileReadahead:
                 self._cached_bytes -= len(old)
                 self.counts["evicted"] += 1
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> ReadaheadStats:
         with self._lock:
-            return {**self.counts, "cached_files": len(self._cache), "cached_bytes": self._cached_bytes,
-                    "pending": len(self._pending)}
+            return ReadaheadStats(**self.counts, cached_files=len(self._cache),
+                                  cached_bytes=self._cached_bytes, pending=len(self._pending))
 
     def close(self) -> None:
         """Stop fetching; fetches in flight end by their own deadline (bounded)."""
@@ -204,6 +225,9 @@ class TreeAhead:
                 self._thread = threading.Thread(target=self._run, name="tvixmount-tree-ahead", daemon=True)
                 self._thread.start()
             self._queue.put(following)
+
+    def stats(self) -> TreeAheadStats:
+        return TreeAheadStats(**self.counts)
 
     def _run(self) -> None:
         while (digest := self._queue.get()) is not None:

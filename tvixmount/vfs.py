@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from .attrs import ROOT_INODE
 from .castore.directory import Directory
 from .castore.nodes import Node, identity
+from .metrics import gauge
 
 _INO_MASK = (1 << 64) - 1
 _FIRST_FREE_INO = ROOT_INODE + 1
@@ -51,6 +52,14 @@ class Listing:
     def child(self, name: bytes) -> Node | None:
         pos = self.index.get(name)
         return None if pos is None else self.entries[pos]
+
+
+@dataclass(frozen=True, slots=True)
+class VfsStats:
+    inodes: int = gauge("inodes the kernel holds (looked up and not yet forgotten)")
+    listings: int = gauge("directory listings cached")
+    listed_entries: int = gauge("entries in the cached directory listings")
+    root_names: int = gauge("store path names resolved and remembered")
 
 
 class Vfs:
@@ -134,13 +143,9 @@ class Vfs:
         while len(self._root_names) > self._max_root_names:
             self._root_names.popitem(last=False)
 
-    def stats(self) -> dict[str, int]:
-        return {
-            "inodes": len(self._inodes),
-            "listings": len(self._listings),
-            "listed_entries": self._listed_entries,
-            "root_names": len(self._root_names),
-        }
+    def stats(self) -> VfsStats:
+        return VfsStats(inodes=len(self._inodes), listings=len(self._listings),
+                        listed_entries=self._listed_entries, root_names=len(self._root_names))
 
 
 def _home_slot(key: tuple) -> int:
