@@ -58,6 +58,7 @@ from tests.fuse_tree import (
 )
 from tvixmount import errors
 from tvixmount.castore.nodes import b3_text
+from tvixmount.readahead import TreeAheadStats
 from tvixmount.store import memory
 
 T = TREE.basename
@@ -263,12 +264,12 @@ def test_directory_handle_errnos(fuse):
     assert errno_of(lambda: f.ops.opendir(f.lookup(T, "plain").st_ino, CTX)) == errno.ENOTDIR
     assert errno_of(lambda: f.ops.opendir(777, CTX)) == errno.ENOENT
     fh = f.ops.opendir(f.lookup(T).st_ino, CTX)
-    assert f.ops.stats()["open_dirs"] == 1
+    assert f.ops.stats().open_dirs == 1
     f.ops.releasedir(fh)
     f.ops.releasedir(fh)  # twice, and an unknown handle: never raises
     f.ops.releasedir(9999)
     assert errno_of(lambda: f.ops.readdir(fh, 0)) == errno.EIO
-    assert f.ops.stats()["open_dirs"] == 0
+    assert f.ops.stats().open_dirs == 0
 
 
 # -- files ----------------------------------------------------------------------------------------
@@ -285,7 +286,7 @@ def test_reads_at_offsets_and_past_the_end(fuse):
     assert f.ops.read(fh, len(BIG), 4096) == f.ops.read(fh, len(BIG) + 10, 4096) == b""
     assert f.ops.read(fh, 0, 0) == b""
     f.ops.release(fh)
-    assert f.ops.stats()["read_bytes"] == len(BIG) + len(BLOB_A) + 4096 + 10
+    assert f.ops.stats().fuse.read_bytes == len(BIG) + len(BLOB_A) + 4096 + 10
 
 
 @pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_RDWR, os.O_RDONLY | os.O_TRUNC, os.O_RDONLY | os.O_CREAT,
@@ -293,7 +294,7 @@ def test_reads_at_offsets_and_past_the_end(fuse):
 def test_open_for_writing_is_erofs(fuse, flags):
     f = fuse()
     assert errno_of(lambda: f.ops.open(f.lookup(T, "plain").st_ino, flags, CTX)) == errno.EROFS
-    assert f.ops.stats()["open_files"] == 0
+    assert f.ops.stats().open_files == 0
 
 
 def test_open_errnos(fuse, caplog):
@@ -378,10 +379,10 @@ def test_file_handles_are_distinct_independent_and_counted_apart_from_directory_
     assert errno_of(lambda: f.ops.read(fhs[0], 0, 10)) == errno.EIO
     again = f.ops.open(big, os.O_RDONLY, CTX)
     assert again not in fhs  # a released number is not handed out while others may be in flight
-    assert f.ops.stats()["open_files"] == 3
+    assert f.ops.stats().open_files == 3
     for fh in (fhs[0], *fhs[1:], again, 123456):  # again, then the rest, then one never handed out
         f.ops.release(fh)  # never raises
-    assert f.ops.stats()["open_files"] == 0
+    assert f.ops.stats().open_files == 0
 
 
 # -- extended attributes --------------------------------------------------------------------------
@@ -467,7 +468,7 @@ def test_no_store_request_is_made_with_llfuses_lock_held(fuse):
     for name in ("s0", "big", "gone", "rotten"):
         errno_of(lambda name=name: f.read_all(f.lookup(T, name).st_ino))
     f.lookup(NAMED.basename)
-    assert wait_released(lambda: f.ops.stats()["readahead"]["pending"] == 0)
+    assert wait_released(lambda: f.ops.stats().readahead.pending == 0)
     assert f.fetcher.total() >= 10
     assert f.fetcher.with_lock_held == []
 
@@ -476,13 +477,13 @@ def test_opening_a_small_file_fetches_the_next_ones_ahead(fuse):
     f = fuse(readahead_files=4)
     tree = f.lookup(T).st_ino
     fh = f.ops.open(f.ops.lookup(tree, b"s0", CTX).st_ino, os.O_RDONLY, CTX)
-    assert wait_released(lambda: f.ops.stats()["readahead"]["fetched"] == 4)  # s1 to s4
+    assert wait_released(lambda: f.ops.stats().readahead.fetched == 4)  # s1 to s4
     fh1 = f.ops.open(f.ops.lookup(tree, b"s1", CTX).st_ino, os.O_RDONLY, CTX)
-    assert wait_released(lambda: f.ops.stats()["readahead"]["pending"] == 0)
+    assert wait_released(lambda: f.ops.stats().readahead.pending == 0)
     reads = f.fetcher.calls["blob_read"]
     assert f.ops.read(fh1, 0, 4096) == SMALLS[1]
     assert f.fetcher.calls["blob_read"] == reads  # served from what was fetched ahead
-    assert f.ops.stats()["readahead"]["hits"] == 1
+    assert f.ops.stats().readahead.hits == 1
     assert f.ops.read(fh, 0, 4096) == SMALLS[0]  # the opened file itself is read as usual
     assert f.fetcher.calls["blob_read"] == reads + 1
 
@@ -492,7 +493,7 @@ def test_a_stat_only_walk_or_a_file_at_the_root_fetches_nothing_ahead(fuse):
     f.walk(f.lookup(T).st_ino, {}, skip=BROKEN_DIRS)
     f.ops.release(f.ops.open(f.lookup(BLOB_A_NAME).st_ino, os.O_RDONLY, CTX))  # no listing: no siblings
     time.sleep(0.05)
-    assert f.ops.stats()["readahead"]["scheduled"] == 0
+    assert f.ops.stats().readahead.scheduled == 0
     assert f.fetcher.calls["blob_read"] == 0
 
 
@@ -501,12 +502,12 @@ def test_a_walk_into_one_store_path_fetches_the_next_trees_ahead(fuse):
     f = fuse(list_root=True, tree_ahead=2)
     assert [d.name for d in f.readdir(ROOT)] == names
     f.readdir(f.lookup(names[0]).st_ino)
-    assert wait_released(lambda: f.ops.stats()["tree_ahead"]["fetched"] == 2)
+    assert wait_released(lambda: f.ops.stats().tree_ahead.fetched == 2)
     asked = f.fetcher.calls["directory_tree"]
     assert [d.name for d in f.readdir(f.lookup(names[1]).st_ino)] == [b"f1"]
     assert [d.name for d in f.readdir(f.lookup(names[2]).st_ino)] == [b"f2"]
     assert f.fetcher.calls["directory_tree"] == asked == 3  # walked, and two fetched ahead
-    assert f.ops.stats()["tree_ahead"] == {"scheduled": 2, "fetched": 2, "failed": 0}
+    assert f.ops.stats().tree_ahead == TreeAheadStats(scheduled=2, fetched=2, failed=0)
 
 
 def test_close_ends_a_tree_fetch_that_waits_for_llfuses_lock(fuse):
