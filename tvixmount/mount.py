@@ -26,6 +26,7 @@ from pathlib import Path
 
 import llfuse
 
+from .deadlines import HANG_FRACTION
 from .errors import TvixError
 from .fetcher import PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
@@ -39,11 +40,6 @@ log = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FUSECTL = Path("/sys/fs/fuse/connections")
 MNT_DETACH = 2
-# A worker silent for half of a request's deadline is declared hung, killed, and its
-# requests re-sent: every request waiting on it holds a FUSE thread, so waiting for the
-# deadline itself could starve the whole mount, and the re-sent request still has the
-# other half to succeed in. (Half is also what the pool calls hung when a call times out.)
-HANG_FRACTION = 0.5
 
 
 class MountpointError(Exception):

@@ -36,6 +36,7 @@ from typing import Any
 from . import protocol
 from .castore import nixbase32
 from .castore.nodes import b3_text
+from .deadlines import HANG_FRACTION
 from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
@@ -246,9 +247,10 @@ class PoolState:
     def expire(self, call: Call) -> None:
         """The caller's deadline passed: take the call back and fail it with Timeout.
 
-        Its worker is killed as hung if it held the call for at least half
-        the call's budget, answered nothing in that time, and no earlier
-        call it still holds, with time left, could explain the silence.
+        Its worker is killed as hung if it held the call for at least
+        ``HANG_FRACTION`` of the call's budget (deadlines.py), answered
+        nothing in that time, and no earlier call it still holds, with time
+        left, could explain the silence.
         """
         if call.finished:
             return  # the reply won the race
@@ -260,7 +262,7 @@ class PoolState:
             del worker.inflight[call.id]
             where = f"on worker {worker.id} pid {worker.pid}"
             silent = now - worker.last_reply
-            if (worker.last_reply < call.sent_at and now - call.sent_at >= call.timeout / 2
+            if (worker.last_reply < call.sent_at and now - call.sent_at >= call.timeout * HANG_FRACTION
                     and not busy_earlier and not worker.doomed):
                 self.kill(worker, f"no reply for {silent:.1f} s ({call.what()} timed out)")
         else:
