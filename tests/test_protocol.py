@@ -1,5 +1,5 @@
-"""The dispatcher<->worker wire: round trips, framing across reads, garbage never escapes as anything
-but ProtocolError."""
+"""The dispatcher<->worker wire: round trips, framing across reads, the op and handler tables, garbage
+never escapes as anything but ProtocolError."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tvixmount import protocol
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixmount.errors import IntegrityError, InvalidArgument, NotFound, TvixError, WorkerLost, from_code
-from tvixmount.protocol import FrameReader, ProtocolError
+from tvixmount.protocol import framing, messages, ops
+from tvixmount.protocol.framing import FrameReader, ProtocolError, pack, unpack
 
 names = st.binary(min_size=1, max_size=40)
 digests = st.binary(min_size=32, max_size=32)
@@ -66,32 +66,30 @@ def _feed(reader: FrameReader, w: int, pieces: list[bytes]) -> list:
 
 @given(nodes)
 def test_node_round_trip(node):
-    assert protocol.decode_node(protocol.unpack(protocol.pack(protocol.encode_node(node)))) == node
+    assert ops.decode_node(unpack(pack(ops.encode_node(node)))) == node
 
 
 @given(directories)
 def test_directory_round_trip(directory):
-    wire = protocol.unpack(protocol.pack(protocol.encode_directory(directory)))
-    assert protocol.decode_directory(wire) == directory
+    assert ops.decode_directory(unpack(pack(ops.encode_directory(directory)))) == directory
 
 
-@given(st.integers(1, 1 << 62), st.sampled_from(sorted(protocol.OPS)), st.lists(wire_values, max_size=4),
+@given(st.integers(1, 1 << 62), st.sampled_from(sorted(ops.OPS)), st.lists(wire_values, max_size=4),
        st.floats(0, 1e9))
 def test_request_round_trip(req_id, op, args, deadline):
-    body = protocol.encode_request(req_id, op, args, deadline)[protocol.HEADER_LEN:]
-    assert protocol.decode_request(protocol.unpack(body)) == (req_id, op, args, deadline)
+    body = messages.encode_request(req_id, op, args, deadline)[framing.HEADER_LEN:]
+    assert messages.decode_request(unpack(body)) == (req_id, op, args, deadline)
 
 
 @given(st.integers(0, 1 << 62), wire_values)
 def test_reply_round_trip(req_id, result):
-    decoded = protocol.decode_reply(protocol.unpack(protocol.encode_reply(req_id, result)))
-    assert decoded == (req_id, True, result)
+    assert messages.decode_reply(unpack(messages.encode_reply(req_id, result))) == (req_id, True, result)
 
 
 @pytest.mark.parametrize("exc", [NotFound("directory b3:x not found"), IntegrityError("blob b3:y broken"),
                                  WorkerLost("gone"), ValueError("a bug")])
 def test_errors_keep_their_class_across_the_wire(exc):
-    req_id, ok, (code, message) = protocol.decode_reply(protocol.unpack(protocol.encode_error(7, exc)))
+    req_id, ok, (code, message) = messages.decode_reply(unpack(messages.encode_error(7, exc)))
     assert (req_id, ok) == (7, False)
     rebuilt = from_code(code, message)
     if isinstance(exc, TvixError):
@@ -100,53 +98,89 @@ def test_errors_keep_their_class_across_the_wire(exc):
         assert type(rebuilt) is TvixError and "ValueError: a bug" in str(rebuilt)
 
 
-def test_op_results_round_trip_through_their_specs():
+def test_op_results_round_trip_through_their_ops():
     d = Directory(files=(FileNode(b"a", b"\1" * 32, 3, True),))
     link = SymlinkNode(b"x" * 32 + b"-y", b"/t")
-    cases = {
-        "ping": ([3, 99], (3, 99)),
-        "path_info": (link, link),
-        "directory": (d, d),
-        "directory_tree": ([(b"\2" * 32, d)], [(b"\2" * 32, d)]),
-        "list_root": ([link], [link]),
-        "blob_stat": (5, 5),
-        "blob_read": (b"data", b"data"),
-    }
-    assert set(cases) == set(protocol.OPS)
-    for op, (value, expected) in cases.items():
-        spec = protocol.OPS[op]
-        assert spec.decode(protocol.unpack(protocol.pack(spec.encode(value)))) == expected
-    assert protocol.OPS["path_info"].decode(protocol.OPS["path_info"].encode(None)) is None
-    assert protocol.OPS["blob_stat"].decode(None) is None
+    cases = [
+        (ops.PING, (3, 99)),
+        (ops.PATH_INFO, link),
+        (ops.PATH_INFO, None),
+        (ops.DIRECTORY_TREE, [(b"\2" * 32, d)]),
+        (ops.LIST_ROOT, [link]),
+        (ops.BLOB_READ, b"data"),
+    ]
+    assert {op.name for op, _ in cases} == set(ops.OPS)
+    for op, value in cases:
+        assert op.decode(unpack(pack(op.encode(value)))) == value
 
 
-def test_check_args():
-    assert protocol.check_args("blob_read", [b"d", 0, 1, -1]).name == "blob_read"
-    with pytest.raises(InvalidArgument, match="unknown op 'nope'"):
-        protocol.check_args("nope", [])
+def test_arguments_must_be_exactly_the_declared_types():
+    ops.BLOB_READ.check_args([b"d", 0, 1, -1])
     with pytest.raises(InvalidArgument, match=r"takes \(bytes, int, int, int\), got \(bytes, str\)"):
-        protocol.check_args("blob_read", [b"d", "x"])
+        ops.BLOB_READ.check_args([b"d", "x"])
     with pytest.raises(InvalidArgument):
-        protocol.check_args("blob_read", [b"d", True, 1, -1])  # bool is not an offset
+        ops.BLOB_READ.check_args([b"d", True, 1, -1])  # bool is not an offset
+    with pytest.raises(InvalidArgument):
+        ops.PING.check_args([1])
+
+
+def test_handler_table():
+    """One handler per op, registered against the op object; requests find it by name."""
+    table: ops.Handlers[str] = ops.Handlers()
+
+    @table.handles(ops.PING)
+    def ping(ctx: str) -> tuple[int, int]:
+        return len(ctx), 7
+
+    with pytest.raises(ValueError, match="already has a handler"):
+        table.handles(ops.PING)(ping)
+    impostor = ops.Op("ping", (), list, list)
+    with pytest.raises(ValueError, match="not an op of this protocol"):
+        table.handles(impostor)
+    unanswered = "blob_read, directory_tree, list_root, path_info"
+    with pytest.raises(RuntimeError, match=f"no handler for op {unanswered}$"):
+        table.check_complete()
+    assert table.find("ping", []) == (ops.PING, ping)
+    with pytest.raises(InvalidArgument, match="unknown op 'nope'"):
+        table.find("nope", [])
+    with pytest.raises(InvalidArgument, match="unknown op 'list_root'"):  # declared, but not answered here
+        table.find("list_root", [])
+    with pytest.raises(InvalidArgument, match=r"takes \(\), got \(int\)"):
+        table.find("ping", [1])
+    assert table.run("abc", ops.PING) == (3, 7)
+
+    @table.handles(ops.BLOB_READ)
+    def ring_read(ctx: str, digest: bytes, offset: int, length: int, size: int) -> framing.RingRef:
+        return framing.RingRef(0, length)
+
+    with pytest.raises(ProtocolError, match="ring reference"):  # in-process there is no ring to name
+        table.run("abc", ops.BLOB_READ, b"d", 0, 5, -1)
+
+
+def test_the_workers_answer_every_op():
+    from workers.handlers import HANDLERS
+
+    HANDLERS.check_complete()
+    assert {op.name for op, _ in HANDLERS.items()} == set(ops.OPS)
 
 
 @pytest.mark.parametrize("kind,fields", [("spawn", (1,)), ("spawned", (1, 2)), ("spawn_failed", (0, "why")),
                                          ("exited", (3, 4, "killed by SIGKILL"))])
 def test_control_round_trip(kind, fields):
-    assert protocol.decode_control(protocol.encode_control(kind, *fields)) == (kind, *fields)
+    assert messages.decode_control(messages.encode_control(kind, *fields)) == (kind, *fields)
 
 
-@pytest.mark.parametrize("data", [protocol.pack(["spawn"]), protocol.pack(["spawn", "1"]), protocol.pack({}),
-                                  protocol.pack(["reboot", 1]), b"\xc1", b""])
+@pytest.mark.parametrize("data", [pack(["spawn"]), pack(["spawn", "1"]), pack({}),
+                                  pack(["reboot", 1]), b"\xc1", b""])
 def test_bad_control_messages(data):
     with pytest.raises(ProtocolError):
-        protocol.decode_control(data)
+        messages.decode_control(data)
 
 
 @given(st.lists(wire_values, min_size=1, max_size=8), st.data())
 @settings(max_examples=60)
 def test_frames_survive_any_split_across_reads(values, data):
-    stream = b"".join(protocol.frame(protocol.pack(v)) for v in values)
+    stream = b"".join(framing.frame(pack(v)) for v in values)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True) if b > a]
     reader, w = _pipe_reader(size=data.draw(st.sampled_from([8, 64, 1 << 16])))
@@ -158,9 +192,9 @@ def test_frames_survive_any_split_across_reads(values, data):
 
 
 def test_big_frame_grows_the_buffer_and_write_frame_loops():
-    body = protocol.pack([1, 0, os.urandom(3 << 20)])  # bigger than a pipe and than the reader's buffer
+    body = pack([1, 0, os.urandom(3 << 20)])  # bigger than a pipe and than the reader's buffer
     reader, w = _pipe_reader(size=1024)
-    writer = threading.Thread(target=protocol.write_frame, args=(w, body))
+    writer = threading.Thread(target=framing.write_frame, args=(w, body))
     writer.start()
     got: list = []
     try:
@@ -169,7 +203,7 @@ def test_big_frame_grows_the_buffer_and_write_frame_loops():
             assert chunk is not None
             got.extend(chunk)
         writer.join()
-        assert got == [protocol.unpack(body)]
+        assert got == [unpack(body)]
     finally:
         writer.join()
         _close(reader, w)
@@ -177,7 +211,7 @@ def test_big_frame_grows_the_buffer_and_write_frame_loops():
 
 def test_truncated_frame_then_eof_is_not_a_message():
     reader, w = _pipe_reader()
-    body = protocol.frame(protocol.pack([1, 0, b"x" * 100]))
+    body = framing.frame(pack([1, 0, b"x" * 100]))
     os.write(w, body[:50])
     assert reader.read() == []
     os.close(w)
@@ -189,7 +223,7 @@ def test_truncated_frame_then_eof_is_not_a_message():
 def test_oversized_header_is_a_protocol_error():
     reader, w = _pipe_reader()
     try:
-        os.write(w, (protocol.MAX_FRAME + 1).to_bytes(4, "big") + b"junk")
+        os.write(w, (framing.MAX_FRAME + 1).to_bytes(4, "big") + b"junk")
         with pytest.raises(ProtocolError, match="more than"):
             reader.read()
     finally:
@@ -204,20 +238,20 @@ def test_garbage_raises_protocol_error_or_decodes_to_a_shape_check(garbage):
     try:
         os.write(w, garbage)
         try:
-            messages = reader.read()
+            values = reader.read()
         except ProtocolError:
             return
-        for message in messages or []:
+        for message in values or []:
             with contextlib.suppress(ProtocolError):
-                protocol.decode_reply(message)
+                messages.decode_reply(message)
     finally:
         _close(reader, w)
 
 
 @given(wire_values)
 def test_shape_checks_reject_everything_malformed(value):
-    for decode in (protocol.decode_reply, protocol.decode_request, protocol.decode_node,
-                   protocol.decode_directory, protocol.decode_hello):
+    for decode in (messages.decode_reply, messages.decode_request, ops.decode_node,
+                   ops.decode_directory, messages.decode_hello):
         with contextlib.suppress(ProtocolError):
             decode(value)
 
@@ -225,10 +259,10 @@ def test_shape_checks_reject_everything_malformed(value):
 @pytest.mark.parametrize("result", [b"", b"x" * 10, os.urandom(4096), os.urandom(200_000), [1, b"y"]])
 @pytest.mark.parametrize("req_id", [1, 127, 128, 70_000, 1 << 40])
 def test_scattered_reply_decodes_like_a_packed_one(req_id, result):
-    parts = protocol.encode_reply_parts(req_id, result)
-    assert protocol.decode_reply(protocol.unpack(b"".join(parts))) == (req_id, True, result)
+    parts = messages.encode_reply_parts(req_id, result)
+    assert messages.decode_reply(unpack(b"".join(parts))) == (req_id, True, result)
     reader, w = _pipe_reader()
-    writer = threading.Thread(target=protocol.write_frame, args=(w, *parts))
+    writer = threading.Thread(target=framing.write_frame, args=(w, *parts))
     writer.start()
     got: list = []
     try:
@@ -239,4 +273,4 @@ def test_scattered_reply_decodes_like_a_packed_one(req_id, result):
     finally:
         writer.join()
         _close(reader, w)
-    assert protocol.decode_reply(got[0]) == (req_id, True, result)
+    assert messages.decode_reply(got[0]) == (req_id, True, result)

@@ -32,8 +32,10 @@ from .fetcher import PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
 from .metrics import Exporter, FuseMetrics, ListenAddress
 from .pool import WorkerPool
+from .protocol import ops
 from .store import StoreUrls, describe
 from .vfs import Vfs
+from .zygote import WorkerMain
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +134,18 @@ class _AnsweredTooLate(logging.Filter):
         return True
 
 
-def run(config: MountConfig) -> int:
+def run(config: MountConfig, worker_main: WorkerMain) -> int:
     """Mount, serve until stopped, tear down in order; return the exit status.
 
     ``config.mountpoint`` must be resolved (cli does it): once mounted,
     nothing may stat it from this process before llfuse.main serves it.
+    ``worker_main`` is the life of one worker process (``workers.loop.serve``,
+    handed down by cli.main: the core never imports the workers).
     """
     check_mountpoint(config.mountpoint)
     ensure_fusectl()
     logging.getLogger("llfuse").addFilter(_AnsweredTooLate())
-    pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout,
+    pool = WorkerPool(config.urls, config.workers, worker_main, request_timeout=config.request_timeout,
                       hang_fraction=HANG_FRACTION)
     pool.start()
     exporter: Exporter | None = None
@@ -191,7 +195,7 @@ def probe_store(pool: WorkerPool, config: MountConfig) -> None:
     than from the first failed build.
     """
     try:
-        pool.call("path_info", bytes(20), timeout=min(PROBE_TIMEOUT, config.request_timeout))
+        pool.call(ops.PATH_INFO, bytes(20), timeout=min(PROBE_TIMEOUT, config.request_timeout))
     except TvixError as exc:
         log.warning("store %s is not answering: %s; mounting anyway, requests will fail with EIO "
                     "until it does", describe(config.urls), exc)

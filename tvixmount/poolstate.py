@@ -33,10 +33,11 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any
 
-from . import protocol
 from .castore import nixbase32
 from .castore.nodes import b3_text
 from .deadlines import HANG_FRACTION
+from .protocol.framing import FrameReader
+from .protocol.messages import encode_request
 from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
@@ -62,7 +63,7 @@ class Call:
         self.deadline = self.created + timeout
         self.affinity = affinity
         self.idempotent = idempotent
-        self.frame = protocol.encode_request(req_id, op, args, self.deadline)  # re-sent as is
+        self.frame = encode_request(req_id, op, args, self.deadline)  # re-sent as is
         self.sends = 0
         self.sent_at = 0.0
         self.worker: Worker | None = None
@@ -89,7 +90,7 @@ class Worker:
         self.pid = pid
         self.req_fd = req_fd  # non-blocking; requests are shorter than PIPE_BUF, so writes are atomic
         self.rep_fd = rep_fd
-        self.reader = protocol.FrameReader(rep_fd)
+        self.reader = FrameReader(rep_fd)
         self.ring = ring  # its slot's shared-memory ring, where read replies put their bytes
         self.inflight: dict[int, Call] = {}
         self.ready = False  # its store opened and it said hello
