@@ -420,9 +420,11 @@ def test_frame_reader_yields_values_or_protocol_error(pieces: list[bytes], split
 @FUZZ
 @given(st.sampled_from(sorted(ops.OPS)), wire_values)
 def test_op_result_decoders_raise_only_protocol_error(op: str, value: Any) -> None:
+    """Nothing but ProtocolError escapes a decoder (tests/test_protocol.py: what each must reject)."""
     with contextlib.suppress(ProtocolError):
         ops.OPS[op].decode(value)
-    for shape_check in (messages.decode_reply, messages.decode_request, messages.decode_hello):
+    for shape_check in (messages.decode_reply, messages.decode_request, messages.decode_hello,
+                        ops.decode_node, ops.decode_directory):
         with contextlib.suppress(ProtocolError):
             shape_check(value)
 
