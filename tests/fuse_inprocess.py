@@ -40,6 +40,7 @@ from tvixmount.fetcher import Fetcher, LocalFetcher
 from tvixmount.fuse_ops import MountOptions, TvixOperations
 from tvixmount.store import StoreUrls, open_store
 from tvixmount.vfs import Vfs
+from workers.handlers import HANDLERS, Context
 
 ROOT = llfuse.ROOT_INODE
 CTX = llfuse.RequestContext()
@@ -177,7 +178,8 @@ def in_process(options: MountOptions | None = None) -> Iterator[Fuse]:
     On exit the operations are closed (background fetches stopped) before
     the lock is released, as mount.run closes them after llfuse.main.
     """
-    fetcher = RecordingFetcher(LocalFetcher(open_store(MEMORY), wire=True, owns_store=True))
+    local = LocalFetcher(HANDLERS, Context(-1, open_store(MEMORY)), wire=True, owns_store=True)
+    fetcher = RecordingFetcher(local)
     vfs = Vfs()
     ops = TvixOperations(vfs, fetcher, options or MountOptions())
     llfuse.lock.acquire()

@@ -12,9 +12,15 @@ from tvixmount.castore.directory import Directory
 from tvixmount.errors import InvalidArgument, InvalidData, NotFound
 from tvixmount.fetcher import LocalFetcher, PoolFetcher
 from tvixmount.pool import WorkerPool
-from tvixmount.store import StoreUrls, memory, open_store
+from tvixmount.store import Store, StoreUrls, memory, open_store
+from workers.handlers import HANDLERS, Context
+from workers.loop import serve
 
 MEMORY = StoreUrls.single("memory://")
+
+
+def local(store: Store, **options: bool) -> LocalFetcher[Context]:
+    return LocalFetcher(HANDLERS, Context(-1, store), **options)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +33,7 @@ def tree():
 
 @pytest.fixture(scope="module")
 def pool(tree) -> Iterator[WorkerPool]:
-    with WorkerPool(MEMORY, 2, request_timeout=10) as pool:  # the workers fork a copy of the filled tables
+    with WorkerPool(MEMORY, 2, serve, request_timeout=10) as pool:  # workers fork a copy of the filled tables
         yield pool
 
 
@@ -36,7 +42,7 @@ def fetcher(request, tree):
     if request.param == "pool":
         yield PoolFetcher(request.getfixturevalue("pool"))
         return
-    f = LocalFetcher(open_store(MEMORY), wire=request.param == "local-wire", owns_store=True)
+    f = local(open_store(MEMORY), wire=request.param == "local-wire", owns_store=True)
     yield f
     f.close()
 
@@ -49,14 +55,11 @@ def test_path_info(fetcher, tree):
         assert fetcher.path_info(parse_basename(node.name).digest) == node
 
 
-def test_directory_and_tree(fetcher, tree):
-    assert fetcher.directory(ROOT.digest()) == ROOT
-    assert fetcher.directory(LEAF.digest()) == LEAF
-    with pytest.raises(NotFound, match="not found"):
-        fetcher.directory(b3(b"no such directory"))
+def test_directory_tree(fetcher, tree):
     assert fetcher.directory_tree(ROOT.digest(), 1000) == [(ROOT.digest(), ROOT), (LEAF.digest(), LEAF)]
     assert fetcher.directory_tree(ROOT.digest(), 1) == [(ROOT.digest(), ROOT)]  # bounded, root first
-    with pytest.raises(NotFound):
+    assert fetcher.directory_tree(LEAF.digest(), 1) == [(LEAF.digest(), LEAF)]
+    with pytest.raises(NotFound, match="not found"):
         fetcher.directory_tree(b3(b"no such directory"), 1000)
 
 
@@ -66,8 +69,6 @@ def test_list_root(fetcher, tree):
 
 
 def test_blobs(fetcher):
-    assert fetcher.blob_stat(b3(SMALL)) == len(SMALL)
-    assert fetcher.blob_stat(b3(b"absent")) is None
     assert fetcher.blob_read(b3(SMALL), 0, 100) == SMALL
     assert fetcher.blob_read(b3(BIG), 1000, 131072, affinity=3) == BIG[1000:1000 + 131072]
     assert fetcher.blob_read(b3(BIG), len(BIG) - 10, 4096, affinity=3) == BIG[-10:]
@@ -89,7 +90,7 @@ def test_sequential_reads_reuse_one_reader():
     memory.reset()
     with open_store(MEMORY) as store:
         populate(store)
-        f = LocalFetcher(store)
+        f = local(store)
         data = b"".join(f.blob_read(b3(BIG), off, 65536) for off in range(0, len(BIG), 65536))
         assert data == BIG
         assert f.stats().readers_opened == 1
@@ -106,8 +107,8 @@ def test_broken_path_info_is_invalid_data_across_the_pool(tmp_path):
         good = parse_basename(tree.file_node.name).digest
         tables.path_infos[ABSENT_PATH.digest] = tables.path_infos[good]
         with pytest.raises(InvalidData):
-            LocalFetcher(store).path_info(ABSENT_PATH.digest)
-        with WorkerPool(MEMORY, 1, request_timeout=10) as pool, pytest.raises(InvalidData):
+            local(store).path_info(ABSENT_PATH.digest)
+        with WorkerPool(MEMORY, 1, serve, request_timeout=10) as pool, pytest.raises(InvalidData):
             PoolFetcher(pool).path_info(ABSENT_PATH.digest)
     memory.reset()
 
@@ -117,10 +118,10 @@ def test_pool_over_the_embedded_store(tmp_path):
     urls = StoreUrls.embedded(tmp_path / "store", create=True)
     with open_store(urls) as store:
         tree = populate(store)
-    with WorkerPool(StoreUrls.embedded(tmp_path / "store"), 2, request_timeout=10) as pool:
+    with WorkerPool(StoreUrls.embedded(tmp_path / "store"), 2, serve, request_timeout=10) as pool:
         f = PoolFetcher(pool)
-        assert f.directory(ROOT.digest()) == ROOT
-        assert isinstance(f.directory(ROOT.digest()), Directory)
+        assert f.directory_tree(ROOT.digest(), 1) == [(ROOT.digest(), ROOT)]
+        assert isinstance(f.directory_tree(ROOT.digest(), 1)[0][1], Directory)
         assert f.blob_read(b3(BIG), 0, len(BIG), affinity=1) == BIG
         assert sorted(n.name for n in f.list_root()) == sorted(
             n.name for n in (tree.dir_node, tree.file_node, tree.link_node))

@@ -56,7 +56,6 @@ from tests.faults import (
 )
 from tests.mounting import FUSE_MISSING, Mount
 from tests.test_castore_narreader import trees
-from tvixmount import protocol
 from tvixmount.castore import nar, nixbase32, storepath
 from tvixmount.castore.directory import (
     MAX_ENCODED_LEN,
@@ -72,6 +71,8 @@ from tvixmount.castore.pathinfo import NarInfo, PathInfo, validate_pathinfo
 from tvixmount.castore.wire import decode_pathinfo, encode_pathinfo
 from tvixmount.errors import InvalidData
 from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
+from tvixmount.protocol import framing, messages, ops
+from tvixmount.protocol.framing import ProtocolError, pack, unpack
 from tvixmount.store import StoreUrls, memory, open_store
 
 FUZZ = settings(max_examples=200, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
@@ -385,7 +386,7 @@ wire_values = st.recursive(
     lambda children: st.lists(children, max_size=5),
     max_leaves=16,
 )
-packed = wire_values.map(lambda v: protocol.frame(protocol.pack(v)))
+packed = wire_values.map(lambda v: framing.frame(pack(v)))
 frames = st.lists(st.one_of(st.binary(max_size=64), packed), max_size=6)
 
 
@@ -395,17 +396,17 @@ def test_frame_reader_yields_values_or_protocol_error(pieces: list[bytes], split
     """Any byte stream, split anyhow: values, then EOF, or ProtocolError; never another exception."""
     stream = b"".join(pieces)
     r, w = os.pipe()
-    reader = protocol.FrameReader(r, 32)
+    reader = framing.FrameReader(r, 32)
     try:
         for start in range(0, len(stream), split):
             os.write(w, stream[start : start + split])
             try:
                 reader.read()
-            except protocol.ProtocolError:
+            except ProtocolError:
                 return
         os.close(w)
         w = -1
-        with contextlib.suppress(protocol.ProtocolError):
+        with contextlib.suppress(ProtocolError):
             for _ in range(len(stream) + 2):  # what is left in the pipe, then EOF: no endless loop
                 if reader.read() is None:
                     return
@@ -417,12 +418,14 @@ def test_frame_reader_yields_values_or_protocol_error(pieces: list[bytes], split
 
 
 @FUZZ
-@given(st.sampled_from(sorted(protocol.OPS)), wire_values)
+@given(st.sampled_from(sorted(ops.OPS)), wire_values)
 def test_op_result_decoders_raise_only_protocol_error(op: str, value: Any) -> None:
-    with contextlib.suppress(protocol.ProtocolError):
-        protocol.OPS[op].decode(value)
-    for shape_check in (protocol.decode_reply, protocol.decode_request, protocol.decode_hello):
-        with contextlib.suppress(protocol.ProtocolError):
+    """Nothing but ProtocolError escapes a decoder (tests/test_protocol.py: what each must reject)."""
+    with contextlib.suppress(ProtocolError):
+        ops.OPS[op].decode(value)
+    for shape_check in (messages.decode_reply, messages.decode_request, messages.decode_hello,
+                        ops.decode_node, ops.decode_directory):
+        with contextlib.suppress(ProtocolError):
             shape_check(value)
 
 
@@ -441,7 +444,7 @@ def worker_context() -> Iterator[Any]:
 requests = st.one_of(
     wire_values,
     st.builds(lambda i, op, args: [i, op, args, 1e12], st.integers(1, 1000),
-              st.sampled_from([*sorted(protocol.OPS), "nope"]), st.lists(wire_values, max_size=4)),
+              st.sampled_from([*sorted(ops.OPS), "nope"]), st.lists(wire_values, max_size=4)),
 )
 
 
@@ -453,12 +456,12 @@ def test_worker_answers_every_request_or_calls_it_a_protocol_error(worker_contex
 
     try:
         parts = handle(worker_context, message)
-    except protocol.ProtocolError:
+    except ProtocolError:
         assert not (type(message) is list and len(message) == 4 and type(message[0]) is int and message[0] > 0
                     and type(message[1]) is str and type(message[2]) is list
                     and type(message[3]) in (int, float))
         return
-    req_id, _, _ = protocol.decode_reply(protocol.unpack(b"".join(parts)))
+    req_id, _, _ = messages.decode_reply(unpack(b"".join(parts)))
     assert req_id == message[0]
 
 
@@ -468,12 +471,12 @@ def test_worker_answers_an_error_rather_than_a_reply_larger_than_a_frame(
 
     listing = Directory(files=tuple(FileNode(b"f%04d" % i, b3(b""), 0) for i in range(100)))
     worker_context.store.directories.put(listing)
-    monkeypatch.setattr(protocol, "MAX_FRAME", 1000)  # the listing is ~5 kB on the wire
-    reply = protocol.decode_reply(protocol.unpack(b"".join(
-        handle(worker_context, [7, "directory", [listing.digest()], 1e12]))))
+    monkeypatch.setattr(framing, "MAX_FRAME", 1000)  # the listing is ~5 kB on the wire
+    reply = messages.decode_reply(unpack(b"".join(
+        handle(worker_context, [7, "directory_tree", [listing.digest(), 1000], 1e12]))))
     assert reply[:2] == (7, False)
     assert reply[2][0] == "invalid"
-    assert re.search(r"directory: the answer is \d+ bytes, more than the 1000", reply[2][1])
+    assert re.search(r"directory_tree: the answer is \d+ bytes, more than the 1000", reply[2][1])
 
 
 # -- the coverage-guided harness, briefly, when atheris is installed -----------------------------

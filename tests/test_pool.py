@@ -16,13 +16,15 @@ import multiprocessing_logging
 import pytest
 
 from tests.worker_fixtures import BIG, LEAF, ROOT, SMALL, b3, open_fds, populate, process_exists, wait_until
-from tvixmount import protocol
 from tvixmount.errors import NotFound, Timeout, Unavailable, WorkerLost
 from tvixmount.fetcher import PoolFetcher
 from tvixmount.pool import WorkerPool
+from tvixmount.protocol import ops
 from tvixmount.store import StoreUrls, memory, open_store
+from workers.loop import serve
 
 MEMORY = StoreUrls.single("memory://")
+SMALL_READ = (b3(SMALL), 0, 100, -1)  # blob_read arguments: digest, offset, length, size hint
 
 
 @pytest.fixture
@@ -35,7 +37,7 @@ def tree():
 
 @pytest.fixture
 def pool(tree) -> Iterator[WorkerPool]:
-    pool = WorkerPool(MEMORY, 2, request_timeout=10)
+    pool = WorkerPool(MEMORY, 2, serve, request_timeout=10)
     pool.start()
     yield pool
     pool.close()
@@ -54,13 +56,13 @@ def _replaced(pool: WorkerPool, slot: int, old_pid: int) -> bool:
 def test_start_ping_close_leaves_nothing_behind(tree):
     fds_before = set(open_fds())
     children_before = _children()
-    pool = WorkerPool(MEMORY, 3, request_timeout=10)
+    pool = WorkerPool(MEMORY, 3, serve, request_timeout=10)
     pool.start()
     pids = pool.pids()
     zygote_pid = pool._zygote_pid
     assert all(pids) and len(set(pids)) == 3
     for slot, pid in enumerate(pids):
-        assert protocol.OPS["ping"].decode(pool.call("ping", affinity=slot)) == (slot, pid)
+        assert pool.call(ops.PING, affinity=slot) == (slot, pid)
     assert pool.alive()
     started = time.monotonic()
     pool.close()
@@ -71,7 +73,7 @@ def test_start_ping_close_leaves_nothing_behind(tree):
     assert _children() == children_before
     assert set(open_fds()) == fds_before
     with pytest.raises(Unavailable, match="closed"):
-        pool.call("ping")
+        pool.call(ops.PING)
     pool.close()  # twice is fine
 
 
@@ -83,7 +85,7 @@ def test_stop_signals_are_for_the_dispatcher_only(pool, sig):
         os.kill(pid, sig)
     time.sleep(0.2)
     assert pool.pids() == pids and pool.alive()
-    assert [pool.call("ping", affinity=i)[1] for i in range(2)] == pids
+    assert [pool.call(ops.PING, affinity=i)[1] for i in range(2)] == pids
 
 
 def test_many_threads_many_calls(pool):
@@ -98,12 +100,12 @@ def test_many_threads_many_calls(pool):
                     got = f.blob_read(b3(BIG), i * 1000, 131072, affinity=n)
                     assert got == BIG[i * 1000:i * 1000 + 131072]
                 elif op == 1:
-                    assert f.directory(ROOT.digest()) == ROOT
+                    assert f.directory_tree(ROOT.digest(), 1) == [(ROOT.digest(), ROOT)]
                 elif op == 2:
-                    assert f.blob_stat(b3(SMALL)) == len(SMALL)
+                    assert f.blob_read(b3(SMALL), 0, 100) == SMALL
                 else:
                     with pytest.raises(NotFound):
-                        f.directory(b3(b"absent"))
+                        f.directory_tree(b3(b"absent"), 1)
         except BaseException as exc:
             errors.append(exc)
 
@@ -125,12 +127,13 @@ def test_sigkill_with_requests_in_flight_resends_them(pool, caplog):
     os.kill(victim, signal.SIGSTOP)  # let calls pile up on it, then kill it
     assert wait_until(lambda: _stopped(victim), 2)
     with ThreadPoolExecutor(8) as executor:
-        futures = [executor.submit(f.directory, ROOT.digest() if i % 2 else LEAF.digest()) for i in range(8)]
+        futures = [executor.submit(f.directory_tree, ROOT.digest() if i % 2 else LEAF.digest(), 1)
+                   for i in range(8)]
         futures += [executor.submit(f.blob_read, b3(BIG), 0, 4096, 0) for _ in range(4)]  # affinity 0
         assert wait_until(lambda: pool.stats().workers[0].inflight >= 4, 5)
         os.kill(victim, signal.SIGKILL)
         results = [fut.result(timeout=10) for fut in futures]
-    assert results[:8] == [ROOT if i % 2 else LEAF for i in range(8)]
+    assert results[:8] == [[(ROOT.digest(), ROOT)] if i % 2 else [(LEAF.digest(), LEAF)] for i in range(8)]
     assert results[8:] == [BIG[:4096]] * 4
     stats = pool.stats()
     assert stats.resent >= 4 and stats.lost == 0
@@ -144,13 +147,13 @@ def test_sigstop_times_out_within_the_deadline_and_recovers(pool):
     victim = pool.pids()[1]
     os.kill(victim, signal.SIGSTOP)
     started = time.monotonic()
-    with pytest.raises(Timeout, match=rf"blob_stat\(b3:.*\) timed out after 0.5 s on worker 1 pid {victim}"):
-        pool.call("blob_stat", b3(SMALL), affinity=1, timeout=0.5)
+    with pytest.raises(Timeout, match=rf"blob_read\(b3:.*\) timed out after 0.5 s on worker 1 pid {victim}"):
+        pool.call(ops.BLOB_READ, *SMALL_READ, affinity=1, timeout=0.5)
     elapsed = time.monotonic() - started
     assert 0.45 <= elapsed < 1.5  # the deadline, plus scheduling slack on a busy machine
     assert wait_until(lambda: _replaced(pool, 1, victim), 5)
     assert not process_exists(victim) or wait_until(lambda: not process_exists(victim), 2)
-    assert pool.call("blob_stat", b3(SMALL), affinity=1) == len(SMALL)
+    assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=1) == SMALL
     assert pool.stats().killed == 1
 
 
@@ -160,30 +163,30 @@ def test_lost_calls_fail_with_worker_lost_and_a_warning(pool, caplog):
     os.kill(first, signal.SIGSTOP)
     os.kill(second, signal.SIGSTOP)
     with ThreadPoolExecutor(2) as executor:
-        once = executor.submit(pool.call, "blob_stat", b3(SMALL), affinity=0, idempotent=False)
-        twice = executor.submit(pool.call, "directory", ROOT.digest(), affinity=0)
+        once = executor.submit(pool.call, ops.BLOB_READ, *SMALL_READ, affinity=0, idempotent=False)
+        twice = executor.submit(pool.call, ops.DIRECTORY_TREE, ROOT.digest(), 1, affinity=0)
         assert wait_until(lambda: pool.stats().workers[0].inflight == 2, 5)
         os.kill(first, signal.SIGKILL)
-        with pytest.raises(WorkerLost, match=rf"blob_stat\(b3:.*\): worker 0 pid {first} died"):
+        with pytest.raises(WorkerLost, match=rf"blob_read\(b3:.*\): worker 0 pid {first} died"):
             once.result(timeout=5)
         assert wait_until(lambda: pool.stats().workers[1].inflight == 1, 5)  # re-sent once
         os.kill(second, signal.SIGKILL)
-        with pytest.raises(WorkerLost, match=rf"directory\(b3:.*\): worker 1 pid {second} died"):
+        with pytest.raises(WorkerLost, match=rf"directory_tree\(b3:.*\): worker 1 pid {second} died"):
             twice.result(timeout=5)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("blob_stat(b3:" in m and f"worker 0 pid {first}" in m and "not idempotent" in m
+    assert any("blob_read(b3:" in m and f"worker 0 pid {first}" in m and "not idempotent" in m
                for m in warnings)
-    assert any("directory(b3:" in m and f"worker 1 pid {second}" in m and "already re-sent" in m
+    assert any("directory_tree(b3:" in m and f"worker 1 pid {second}" in m and "already re-sent" in m
                for m in warnings)
     assert wait_until(lambda: _replaced(pool, 0, first) and _replaced(pool, 1, second), 5)
-    assert pool.call("directory", LEAF.digest()) == protocol.encode_directory(LEAF)
+    assert pool.call(ops.DIRECTORY_TREE, LEAF.digest(), 1) == [(LEAF.digest(), LEAF)]
 
 
 def test_worker_that_keeps_failing_backs_off_then_recovers(tmp_path, caplog):
     store_dir = tmp_path / "store"
     with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
         populate(store)
-    with WorkerPool(StoreUrls.embedded(store_dir), 2, request_timeout=5) as pool:
+    with WorkerPool(StoreUrls.embedded(store_dir), 2, serve, request_timeout=5) as pool:
         victim = pool.pids()[0]
         store_dir.rename(tmp_path / "away")
         os.kill(victim, signal.SIGKILL)
@@ -191,7 +194,7 @@ def test_worker_that_keeps_failing_backs_off_then_recovers(tmp_path, caplog):
         assert pool.pids()[0] is None or not pool.stats().workers[0].ready
         (tmp_path / "away").rename(store_dir)
         assert wait_until(lambda: _replaced(pool, 0, victim), 10)
-        assert pool.call("blob_stat", b3(SMALL), affinity=0) == len(SMALL)
+        assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL
     failures = _open_failures(caplog)
     assert all(m.startswith("worker 0 pid ") for m in failures)
     assert pool.stats().restarts >= 4
@@ -205,30 +208,30 @@ def test_zygote_death_fails_calls_fast(pool, caplog):
     assert wait_until(lambda: not pool.alive(), 5)
     started = time.monotonic()
     with pytest.raises(Unavailable, match="zygote is gone"):
-        pool.call("ping")
+        pool.call(ops.PING)
     assert time.monotonic() - started < 1
     assert any("zygote pid" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
 
 
 def test_calls_wait_in_the_backlog_while_the_only_worker_restarts(tree):
-    with WorkerPool(MEMORY, 1, request_timeout=10) as pool:
+    with WorkerPool(MEMORY, 1, serve, request_timeout=10) as pool:
         victim = pool.pids()[0]
         os.kill(pool._zygote_pid, signal.SIGSTOP)  # no replacement until we say so
         try:
             os.kill(victim, signal.SIGKILL)
             assert wait_until(lambda: pool.pids()[0] is None, 5)
             with ThreadPoolExecutor(1) as executor:
-                waiting = executor.submit(pool.call, "blob_stat", b3(SMALL))
+                waiting = executor.submit(pool.call, ops.BLOB_READ, *SMALL_READ)
                 assert wait_until(lambda: pool.stats().backlog == 1, 5)
                 os.kill(pool._zygote_pid, signal.SIGCONT)
-                assert waiting.result(timeout=5) == len(SMALL)
+                assert waiting.result(timeout=5) == SMALL
         finally:
             os.kill(pool._zygote_pid, signal.SIGCONT)
         assert pool.stats().restarts == 1 and pool.stats().backlog == 0
 
 
 def test_close_under_load_ends_every_caller(tree):
-    pool = WorkerPool(MEMORY, 2, request_timeout=10)
+    pool = WorkerPool(MEMORY, 2, serve, request_timeout=10)
     pool.start()
     pids = [*pool.pids(), pool._zygote_pid]
     outcomes: list[str] = []
@@ -236,7 +239,7 @@ def test_close_under_load_ends_every_caller(tree):
     def hammer() -> None:
         while True:
             try:
-                pool.call("directory", ROOT.digest())
+                pool.call(ops.DIRECTORY_TREE, ROOT.digest(), 1)
             except Unavailable as exc:
                 outcomes.append(type(exc).__name__)
                 return
@@ -268,13 +271,13 @@ def test_worker_writing_garbage_is_replaced(pool, caplog):
         os.close(fd)
     assert wait_until(lambda: _replaced(pool, 0, victim), 5)
     assert wait_until(lambda: not process_exists(victim), 2)
-    assert pool.call("ping", affinity=0)[1] == pool.pids()[0]
+    assert pool.call(ops.PING, affinity=0)[1] == pool.pids()[0]
     assert any("malformed frame" in r.getMessage() for r in caplog.records)
 
 
 def test_store_that_cannot_open_fails_start_clearly(tmp_path):
     missing = tmp_path / "nope"
-    pool = WorkerPool(StoreUrls.embedded(missing), 2, request_timeout=5, start_timeout=10)
+    pool = WorkerPool(StoreUrls.embedded(missing), 2, serve, request_timeout=5, start_timeout=10)
     started = time.monotonic()
     with pytest.raises(Unavailable, match=rf"^worker \d could not open store local://{missing}: "):
         pool.start()
@@ -295,7 +298,7 @@ def test_worker_logs_reach_the_dispatcher_handlers(tree):
     root.setLevel(logging.DEBUG)
     multiprocessing_logging.install_mp_handler()
     try:
-        with WorkerPool(MEMORY, 2, request_timeout=10) as pool:
+        with WorkerPool(MEMORY, 2, serve, request_timeout=10) as pool:
             pids = set(pool.pids())
     finally:
         mp_handlers = root.handlers[:]
@@ -317,8 +320,8 @@ def test_workers_hold_no_fd_they_do_not_need(tree):
     fuse = os.open("/dev/fuse", os.O_RDWR) if os.path.exists("/dev/fuse") else None
     decoy = os.open(os.devnull, os.O_RDONLY)
     try:
-        with WorkerPool(MEMORY, 2, request_timeout=10) as pool, \
-                WorkerPool(MEMORY, 1, request_timeout=10) as other:
+        with WorkerPool(MEMORY, 2, serve, request_timeout=10) as pool, \
+                WorkerPool(MEMORY, 1, serve, request_timeout=10) as other:
             mine = {w.id: (w.pid, _pipe(w.req_fd), _pipe(w.rep_fd))
                     for s in pool._state.slots if (w := s.worker)}
             theirs = [_pipe(w.req_fd) for s in other._state.slots if (w := s.worker)]
@@ -347,7 +350,8 @@ def test_dispatcher_death_ends_zygote_and_workers(tree, tmp_path):
         f"sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
         "from tvixmount.pool import WorkerPool\n"
         "from tvixmount.store import StoreUrls\n"
-        "pool = WorkerPool(StoreUrls.single('memory://'), 2)\n"
+        "from workers.loop import serve\n"
+        "pool = WorkerPool(StoreUrls.single('memory://'), 2, serve)\n"
         "pool.start()\n"
         f"open({str(out)!r}, 'w').write(' '.join(map(str, [pool._zygote_pid, *pool.pids()])))\n"
         "time.sleep(60)\n"
@@ -408,12 +412,12 @@ def test_a_busy_affinity_worker_hands_other_files_calls_to_an_idle_one(pool):
     os.kill(victim, signal.SIGSTOP)
     try:
         with ThreadPoolExecutor(2) as ex:
-            held = ex.submit(pool.call, "ping", affinity=0)
+            held = ex.submit(pool.call, ops.PING, affinity=0)
             assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 2)
             started = time.monotonic()
-            assert pool.call("ping", affinity=2)[0] == 1  # slot 0 as well, but another file
+            assert pool.call(ops.PING, affinity=2)[0] == 1  # slot 0 as well, but another file
             assert time.monotonic() - started < 0.5
-            same = ex.submit(pool.call, "ping", affinity=0)
+            same = ex.submit(pool.call, ops.PING, affinity=0)
             time.sleep(0.3)
             assert not same.done()
             os.kill(victim, signal.SIGCONT)

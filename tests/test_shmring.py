@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import signal
@@ -11,12 +12,15 @@ from collections.abc import Iterator
 import pytest
 
 from tests.worker_fixtures import wait_until
-from tvixmount import protocol
 from tvixmount.errors import IntegrityError
 from tvixmount.fetcher import PoolFetcher
 from tvixmount.pool import WorkerPool
+from tvixmount.protocol import messages, ops
+from tvixmount.protocol.framing import ProtocolError, RingRef, pack, unpack
 from tvixmount.shmring import DEFAULT_CAPACITY, Arena, RingError
 from tvixmount.store import StoreUrls, memory, open_store
+from workers import handlers
+from workers.loop import serve
 
 PAGE = 4096
 MEMORY = StoreUrls.single("memory://")
@@ -84,10 +88,10 @@ def test_impossible_references_are_refused(start, length):
 
 
 def test_ring_refs_cross_the_wire_as_an_extension():
-    ref = protocol.RingRef(5 << 40, 131072)
-    assert protocol.unpack(protocol.pack([7, protocol.OK, ref])) == [7, protocol.OK, ref]
-    with pytest.raises(protocol.ProtocolError):
-        protocol.unpack(b"\xd4\x09\x00")  # fixext 1 of an unknown type
+    ref = RingRef(5 << 40, 131072)
+    assert unpack(pack([7, messages.OK, ref])) == [7, messages.OK, ref]
+    with pytest.raises(ProtocolError):
+        unpack(b"\xd4\x09\x00")  # fixext 1 of an unknown type
 
 
 # -- real pools ---------------------------------------------------------------------------
@@ -103,7 +107,7 @@ def blob() -> Iterator[bytes]:
 
 @pytest.fixture
 def pool(blob) -> Iterator[WorkerPool]:
-    pool = WorkerPool(MEMORY, 2, request_timeout=10)
+    pool = WorkerPool(MEMORY, 2, serve, request_timeout=10)
     pool.start()
     yield pool
     pool.close()
@@ -140,23 +144,22 @@ def test_sequential_reads_survive_workers_killed_mid_stream(pool, blob):
     assert pool.stats().restarts >= 3
 
 
-def test_a_worker_naming_bytes_it_never_wrote_is_killed_not_believed(blob, monkeypatch, tmp_path):
+def test_a_worker_naming_bytes_it_never_wrote_is_killed_not_believed(blob, tmp_path):
     """A reply pointing outside what the worker may have written ends that worker; the read
     is re-sent and answered right by its replacement."""
-    import workers.handlers as handlers
-
-    real = handlers.blob_read
     marker = tmp_path / "lied"  # only the first worker lies: its replacement finds the marker
 
     def liar(ctx, digest, offset, length, size):
-        result = real(ctx, digest, offset, length, size)
-        if isinstance(result, protocol.RingRef) and not marker.exists():
+        result = handlers.blob_read(ctx, digest, offset, length, size)
+        if isinstance(result, RingRef) and not marker.exists():
             marker.touch()
-            return protocol.RingRef(result.start + DEFAULT_CAPACITY, result.length)
+            return RingRef(result.start + DEFAULT_CAPACITY, result.length)
         return result
 
-    monkeypatch.setitem(handlers.HANDLERS, "blob_read", liar)
-    with WorkerPool(MEMORY, 1, request_timeout=10) as pool:
+    lying: ops.Handlers[handlers.Context] = ops.Handlers()
+    for op, handler in handlers.HANDLERS.items():
+        lying.handles(op)(liar if op is ops.BLOB_READ else handler)
+    with WorkerPool(MEMORY, 1, functools.partial(serve, handlers=lying), request_timeout=10) as pool:
         pid = pool.pids()[0]
         assert PoolFetcher(pool).blob_read(blob, 0, 131072) == DATA[:131072]
         assert marker.exists()
@@ -175,7 +178,7 @@ def test_a_corrupt_blob_fails_and_the_next_read_is_right(tmp_path):
     damaged = bytearray(path.read_bytes())
     damaged[300_000] ^= 1
     path.write_bytes(bytes(damaged))
-    with WorkerPool(urls, 1, request_timeout=10) as pool:
+    with WorkerPool(urls, 1, serve, request_timeout=10) as pool:
         fetcher = PoolFetcher(pool)
         assert fetcher.blob_read(bad_digest, 0, 131072) == bad[:131072]  # segment 0 is intact
         with pytest.raises(IntegrityError):

@@ -21,7 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tvixmount.fetcher import PoolFetcher
 from tvixmount.pool import WorkerPool
+from tvixmount.protocol import ops
 from tvixmount.store import StoreUrls, open_store
+from workers.loop import serve
 
 
 def _summary(name: str, samples: list[float]) -> None:
@@ -73,9 +75,9 @@ def main() -> None:
     with open_store(urls) as store:
         digest = store.blobs.put(os.urandom(args.size * 4))
     _summary("raw pipe echo (40 B)", raw_pipe(args.calls))
-    with WorkerPool(urls, args.workers) as pool:
+    with WorkerPool(urls, args.workers, serve) as pool:
         fetcher = PoolFetcher(pool)
-        _summary("ping", _timed(lambda: pool.call("ping"), args.calls))
+        _summary("ping", _timed(lambda: pool.call(ops.PING), args.calls))
         _summary(f"blob_read {args.size} B (affinity)",
                  _timed(lambda: fetcher.blob_read(digest, 0, args.size, affinity=1), args.calls))
         per_thread: list[list[float]] = [[] for _ in range(args.threads)]

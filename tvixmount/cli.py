@@ -1,4 +1,11 @@
-"""``tvixmount``: flags and logging set-up; everything else is mount.run."""
+"""``tvixmount``: flags and logging set-up; everything else is mount.run.
+
+``main`` is also where the two halves of the program meet: it is the one
+place in this package that imports the ``workers`` package, and it hands
+the worker entry point (``workers.loop.serve``) to mount.run, which gives it
+to the pool and its fork server. Everything else in ``tvixmount`` is
+imported by the workers, never the other way round.
+"""
 
 from __future__ import annotations
 
@@ -178,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra.append(opt)
     threads = args.threads or int(os.environ.get("THREADS", 0)) or max(8, 2 * args.workers)
 
+    from workers.loop import serve as worker_main
+
     from .errors import TvixError
     from .metrics import ListenError
     from .mount import MountConfig, MountpointError, run
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         readahead_files=max(4, args.workers) if args.readahead_files is None else args.readahead_files,
     )
     try:
-        return run(config)
+        return run(config, worker_main)
     except MountpointError as exc:
         print(f"tvixmount: error: mountpoint {exc}", file=sys.stderr)
         return 2

@@ -26,8 +26,9 @@ import socket
 import threading
 import time
 
-from . import protocol
 from .poolstate import PoolState, Slot, Worker
+from .protocol.framing import ProtocolError, RingRef
+from .protocol.messages import HELLO_ID, decode_control, decode_hello, decode_reply, encode_control
 from .shmring import Arena, RingError
 
 log = logging.getLogger("tvixmount.pool")
@@ -76,7 +77,7 @@ class Collector:
         if self.state.zygote_gone:
             return
         try:
-            self.ctl.send(protocol.encode_control("spawn", slot.id))
+            self.ctl.send(encode_control("spawn", slot.id))
         except OSError as exc:
             log.error("cannot reach the zygote pid %d: %s", self.zygote_pid, exc)
             return
@@ -156,9 +157,9 @@ class Collector:
         state = self.state
         try:
             messages = worker.reader.read()
-        except (protocol.ProtocolError, OSError) as exc:
+        except (ProtocolError, OSError) as exc:
             with state.lock:
-                if isinstance(exc, protocol.ProtocolError):
+                if isinstance(exc, ProtocolError):
                     state.kill(worker, f"sent a malformed frame ({exc})")
                 else:
                     worker.doomed = worker.doomed or f"reading its replies failed ({exc})"
@@ -169,7 +170,7 @@ class Collector:
             return
         try:
             ring_replies, ring_bytes = _take_ring_bytes(worker, messages)
-        except (protocol.ProtocolError, RingError) as exc:
+        except (ProtocolError, RingError) as exc:
             with state.lock:
                 state.kill(worker, f"sent a bad reply ({exc})")
             self._retire(sel, worker)
@@ -180,11 +181,11 @@ class Collector:
             now = time.monotonic()
             for message in messages:
                 try:
-                    req_id, ok, value = protocol.decode_reply(message)
-                    if req_id == protocol.HELLO_ID:
+                    req_id, ok, value = decode_reply(message)
+                    if req_id == HELLO_ID:
                         self._on_hello(worker, ok, value)
                         continue
-                except protocol.ProtocolError as exc:
+                except ProtocolError as exc:
                     state.kill(worker, f"sent a malformed message ({exc})")
                     break
                 worker.last_reply = now
@@ -207,10 +208,10 @@ class Collector:
             worker.fatal = value[1]
             slot.last_error = value[1] if self.state.phase == "starting" else None
             return
-        worker_id, pid = protocol.decode_hello(value)
+        worker_id, pid = decode_hello(value)
         if (worker_id, pid) != (worker.id, worker.pid):
-            raise protocol.ProtocolError(f"hello from worker {worker_id} pid {pid}, expected "
-                                         f"worker {worker.id} pid {worker.pid}")
+            raise ProtocolError(f"hello from worker {worker_id} pid {pid}, expected "
+                                f"worker {worker.id} pid {worker.pid}")
         worker.ready = True
         worker.last_reply = time.monotonic()
         if slot.restarts:
@@ -274,8 +275,8 @@ class Collector:
             self._on_zygote_gone(sel, fds)
             return
         try:
-            message = protocol.decode_control(data)
-        except protocol.ProtocolError as exc:
+            message = decode_control(data)
+        except ProtocolError as exc:
             log.error("zygote pid %d: %s", self.zygote_pid, exc)
             _close_all(fds)
             return
@@ -335,9 +336,9 @@ def _take_ring_bytes(worker: Worker, messages: list[object]) -> tuple[int, int]:
     """
     replies = taken = 0
     for message in messages:
-        if type(message) is list and len(message) == 3 and type(message[2]) is protocol.RingRef:
+        if type(message) is list and len(message) == 3 and type(message[2]) is RingRef:
             if worker.ring is None:
-                raise protocol.ProtocolError("a ring reference from a worker without a ring")
+                raise ProtocolError("a ring reference from a worker without a ring")
             ref = message[2]
             message[2] = worker.ring.take(ref.start, ref.length)
             replies += 1

@@ -2,7 +2,7 @@
 
 Code below the FUSE edge raises these; ``fuse_ops`` converts them once with
 ``errno_for``. Errors cross the worker pipe as their ``code`` (see
-protocol.py) and are rebuilt on the dispatcher side with ``from_code``.
+protocol/messages.py) and are rebuilt on the dispatcher side with ``from_code``.
 """
 
 from __future__ import annotations

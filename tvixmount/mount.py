@@ -26,25 +26,23 @@ from pathlib import Path
 
 import llfuse
 
+from .deadlines import HANG_FRACTION
 from .errors import TvixError
 from .fetcher import PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
 from .metrics import FuseMetrics, ListenAddress
 from .metrics_export import Exporter
 from .pool import WorkerPool
+from .protocol import ops
 from .store import StoreUrls, describe
 from .vfs import Vfs
+from .zygote import WorkerMain
 
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 FUSECTL = Path("/sys/fs/fuse/connections")
 MNT_DETACH = 2
-# A worker silent for half of a request's deadline is declared hung, killed, and its
-# requests re-sent: every request waiting on it holds a FUSE thread, so waiting for the
-# deadline itself could starve the whole mount, and the re-sent request still has the
-# other half to succeed in. (Half is also what the pool calls hung when a call times out.)
-HANG_FRACTION = 0.5
 
 
 class MountpointError(Exception):
@@ -137,16 +135,18 @@ class _AnsweredTooLate(logging.Filter):
         return True
 
 
-def run(config: MountConfig) -> int:
+def run(config: MountConfig, worker_main: WorkerMain) -> int:
     """Mount, serve until stopped, tear down in order; return the exit status.
 
     ``config.mountpoint`` must be resolved (cli does it): once mounted,
     nothing may stat it from this process before llfuse.main serves it.
+    ``worker_main`` is the life of one worker process (``workers.loop.serve``,
+    handed down by cli.main: the core never imports the workers).
     """
     check_mountpoint(config.mountpoint)
     ensure_fusectl()
     logging.getLogger("llfuse").addFilter(_AnsweredTooLate())
-    pool = WorkerPool(config.urls, config.workers, request_timeout=config.request_timeout,
+    pool = WorkerPool(config.urls, config.workers, worker_main, request_timeout=config.request_timeout,
                       hang_fraction=HANG_FRACTION)
     pool.start()
     exporter: Exporter | None = None
@@ -196,7 +196,7 @@ def probe_store(pool: WorkerPool, config: MountConfig) -> None:
     than from the first failed build.
     """
     try:
-        pool.call("path_info", bytes(20), timeout=min(PROBE_TIMEOUT, config.request_timeout))
+        pool.call(ops.PATH_INFO, bytes(20), timeout=min(PROBE_TIMEOUT, config.request_timeout))
     except TvixError as exc:
         log.warning("store %s is not answering: %s; mounting anyway, requests will fail with EIO "
                     "until it does", describe(config.urls), exc)

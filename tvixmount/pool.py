@@ -1,6 +1,6 @@
 """Worker processes behind one blocking ``call()``: request ids, deadlines, re-sends, restarts.
 
-Data flow (protocol.py has the wire side)::
+Data flow (the protocol package has the wire side)::
 
     FUSE thread ── call(op, *args) ── route: affinity slot, else least loaded ──> request pipe ──> worker
         │             (the call goes into that worker's in-flight table)          (one atomic,      │
@@ -42,18 +42,22 @@ import logging
 import os
 import select
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 from . import shmring, zygote
 from .collector import Collector
 from .errors import InvalidArgument, Unavailable, from_code
 from .poolstate import Call, PoolState, PoolStats
+from .protocol import ops
 from .store import StoreUrls, describe
+from .zygote import WorkerMain
 
 log = logging.getLogger(__name__)
 
 DEFAULT_START_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0
+
+R = TypeVar("R")
 
 
 class WorkerPool:
@@ -64,9 +68,13 @@ class WorkerPool:
     worker log records reach the dispatcher's handlers).
     """
 
-    def __init__(self, urls: StoreUrls, workers: int, *, request_timeout: float = 30.0, retries: int = 1,
+    def __init__(self, urls: StoreUrls, workers: int, worker_main: WorkerMain, *,
+                 request_timeout: float = 30.0, retries: int = 1,
                  start_timeout: float = DEFAULT_START_TIMEOUT, hang_fraction: float | None = None) -> None:
-        """``hang_fraction``: a worker that answers nothing for this fraction of its oldest call's
+        """``worker_main``: the life of one worker (``workers.loop.serve``; the caller names it, so
+        this package needs no import of the workers).
+
+        ``hang_fraction``: a worker that answers nothing for this fraction of its oldest call's
         budget is declared hung at once, killed, and its calls re-sent with the time they have
         left; None declares it hung only when a call it holds times out (that call then fails).
         """
@@ -78,6 +86,7 @@ class WorkerPool:
                                   f"start_timeout {start_timeout}, hang_fraction {hang_fraction}")
         self.urls = urls
         self.size = workers
+        self.worker_main = worker_main
         self.request_timeout = request_timeout
         self.start_timeout = start_timeout
         self.hang_fraction = hang_fraction
@@ -104,7 +113,7 @@ class WorkerPool:
             state.phase = "starting"
         try:
             self._arena = shmring.Arena(self.size)
-            self._zygote, ctl = zygote.start(self.urls, self._arena)
+            self._zygote, ctl = zygote.start(self.urls, self.worker_main, self._arena)
             self._zygote_pid = self._zygote.pid
             log.debug("zygote pid %d started for %s", self._zygote_pid, describe(self.urls))
             self._collector = Collector(state, ctl, self._zygote_pid, describe(self.urls), self.start_timeout,
@@ -115,7 +124,7 @@ class WorkerPool:
                     self._collector.request_spawn(slot)
             self._wait_until_ready()
             for slot in state.slots:
-                worker_id, pid = self.call("ping", affinity=slot.id, timeout=self.start_timeout)
+                worker_id, pid = self.call(ops.PING, affinity=slot.id, timeout=self.start_timeout)
                 log.debug("worker %d pid %d answered a ping", worker_id, pid)
         except BaseException:
             self.close()
@@ -207,17 +216,16 @@ class WorkerPool:
 
     # -- calls ---------------------------------------------------------------------------
 
-    def call(self, op: str, *args: Any, affinity: int | None = None, timeout: float | None = None,
-             idempotent: bool = True) -> Any:
+    def call(self, op: ops.Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None,
+             idempotent: bool = True) -> R:
         """Run ``op`` on a worker; block until its reply, never past ``timeout`` seconds.
 
-        Returns the op's result in wire form (protocol.OPS[op].decode makes
-        castore values of it). Raises the worker's error rebuilt from its
-        code, Timeout, WorkerLost, or Unavailable when the pool is down.
-        Thread-safe. Calls with the same ``affinity`` go to the same worker
-        while it lives.
+        Returns the op's result, decoded (ProtocolError if it does not fit).
+        Raises the worker's error rebuilt from its code, Timeout,
+        WorkerLost, or Unavailable when the pool is down. Thread-safe.
+        Calls with the same ``affinity`` go to the same worker while it lives.
         """
-        call = Call(next(self._ids), op, args, self.request_timeout if timeout is None else timeout,
+        call = Call(next(self._ids), op.name, args, self.request_timeout if timeout is None else timeout,
                     affinity, idempotent)
         if len(call.frame) > select.PIPE_BUF:
             raise InvalidArgument(f"{call.what()}: request of {len(call.frame)} bytes is too large")
@@ -231,7 +239,7 @@ class WorkerPool:
             with state.lock:
                 state.expire(call)
         if call.ok:
-            return call.value
+            return op.decode(call.value)
         code, message = call.value
         raise from_code(code, message)
 

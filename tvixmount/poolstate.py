@@ -35,10 +35,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from . import protocol
 from .castore import nixbase32
 from .castore.nodes import b3_text
+from .deadlines import HANG_FRACTION
 from .metrics import counter, gauge
+from .protocol.framing import FrameReader
+from .protocol.messages import encode_request
 from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
@@ -64,7 +66,7 @@ class Call:
         self.deadline = self.created + timeout
         self.affinity = affinity
         self.idempotent = idempotent
-        self.frame = protocol.encode_request(req_id, op, args, self.deadline)  # re-sent as is
+        self.frame = encode_request(req_id, op, args, self.deadline)  # re-sent as is
         self.sends = 0
         self.sent_at = 0.0
         self.worker: Worker | None = None
@@ -91,7 +93,7 @@ class Worker:
         self.pid = pid
         self.req_fd = req_fd  # non-blocking; requests are shorter than PIPE_BUF, so writes are atomic
         self.rep_fd = rep_fd
-        self.reader = protocol.FrameReader(rep_fd)
+        self.reader = FrameReader(rep_fd)
         self.ring = ring  # its slot's shared-memory ring, where read replies put their bytes
         self.inflight: dict[int, Call] = {}
         self.ready = False  # its store opened and it said hello
@@ -249,9 +251,10 @@ class PoolState:
     def expire(self, call: Call) -> None:
         """The caller's deadline passed: take the call back and fail it with Timeout.
 
-        Its worker is killed as hung if it held the call for at least half
-        the call's budget, answered nothing in that time, and no earlier
-        call it still holds, with time left, could explain the silence.
+        Its worker is killed as hung if it held the call for at least
+        ``HANG_FRACTION`` of the call's budget (deadlines.py), answered
+        nothing in that time, and no earlier call it still holds, with time
+        left, could explain the silence.
         """
         if call.finished:
             return  # the reply won the race
@@ -263,7 +266,7 @@ class PoolState:
             del worker.inflight[call.id]
             where = f"on worker {worker.id} pid {worker.pid}"
             silent = now - worker.last_reply
-            if (worker.last_reply < call.sent_at and now - call.sent_at >= call.timeout / 2
+            if (worker.last_reply < call.sent_at and now - call.sent_at >= call.timeout * HANG_FRACTION
                     and not busy_earlier and not worker.doomed):
                 self.kill(worker, f"no reply for {silent:.1f} s ({call.what()} timed out)")
         else:

@@ -7,7 +7,7 @@ Measured on this machine (docs/architecture.md, 'The read path'), a pipe round t
 128 KiB took ~220 us; with the bytes in shared memory and only a short
 descriptor on the pipe, ~59 us. Here the worker copies the verified bytes
 into its ring once and the dispatcher copies them out once; the reply
-carries a ``RingRef`` (protocol.py) of a dozen bytes.
+carries a ``RingRef`` (protocol/framing.py) of a dozen bytes.
 
 Layout: one anonymous ``MAP_SHARED`` arena, mapped by the pool before it
 forks the zygote, so every worker the zygote ever forks inherits the same

@@ -49,10 +49,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
-from . import protocol
-from .shmring import Arena
+from .protocol.messages import decode_control, encode_control
+from .shmring import Arena, RingWriter
 from .store import StoreUrls
 
 REPLY_PIPE_SIZE = 1 << 20  # a 128 KiB reply fits in one write and one read
@@ -63,19 +64,26 @@ EXIT_CRASH = 70
 _PR_SET_NAME = 15
 _PR_SET_PDEATHSIG = 1
 
+# The whole life of one worker process, forked by the zygote: (worker id, store URLs, request
+# fd, reply fd, its ring or None) -> exit status. The pool's owner hands it down (workers.loop.serve
+# in a mount): this package never imports the workers.
+WorkerMain = Callable[[int, StoreUrls, int, int, RingWriter | None], int]
 
-def start(urls: StoreUrls,
+
+def start(urls: StoreUrls, worker_main: WorkerMain,
           arena: Arena | None = None) -> tuple[multiprocessing.process.BaseProcess, socket.socket]:
     """Fork the zygote; return it and the pool's end of its control socket.
 
     Call before any thread that may hold locks in a forked child exists
     (before ``llfuse.init``), after logging (and multiprocessing-logging)
-    is configured. Every worker inherits ``arena`` and writes read replies
-    into the ring of its slot.
+    is configured. Each worker runs ``worker_main``, inherited through the
+    fork (never pickled); every worker inherits ``arena`` and writes read
+    replies into the ring of its slot.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     context = multiprocessing.get_context("fork")
-    process = context.Process(target=_main, args=(theirs, urls, arena), name="tvixmount-zygote", daemon=True)
+    process = context.Process(target=_main, args=(theirs, urls, worker_main, arena), name="tvixmount-zygote",
+                              daemon=True)
     try:
         process.start()
     finally:
@@ -86,21 +94,21 @@ def start(urls: StoreUrls,
 # -- inside the zygote ---------------------------------------------------------------
 
 
-def _main(sock: socket.socket, urls: StoreUrls, arena: Arena | None) -> None:
+def _main(sock: socket.socket, urls: StoreUrls, worker_main: WorkerMain, arena: Arena | None) -> None:
     logging.disable(logging.CRITICAL)
     _reset_signals()
     _set_name("tvix-zygote")
     _neutralise_fds({0, 1, 2, sock.fileno()} | _logging_fds())
     gc.freeze()  # inherited objects are never collected here or in workers (no stale finalizers)
-    import workers.loop  # noqa: F401 - imported once here, shared by every fork
-
-    _Zygote(sock, urls, arena).run()
+    _Zygote(sock, urls, worker_main, arena).run()
 
 
 class _Zygote:
-    def __init__(self, sock: socket.socket, urls: StoreUrls, arena: Arena | None) -> None:
+    def __init__(self, sock: socket.socket, urls: StoreUrls, worker_main: WorkerMain,
+                 arena: Arena | None) -> None:
         self.sock = sock
         self.urls = urls
+        self.worker_main = worker_main
         self.arena = arena
         self.children: dict[int, int] = {}  # pid -> worker id
 
@@ -112,7 +120,7 @@ class _Zygote:
                 data = self.sock.recv(4096)
                 if not data:
                     break
-                message = protocol.decode_control(data)
+                message = decode_control(data)
                 if message[0] == "spawn":
                     self.spawn(message[1])
             self.reap()
@@ -126,24 +134,25 @@ class _Zygote:
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
-            self.send(protocol.encode_control("spawn_failed", worker_id, f"pipe: {exc}"))
+            self.send(encode_control("spawn_failed", worker_id, f"pipe: {exc}"))
             return
         req_r, req_w, rep_r, rep_w = fds
         try:
             _grow_pipe(rep_w)
             pid = os.fork()
             if pid == 0:
-                _worker_child(self.sock, self.urls, self.arena, worker_id, req_r, rep_w, (req_w, rep_r))
+                _worker_child(self.sock, self.urls, self.worker_main, self.arena, worker_id, req_r, rep_w,
+                              (req_w, rep_r))
         except OSError as exc:
             for fd in (req_r, req_w, rep_r, rep_w):
                 os.close(fd)
-            self.send(protocol.encode_control("spawn_failed", worker_id, f"fork: {exc}"))
+            self.send(encode_control("spawn_failed", worker_id, f"fork: {exc}"))
             return
         os.close(req_r)
         os.close(rep_w)
         self.children[pid] = worker_id
         try:
-            socket.send_fds(self.sock, [protocol.encode_control("spawned", worker_id, pid)], [req_w, rep_r])
+            socket.send_fds(self.sock, [encode_control("spawned", worker_id, pid)], [req_w, rep_r])
         except OSError:
             pass  # the pool is gone; the worker sees EOF at once
         finally:
@@ -160,7 +169,7 @@ class _Zygote:
             if pid == 0:
                 return
             worker_id = self.children.pop(pid, -1)
-            self.send(protocol.encode_control("exited", worker_id, pid, describe_status(status)))
+            self.send(encode_control("exited", worker_id, pid, describe_status(status)))
 
     def send(self, data: bytes) -> None:
         with contextlib.suppress(OSError):  # nobody listens any more (shutting down)
@@ -177,8 +186,8 @@ class _Zygote:
         self.reap(block=True)
 
 
-def _worker_child(sock: socket.socket, urls: StoreUrls, arena: Arena | None, worker_id: int, req_r: int,
-                  rep_w: int, others: tuple[int, ...]) -> None:
+def _worker_child(sock: socket.socket, urls: StoreUrls, worker_main: WorkerMain, arena: Arena | None,
+                  worker_id: int, req_r: int, rep_w: int, others: tuple[int, ...]) -> None:
     """The life of a freshly forked worker; never returns."""
     code = EXIT_CRASH
     try:
@@ -192,9 +201,7 @@ def _worker_child(sock: socket.socket, urls: StoreUrls, arena: Arena | None, wor
         _set_name(f"tvix-worker-{worker_id}")
         multiprocessing.current_process().name = f"tvixmount-worker-{worker_id}"  # for %(processName)s
         logging.disable(logging.NOTSET)
-        from workers.loop import serve
-
-        code = serve(worker_id, urls, req_r, rep_w, None if arena is None else arena.writer(worker_id))
+        code = worker_main(worker_id, urls, req_r, rep_w, None if arena is None else arena.writer(worker_id))
     except BaseException:
         try:
             import traceback

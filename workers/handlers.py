@@ -1,8 +1,10 @@
 """One small function per op: ask the store, check what it answered, return castore values.
 
-Handlers run in a worker process (workers/loop.py) or in-process
-(tvixmount.fetcher.LocalFetcher); they take a ``Context`` and the op's
-arguments and return domain values, which protocol.OPS encodes for the wire.
+Each registers against its op (``@handles(ops.PATH_INFO)``), which declares
+its arguments and result type (tvixmount.protocol.ops). Handlers run in a
+worker process (workers/loop.py) or in-process (tvixmount.fetcher.LocalFetcher,
+given ``HANDLERS``); they take a ``Context`` and the op's arguments and
+return domain values, which the op encodes for the wire.
 They raise only ``tvixmount.errors`` classes. They never import llfuse or
 the vfs: a worker holds no filesystem state, only a store and caches.
 
@@ -19,7 +21,6 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from tvixmount.castore import nixbase32
 from tvixmount.castore.directory import Directory
@@ -27,7 +28,9 @@ from tvixmount.castore.nodes import DIGEST_LEN, Node, b3_text
 from tvixmount.castore.pathinfo import PathInfo, validate_pathinfo
 from tvixmount.castore.storepath import DIGEST_LEN as STORE_DIGEST_LEN
 from tvixmount.errors import IntegrityError, InvalidArgument, InvalidData, NotFound, TvixError
-from tvixmount.protocol import MAX_READ, RingRef
+from tvixmount.protocol import ops
+from tvixmount.protocol.framing import RingRef
+from tvixmount.protocol.ops import MAX_READ, Handlers
 from tvixmount.shmring import RingWriter
 from tvixmount.store import BlobReader, Store
 
@@ -104,12 +107,17 @@ class Context:
 
 # -- handlers -------------------------------------------------------------------------
 
-
-def ping(ctx: Context) -> list[int]:
-    """Who answers: [worker id, pid]."""
-    return [ctx.worker_id, os.getpid()]
+HANDLERS: Handlers[Context] = Handlers()
+handles = HANDLERS.handles
 
 
+@handles(ops.PING)
+def ping(ctx: Context) -> tuple[int, int]:
+    """Who answers: (worker id, pid)."""
+    return ctx.worker_id, os.getpid()
+
+
+@handles(ops.PATH_INFO)
 def path_info(ctx: Context, digest20: bytes) -> Node | None:
     """The root node stored under a store path digest, or None.
 
@@ -124,15 +132,7 @@ def path_info(ctx: Context, digest20: bytes) -> Node | None:
     return _checked_root(info, digest20)
 
 
-def directory(ctx: Context, digest: bytes) -> Directory:
-    """One validated Directory; NotFound when the store does not have it."""
-    _check_len(digest, DIGEST_LEN, "directory digest")
-    found = ctx.store.directories.get(digest)
-    if found is None:
-        raise NotFound(f"directory {b3_text(digest)} not found")
-    return found
-
-
+@handles(ops.DIRECTORY_TREE)
 def directory_tree(ctx: Context, digest: bytes, max_entries: int) -> list[tuple[bytes, Directory]]:
     """The directory and what is below it, parents first, each once (for prefetch).
 
@@ -162,6 +162,7 @@ def directory_tree(ctx: Context, digest: bytes, max_entries: int) -> list[tuple[
     return tree
 
 
+@handles(ops.LIST_ROOT)
 def list_root(ctx: Context) -> list[Node]:
     """Every root node in the store's listing order (for --list-root)."""
     nodes = []
@@ -170,13 +171,7 @@ def list_root(ctx: Context) -> list[Node]:
     return nodes
 
 
-def blob_stat(ctx: Context, digest: bytes) -> int | None:
-    """A blob's size, or None when the store does not have it."""
-    _check_len(digest, DIGEST_LEN, "blob digest")
-    stat = ctx.store.blobs.stat(digest)
-    return None if stat is None else stat.size
-
-
+@handles(ops.BLOB_READ)
 def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) -> bytes | RingRef:
     """``length`` verified bytes from ``offset`` (fewer only at EOF, none past it).
 
@@ -212,15 +207,7 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
         raise
 
 
-HANDLERS: dict[str, Callable[..., Any]] = {
-    "ping": ping,
-    "path_info": path_info,
-    "directory": directory,
-    "directory_tree": directory_tree,
-    "list_root": list_root,
-    "blob_stat": blob_stat,
-    "blob_read": blob_read,
-}
+HANDLERS.check_complete()
 
 
 # -- checks ---------------------------------------------------------------------------

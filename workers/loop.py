@@ -18,8 +18,10 @@ import logging
 import os
 import time
 
-from tvixmount import protocol
 from tvixmount.errors import InvalidData, Timeout, TvixError
+from tvixmount.protocol import framing, messages
+from tvixmount.protocol.framing import FrameReader, ProtocolError, write_frame
+from tvixmount.protocol.ops import Handlers
 from tvixmount.shmring import RingWriter
 from tvixmount.store import StoreUrls, describe, open_store
 from tvixmount.store.grpc_deadline import request_deadline
@@ -33,78 +35,80 @@ EXIT_NO_STORE = 3
 EXIT_PROTOCOL = 4
 
 
-def serve(worker_id: int, urls: StoreUrls, req_fd: int, rep_fd: int, ring: RingWriter | None = None) -> int:
+def serve(worker_id: int, urls: StoreUrls, req_fd: int, rep_fd: int, ring: RingWriter | None = None, *,
+          handlers: Handlers[Context] = HANDLERS) -> int:
     """Serve until EOF; return the process exit status.
 
     Blocks in reads of ``req_fd`` for the whole life of the worker. With
     ``ring`` (a pool worker), read replies carry their bytes through it.
+    This is the worker entry point a pool is given (tvixmount.zygote.WorkerMain).
     """
     pid = os.getpid()
     try:
         store = open_store(urls)
     except Exception as exc:  # any failure to open is reported the same way, then we exit
         log.debug("worker %d pid %d could not open %s: %s", worker_id, pid, describe(urls), exc)
-        _try_write(rep_fd, protocol.encode_error(protocol.HELLO_ID, exc))
+        _try_write(rep_fd, messages.encode_error(messages.HELLO_ID, exc))
         return EXIT_NO_STORE
     ctx = Context(worker_id, store, ring)
     try:
         log.debug("worker %d pid %d serving %s", worker_id, pid, describe(urls))
-        if not _try_write(rep_fd, protocol.encode_hello(worker_id, pid)):
+        if not _try_write(rep_fd, messages.encode_hello(worker_id, pid)):
             return EXIT_OK
-        return _loop(ctx, req_fd, rep_fd)
+        return _loop(ctx, handlers, req_fd, rep_fd)
     finally:
         ctx.close()
 
 
-def _loop(ctx: Context, req_fd: int, rep_fd: int) -> int:
-    reader = protocol.FrameReader(req_fd, 64 << 10)
+def _loop(ctx: Context, handlers: Handlers[Context], req_fd: int, rep_fd: int) -> int:
+    reader = FrameReader(req_fd, 64 << 10)
     while True:
         try:
-            messages = reader.read()
-        except protocol.ProtocolError as exc:
+            requests = reader.read()
+        except ProtocolError as exc:
             log.error("worker %d pid %d: undecodable request stream: %s", ctx.worker_id, os.getpid(), exc)
             return EXIT_PROTOCOL
-        if messages is None:
+        if requests is None:
             log.debug("worker %d pid %d: request pipe closed; exiting", ctx.worker_id, os.getpid())
             return EXIT_OK
-        for message in messages:
+        for message in requests:
             try:
-                parts = handle(ctx, message)
-            except protocol.ProtocolError as exc:
+                parts = handle(ctx, message, handlers)
+            except ProtocolError as exc:
                 log.error("worker %d pid %d: %s", ctx.worker_id, os.getpid(), exc)
                 return EXIT_PROTOCOL
             if not _try_write(rep_fd, *parts):
                 return EXIT_OK
 
 
-def handle(ctx: Context, message: object) -> tuple[bytes, ...]:
+def handle(ctx: Context, message: object, handlers: Handlers[Context] = HANDLERS) -> tuple[bytes, ...]:
     """The reply body (as parts for write_frame) for one decoded request; raises only ProtocolError."""
-    req_id, op, args, deadline = protocol.decode_request(message)
+    req_id, name, args, deadline = messages.decode_request(message)
     if time.monotonic() > deadline:
-        return (protocol.encode_error(
-            req_id, Timeout(f"{op}: deadline passed before worker {ctx.worker_id} took it up")),)
+        return (messages.encode_error(
+            req_id, Timeout(f"{name}: deadline passed before worker {ctx.worker_id} took it up")),)
     try:
-        spec = protocol.check_args(op, args)
+        op, handler = handlers.find(name, args)
         with request_deadline(deadline):  # a store call may wait for its server this long, no longer
-            result = HANDLERS[op](ctx, *args)
-        parts = protocol.encode_reply_parts(req_id, spec.encode(result))
+            result = handler(ctx, *args)
+        parts = messages.encode_reply_parts(req_id, op.encode(result))
         size = sum(len(p) for p in parts)
-        if size > protocol.MAX_FRAME:  # the dispatcher would take it for garbage and kill us
-            raise InvalidData(f"{op}: the answer is {size} bytes, more than the {protocol.MAX_FRAME} "
+        if size > framing.MAX_FRAME:  # the dispatcher would take it for garbage and kill us
+            raise InvalidData(f"{name}: the answer is {size} bytes, more than the {framing.MAX_FRAME} "
                               "a reply may carry")
         return parts
     except TvixError as exc:
-        log.debug("worker %d: %s failed: %s", ctx.worker_id, op, exc)
-        return (protocol.encode_error(req_id, exc),)
+        log.debug("worker %d: %s failed: %s", ctx.worker_id, name, exc)
+        return (messages.encode_error(req_id, exc),)
     except Exception as exc:  # a bug or an unexpected library error: answer it, keep serving
-        log.exception("worker %d pid %d: %s raised unexpectedly", ctx.worker_id, os.getpid(), op)
-        return (protocol.encode_error(req_id, exc),)
+        log.exception("worker %d pid %d: %s raised unexpectedly", ctx.worker_id, os.getpid(), name)
+        return (messages.encode_error(req_id, exc),)
 
 
 def _try_write(fd: int, *parts: bytes) -> bool:
     """Write one frame; False when the dispatcher is gone (broken pipe)."""
     try:
-        protocol.write_frame(fd, *parts)
+        write_frame(fd, *parts)
     except BrokenPipeError:
         return False
     return True

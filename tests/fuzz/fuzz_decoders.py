@@ -33,7 +33,6 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 with atheris.instrument_imports():
-    from tvixmount import protocol
     from tvixmount.castore import nar, nixbase32, storepath
     from tvixmount.castore.directory import Directory, decode_directory, validate
     from tvixmount.castore.narreader import NarDirectoryEnd, NarDirectoryStart, NarFile, NarSymlink, read_nar
@@ -41,6 +40,7 @@ with atheris.instrument_imports():
     from tvixmount.castore.pathinfo import validate_pathinfo
     from tvixmount.castore.wire import decode_pathinfo, encode_pathinfo
     from tvixmount.errors import InvalidData
+    from tvixmount.protocol import framing, messages
 
 import blake3
 
@@ -114,20 +114,20 @@ def fuzz_frames(data: bytes) -> None:
 
     r, w = os.pipe()
     try:
-        reader = protocol.FrameReader(r, 64)
+        reader = framing.FrameReader(r, 64)
         os.write(w, data[:65536])
         os.close(w)
         w = -1
         for _ in range(len(data) + 2):
             try:
-                messages = reader.read()
-            except protocol.ProtocolError:
+                values = reader.read()
+            except framing.ProtocolError:
                 return
-            if messages is None:
+            if values is None:
                 return
-            for message in messages:
-                for check in (protocol.decode_reply, protocol.decode_request):
-                    with contextlib.suppress(protocol.ProtocolError):
+            for message in values:
+                for check in (messages.decode_reply, messages.decode_request):
+                    with contextlib.suppress(framing.ProtocolError):
                         check(message)
         raise AssertionError("no EOF")
     finally:
@@ -142,14 +142,14 @@ def fuzz_request(data: bytes) -> None:
     from workers.loop import handle
 
     try:
-        message = protocol.unpack(data)
-    except protocol.ProtocolError:
+        message = framing.unpack(data)
+    except framing.ProtocolError:
         return
     try:
         parts = handle(_context(), message)
-    except protocol.ProtocolError:
+    except framing.ProtocolError:
         return
-    protocol.decode_reply(protocol.unpack(b"".join(parts)))
+    messages.decode_reply(framing.unpack(b"".join(parts)))
     del Context
 
 
@@ -190,14 +190,14 @@ def seeds() -> dict[str, list[bytes]]:
     tree = {d.digest(): Directory(files=(FileNode(b"a", b3, 1),), symlinks=(SymlinkNode(b"b", b"a"),))}
     root = DirectoryNode(b"", next(iter(tree)), 4)
     rendered = b"".join(nar.nar_chunks(root, tree.__getitem__, lambda digest, size: iter([blobs[digest]])))
-    request = protocol.pack([1, "blob_read", [b3, 0, 10, -1], 1e12])
+    request = framing.pack([1, "blob_read", [b3, 0, 10, -1], 1e12])
     return {
         "directory": [d.encode(), Directory().encode()],
         "pathinfo": [encode_pathinfo(info)],
         "nar": [rendered],
         "storepath": [path.basename.encode(), path.absolute.encode(), nixbase32.encode(b3).encode()],
-        "frames": [protocol.frame(protocol.pack([1, 0, b"ok"])) + protocol.frame(request)],
-        "request": [request, protocol.pack([2, "directory", [b3], 1e12])],
+        "frames": [framing.frame(framing.pack([1, 0, b"ok"])) + framing.frame(request)],
+        "request": [request, framing.pack([2, "directory_tree", [b3, 100], 1e12])],
     }
 
 

@@ -25,7 +25,7 @@ MAX_NAME_LEN = 255
 MAX_TARGET_LEN = 4095
 # Largest canonical encoding accepted, in or out (about 700,000 entries with short
 # names): bounds what one directory costs a worker to decode (~0.5 KiB per entry) and
-# keeps its reply within a worker frame (protocol.MAX_FRAME). tvix itself sends at
+# keeps its reply within a worker frame (protocol.framing.MAX_FRAME). tvix itself sends at
 # most 4 MiB per message.
 MAX_ENCODED_LEN = 32 << 20
 _U64_MAX = (1 << 64) - 1

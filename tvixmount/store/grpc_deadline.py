@@ -26,10 +26,12 @@ import threading
 import time
 from collections.abc import Iterator
 
+from ..deadlines import HANG_FRACTION
+
 __all__ = ["PATIENCE_SHARE", "patience_until", "request_deadline"]
 
-# Below the pool's hang fraction (0.5), leaving time for the call itself.
-PATIENCE_SHARE = 0.4
+# A fifth short of the pool's hang fraction (0.4 of the time left), leaving time for the call itself.
+PATIENCE_SHARE = 0.8 * HANG_FRACTION
 
 _scope = threading.local()
 
