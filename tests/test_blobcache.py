@@ -29,10 +29,10 @@ from tvixmount.store.blobcache import (
     FillingBlobReader,
     add_cache_arguments,
     cache_config_from,
-    parse_size,
 )
 from tvixmount.store.blobcache_index import SEGMENT
 from tvixmount.store.memory import MemoryBlobService
+from tvixmount.units import parse_size
 
 READ = 128 * 1024
 MiB = 1 << 20
