@@ -9,10 +9,10 @@ work and turns failures into one line on stderr and an exit status:
 * Each failure is one line, ``tvixstore: error: <what>: <why>``; a traceback
   only with ``--log-level debug``.
 
-Store flags mirror tvix-store's: three service URLs (env BLOB_SERVICE_ADDR,
-DIRECTORY_SERVICE_ADDR, PATH_INFO_SERVICE_ADDR); any not given is the
-embedded store in ``--store-dir``. They are accepted before the subcommand
-and after it (tvix puts them on the subcommand).
+Store flags mirror tvix-store's (storeflags.ADMIN): three service URLs
+(env BLOB_SERVICE_ADDR, DIRECTORY_SERVICE_ADDR, PATH_INFO_SERVICE_ADDR); any
+not given is the embedded store in ``--store-dir``. They are accepted before
+the subcommand and after it (tvix puts them on the subcommand).
 """
 
 from __future__ import annotations
@@ -26,16 +26,16 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from .. import __version__
 from ..castore import nixbase32, storepath
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, TvixError
-from ..store import Store, StoreUrls, describe, open_store, urls
+from ..store import Store, describe, open_store
 from ..store.location import ENV_VAR as STORE_DIR_ENV
 from ..store.location import default_store_dir
+from ..storeflags import ADMIN, COPY_TARGET
 from . import progress
 
 log = logging.getLogger("tvixmount.admin")
@@ -74,13 +74,6 @@ examples:
 exit status: 0 ok, 1 data or store error, 2 usage error, 130 interrupted.
 """
 
-_SERVICES = (
-    ("blob", "BLOB_SERVICE_ADDR"),
-    ("directory", "DIRECTORY_SERVICE_ADDR"),
-    ("path-info", "PATH_INFO_SERVICE_ADDR"),
-)
-
-
 class _Parser(argparse.ArgumentParser):
     """argparse with our error line format (status 2, as argparse)."""
 
@@ -96,11 +89,7 @@ def _add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
         return argparse.SUPPRESS if suppress else value
 
     group = parser.add_argument_group("store and output")
-    group.add_argument("--store-dir", type=Path, default=default(None), metavar="DIR",
-                       help=f"embedded store directory (env {STORE_DIR_ENV}; default {default_store_dir()})")
-    for service, env in _SERVICES:
-        group.add_argument(f"--{service}-service-addr", metavar="URL", default=default(None),
-                           help=f"{service} service URL (env {env}; default: the embedded store)")
+    ADMIN.add_to(group, suppress=suppress)
     group.add_argument("--log-level", type=str.lower, default=default(None),
                        choices=["debug", "info", "warning", "error"],
                        help="log verbosity on stderr (default warning, info for daemon; debug adds "
@@ -197,10 +186,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
                 "      --to-path-info-service-addr grpc+unix:///run/tvix.sock")
     p.add_argument("paths", nargs="*", metavar="STOREPATH", help="<hash>-<name> or /nix/store/<hash>-<name>")
     p.add_argument("--all", action="store_true", help="copy every store path the source holds")
-    p.add_argument("--to-store-dir", type=Path, metavar="DIR",
-                   help="target embedded store directory (created if needed)")
-    for service, _env in _SERVICES:
-        p.add_argument(f"--to-{service}-service-addr", metavar="URL", help=f"target {service} service URL")
+    COPY_TARGET.add_to(p)
     p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
                    help="blobs copied at once (default 8)")
 
@@ -237,30 +223,8 @@ def _setup_logging(level: str) -> None:
     logger.setLevel(level.upper())
 
 
-def _store_urls(args: argparse.Namespace, writable: bool) -> StoreUrls:
-    store_dir = args.store_dir or default_store_dir()
-    embedded = StoreUrls.embedded(store_dir, create=writable)
-    chosen = []
-    for (service, env), fallback in zip(_SERVICES, (embedded.blob, embedded.directory, embedded.path_info),
-                                        strict=True):
-        url = getattr(args, service.replace("-", "_") + "_service_addr") or os.environ.get(env) or fallback
-        if writable and url != fallback:
-            url = _creating(url)
-        urls.parse(url)  # bad URLs are usage errors, before anything is opened
-        chosen.append(url)
-    return StoreUrls(*chosen)
-
-
-def _creating(url: str) -> str:
-    """A writer may create an embedded store it is pointed at (``local://...?create=1``)."""
-    parsed = urls.parse(url)
-    if parsed.scheme == urls.LOCAL and not parsed.query:
-        return url + "?create=1"
-    return url
-
-
 def _open(args: argparse.Namespace, writable: bool = False) -> Store:
-    store_urls = _store_urls(args, writable)
+    store_urls = ADMIN.urls(args, create=writable)
     log.debug("opening %s", describe(store_urls))
     return open_store(store_urls)
 
@@ -439,29 +403,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_DATA if report.problems else EXIT_OK
 
 
-def _target_urls(args: argparse.Namespace) -> StoreUrls:
-    """The copy target: the three --to-*-service-addr URLs, any missing one from --to-store-dir."""
-    given = [getattr(args, f"to_{service.replace('-', '_')}_service_addr") for service, _ in _SERVICES]
-    if args.to_store_dir is None and not all(given):
-        if any(given):
-            names = [f"--to-{service}-service-addr" for service, _ in _SERVICES]
-            missing = ", ".join(name for name, url in zip(names, given, strict=True) if not url)
-            raise InvalidArgument(f"copy: {missing} not given (and no --to-store-dir to take it from)")
-        raise InvalidArgument("copy: no target store: give --to-store-dir DIR or the three "
-                              "--to-*-service-addr URLs")
-    embedded = StoreUrls.embedded(args.to_store_dir, create=True) if args.to_store_dir is not None else None
-    chosen = []
-    for index, url in enumerate(given):
-        if url:
-            url = _creating(url)
-        else:
-            assert embedded is not None
-            url = (embedded.blob, embedded.directory, embedded.path_info)[index]
-        urls.parse(url)  # bad URLs are usage errors, before anything is opened
-        chosen.append(url)
-    return StoreUrls(*chosen)
-
-
 def cmd_copy(args: argparse.Namespace) -> int:
     from .browse import parse_target
     from .copy import DEFAULT_JOBS, Closure, Copier
@@ -479,7 +420,7 @@ def cmd_copy(args: argparse.Namespace) -> int:
     jobs = DEFAULT_JOBS if args.jobs is None else args.jobs
     if jobs < 1:
         raise InvalidArgument(f"copy: --jobs {jobs} must be at least 1")
-    target_urls = _target_urls(args)
+    target_urls = COPY_TARGET.urls(args, create=True)
     bars = _bars(args)
     started = time.monotonic()
     with _open(args) as source:
@@ -501,9 +442,9 @@ def cmd_copy(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
-    from ..server.daemon import run as run_daemon
+    from ..server import daemon
 
-    return run_daemon(args)
+    return daemon.run(args, daemon.store_urls_from(args))
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

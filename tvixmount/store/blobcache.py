@@ -69,7 +69,6 @@ entries and bytes the whole cache holds.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import logging
@@ -84,7 +83,7 @@ import blake3
 
 from ..castore.nodes import b3_text
 from ..errors import InvalidArgument, InvalidData, TvixError
-from ..units import format_size, size_argument
+from ..units import format_size
 from . import records
 from .base import BlobReader, BlobService, BlobStat, BlobWriter
 from .blobcache_index import SEGMENT, CacheIndex, Entry
@@ -515,29 +514,3 @@ class FillingBlobReader(BlobReader):
             self._service.abandon(self._fill)
             self._fill = None
         self._inner.close()
-
-
-# -- command line ----------------------------------------------------------------------
-
-def add_cache_arguments(group: argparse._ActionsContainer) -> None:
-    """``--cache-dir`` and ``--cache-size`` (read them back with ``cache_config_from``)."""
-    group.add_argument(
-        "--cache-dir", metavar="DIR", default=None,
-        help="keep blobs read from a remote (grpc) blob service in DIR, so that they are read "
-             "from the network once: shared by the worker processes, kept across remounts, "
-             "verified before each use (created if missing; not for a local:// store)")
-    group.add_argument(
-        "--cache-size", metavar="SIZE", type=size_argument, default=None,
-        help=f"how big the blob cache may grow, in bytes or with a K, M, G or T suffix; least "
-             f"recently used blobs are removed beyond it (default {format_size(DEFAULT_SIZE)}; "
-             f"needs --cache-dir)")
-
-
-def cache_config_from(args: argparse.Namespace) -> BlobCacheConfig | None:
-    """The cache the parsed ``args`` ask for, or None; InvalidArgument for --cache-size alone."""
-    if args.cache_dir is None:
-        if args.cache_size is not None:
-            raise InvalidArgument("--cache-size needs --cache-dir")
-        return None
-    size = DEFAULT_SIZE if args.cache_size is None else args.cache_size
-    return BlobCacheConfig(Path(os.path.abspath(args.cache_dir)), size)
