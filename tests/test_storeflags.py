@@ -19,6 +19,7 @@ import pytest
 from tvixmount import cli as mount_cli
 from tvixmount import storeflags
 from tvixmount.admin import cli as admin_cli
+from tvixmount.admin import command
 from tvixmount.errors import InvalidArgument
 from tvixmount.server import daemon
 from tvixmount.store import BlobCacheConfig, StoreUrls, urls
@@ -45,7 +46,7 @@ def _mount(flags: list[str]) -> StoreUrls:
 def _tvixstore(argv: Callable[[list[str]], list[str]], writable: bool) -> Callable[[list[str]], StoreUrls]:
     def resolve(flags: list[str]) -> StoreUrls:
         full = argv(flags)
-        return storeflags.ADMIN.urls(admin_cli.build_parser(full).parse_args(full), create=writable)
+        return command.store_urls(admin_cli.build_parser(full).parse_args(full), writable)
 
     return resolve
 
@@ -138,10 +139,9 @@ def test_every_command_reads_its_store_flags_by_one_rule(
 def test_store_flags_go_before_or_after_the_tvixstore_command(tmp_path: Path) -> None:
     for argv in (["--store-dir", str(tmp_path), "list"], ["list", "--store-dir", str(tmp_path)]):
         args = admin_cli.build_parser(argv).parse_args(argv)
-        assert storeflags.ADMIN.urls(args) == StoreUrls.embedded(tmp_path)
+        assert command.store_urls(args) == StoreUrls.embedded(tmp_path)
     both = ["--store-dir", "/top", "list", "--store-dir", str(tmp_path)]
-    args = admin_cli.build_parser(both).parse_args(both)
-    assert storeflags.ADMIN.urls(args) == StoreUrls.embedded(tmp_path)
+    assert command.store_urls(admin_cli.build_parser(both).parse_args(both)) == StoreUrls.embedded(tmp_path)
 
 
 # -- copy's target store ------------------------------------------------------------
