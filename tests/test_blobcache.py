@@ -7,7 +7,6 @@ store (``memory.reset()``, or stopping the daemon) and reading it again.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import multiprocessing
 import os
@@ -27,9 +26,6 @@ from tvixmount.store.blobcache import (
     CachedBlobReader,
     CachingBlobService,
     FillingBlobReader,
-    add_cache_arguments,
-    cache_config_from,
-    parse_size,
 )
 from tvixmount.store.blobcache_index import SEGMENT
 from tvixmount.store.memory import MemoryBlobService
@@ -247,27 +243,6 @@ def test_store_urls_wrap_remote_blobs_and_refuse_local(tmp_path: Path) -> None:
         digest = store.blobs.put(b"through the store")
         assert store.blobs.open_read(digest).pread(0, 100) == b"through the store"
     assert describe(urls) == f"store memory:// through blob cache {tmp_path / 'c'} (10M)"
-
-
-def test_size_parser_and_arguments(capsys: pytest.CaptureFixture[str]) -> None:
-    assert [parse_size(t) for t in ("123", "512K", "64m", "10G", "1T", "10GiB", "2gb")] == [
-        123, 512 << 10, 64 << 20, 10 << 30, 1 << 40, 10 << 30, 2 << 30]
-    for bad in ("", "G", "1.5G", "-1", "0", "10X", "ten"):
-        with pytest.raises(InvalidArgument):
-            parse_size(bad)
-    parser = argparse.ArgumentParser()
-    add_cache_arguments(parser.add_argument_group("blob cache"))
-    assert cache_config_from(parser.parse_args([])) is None
-    config = cache_config_from(parser.parse_args(["--cache-dir", "rel/c"]))
-    assert config == BlobCacheConfig(Path(os.path.abspath("rel/c")), 10 << 30)
-    assert cache_config_from(parser.parse_args(["--cache-dir", "/c", "--cache-size", "5M"])) == \
-        BlobCacheConfig(Path("/c"), 5 << 20)
-    with pytest.raises(InvalidArgument, match="needs --cache-dir"):
-        cache_config_from(parser.parse_args(["--cache-size", "5M"]))
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--cache-dir", "/c", "--cache-size", "lots"])
-    assert "'lots'" in capsys.readouterr().err
-    assert "--cache-size" in parser.format_help() and "local://" in parser.format_help()
 
 
 # -- two processes ---------------------------------------------------------------------------

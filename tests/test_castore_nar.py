@@ -188,3 +188,38 @@ def test_invalid_root_node(node, fragment: str) -> None:
 def test_pad8() -> None:
     assert [nar.pad8(n) for n in (0, 1, 7, 8, 9, 16)] == [0, 8, 8, 8, 16, 16]
     assert Store().put_blob(b"") == EMPTY_B3
+
+
+def test_writer_fed_by_hand_writes_the_nar_of_the_tree() -> None:
+    """The import walk feeds NarWriter events itself; they must give nar_chunks' bytes."""
+    store = Store()
+    big = bytes(range(256)) * 512  # 128 KiB: handed out as it is, not copied into the buffer
+    node = store.build({b"a": Exe(b"hi"), b"b": {b"big": big}, b"c": Link(b"a")})
+    pieces: list[bytes] = []
+    digest = nar.NarDigest()
+    for out in (pieces.append, digest.update):
+        w = nar.NarWriter(out)
+        w.directory_start()
+        w.entry_start(b"a")
+        w.file_start(2, executable=True)
+        w.contents(b"hi")
+        w.file_end()
+        w.entry_end()
+        w.entry_start(b"b")
+        w.directory_start()
+        w.entry_start(b"big")
+        w.file_start(len(big), executable=False)
+        w.contents(big)
+        w.file_end()
+        w.entry_end()
+        w.directory_end()
+        w.entry_end()
+        w.entry_start(b"c")
+        w.symlink(b"a")
+        w.entry_end()
+        w.directory_end()
+        w.flush()
+    expected = render(store, node)
+    assert b"".join(pieces) == expected
+    assert any(piece is big for piece in pieces)
+    assert digest.result() == (len(expected), hashlib.sha256(expected).digest())

@@ -51,6 +51,8 @@ from benchlib.grpcplain import stream_blobs  # noqa: E402
 from benchlib.procs import GrpcDaemon, Registry, drop_caches  # noqa: E402
 from benchlib.targets import Native, Squashfuse, Target, Tvixmount  # noqa: E402
 
+from tvixmount.units import parse_size, size_argument  # noqa: E402
+
 FULL = {"files": 40000, "big": 8, "big_size": "128M", "repeat": 3, "readers": "1,2,4,8,16",
         "workers": "1,2,4,8", "random_reads": 2048, "latency_duration": 8.0}
 QUICK = {"files": 500, "big": 2, "big_size": "4M", "repeat": 1, "readers": "8", "workers": "1,8",
@@ -59,16 +61,6 @@ MAIN_READERS = 8
 DEFAULT_WORKDIR = Path("/var/tmp/tvixmount-bench")
 ALL_WORKLOADS = ("seq_read", "find", "stat_walk", "tar", "random_read", "sweeps")
 STATS_XATTR = "user.tvixmount.stats"
-
-
-def parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    t = text.strip().upper().removesuffix("IB").removesuffix("B")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 128M") from None
 
 
 def parse_list(text: str) -> list[int]:
@@ -96,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"runs per measurement, medians reported (default {FULL['repeat']})")
     p.add_argument("--files", type=int, help=f"closure files (default {FULL['files']})")
     p.add_argument("--big", type=int, help=f"big files (default {FULL['big']})")
-    p.add_argument("--big-size", type=parse_size, help=f"size of each big file (default {FULL['big_size']})")
+    p.add_argument("--big-size", type=size_argument,
+                   help=f"size of each big file (default {FULL['big_size']})")
     p.add_argument("--seed", type=int, default=1, help="data set seed (default 1)")
     p.add_argument("--workers", type=parse_list, default=None, metavar="LIST",
                    help=f"--workers values for the workers sweeps (default {FULL['workers']}; "

@@ -33,6 +33,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tvixmount next to this script
+
+from tvixmount.units import size_argument
+
 # (weight, min bytes, max bytes): most files small, a tail of big ones.
 # Mean is about 27 KiB, close to what real closures show (median a few KiB).
 SIZE_CLASSES = (
@@ -265,18 +269,6 @@ def _word(rnd: random.Random) -> str:
     return "".join(rnd.choice(syll) for _ in range(rnd.randint(1, 3)))
 
 
-def parse_size(text: str) -> int:
-    """``128M`` -> 134217728; K, M, G are powers of 1024; a bare number is bytes."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        if text and text[-1] in units:
-            return int(float(text[:-1]) * units[text[-1]])
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 4096, 512K, 128M, 1G)") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -286,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--files", type=int, default=40000, help="number of regular files (default 40000)")
     parser.add_argument("--seed", type=int, default=1, help="random seed (default 1)")
     parser.add_argument("--big", type=int, default=0, metavar="N", help="add N big files (default 0)")
-    parser.add_argument("--big-size", type=parse_size, default=128 << 20, metavar="SIZE",
+    parser.add_argument("--big-size", type=size_argument, default=128 << 20, metavar="SIZE",
                         help="size of each big file (default 128M)")
     args = parser.parse_args(argv)
     if args.files < 1 or args.big < 0 or args.big_size < 0:

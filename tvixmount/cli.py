@@ -43,9 +43,6 @@ _REFUSED_O = {"rw", "suid", "dev"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .store.location import default_store_dir
-
-    cpus = os.cpu_count() or 4
     p = argparse.ArgumentParser(
         prog="tvixmount",
         description="Mount a tvix store read-only: store paths at the root, "
@@ -53,15 +50,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Every tvixmount flag, on ``p`` (its own parser, or a subcommand's)."""
+    from . import storeflags
+
+    cpus = os.cpu_count() or 4
     p.add_argument("mountpoint", type=Path, help="an existing, empty directory")
-    store = p.add_argument_group("store")
-    store.add_argument("--store-dir", type=Path, default=None, metavar="DIR",
-                       help="embedded store directory (env TVIXMOUNT_STORE_DIR; default "
-                            f"{default_store_dir()})")
-    for service, env in (("blob", "BLOB_SERVICE_ADDR"), ("directory", "DIRECTORY_SERVICE_ADDR"),
-                         ("path-info", "PATH_INFO_SERVICE_ADDR")):
-        store.add_argument(f"--{service}-service-addr", metavar="URL", default=os.environ.get(env),
-                           help=f"{service} service URL (env {env}; default: the embedded store)")
+    storeflags.MOUNT.add_to(p.add_argument_group("store"))
     fs = p.add_argument_group("filesystem")
     fs.add_argument("-l", "--list-root", action="store_true",
                     help="allow listing the mount root (lists every store path)")
@@ -73,9 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mount options: allow_other, list_root, noshow_xattr, or FUSE options")
     fs.add_argument("-f", "--foreground", action="store_true", default=True,
                     help="stay in the foreground (always; accepted for compatibility)")
-    from .store.blobcache import add_cache_arguments
-
-    add_cache_arguments(p.add_argument_group("blob cache (remote stores)"))
+    storeflags.add_cache_flags(p.add_argument_group("blob cache (remote stores)"))
     perf = p.add_argument_group("processes")
     perf.add_argument("--workers", type=_positive, default=cpus,
                       help=f"worker processes doing store I/O (default: CPU count, {cpus})")
@@ -95,7 +92,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="INFO", type=str.upper,
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     p.add_argument("--version", action="version", version=f"tvixmount {__version__}")
-    return p
 
 
 def _listen(text: str):  # -> metrics.ListenAddress
@@ -136,34 +132,6 @@ def setup_logging(level: str) -> None:
     multiprocessing_logging.install_mp_handler()
 
 
-def store_urls(args: argparse.Namespace):  # -> StoreUrls
-    from .store import StoreUrls
-    from .store.location import default_store_dir
-
-    addrs = (args.blob_service_addr, args.directory_service_addr, args.path_info_service_addr)
-    if not any(addrs):
-        urls = StoreUrls.embedded(args.store_dir or default_store_dir())
-    elif not all(addrs):
-        raise SystemExit("tvixmount: error: give all three --*-service-addr flags, or none "
-                         "for the embedded store")
-    else:
-        urls = StoreUrls(*addrs)
-    return _with_cache(urls, args)
-
-
-def _with_cache(urls, args: argparse.Namespace):  # StoreUrls -> StoreUrls
-    """The blob cache settings travel inside the StoreUrls, to the workers that open the store."""
-    import dataclasses
-
-    from .errors import InvalidArgument
-    from .store.blobcache import cache_config_from
-
-    try:
-        return dataclasses.replace(urls, blob_cache=cache_config_from(args))
-    except InvalidArgument as exc:  # --cache-size alone, or a cache for the embedded store
-        raise SystemExit(f"tvixmount: error: {exc}") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     # The dispatcher never loads grpc before forking its workers, but if it
     # ever did, grpc's fork handlers could hang the fork server's forks.
@@ -184,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             elif opt != "ro":
                 extra.append(opt)
     threads = args.threads or int(os.environ.get("THREADS", 0)) or max(8, 2 * args.workers)
+    from .storeflags import MOUNT
+
+    store_urls = MOUNT.urls_or_exit(parser, args)  # before anything starts: a bad flag mounts nothing
 
     from workers.loop import serve as worker_main
 
@@ -194,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_level)
     config = MountConfig(
         mountpoint=Path(os.path.realpath(args.mountpoint)),
-        urls=store_urls(args),
+        urls=store_urls,
         workers=args.workers,
         threads=threads,
         list_root=args.list_root,

@@ -4,11 +4,11 @@ One pass over the tree does all the work, because reading the data is what
 costs: each file is opened once, ``fstat``-ed once (size and mode come from
 the open descriptor, so they describe the bytes actually read), read in
 1 MiB pieces, and every piece goes both into the NAR hash and into the blob
-store. The NAR (docs/protocol.md, 'NAR format') is hashed while walking, which is why the
-walk visits entries in ascending raw-byte name order, depth first: that is
-exactly NAR order, so no second pass over the store is needed to compute
-nar_size / nar_sha256 (tests check the result against castore/nar.py and
-``nix-store --dump``).
+store. The NAR (docs/protocol.md, 'NAR format') is hashed while walking (written by castore/nar.py's
+NarWriter, the one NAR encoder), which is why the walk visits entries in
+ascending raw-byte name order, depth first: that is exactly NAR order, so no
+second pass over the store is needed to compute nar_size / nar_sha256 (tests
+check the result against the NAR of the stored tree and ``nix-store --dump``).
 
 Where time goes, and what runs in parallel: the NAR hash is one sequential
 stream and stays on the walking thread. Storing a blob (blake3, a file, a
@@ -36,7 +36,6 @@ everything below it is stored and durable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import stat
@@ -49,6 +48,7 @@ import blake3
 
 from ..castore import storepath
 from ..castore.directory import Directory, SizeConvention, check_node, validate
+from ..castore.nar import NarDigest, NarWriter
 from ..castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, display_name
 from ..castore.pathinfo import NarInfo, PathInfo
 from ..errors import InvalidData
@@ -70,92 +70,6 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 class IngestError(InvalidData):
     """A path that cannot be imported; the message names it and says why."""
-
-
-# -- the NAR, hashed as it is walked --------------------------------------------
-
-
-def _nar_str(data: bytes) -> bytes:
-    return len(data).to_bytes(8, "little") + data + bytes(-len(data) % 8)
-
-
-_MAGIC = _nar_str(b"nix-archive-1")
-_DIR_OPEN = _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"directory")
-_ENTRY_OPEN = _nar_str(b"entry") + _nar_str(b"(") + _nar_str(b"name")
-_NODE = _nar_str(b"node")
-_CLOSE = _nar_str(b")")
-_FILE_OPEN = _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"regular")
-_EXECUTABLE = _nar_str(b"executable") + _nar_str(b"")
-_CONTENTS = _nar_str(b"contents")
-_SYMLINK_OPEN = _nar_str(b"(") + _nar_str(b"type") + _nar_str(b"symlink") + _nar_str(b"target")
-_FLUSH_AT = 64 * 1024
-
-
-class NarHasher:
-    """sha256 and length of a NAR fed event by event, in NAR order.
-
-    Framing tokens and small file contents are gathered in a buffer and
-    hashed 64 KiB at a time (one C call instead of thousands); big pieces
-    go straight to sha256, which releases the GIL for them.
-    """
-
-    __slots__ = ("_buf", "_sha", "_size")
-
-    def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-        self._buf = bytearray(_MAGIC)
-        self._size = 0
-
-    def _flush(self) -> None:
-        self._sha.update(self._buf)
-        self._size += len(self._buf)
-        self._buf.clear()
-
-    def directory_start(self) -> None:
-        self._buf += _DIR_OPEN
-
-    def entry_start(self, name: bytes) -> None:
-        self._buf += _ENTRY_OPEN
-        self._buf += _nar_str(name)
-        self._buf += _NODE
-
-    def close(self) -> None:
-        """Ends a directory node or an entry: both are one ``)``."""
-        self._buf += _CLOSE
-        if len(self._buf) >= _FLUSH_AT:
-            self._flush()
-
-    def file_start(self, size: int, executable: bool) -> None:
-        buf = self._buf
-        buf += _FILE_OPEN
-        if executable:
-            buf += _EXECUTABLE
-        buf += _CONTENTS
-        buf += size.to_bytes(8, "little")
-
-    def contents(self, data: bytes) -> None:
-        if len(data) < _FLUSH_AT:
-            self._buf += data
-            if len(self._buf) >= _FLUSH_AT:
-                self._flush()
-            return
-        self._flush()
-        self._sha.update(data)
-        self._size += len(data)
-
-    def file_end(self, size: int) -> None:
-        self._buf += bytes(-size % 8)
-        self._buf += _CLOSE
-
-    def symlink(self, target: bytes) -> None:
-        self._buf += _SYMLINK_OPEN
-        self._buf += _nar_str(target)
-        self._buf += _CLOSE
-
-    def finish(self) -> tuple[int, bytes]:
-        """(nar_size, nar_sha256); call once, after the root node is closed."""
-        self._flush()
-        return self._size, self._sha.digest()
 
 
 # -- the shape of the tree, resolved to castore nodes after the walk -----------
@@ -348,7 +262,8 @@ class Ingester:
         with blob_batch(self.store):
             try:
                 root = run.walk()
-                nar_size, nar_sha256 = run.nar.finish()
+                run.nar.flush()
+                nar_size, nar_sha256 = run.nar_digest.result()
                 root_node = run.resolve(root)
             except BaseException:
                 run.sink.close(cancel=True)
@@ -386,7 +301,8 @@ class _Run:
     def __init__(self, ingester: Ingester, source: bytes) -> None:
         self.ing = ingester
         self.source = source
-        self.nar = NarHasher()
+        self.nar_digest = NarDigest()
+        self.nar = NarWriter(self.nar_digest.update)
         self.sink = _BlobSink(ingester.store, ingester.workers)
         self.directories: list[Directory] = []  # leaves first, each digest once
         self._dir_digests: set[bytes] = set()
@@ -412,9 +328,9 @@ class _Run:
             current, entries = stack[-1]
             if not entries:
                 stack.pop()
-                self.nar.close()  # the directory node
+                self.nar.directory_end()
                 if stack:
-                    self.nar.close()  # the entry holding it
+                    self.nar.entry_end()  # the entry holding it
                 continue
             entry = entries.pop()
             name = entry.name
@@ -430,7 +346,7 @@ class _Run:
                 self.nar.directory_start()
                 continue
             current.children.append(self._entry_leaf(entry))
-            self.nar.close()  # the entry
+            self.nar.entry_end()
         return root
 
     def _list(self, path: bytes) -> list[os.DirEntry[bytes]]:
@@ -496,7 +412,7 @@ class _Run:
                 done: Future[bytes] = Future()
                 done.set_result(self.sink.stream(lambda write: self._stream(fd, size, path, write)))
                 digest = done
-            self.nar.file_end(size)
+            self.nar.file_end()
         except OSError as exc:
             raise _os_error(path, exc) from None
         finally:

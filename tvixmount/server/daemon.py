@@ -1,11 +1,10 @@
 """``tvixstore daemon``: serve a store over gRPC until SIGTERM/SIGINT.
 
-The admin CLI adds these flags to its ``daemon`` subcommand with
-``add_arguments(parser)`` and calls ``run(args)``; ``run`` reads the store
-flags the CLI already defines (``--store-dir``, ``--blob-service-addr``
-and friends, same attribute names) or ``args.store_urls`` when the CLI
-has built a StoreUrls itself. ``python -m tvixmount.server`` runs the same
-daemon standalone (``main``), with those store flags of its own.
+``tvixstore daemon`` adds these flags to its subcommand with
+``add_arguments(parser)`` and calls ``run(args, store_urls_from(args))``;
+the store flags are tvixstore's (storeflags.ADMIN). ``python -m
+tvixmount.server`` runs the same daemon standalone (``main``), with the
+same store flags on its own parser.
 
 Lifecycle: open the store, bind, log one INFO line saying where (and
 whether that is loopback only), then log a summary of the calls served
@@ -30,8 +29,8 @@ from types import FrameType
 
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, TvixError
-from ..store import StoreUrls, describe, urls
-from ..store.location import default_store_dir
+from ..store import StoreUrls, describe
+from ..storeflags import ADMIN
 from . import DEFAULT_LISTEN, DEFAULT_WORKERS, StoreServer, serve
 
 log = logging.getLogger("tvixmount.server")
@@ -40,13 +39,6 @@ GRACE = 5.0
 STATS_INTERVAL = 60.0
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 _POLL = 0.5
-
-_SERVICES = (
-    ("blob", "BLOB_SERVICE_ADDR"),
-    ("directory", "DIRECTORY_SERVICE_ADDR"),
-    ("path_info", "PATH_INFO_SERVICE_ADDR"),
-)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The daemon's own flags (the store flags come from the caller)."""
@@ -72,27 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def store_urls_from(args: argparse.Namespace) -> StoreUrls:
-    """The store to serve: ``args.store_urls``, else the service flags, env vars, embedded store."""
-    given = getattr(args, "store_urls", None)
-    if isinstance(given, StoreUrls):
-        return given
-    read_only = bool(getattr(args, "read_only", False))
-    store_dir = getattr(args, "store_dir", None) or default_store_dir()
-    fallback = StoreUrls.embedded(store_dir, create=not read_only)
-    chosen = []
-    for (service, env), default in zip(_SERVICES, (fallback.blob, fallback.directory, fallback.path_info),
-                                       strict=True):
-        url = getattr(args, f"{service}_service_addr", None) or os.environ.get(env) or default
-        parsed = urls.parse(url)
-        if not read_only and parsed.scheme == urls.LOCAL and not parsed.query:
-            url += "?create=1"  # a writable daemon makes its store, as tvix-store does
-        chosen.append(url)
-    return StoreUrls(*chosen)
+    """The store to serve; a writable daemon makes its embedded store, as tvix-store does."""
+    return ADMIN.urls(args, create=not args.read_only)
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, store_urls: StoreUrls) -> int:
     """Serve until a stop signal; 0 after a clean stop. Store and address errors raise TvixError."""
-    store_urls = store_urls_from(args)
     if args.grace < 0 or args.stats_interval < 0:
         raise InvalidArgument("--grace and --stats-interval must not be negative")
     convention = SizeConvention(args.check_dir_sizes) if args.check_dir_sizes else None
@@ -194,24 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tvixmount.server",
         description="Serve a tvixmount store (embedded by default) over tvix's gRPC protocol.",
     )
-    parser.add_argument("--store-dir", metavar="DIR", default=None,
-                        help=f"embedded store directory (default {default_store_dir()})")
-    for service, env in _SERVICES:
-        flag = service.replace("_", "-")
-        parser.add_argument(f"--{flag}-service-addr", metavar="URL", default=None,
-                            help=f"{flag} service URL (env {env}; default: the embedded store)")
+    ADMIN.add_to(parser)
     parser.add_argument("--log-level", type=str.lower, default="info",
                         choices=["debug", "info", "warning", "error"], help="log verbosity (default info)")
     add_arguments(parser)
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, StoreUrls]:
+    """The standalone command line and the store it names; a usage error exits 2 (parser.error)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args, store_urls_from(args)
+    except InvalidArgument as exc:
+        parser.error(str(exc))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, store_urls = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return run(args)
+        return run(args, store_urls)
     except TvixError as exc:
         log.error("%s", exc)
         return EXIT_USAGE if isinstance(exc, InvalidArgument) else EXIT_ERROR

@@ -1,0 +1,110 @@
+"""What every ``tvixstore`` subcommand shares: its parser, the store it opens, its output.
+
+A subcommand lives in its own module under ``admin/commands/`` and brings
+its own flags and entry point: ``add_parsers(commands)`` registers it with
+``commands.add(name, ..., run=entry)``, and ``entry(args)`` returns the exit
+status. Usage problems found after parsing are raised as InvalidArgument;
+cli.main turns every failure into one line and an exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO
+
+from ..store import Store, StoreUrls, describe, open_store
+from ..storeflags import ADMIN
+from . import progress
+
+log = logging.getLogger("tvixmount.admin")  # every subcommand logs under this name
+
+PROG = "tvixstore"
+EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+Run = Callable[[argparse.Namespace], int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with our error line format (status 2, as argparse)."""
+
+    def error(self, message: str) -> Any:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{PROG}: error: {message}\n")
+
+
+def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
+    """The store and logging flags; on subcommands defaults are SUPPRESS, so a top-level value wins."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    group = parser.add_argument_group("store and output")
+    ADMIN.add_to(group, suppress=suppress)
+    group.add_argument("--log-level", type=str.lower, default=default(None),
+                       choices=["debug", "info", "warning", "error"],
+                       help="log verbosity on stderr (default warning, info for daemon; debug adds "
+                            "tracebacks)")
+    group.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                       help="no progress bars and no summary lines")
+
+
+class Subcommands:
+    """The ``tvixstore`` subparsers; each subcommand gets the common flags and its entry point."""
+
+    def __init__(self, parser: argparse.ArgumentParser, argv: Sequence[str]) -> None:
+        self._sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                          parser_class=Parser)
+        self._argv = argv
+
+    def add(
+        self, name: str, help_: str, description: str, run: Run, epilog: str = ""
+    ) -> argparse.ArgumentParser:
+        """A subcommand whose parsed args go to ``run``; add its own flags to what is returned."""
+        parser = self._sub.add_parser(name, help=help_, description=description, epilog=epilog,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_common(parser, suppress=True)
+        parser.set_defaults(run=run)
+        return parser
+
+    def mentioned(self, name: str) -> bool:
+        """Whether the command line names ``name``: flags that are costly to define are added only then."""
+        return name in self._argv
+
+
+def store_urls(args: argparse.Namespace, writable: bool = False) -> StoreUrls:
+    """The store the common flags name; ``writable``: an embedded store it names is created."""
+    return ADMIN.urls(args, create=writable)
+
+
+def open_from(args: argparse.Namespace, writable: bool = False) -> Store:
+    """Open the store the common flags name (see ``store_urls``)."""
+    chosen = store_urls(args, writable)
+    log.debug("opening %s", describe(chosen))
+    return open_store(chosen)
+
+
+def bars(args: argparse.Namespace) -> bool:
+    """Whether progress bars are wanted (not with -q, and only on a terminal)."""
+    return progress.wanted(args.quiet)
+
+
+def stdout() -> BinaryIO:
+    return sys.stdout.buffer
+
+
+class FileError(Exception):
+    """An input file the user named could not be opened."""
+
+    def __init__(self, name: str, exc: OSError) -> None:
+        super().__init__(f"{name}: {exc.strerror or exc}")
+
+
+def report(exc: BaseException, args: argparse.Namespace | None, prefix: str = "") -> None:
+    """One ``tvixstore: error:`` line on stderr; the traceback too with --log-level debug."""
+    if args is not None and getattr(args, "log_level", "warning") == "debug":
+        traceback.print_exception(exc, file=sys.stderr)
+    print(f"{PROG}: error: {prefix}{exc}", file=sys.stderr)

@@ -1,0 +1,12 @@
+"""The ``tvixstore`` subcommands, one module each, in the order ``--help`` lists them.
+
+Each module's ``add_parsers(commands)`` adds its subcommand(s) with their
+own flags and entry point (admin/command.py says how); cli.py only
+collects them.
+"""
+
+from __future__ import annotations
+
+from . import browse, copy, daemon, import_, verify
+
+MODULES = (import_, browse, verify, copy, daemon)

@@ -1,0 +1,32 @@
+"""``tvixstore daemon``: serve the store over gRPC (tvixmount/server/daemon.py).
+
+The daemon's own flags live in the server package, which loads grpc
+(0.2 s that no other command should pay), so they are added only when the
+command line names ``daemon``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..command import Subcommands
+
+
+def add_parsers(commands: Subcommands) -> None:
+    p = commands.add("daemon", "serve the store over tvix's gRPC protocol",
+                     "Serve the store (the embedded one by default) over tvix's gRPC protocol until\n"
+                     "SIGTERM or SIGINT, so tvix tools and remote tvixmount instances can use it.\n"
+                     "Logs at info level by default.",
+                     run,
+                     "example:\n  tvixstore daemon -l 127.0.0.1:8000\n"
+                     "  tvixmount /mnt --blob-service-addr grpc+http://127.0.0.1:8000 ...")
+    if commands.mentioned("daemon"):
+        from ...server.daemon import add_arguments
+
+        add_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ...server import daemon
+
+    return daemon.run(args, daemon.store_urls_from(args))
