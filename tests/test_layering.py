@@ -84,10 +84,10 @@ RULES = (
     Rule("castore is the pure model: of the project it imports only errors and proto",
          modules=("tvixmount.castore",), only=("tvixmount.castore", "tvixmount.errors", "tvixmount.proto")),
     Rule("the store sits below everything: of the project it imports only castore, errors, proto "
-         "and the deadline policy",
+         "and the leaf helpers (deadline policy, size units)",
          modules=("tvixmount.store",),
          only=("tvixmount.store", "tvixmount.castore", "tvixmount.errors", "tvixmount.proto",
-               "tvixmount.deadlines")),
+               "tvixmount.deadlines", "tvixmount.units")),
     Rule("grpc is imported only by the gRPC client and the daemon",
          modules=PROJECT, forbidden=GRPC, exempt=(GRPC_CLIENT, "tvixmount.server", "tvixmount.proto")),
     Rule("the embedded store does not import the blob cache (they share store.segments and store.sqlite)",
