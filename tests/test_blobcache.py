@@ -23,7 +23,8 @@ from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import InvalidArgument, NotFound, Unavailable
 from tvixmount.store import BlobCacheConfig, StoreUrls, describe, memory, open_store
-from tvixmount.store.blobcache import (
+from tvixmount.store.cache.index import SEGMENT
+from tvixmount.store.cache.service import (
     CachedBlobReader,
     CachingBlobService,
     FillingBlobReader,
@@ -31,7 +32,6 @@ from tvixmount.store.blobcache import (
     cache_config_from,
     parse_size,
 )
-from tvixmount.store.blobcache_index import SEGMENT
 from tvixmount.store.memory import MemoryBlobService
 
 READ = 128 * 1024
@@ -124,7 +124,7 @@ def test_flipped_bit_is_detected_served_right_and_refilled(tmp_path: Path,
         f.seek(2 * SEGMENT + 1000)
         f.write(bytes([byte ^ 0x10]))
 
-    with caplog.at_level(logging.WARNING, logger="tvixmount.store.blobcache"):
+    with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"):
         reader = service.open_read(digest)
         assert reader.pread(0, READ) == data[:READ]  # an intact segment is still served from disk
         assert reader.pread(2 * SEGMENT, 2 * READ) == data[2 * SEGMENT : 2 * SEGMENT + 2 * READ]
@@ -154,7 +154,7 @@ def test_truncated_or_missing_file_is_a_miss(tmp_path: Path, caplog: pytest.LogC
     small_path, other_path = service.index.path_for(small_digest), service.index.path_for(other_digest)
     os.truncate(small_path, 999)
     other_path.unlink()
-    with caplog.at_level(logging.WARNING, logger="tvixmount.store.blobcache"):
+    with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"):
         with service.open_read(small_digest) as reader:
             assert reader.pread(0, 5000) == small
         with service.open_read(other_digest) as reader:
@@ -209,7 +209,7 @@ def test_full_disk_while_filling_serves_from_the_store(tmp_path: Path,
         service = cache(small_disk / "c", max_bytes=64 * MiB, fill_on_open_max=8 * MiB)
         data = pattern(2 * MiB, seed=5)
         digest = service.put(data)
-        with caplog.at_level(logging.WARNING, logger="tvixmount.store.blobcache"):
+        with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"):
             with service.open_read(digest) as reader:
                 assert read_all(reader) == data
             with service.open_read(digest) as reader:  # again: still right, one warning a minute
@@ -369,7 +369,7 @@ def test_cached_blobs_are_read_after_the_daemon_is_gone(tmp_path: Path) -> None:
 def test_many_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
     """Every worker of a mount opens the index at the same moment; the first one switches the new
     file to WAL, the others must wait for it rather than fail with 'database is locked'."""
-    from tvixmount.store.blobcache_index import CacheIndex
+    from tvixmount.store.cache.index import CacheIndex
 
     ctx = multiprocessing.get_context("fork")
     go = ctx.Event()

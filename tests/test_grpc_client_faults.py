@@ -33,8 +33,9 @@ from tvixmount.errors import (
     Unavailable,
 )
 from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
-from tvixmount.store import grpc_blobs, grpc_client
-from tvixmount.store.grpc_channel import ERROR_CODE_KEY, ClientConfig
+from tvixmount.store.grpc import blobs as grpc_blobs
+from tvixmount.store.grpc import client as grpc_client
+from tvixmount.store.grpc.channel import ERROR_CODE_KEY, ClientConfig
 
 STAT = "/tvix.castore.v1.BlobService/Stat"
 READ = "/tvix.castore.v1.BlobService/Read"

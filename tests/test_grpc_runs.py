@@ -29,8 +29,10 @@ from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import IntegrityError, Unavailable
 from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
-from tvixmount.store import StoreUrls, grpc_blobs, grpc_client, open_store
-from tvixmount.store.grpc_channel import ClientConfig
+from tvixmount.store import StoreUrls, open_store
+from tvixmount.store.grpc import blobs as grpc_blobs
+from tvixmount.store.grpc import client as grpc_client
+from tvixmount.store.grpc.channel import ClientConfig
 
 STAT = "/tvix.castore.v1.BlobService/Stat"
 READ = "/tvix.castore.v1.BlobService/Read"
@@ -372,7 +374,7 @@ def test_daemon_that_stays_away_is_unavailable_when_patience_is_spent(daemon: tu
 
 
 def test_request_scope_nests_and_restores() -> None:
-    from tvixmount.store.grpc_deadline import patience_until, request_deadline
+    from tvixmount.store.grpc.deadline import patience_until, request_deadline
 
     assert patience_until(0.0) <= time.monotonic()
     with request_deadline(time.monotonic() + 10):

@@ -22,7 +22,7 @@ from tvixmount import protocol
 from tvixmount.errors import InvalidData, Timeout, TvixError
 from tvixmount.shmring import RingWriter
 from tvixmount.store import StoreUrls, describe, open_store
-from tvixmount.store.grpc_deadline import request_deadline
+from tvixmount.store.grpc.deadline import request_deadline
 
 from .handlers import HANDLERS, Context
 

@@ -65,8 +65,8 @@ from ..proto import rpc_directory_pb2 as dir_pb
 from ..proto import rpc_pathinfo_pb2 as pi_pb
 from ..store import Store
 from ..store.base import ChunkMeta
-from ..store.grpc_blobs import encode_blob_chunk
-from ..store.grpc_channel import ERROR_CODE_KEY
+from ..store.grpc.blobs import encode_blob_chunk
+from ..store.grpc.channel import ERROR_CODE_KEY
 from ..store.narcalc import calculate_nar
 from .stats import Stats
 

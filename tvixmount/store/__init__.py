@@ -45,7 +45,7 @@ from .base import (
     DirectoryService,
     PathInfoService,
 )
-from .blobcache import BlobCacheConfig, CachingBlobService
+from .cache.service import BlobCacheConfig, CachingBlobService
 from .location import default_store_dir
 from .urls import StoreUrl
 
@@ -69,7 +69,7 @@ __all__ = [
     "open_store",
 ]
 
-GRPC_MODULE = "tvixmount.store.grpc_client"
+GRPC_MODULE = "tvixmount.store.grpc.client"
 
 
 @dataclass(frozen=True)
@@ -190,9 +190,9 @@ def _open_memory(url: StoreUrl, kind: str) -> Any:
 
 
 def _open_local(url: StoreUrl, kind: str) -> Any:
-    from . import embedded
+    from .embedded import services
 
-    opener = getattr(embedded, f"open_{kind}_service")
+    opener = getattr(services, f"open_{kind}_service")
     return opener(Path(url.path), create=url.flag("create"))
 
 

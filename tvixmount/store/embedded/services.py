@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..castore.directory import Directory
-from ..castore.nodes import Node, b3_text
-from ..castore.pathinfo import PathInfo
-from ..errors import NotFound
-from . import records
-from .base import DirectoryService, PathInfoService
-from .embedded_blobs import EmbeddedBlobService
-from .embedded_layout import StoreHandle, acquire
-from .narcalc import calculate_nar
+from ...castore.directory import Directory
+from ...castore.nodes import Node, b3_text
+from ...castore.pathinfo import PathInfo
+from ...errors import NotFound
+from .. import records
+from ..base import DirectoryService, PathInfoService
+from ..narcalc import calculate_nar
+from .blobs import EmbeddedBlobService
+from .layout import StoreHandle, acquire
 
 # Directories fetched per query in get_recursive (well under sqlite's
 # 32766 host-parameter limit, and small enough to keep each query short).

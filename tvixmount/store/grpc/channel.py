@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 import grpc.experimental
 
-from ..errors import (
+from ...errors import (
     InvalidArgument,
     InvalidData,
     NotFound,
@@ -60,9 +60,9 @@ from ..errors import (
     Unavailable,
     from_code,
 )
-from . import urls
-from .grpc_deadline import patience_until
-from .urls import StoreUrl
+from .. import urls
+from ..urls import StoreUrl
+from .deadline import patience_until
 
 log = logging.getLogger(__name__)
 

@@ -45,9 +45,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..castore.nodes import DIGEST_LEN, b3_text
-from ..errors import InvalidArgument, InvalidData, Unavailable
-from .embedded_db import write_transaction
+from ...castore.nodes import DIGEST_LEN, b3_text
+from ...errors import InvalidArgument, InvalidData, Unavailable
+from ..embedded.db import write_transaction
 
 log = logging.getLogger(__name__)
 

@@ -83,11 +83,11 @@ from pathlib import Path
 
 import blake3
 
-from ..castore.nodes import b3_text
-from ..errors import InvalidArgument, InvalidData, TvixError
-from . import records
-from .base import BlobReader, BlobService, BlobStat, BlobWriter
-from .blobcache_index import SEGMENT, CacheIndex, Entry
+from ...castore.nodes import b3_text
+from ...errors import InvalidArgument, InvalidData, TvixError
+from .. import records
+from ..base import BlobReader, BlobService, BlobStat, BlobWriter
+from .index import SEGMENT, CacheIndex, Entry
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument, InvalidData, NotFound, Unavailable
-from .embedded_db import Database
+from ...errors import InvalidArgument, InvalidData, NotFound, Unavailable
+from .db import Database
 
 log = logging.getLogger(__name__)
 

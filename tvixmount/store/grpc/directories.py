@@ -24,13 +24,13 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
-from ..castore.directory import Directory, decode_directory, decode_directory_digest
-from ..castore.nodes import b3_text
-from ..errors import InvalidArgument, InvalidData, NotFound
-from ..proto import rpc_directory_pb2 as pb
-from . import records
-from .base import DirectoryService
-from .grpc_channel import Absent, Endpoint
+from ...castore.directory import Directory, decode_directory, decode_directory_digest
+from ...castore.nodes import b3_text
+from ...errors import InvalidArgument, InvalidData, NotFound
+from ...proto import rpc_directory_pb2 as pb
+from .. import records
+from ..base import DirectoryService
+from .channel import Absent, Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -59,11 +59,11 @@ from dataclasses import dataclass
 
 import blake3
 
-from ..castore.nodes import DIGEST_LEN, b3_text
-from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Unavailable
-from . import records
-from .base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
-from .embedded_layout import StoreHandle, fsync_dir, remove_quietly, sync_file, sync_filesystem
+from ...castore.nodes import DIGEST_LEN, b3_text
+from ...errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Unavailable
+from .. import records
+from ..base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
+from .layout import StoreHandle, fsync_dir, remove_quietly, sync_file, sync_filesystem
 
 log = logging.getLogger(__name__)
 

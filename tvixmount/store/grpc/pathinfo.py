@@ -19,15 +19,15 @@ from collections.abc import Iterator
 
 from google.protobuf.message import DecodeError
 
-from ..castore.directory import check_node
-from ..castore.nodes import Node
-from ..castore.pathinfo import PathInfo, validate_pathinfo
-from ..castore.wire import decode_pathinfo, node_to_proto
-from ..errors import InvalidArgument, InvalidData
-from ..proto import rpc_pathinfo_pb2 as pb
-from . import records
-from .base import PathInfoService
-from .grpc_channel import Absent, Endpoint
+from ...castore.directory import check_node
+from ...castore.nodes import Node
+from ...castore.pathinfo import PathInfo, validate_pathinfo
+from ...castore.wire import decode_pathinfo, node_to_proto
+from ...errors import InvalidArgument, InvalidData
+from ...proto import rpc_pathinfo_pb2 as pb
+from .. import records
+from ..base import PathInfoService
+from .channel import Absent, Endpoint
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ class GrpcPathInfoService(PathInfoService):
 
 
 def _describe(node: Node) -> str:
-    from ..castore.nodes import DirectoryNode, FileNode, b3_text
+    from ...castore.nodes import DirectoryNode, FileNode, b3_text
 
     if isinstance(node, DirectoryNode):
         return f"directory {b3_text(node.digest)}"

@@ -84,12 +84,12 @@ from typing import TypeVar
 import blake3
 from google.protobuf.message import DecodeError
 
-from ..castore.nodes import DIGEST_LEN, b3_text
-from ..errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Timeout, TvixError, Unavailable
-from ..proto import rpc_blobstore_pb2 as pb
-from . import records
-from .base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
-from .grpc_channel import PUT_MESSAGE, Absent, ClientStream, Endpoint
+from ...castore.nodes import DIGEST_LEN, b3_text
+from ...errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Timeout, TvixError, Unavailable
+from ...proto import rpc_blobstore_pb2 as pb
+from .. import records
+from ..base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
+from .channel import PUT_MESSAGE, Absent, ClientStream, Endpoint
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

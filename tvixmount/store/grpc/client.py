@@ -13,12 +13,12 @@ grpc_blobs.py, grpc_directories.py, grpc_pathinfo.py.
 
 from __future__ import annotations
 
-from .grpc_blobs import GrpcBlobService
-from .grpc_channel import ClientConfig, Endpoint
-from .grpc_deadline import request_deadline
-from .grpc_directories import GrpcDirectoryService
-from .grpc_pathinfo import GrpcPathInfoService
-from .urls import GRPC_SCHEMES, StoreUrl, parse
+from ..urls import GRPC_SCHEMES, StoreUrl, parse
+from .blobs import GrpcBlobService
+from .channel import ClientConfig, Endpoint
+from .deadline import request_deadline
+from .directories import GrpcDirectoryService
+from .pathinfo import GrpcPathInfoService
 
 __all__ = [
     "ClientConfig",
@@ -35,7 +35,7 @@ __all__ = [
 def _endpoint(url: StoreUrl | str, config: ClientConfig | None) -> Endpoint:
     parsed = parse(url) if isinstance(url, str) else url
     if parsed.scheme not in GRPC_SCHEMES:
-        from ..errors import InvalidArgument
+        from ...errors import InvalidArgument
 
         raise InvalidArgument(f"store URL {parsed.text!r} is not a grpc+http, grpc+https or grpc+unix URL")
     return Endpoint(parsed, config)

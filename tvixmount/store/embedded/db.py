@@ -35,7 +35,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import InvalidData, ReadOnly, TvixError, Unavailable
+from ...errors import InvalidData, ReadOnly, TvixError, Unavailable
 
 log = logging.getLogger(__name__)
 

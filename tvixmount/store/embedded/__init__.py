@@ -1,0 +1,1 @@
+"""The embedded on-disk store, ``local:///path`` (entry point: services.py)."""

@@ -1,0 +1,1 @@
+"""The gRPC store backend: a tvix-store daemon as the three services (entry point: client.py)."""
