@@ -4,11 +4,10 @@
 ``grpc+https://host:port`` and ``grpc+unix:///socket`` here by module name
 and calls ``open_blob_service(url)`` and friends with the parsed URL.
 
-Each service owns an Endpoint (grpc_channel.py) whose channel is made on
+Each service owns an Endpoint (channel.py) whose channel is made on
 first use, in the process that uses it; ``?wait-connect=1`` connects at
 open time instead and fails with Unavailable if the server is not there.
-The pieces: grpc_channel.py (channels, deadlines, error mapping),
-grpc_blobs.py, grpc_directories.py, grpc_pathinfo.py.
+The other pieces are listed in the package's docstring (``__init__.py``).
 """
 
 from __future__ import annotations
