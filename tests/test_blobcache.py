@@ -23,7 +23,6 @@ from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import InvalidArgument, NotFound, Unavailable
 from tvixmount.store import BlobCacheConfig, StoreUrls, describe, memory, open_store
-from tvixmount.store.cache.index import SEGMENT
 from tvixmount.store.cache.service import (
     CachedBlobReader,
     CachingBlobService,
@@ -33,6 +32,7 @@ from tvixmount.store.cache.service import (
     parse_size,
 )
 from tvixmount.store.memory import MemoryBlobService
+from tvixmount.store.segments import SEGMENT
 
 READ = 128 * 1024
 MiB = 1 << 20

@@ -415,18 +415,18 @@ def test_threads_reading_one_blob_service(harness: Harness) -> None:
 def test_sequential_reads_hash_each_chunk_once(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    from tvixmount.store.embedded import blobs as embedded_blobs
+    from tvixmount.store import segments
 
     data = pattern(3 * CHUNK)
     digest = harness.store.blobs.put(data)
     hashed: list[int] = []
-    real = embedded_blobs.blake3.blake3
+    real = segments.blake3.blake3
 
     def counting(data: bytes = b"", **kw):
         hashed.append(len(data))
         return real(data, **kw)
 
-    monkeypatch.setattr(embedded_blobs, "blake3", SimpleNamespace(blake3=counting))
+    monkeypatch.setattr(segments, "blake3", SimpleNamespace(blake3=counting))
     assert read_all(harness.store, digest, piece=128 * 1024) == data
     assert hashed == [CHUNK, CHUNK, CHUNK]
 

@@ -45,13 +45,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...castore.nodes import DIGEST_LEN, b3_text
+from ...castore.nodes import b3_text
 from ...errors import InvalidArgument, InvalidData, Unavailable
 from ..embedded.db import write_transaction
+from ..segments import SEGMENT, Outboard
 
 log = logging.getLogger(__name__)
 
-SEGMENT = 256 * 1024  # bytes one stored segment digest covers
 INDEX_FILE = "index.sqlite3"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 5.0  # writers only; a cache that waits longer than this is not worth waiting for
@@ -92,18 +92,11 @@ class Entry:
     last_used: float
 
     @property
-    def count(self) -> int:
-        return -(-self.size // SEGMENT)
-
-    def segment_digest(self, index: int) -> bytes:
-        """What segment ``index`` must hash to (the blob digest itself for a one-segment blob)."""
-        if self.count <= 1:
-            return self.digest
-        return self.segments[DIGEST_LEN * index : DIGEST_LEN * (index + 1)]
+    def outboard(self) -> Outboard:
+        return Outboard(self.digest, self.size, SEGMENT, self.segments)
 
     def well_formed(self) -> bool:
-        expected = self.count * DIGEST_LEN if self.count > 1 else 0
-        return self.size > 0 and len(self.segments) == expected
+        return self.size > 0 and self.outboard.well_formed()
 
 
 class CacheIndex:

@@ -1,7 +1,7 @@
 """Blobs of the embedded store: one file each, verified chunk by chunk.
 
-Write path: bytes go to a temp file under ``tmp/`` while two blake3
-hashers run (the whole blob, and the current fixed-size segment); commit
+Write path: bytes go to a temp file under ``tmp/`` while they are hashed
+whole and per segment (``SegmentHasher``, segments.py); commit
 fsyncs the file, renames it to ``blobs/<2 hex>/<64 hex>``, fsyncs that
 directory, and only then records the row (size + per-segment digests), so
 a reader that finds a row always finds a complete file. A blob that is
@@ -10,11 +10,10 @@ its temp file; a crashed one leaves it in ``tmp/`` (invisible, swept after
 ``STALE_TEMP_S`` by the next writer).
 
 Read path: the per-segment digests are the blob's "outboard" verification
-data. ``pread`` reads only the segments covering the range, checks each
-against its digest, and keeps the last two verified segments, so
-sequential 128 KiB reads hash every byte once. A blob of one segment is
-checked against its own digest. A mismatch raises IntegrityError naming the
-blob and the segment index; nothing unverified is returned or cached.
+data, and ``SegmentFile`` (segments.py) reads only the segments covering a
+range, each checked against its digest. A segment that is short or does
+not match raises IntegrityError naming the blob and the segment index;
+nothing unverified is returned or cached.
 
 Batches (``EmbeddedBlobService.batch()``, for importers): two fsyncs per
 blob cap an import at a few hundred files/s, so inside a batch a commit
@@ -57,12 +56,11 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import blake3
-
-from ...castore.nodes import DIGEST_LEN, b3_text
-from ...errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Unavailable
+from ...castore.nodes import b3_text
+from ...errors import IntegrityError, InvalidArgument, InvalidData, NotFound, TvixError, Unavailable
 from .. import records
 from ..base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
+from ..segments import BadSegment, Outboard, SegmentFile, SegmentHasher
 from .layout import StoreHandle, fsync_dir, remove_quietly, sync_file, sync_filesystem
 
 log = logging.getLogger(__name__)
@@ -72,7 +70,6 @@ STALE_TEMP_S = 3600.0
 # most this many bytes of chunk digests (a 1 GiB blob alone has 128 KiB).
 _META_CACHE = 4096
 _META_CACHE_BYTES = 8 * 1024 * 1024
-_CACHED_SEGMENTS = 2
 # A batch is made durable and recorded early once it holds this many blobs
 # or bytes: bounds the memory its pending rows take and how much work a
 # crash leaves unrecorded.
@@ -90,29 +87,26 @@ class BlobMeta:
     chunk_digests: bytes  # 32 bytes per segment; empty when there is at most one
 
     @property
-    def count(self) -> int:
-        return -(-self.size // self.chunk_size)
-
-    def segment_digest(self, index: int) -> bytes:
-        if self.count <= 1:
-            return self.digest
-        return self.chunk_digests[DIGEST_LEN * index : DIGEST_LEN * (index + 1)]
+    def outboard(self) -> Outboard:
+        return Outboard(self.digest, self.size, self.chunk_size, self.chunk_digests)
 
     def chunks(self) -> tuple[ChunkMeta, ...]:
         """The segment list for ``stat`` (empty for a one-segment blob, as tvix reports)."""
-        if self.count <= 1:
+        outboard = self.outboard
+        count = outboard.count
+        if count <= 1:
             return ()
-        last = self.size - (self.count - 1) * self.chunk_size
+        last = self.size - (count - 1) * self.chunk_size
         return tuple(
-            ChunkMeta(self.segment_digest(i), self.chunk_size if i < self.count - 1 else last)
-            for i in range(self.count)
+            ChunkMeta(outboard.segment_digest(i), self.chunk_size if i < count - 1 else last)
+            for i in range(count)
         )
 
     @classmethod
     def from_row(cls, digest: bytes, size: int, chunk_size: int, chunks: bytes) -> BlobMeta:
         meta = cls(digest, size, chunk_size, bytes(chunks))
-        expected = meta.count * DIGEST_LEN if meta.count > 1 else 0
-        if size < 0 or chunk_size <= 0 or len(meta.chunk_digests) != expected:
+        if size < 0 or chunk_size <= 0 or not meta.outboard.well_formed():
+            expected = meta.outboard.expected_len if chunk_size > 0 else 0
             raise InvalidData(
                 f"stored blob {b3_text(digest)} has a damaged row: size {size}, chunk size "
                 f"{chunk_size}, {len(meta.chunk_digests)} bytes of chunk digests (expected {expected})"
@@ -121,93 +115,41 @@ class BlobMeta:
 
 
 class EmbeddedBlobReader(BlobReader):
-    """Verified random access to one blob file (not thread-safe, like every reader)."""
+    """Verified random access to one blob file (segments.py); its failures named for this store."""
 
     def __init__(self, meta: BlobMeta, fd: int, where: str) -> None:
-        self._meta = meta
-        self._fd = fd
+        self._file = SegmentFile(meta.outboard, fd)
         self._where = where
         self.size = meta.size
-        self._cache: OrderedDict[int, bytes] = OrderedDict()
 
     def pread(self, offset: int, length: int) -> bytes:
-        if offset < 0 or length < 0:
-            raise InvalidArgument(f"pread offset {offset} and length {length} must not be negative")
-        end = min(self.size, offset + length)
-        if offset >= end:
-            return b""
-        step = self._meta.chunk_size
-        first, last = offset // step, (end - 1) // step
-        if first == last:
-            base = first * step
-            return self._segment(first)[offset - base : end - base]
-        parts = []
-        for index in range(first, last + 1):
-            base = index * step
-            segment = self._segment(index)
-            parts.append(segment[max(offset - base, 0) : min(end - base, len(segment))])
-        return b"".join(parts)
+        try:
+            return self._file.pread(offset, length)
+        except BadSegment as bad:
+            raise self._failure(bad) from None
 
     def pread_into(self, offset: int, buf: memoryview) -> int:
-        if offset < 0:
-            raise InvalidArgument(f"pread offset {offset} must not be negative")
-        end = min(self.size, offset + len(buf))
-        step = self._meta.chunk_size
-        done = 0
-        while offset + done < end:
-            at = offset + done
-            index = at // step
-            base = index * step
-            segment = self._segment(index)
-            take = min(end - at, len(segment) - (at - base))
-            with memoryview(segment) as view:
-                buf[done: done + take] = view[at - base: at - base + take]
-            done += take
-        return done
-
-    def _segment(self, index: int) -> bytes:
-        cached = self._cache.get(index)
-        if cached is not None:
-            self._cache.move_to_end(index)
-            return cached
-        meta = self._meta
-        start = index * meta.chunk_size
-        want = min(meta.chunk_size, meta.size - start)
-        if self._fd < 0:
-            raise InvalidArgument(f"blob {b3_text(meta.digest)}: reader is closed")
         try:
-            data = os.pread(self._fd, want, start)
-            while len(data) < want:  # only at EOF for a regular file: loop to be sure
-                more = os.pread(self._fd, want - len(data), start + len(data))
-                if not more:
-                    break
-                data += more
-        except OSError as exc:
-            raise Unavailable(f"blob {b3_text(meta.digest)} in {self._where}: read failed: {exc}") from None
-        if len(data) < want:
-            raise IntegrityError(
-                f"blob {b3_text(meta.digest)} chunk {index}: file in {self._where} is truncated "
-                f"(got {len(data)} of {want} bytes at offset {start})"
+            return self._file.pread_into(offset, buf)
+        except BadSegment as bad:
+            raise self._failure(bad) from None
+
+    def _failure(self, bad: BadSegment) -> TvixError:
+        digest = b3_text(self._file.outboard.digest)
+        if bad.error is not None:
+            return Unavailable(f"blob {digest} in {self._where}: read failed: {bad.error}")
+        if bad.short:
+            return IntegrityError(
+                f"blob {digest} chunk {bad.index}: file in {self._where} is truncated "
+                f"(got {bad.got} of {bad.want} bytes at offset {bad.start})"
             )
-        if blake3.blake3(data).digest() != meta.segment_digest(index):
-            raise IntegrityError(
-                f"blob {b3_text(meta.digest)} chunk {index} (bytes {start}..{start + want}) "
-                f"in {self._where} does not match its digest"
-            )
-        self._cache[index] = data
-        if len(self._cache) > _CACHED_SEGMENTS:
-            self._cache.popitem(last=False)
-        return data
+        return IntegrityError(
+            f"blob {digest} chunk {bad.index} (bytes {bad.start}..{bad.start + bad.want}) "
+            f"in {self._where} does not match its digest"
+        )
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self._cache.clear()
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            os.close(self._fd)
+        self._file.close()
 
 
 class EmbeddedBlobWriter(BlobWriter):
@@ -223,11 +165,7 @@ class EmbeddedBlobWriter(BlobWriter):
         self._handle = service.handle
         self._expected = expected_digest
         self._chunk_size = self._handle.chunk_size
-        self._hasher = blake3.blake3()
-        self._segment = blake3.blake3()
-        self._segment_fill = 0
-        self._segment_digests = bytearray()
-        self._size = 0
+        self._hasher = SegmentHasher(self._chunk_size)
         self._head: bytearray | None = bytearray()  # bytes not yet in a temp file
         self._fd = -1
         self._temp: str | None = None
@@ -237,29 +175,11 @@ class EmbeddedBlobWriter(BlobWriter):
         if self._done:
             raise InvalidArgument("blob writer is already committed or aborted")
         view = memoryview(data).cast("B")
-        total = len(view)
         self._hasher.update(view)
-        self._size += total
-        if self._head is not None:
-            if len(self._head) + total <= self._chunk_size:
-                # Still one segment: its digest is the whole blob's, so the
-                # segment hasher waits until there is a second one.
-                self._head += view
-                return
-            with memoryview(self._head) as held:
-                self._hash_segments(held)
-        self._hash_segments(view)
+        if self._head is not None and len(self._head) + len(view) <= self._chunk_size:
+            self._head += view
+            return
         self._to_file(view)
-
-    def _hash_segments(self, view: memoryview) -> None:
-        pos, total = 0, len(view)
-        while pos < total:
-            take = min(self._chunk_size - self._segment_fill, total - pos)
-            self._segment.update(view[pos : pos + take])
-            self._segment_fill += take
-            pos += take
-            if self._segment_fill == self._chunk_size:
-                self._end_segment()
 
     def _to_file(self, view: memoryview | bytearray) -> None:
         """Append to the temp file, creating it (with the held head) first."""
@@ -276,24 +196,17 @@ class EmbeddedBlobWriter(BlobWriter):
             self.abort()
             raise Unavailable(f"store {self._handle.where}: writing a blob failed: {exc}") from None
 
-    def _end_segment(self) -> None:
-        self._segment_digests += self._segment.digest()
-        self._segment = blake3.blake3()
-        self._segment_fill = 0
-
     def commit(self) -> bytes:
         if self._done:
             raise InvalidArgument("blob writer is already committed or aborted")
-        if self._segment_fill:
-            self._end_segment()
         digest = self._hasher.digest()
+        size = self._hasher.size
         try:
             if self._expected is not None and digest != self._expected:
                 raise IntegrityError(
                     f"blob written as {b3_text(self._expected)} hashes to {b3_text(digest)}; not stored"
                 )
-            chunks = bytes(self._segment_digests) if len(self._segment_digests) > DIGEST_LEN else b""
-            meta = BlobMeta(digest, self._size, self._chunk_size, chunks)
+            meta = BlobMeta(digest, size, self._chunk_size, self._hasher.segment_digests())
             final = self._handle.blob_path(digest)
             service = self._service
             if service.is_pending(digest):
@@ -309,7 +222,7 @@ class EmbeddedBlobWriter(BlobWriter):
                 fsync_dir(os.path.dirname(final))
                 service.record(meta)
                 return digest
-            if service.meta(digest) is not None and _has_size(final, self._size):
+            if service.meta(digest) is not None and _has_size(final, size):
                 return self._skip(digest)
             if self._fd < 0:
                 self._to_file(bytearray())
