@@ -35,19 +35,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import secrets
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from ...castore.nodes import b3_text
 from ...errors import InvalidArgument, InvalidData, Unavailable
-from ..embedded.db import write_transaction
+from .. import sqlite
 from ..segments import SEGMENT, Outboard
 
 log = logging.getLogger(__name__)
@@ -135,15 +133,20 @@ class CacheIndex:
             raise InvalidArgument(f"{where}: not writable: {exc.strerror}") from None
 
     def _connect(self) -> sqlite3.Connection:
+        """Open the index, making it WAL with its schema on first use.
+
+        Every worker of a mount opens the index at the same moment, and the
+        losers of the switch to WAL are told "locked" at once: they wait a
+        moment and look again (``sqlite.retry_busy``; WAL, once set, is kept
+        in the file, and the schema statements are idempotent).
+        """
         path = self.directory / INDEX_FILE
-        target = "file:" + urllib.parse.quote(str(path)) + "?mode=rwc"
         try:
-            conn = sqlite3.connect(target, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite.connect(path, "rwc", BUSY_TIMEOUT_S)
         except sqlite3.Error as exc:
             raise InvalidArgument(f"blob cache index {path}: cannot open it: {exc}") from None
         try:
-            self._set_up(conn, path)
+            sqlite.retry_busy(conn, lambda: self._set_up(conn, path), BUSY_TIMEOUT_S)
         except sqlite3.Error as exc:
             conn.close()
             raise InvalidArgument(
@@ -156,37 +159,16 @@ class CacheIndex:
 
     @staticmethod
     def _set_up(conn: sqlite3.Connection, path: Path) -> None:
-        """WAL mode and the schema, retried while another process does the same.
-
-        Every worker of a mount opens the index at the same moment. Switching
-        a new file to WAL takes an exclusive lock for which sqlite does not
-        call the busy handler, so the losers get "database is locked" at
-        once; they wait a moment and look again (WAL, once set, is kept in
-        the file, and the schema statements are idempotent).
-        """
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode").fetchone()
-                if not mode or str(mode[0]).lower() != "wal":
-                    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-                if not mode or str(mode[0]).lower() != "wal":
-                    raise InvalidArgument(f"blob cache index {path}: sqlite refused WAL mode (got {mode})")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
-                    raise InvalidArgument(
-                        f"blob cache index {path} has schema version {version}, this tvixmount knows "
-                        f"{SCHEMA_VERSION}; point --cache-dir elsewhere or delete that directory"
-                    )
-                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-                return
-            except sqlite3.OperationalError as exc:
-                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
-                    raise
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                time.sleep(random.uniform(0.01, 0.05))
+        mode = sqlite.use_wal(conn)
+        if mode != "wal":
+            raise InvalidArgument(f"blob cache index {path}: sqlite refused WAL mode (got {mode})")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise InvalidArgument(
+                f"blob cache index {path} has schema version {version}, this tvixmount knows "
+                f"{SCHEMA_VERSION}; point --cache-dir elsewhere or delete that directory"
+            )
+        sqlite.apply_schema(conn, _SCHEMA)
 
     def _sweep_temp(self) -> None:
         """Remove temp files a crashed process left (old enough that no fill still writes them)."""
@@ -231,7 +213,7 @@ class CacheIndex:
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         """A write transaction, holding sqlite's write lock from BEGIN to COMMIT."""
-        with self._db(what) as conn, write_transaction(conn):
+        with self._db(what) as conn, sqlite.write_transaction(conn):
             yield conn
 
     def lookup(self, digest: bytes) -> Entry | None:
