@@ -1,4 +1,4 @@
-"""The on-disk blob cache (tvixmount/store/blobcache.py) over memory://, in two processes, and
+"""The on-disk blob cache (tvixmount/store/cache/) over memory://, in two processes, and
 in front of a real daemon that is stopped once the cache is warm.
 
 "Served from the cache" is shown by taking the blob away from the inner
@@ -23,14 +23,8 @@ from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import InvalidArgument, NotFound, Unavailable
 from tvixmount.store import BlobCacheConfig, StoreUrls, describe, memory, open_store
-from tvixmount.store.cache.service import (
-    CachedBlobReader,
-    CachingBlobService,
-    FillingBlobReader,
-    add_cache_arguments,
-    cache_config_from,
-    parse_size,
-)
+from tvixmount.store.cache.config import add_cache_arguments, cache_config_from, parse_size
+from tvixmount.store.cache.service import CachedBlobReader, CachingBlobService, FillingBlobReader
 from tvixmount.store.memory import MemoryBlobService
 from tvixmount.store.segments import SEGMENT
 

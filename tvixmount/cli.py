@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="mount options: allow_other, list_root, noshow_xattr, or FUSE options")
     fs.add_argument("-f", "--foreground", action="store_true", default=True,
                     help="stay in the foreground (always; accepted for compatibility)")
-    from .store.cache.service import add_cache_arguments
+    from .store.cache.config import add_cache_arguments
 
     add_cache_arguments(p.add_argument_group("blob cache (remote stores)"))
     perf = p.add_argument_group("processes")
@@ -149,7 +149,7 @@ def _with_cache(urls, args: argparse.Namespace):  # StoreUrls -> StoreUrls
     import dataclasses
 
     from .errors import InvalidArgument
-    from .store.cache.service import cache_config_from
+    from .store.cache.config import cache_config_from
 
     try:
         return dataclasses.replace(urls, blob_cache=cache_config_from(args))
