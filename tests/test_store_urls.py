@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -154,3 +155,31 @@ def test_the_daemon_loads_only_the_wire_module_of_the_grpc_client() -> None:
     assert "grpc" in loaded  # the daemon serves gRPC itself
     client_side = sorted(m for m in loaded if m.startswith("tvixmount.store.grpc."))
     assert client_side == ["tvixmount.store.grpc.wire"]
+
+
+def _imports(path: Path) -> set[str]:
+    """The absolute names of the modules ``path`` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tvixmount" / "store").rglob("*.py")), ids=lambda p: p.name)
+def test_store_modules_keep_the_package_rules(path: Path) -> None:
+    """Only store/grpc imports grpc; embedded/ and cache/ share segments.py and sqlite.py, not each other."""
+    imports = _imports(path)
+    where = path.relative_to(ROOT / "tvixmount" / "store").parts[0]
+    if where != "grpc":
+        assert not {n for n in imports if n == "grpc" or n.startswith(("grpc.", "tvixmount.store.grpc"))}
+    if where == "embedded":
+        assert not {n for n in imports if n.startswith("tvixmount.store.cache")}
+    if where == "cache":
+        assert not {n for n in imports if n.startswith("tvixmount.store.embedded")}

@@ -27,7 +27,7 @@ next fill of that blob. A row whose file has gone anyway (someone cleaned
 the directory) is a miss, and the row is dropped when that is noticed.
 
 Nothing is fsynced: a file torn by a power cut fails verification on use
-(blobcache.py) and is dropped, which is what a cache can afford.
+(service.py) and is dropped, which is what a cache can afford.
 """
 
 from __future__ import annotations

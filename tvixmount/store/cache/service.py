@@ -2,15 +2,15 @@
 
 ``CachingBlobService(inner, cache_dir, max_bytes)`` wraps a BlobService
 (in practice the gRPC client). A blob read once is kept in ``cache_dir``
-(layout and index: blobcache_index.py), so the next open of it, in any
+(layout and index: index.py), so the next open of it, in any
 worker process and after a remount, reads the local file and never the
 network. Writes, listings and blobs not in the cache go to ``inner``.
 
 Verified before use: each cached file is checked in ``SEGMENT`` (256 KiB)
 pieces against digests the index keeps, only the pieces a read covers,
-the last two kept in memory (so sequential 128 KiB reads hash each byte
-once, and a random read of a 10 GiB blob hashes 256 KiB, not 10 GiB). A
-one-segment blob is checked against its own blob digest. The segment
+the last two kept in memory (segments.py: sequential 128 KiB reads hash
+each byte once, and a random read of a 10 GiB blob hashes 256 KiB, not
+10 GiB). A one-segment blob is checked against its own blob digest. The segment
 digests are computed while filling from bytes that also had to hash to
 the blob digest as a whole before the entry was recorded, so they stand
 for the blob digest. A mismatch (a flipped bit, a truncated file) drops

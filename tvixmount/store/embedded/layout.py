@@ -4,7 +4,7 @@
 
     <store>/
       tvixmount-store        format marker: "tvixmount-store", format=1, chunk_size=262144
-      store.sqlite (-wal, -shm)   blob metadata, directories, path infos (embedded_db.py)
+      store.sqlite (-wal, -shm)   blob metadata, directories, path infos (db.py)
       blobs/<2 hex>/<64 hex> one file per blob, named by its blake3 digest
       tmp/                   blobs being written (same filesystem, so rename is atomic)
 
@@ -16,7 +16,7 @@ store is a clear error telling the operator to import first. Writers pass
 All services opened on one directory in one process share one
 ``StoreHandle`` (one connection pool, one blob-metadata cache); it is
 reference-counted and closed with the last service. A handle belongs to the
-process that opened it: see embedded_db.py on fork.
+process that opened it: see db.py on fork.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ _registry_lock = threading.Lock()
 
 def _forget_inherited() -> None:
     # The child must open its own handles; the inherited ones are abandoned
-    # by embedded_db's own fork hook.
+    # by db.py's own fork hook.
     global _registry_lock
     _registry_lock = threading.Lock()
     _registry.clear()
