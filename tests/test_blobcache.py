@@ -139,6 +139,31 @@ def test_flipped_bit_is_detected_served_right_and_refilled(tmp_path: Path,
     service.close()
 
 
+def test_pread_into_a_flipped_bit_is_served_right_from_the_store(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Workers read into their shared ring (pread_into): the same check and fallback as pread."""
+    data = pattern(3 * SEGMENT, seed=5)
+    service = cache(tmp_path / "c")
+    digest = service.put(data)
+    service.open_read(digest).close()
+    [path] = blob_files(tmp_path / "c")
+    with open(path, "r+b") as f:  # one bit, in the second segment
+        f.seek(SEGMENT + 7)
+        byte = f.read(1)[0]
+        f.seek(SEGMENT + 7)
+        f.write(bytes([byte ^ 0x01]))
+    with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"), \
+            service.open_read(digest) as reader:
+        assert isinstance(reader, CachedBlobReader)
+        buf = bytearray(2 * READ)
+        assert reader.pread_into(0, memoryview(buf)) == 2 * READ and bytes(buf) == data[: 2 * READ]
+        assert reader.pread_into(SEGMENT, memoryview(buf)) == 2 * READ
+        assert bytes(buf) == data[SEGMENT : SEGMENT + 2 * READ]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "segment 1" in warnings[0].getMessage()
+    service.close()
+
+
 def test_truncated_or_missing_file_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     small, other = pattern(1000, seed=3), pattern(2000, seed=4)
     service = cache(tmp_path / "c")

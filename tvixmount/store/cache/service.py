@@ -74,8 +74,9 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from ...castore.nodes import b3_text
 from ...errors import InvalidArgument, InvalidData, TvixError
@@ -85,6 +86,7 @@ from ..segments import SEGMENT, BadSegment, SegmentFile, SegmentHasher
 from .index import CacheIndex, Entry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FILL_ON_OPEN_MAX = 8 << 20  # blobs up to this size are cached whole when opened
 FILL_PIECE = 1 << 20  # bytes read from the inner store per call while filling whole
@@ -374,27 +376,22 @@ class CachedBlobReader(BlobReader):
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument(f"pread offset {offset} and length {length} must not be negative")
-        if self._fallback is None:
-            try:
-                return self._open_file().pread(offset, length)
-            except BadSegment as bad:
-                self._give_up(bad)
-        assert self._fallback is not None
-        return self._fallback.pread(offset, length)
+        return self._read(lambda source: source.pread(offset, length))
 
     def pread_into(self, offset: int, buf: memoryview) -> int:
+        return self._read(lambda source: source.pread_into(offset, buf))
+
+    def _read(self, read: Callable[[SegmentFile | BlobReader], T]) -> T:
+        """``read`` from the cached file; from the inner store once that file proved bad."""
         if self._fallback is None:
+            if self._file is None:
+                raise InvalidArgument(f"blob {b3_text(self.digest)}: reader is closed")
             try:
-                return self._open_file().pread_into(offset, buf)
+                return read(self._file)
             except BadSegment as bad:
                 self._give_up(bad)
         assert self._fallback is not None
-        return self._fallback.pread_into(offset, buf)
-
-    def _open_file(self) -> SegmentFile:
-        if self._file is None:
-            raise InvalidArgument(f"blob {b3_text(self.digest)}: reader is closed")
-        return self._file
+        return read(self._fallback)
 
     def _give_up(self, bad: BadSegment) -> None:
         """Drop the cached copy and serve this reader from the inner store from now on."""
