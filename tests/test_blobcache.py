@@ -54,6 +54,14 @@ def blob_files(directory: Path) -> list[Path]:
     return sorted(p for p in (directory / "blobs").rglob("*") if p.is_file())
 
 
+def flip_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
+
+
 def test_second_open_and_restart_are_served_from_disk(tmp_path: Path) -> None:
     data = pattern(3 * SEGMENT + 5)
     service = cache(tmp_path / "c")
@@ -112,11 +120,7 @@ def test_flipped_bit_is_detected_served_right_and_refilled(tmp_path: Path,
     digest = service.put(data)
     service.open_read(digest).close()
     [path] = blob_files(tmp_path / "c")
-    with open(path, "r+b") as f:  # one bit, in the third segment
-        f.seek(2 * SEGMENT + 1000)
-        byte = f.read(1)[0]
-        f.seek(2 * SEGMENT + 1000)
-        f.write(bytes([byte ^ 0x10]))
+    flip_bit(path, 2 * SEGMENT + 1000)  # in the third segment
 
     with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"):
         reader = service.open_read(digest)
@@ -146,12 +150,7 @@ def test_pread_into_a_flipped_bit_is_served_right_from_the_store(tmp_path: Path,
     service = cache(tmp_path / "c")
     digest = service.put(data)
     service.open_read(digest).close()
-    [path] = blob_files(tmp_path / "c")
-    with open(path, "r+b") as f:  # one bit, in the second segment
-        f.seek(SEGMENT + 7)
-        byte = f.read(1)[0]
-        f.seek(SEGMENT + 7)
-        f.write(bytes([byte ^ 0x01]))
+    flip_bit(blob_files(tmp_path / "c")[0], SEGMENT + 7)  # in the second segment
     with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"), \
             service.open_read(digest) as reader:
         assert isinstance(reader, CachedBlobReader)
