@@ -52,13 +52,13 @@ GEN_TREE = ROOT / "tools" / "gen_tree.py"
 LOADTEST = ROOT / "tools" / "loadtest.py"
 
 # After the daemon answers again, a worker's channel may still be backing off
-# (grpc reconnect back-off, at most 2 s plus 20 % jitter; grpc_channel.py), and
+# (grpc reconnect back-off, at most 2 s plus 20 % jitter; store/grpc/channel.py), and
 # a failing call takes its three attempts (~0.3 s) before it is logged.
 RECONNECT_SLACK = 3.0
 # Seconds between samples of the dispatcher, each with a drop of the kernel's
 # page, dentry and inode caches.
 SAMPLE_EVERY = 1.0
-# What a failure caused by the daemon being away says (grpc_channel.translate).
+# What a failure caused by the daemon being away says (store/grpc/status.py translate).
 DAEMON_AWAY = re.compile(r"answered (UNAVAILABLE|CANCELLED)")
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (ERROR|CRITICAL) (.*)$", re.M)
 

@@ -1,4 +1,4 @@
-"""The on-disk blob cache (tvixmount/store/blobcache.py) over memory://, in two processes, and
+"""The on-disk blob cache (tvixmount/store/cache/) over memory://, in two processes, and
 in front of a real daemon that is stopped once the cache is warm.
 
 "Served from the cache" is shown by taking the blob away from the inner
@@ -22,13 +22,9 @@ from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import InvalidArgument, NotFound, Unavailable
 from tvixmount.store import BlobCacheConfig, StoreUrls, describe, memory, open_store
-from tvixmount.store.blobcache import (
-    CachedBlobReader,
-    CachingBlobService,
-    FillingBlobReader,
-)
-from tvixmount.store.blobcache_index import SEGMENT
+from tvixmount.store.cache.service import CachedBlobReader, CachingBlobService, FillingBlobReader
 from tvixmount.store.memory import MemoryBlobService
+from tvixmount.store.segments import SEGMENT
 
 READ = 128 * 1024
 MiB = 1 << 20
@@ -54,6 +50,14 @@ def read_all(reader, step: int = READ) -> bytes:
 
 def blob_files(directory: Path) -> list[Path]:
     return sorted(p for p in (directory / "blobs").rglob("*") if p.is_file())
+
+
+def flip_bit(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)[0]
+        f.seek(offset)
+        f.write(bytes([byte ^ 0x10]))
 
 
 def test_second_open_and_restart_are_served_from_disk(tmp_path: Path) -> None:
@@ -114,13 +118,9 @@ def test_flipped_bit_is_detected_served_right_and_refilled(tmp_path: Path,
     digest = service.put(data)
     service.open_read(digest).close()
     [path] = blob_files(tmp_path / "c")
-    with open(path, "r+b") as f:  # one bit, in the third segment
-        f.seek(2 * SEGMENT + 1000)
-        byte = f.read(1)[0]
-        f.seek(2 * SEGMENT + 1000)
-        f.write(bytes([byte ^ 0x10]))
+    flip_bit(path, 2 * SEGMENT + 1000)  # in the third segment
 
-    with caplog.at_level(logging.WARNING, logger="tvixmount.store.blobcache"):
+    with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"):
         reader = service.open_read(digest)
         assert reader.pread(0, READ) == data[:READ]  # an intact segment is still served from disk
         assert reader.pread(2 * SEGMENT, 2 * READ) == data[2 * SEGMENT : 2 * SEGMENT + 2 * READ]
@@ -141,6 +141,26 @@ def test_flipped_bit_is_detected_served_right_and_refilled(tmp_path: Path,
     service.close()
 
 
+def test_pread_into_a_flipped_bit_is_served_right_from_the_store(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Workers read into their shared ring (pread_into): the same check and fallback as pread."""
+    data = pattern(3 * SEGMENT, seed=5)
+    service = cache(tmp_path / "c")
+    digest = service.put(data)
+    service.open_read(digest).close()
+    flip_bit(blob_files(tmp_path / "c")[0], SEGMENT + 7)  # in the second segment
+    with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"), \
+            service.open_read(digest) as reader:
+        assert isinstance(reader, CachedBlobReader)
+        buf = bytearray(2 * READ)
+        assert reader.pread_into(0, memoryview(buf)) == 2 * READ and bytes(buf) == data[: 2 * READ]
+        assert reader.pread_into(SEGMENT, memoryview(buf)) == 2 * READ
+        assert bytes(buf) == data[SEGMENT : SEGMENT + 2 * READ]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "segment 1" in warnings[0].getMessage()
+    service.close()
+
+
 def test_truncated_or_missing_file_is_a_miss(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     small, other = pattern(1000, seed=3), pattern(2000, seed=4)
     service = cache(tmp_path / "c")
@@ -150,7 +170,7 @@ def test_truncated_or_missing_file_is_a_miss(tmp_path: Path, caplog: pytest.LogC
     small_path, other_path = service.index.path_for(small_digest), service.index.path_for(other_digest)
     os.truncate(small_path, 999)
     other_path.unlink()
-    with caplog.at_level(logging.WARNING, logger="tvixmount.store.blobcache"):
+    with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"):
         with service.open_read(small_digest) as reader:
             assert reader.pread(0, 5000) == small
         with service.open_read(other_digest) as reader:
@@ -205,7 +225,7 @@ def test_full_disk_while_filling_serves_from_the_store(tmp_path: Path,
         service = cache(small_disk / "c", max_bytes=64 * MiB, fill_on_open_max=8 * MiB)
         data = pattern(2 * MiB, seed=5)
         digest = service.put(data)
-        with caplog.at_level(logging.WARNING, logger="tvixmount.store.blobcache"):
+        with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"):
             with service.open_read(digest) as reader:
                 assert read_all(reader) == data
             with service.open_read(digest) as reader:  # again: still right, one warning a minute
@@ -344,7 +364,7 @@ def test_cached_blobs_are_read_after_the_daemon_is_gone(tmp_path: Path) -> None:
 def test_many_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
     """Every worker of a mount opens the index at the same moment; the first one switches the new
     file to WAL, the others must wait for it rather than fail with 'database is locked'."""
-    from tvixmount.store.blobcache_index import CacheIndex
+    from tvixmount.store.cache.index import CacheIndex
 
     ctx = multiprocessing.get_context("fork")
     go = ctx.Event()

@@ -59,7 +59,7 @@ CHUNK = 100_000  # how the scripted server chunks its chunked blobs
 # -- a real daemon that goes away and comes back --------------------------------------------------
 
 D_SMALL = b"served by a daemon that comes and goes\n"
-# Twenty 256 KiB chunks on the daemon: bigger than the client fetches whole (grpc_blobs.WHOLE_RUN),
+# Twenty 256 KiB chunks on the daemon: bigger than the client fetches whole (grpc/reader.py WHOLE_RUN),
 # so a read at random fetches only its chunk and a later read elsewhere needs the daemon.
 D_BIG = pattern(5_000_000, seed=11)
 D_TREE = store_path("daemon-tree")

@@ -33,8 +33,10 @@ from tvixmount.errors import (
     Unavailable,
 )
 from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
-from tvixmount.store import grpc_blobs, grpc_client
-from tvixmount.store.grpc_channel import ERROR_CODE_KEY, ClientConfig
+from tvixmount.store.grpc import client as grpc_client
+from tvixmount.store.grpc import reader as grpc_reader
+from tvixmount.store.grpc.channel import ClientConfig
+from tvixmount.store.grpc.wire import ERROR_CODE_KEY
 
 STAT = "/tvix.castore.v1.BlobService/Stat"
 READ = "/tvix.castore.v1.BlobService/Read"
@@ -151,7 +153,7 @@ def test_server_without_chunk_list_stat_fetches_once(blobs: Blobs) -> None:
 
 def test_chunked_blob_reads_only_covering_chunks_and_verifies_each(blobs: Blobs,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grpc_blobs, "WHOLE_RUN", 0)  # random access to a big blob: no whole-blob stream
+    monkeypatch.setattr(grpc_reader, "WHOLE_RUN", 0)  # random access to a big blob: no whole-blob stream
     parts = [pattern(1000, seed=i) for i in range(4)]
     data = b"".join(parts)
     digest = b3(data)

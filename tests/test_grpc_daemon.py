@@ -30,8 +30,9 @@ from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
 from tvixmount.proto import rpc_directory_pb2 as dir_pb
 from tvixmount.proto import rpc_pathinfo_pb2 as pi_pb
 from tvixmount.server import health, parse_listen
-from tvixmount.store import Store, StoreUrls, grpc_client, open_store
-from tvixmount.store.grpc_channel import ClientConfig
+from tvixmount.store import Store, StoreUrls, open_store
+from tvixmount.store.grpc import client as grpc_client
+from tvixmount.store.grpc.channel import ClientConfig
 
 FAST = ClientConfig(unary_timeout=5.0, stream_gap=5.0, connect_timeout=2.0)
 

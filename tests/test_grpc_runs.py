@@ -29,8 +29,12 @@ from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import IntegrityError, Unavailable
 from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
-from tvixmount.store import StoreUrls, grpc_blobs, grpc_client, open_store
-from tvixmount.store.grpc_channel import ClientConfig
+from tvixmount.store import StoreUrls, open_store
+from tvixmount.store.grpc import blobs as grpc_blobs
+from tvixmount.store.grpc import client as grpc_client
+from tvixmount.store.grpc import copies as grpc_copies
+from tvixmount.store.grpc import reader as grpc_reader
+from tvixmount.store.grpc.channel import ClientConfig
 
 STAT = "/tvix.castore.v1.BlobService/Stat"
 READ = "/tvix.castore.v1.BlobService/Read"
@@ -98,7 +102,7 @@ def blobs() -> Blobs:
 @pytest.fixture
 def big(monkeypatch: pytest.MonkeyPatch) -> None:
     """Treat the test blobs as big ones: no whole local copy, runs only for reads in order."""
-    monkeypatch.setattr(grpc_blobs, "WHOLE_RUN", 0)
+    monkeypatch.setattr(grpc_reader, "WHOLE_RUN", 0)
 
 
 def test_reading_in_order_is_one_stream_cut_into_verified_chunks(blobs: Blobs, big: None) -> None:
@@ -129,7 +133,7 @@ def test_small_blob_is_streamed_whole_even_read_out_of_order(blobs: Blobs) -> No
 
 def test_big_blob_read_at_random_fetches_only_its_chunks(blobs: Blobs, big: None,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(grpc_blobs, "RUN_SKIP", 2 * CHUNK)
+    monkeypatch.setattr(grpc_reader, "RUN_SKIP", 2 * CHUNK)
     data = pattern(20 * CHUNK, seed=3)
     digest = blobs.add_chunked(data)
     with blobs.server() as server:
@@ -283,11 +287,11 @@ def test_pread_into_fills_the_buffer_as_pread_answers(blobs: Blobs, monkeypatch:
     data = pattern(7 * CHUNK + 321, seed=11)
     digest = blobs.add_chunked(data)
     if kind in ("run", "chunks"):
-        monkeypatch.setattr(grpc_blobs, "WHOLE_RUN", 0)
+        monkeypatch.setattr(grpc_reader, "WHOLE_RUN", 0)
     if kind == "chunks":
-        monkeypatch.setattr(grpc_blobs, "RUN_SKIP", -1)
+        monkeypatch.setattr(grpc_reader, "RUN_SKIP", -1)
     if kind == "copy on disk":
-        monkeypatch.setattr(grpc_blobs, "MEMORY_COPY", 1000)
+        monkeypatch.setattr(grpc_copies, "MEMORY_COPY", 1000)
     with blobs.server() as server:
         service = grpc_client.open_blob_service(server.url, FAST)
         with service.open_read(digest) as reader:
@@ -372,7 +376,7 @@ def test_daemon_that_stays_away_is_unavailable_when_patience_is_spent(daemon: tu
 
 
 def test_request_scope_nests_and_restores() -> None:
-    from tvixmount.store.grpc_deadline import patience_until, request_deadline
+    from tvixmount.store.grpc.deadline import patience_until, request_deadline
 
     assert patience_until(0.0) <= time.monotonic()
     with request_deadline(time.monotonic() + 10):

@@ -32,10 +32,11 @@ from tests.store_suite import (
 )
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import InvalidData, NotFound
-from tvixmount.store import Store, StoreUrls, grpc_client, open_store
-from tvixmount.store.embedded_layout import DB_FILE
-from tvixmount.store.grpc_blobs import GrpcBlobService
-from tvixmount.store.grpc_directories import GrpcDirectoryService
+from tvixmount.store import Store, StoreUrls, open_store
+from tvixmount.store.embedded.layout import DB_FILE
+from tvixmount.store.grpc import client as grpc_client
+from tvixmount.store.grpc.blobs import GrpcBlobService
+from tvixmount.store.grpc.directories import GrpcDirectoryService
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixmount.castore.pathinfo import NarInfo, PathInfo
 from tvixmount.castore.wire import decode_pathinfo, encode_pathinfo
 from tvixmount.proto import rpc_blobstore_pb2
-from tvixmount.store import grpc_client
 from tvixmount.store.base import BlobStat, ChunkMeta
+from tvixmount.store.grpc import client as grpc_client
 
 
 def varint(n: int) -> bytes:
@@ -187,7 +187,7 @@ def test_unknown_fields_from_a_newer_server_are_tolerated(newer_server: FakeServ
 @pytest.mark.parametrize("size", [1, 127, 128, 300, 16383, 16384, 1024 * 1024])
 def test_blob_chunk_fast_encoding(size: int) -> None:
     """Our one-copy BlobChunk encoder writes what the protobuf runtime writes."""
-    from tvixmount.store.grpc_blobs import encode_blob_chunk
+    from tvixmount.store.grpc.wire import encode_blob_chunk
 
     data = bytes(range(256)) * (size // 256) + bytes(size % 256)
     assert encode_blob_chunk(data) == rpc_blobstore_pb2.BlobChunk(data=data).SerializeToString()

@@ -34,13 +34,13 @@ from tvixmount.castore.nodes import DirectoryNode, FileNode, b3_text
 from tvixmount.errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Unavailable
 from tvixmount.store import (
     StoreUrls,
-    embedded_db,
     open_blob_service,
     open_directory_service,
     open_path_info_service,
     open_store,
 )
-from tvixmount.store.embedded_layout import DB_FILE, FORMAT_FILE
+from tvixmount.store.embedded import db as embedded_db
+from tvixmount.store.embedded.layout import DB_FILE, FORMAT_FILE
 
 
 def _update(root: Path, table: str, digest: bytes, data: bytes) -> None:
@@ -415,18 +415,18 @@ def test_threads_reading_one_blob_service(harness: Harness) -> None:
 def test_sequential_reads_hash_each_chunk_once(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     from types import SimpleNamespace
 
-    from tvixmount.store import embedded_blobs
+    from tvixmount.store import segments
 
     data = pattern(3 * CHUNK)
     digest = harness.store.blobs.put(data)
     hashed: list[int] = []
-    real = embedded_blobs.blake3.blake3
+    real = segments.blake3.blake3
 
     def counting(data: bytes = b"", **kw):
         hashed.append(len(data))
         return real(data, **kw)
 
-    monkeypatch.setattr(embedded_blobs, "blake3", SimpleNamespace(blake3=counting))
+    monkeypatch.setattr(segments, "blake3", SimpleNamespace(blake3=counting))
     assert read_all(harness.store, digest, piece=128 * 1024) == data
     assert hashed == [CHUNK, CHUNK, CHUNK]
 
@@ -532,7 +532,7 @@ def test_nested_batches_and_threads(harness: Harness, root: Path) -> None:
 
 def test_batch_without_syncfs_syncs_each_file(harness: Harness, root: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from tvixmount.store import embedded_blobs
+    from tvixmount.store.embedded import blobs as embedded_blobs
 
     synced: list[str] = []
     real_sync_file = embedded_blobs.sync_file
@@ -546,7 +546,7 @@ def test_batch_without_syncfs_syncs_each_file(harness: Harness, root: Path,
 
 def test_batch_whose_sync_fails_records_nothing(harness: Harness, root: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    from tvixmount.store import embedded_blobs
+    from tvixmount.store.embedded import blobs as embedded_blobs
 
     def broken(path):
         raise OSError(5, "Input/output error")
@@ -561,7 +561,7 @@ def test_batch_whose_sync_fails_records_nothing(harness: Harness, root: Path,
 
 def test_big_batch_is_recorded_in_parts(harness: Harness, root: Path,
                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from tvixmount.store import embedded_blobs
+    from tvixmount.store.embedded import blobs as embedded_blobs
 
     monkeypatch.setattr(embedded_blobs, "BATCH_MAX_BLOBS", 3)
     with harness.store.blobs.batch():
@@ -571,7 +571,7 @@ def test_big_batch_is_recorded_in_parts(harness: Harness, root: Path,
 
 
 def test_sync_filesystem_works_here(root: Path) -> None:
-    from tvixmount.store.embedded_layout import sync_filesystem
+    from tvixmount.store.embedded.layout import sync_filesystem
 
     root.mkdir()
     assert sync_filesystem(root) is True  # Linux with glibc: syncfs(2) exists

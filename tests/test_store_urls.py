@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -114,3 +117,69 @@ def test_default_store_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     monkeypatch.setenv("XDG_DATA_HOME", "relative/ignored")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_store_dir() == tmp_path / "home" / ".local" / "share" / "tvixmount"
+
+
+# -- what naming a store loads ------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    script = code + "\nimport sys\nprint('\\n'.join(sorted(sys.modules)))\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    return set(result.stdout.split())
+
+
+def test_naming_a_store_loads_no_backend() -> None:
+    """The dispatcher names the store (with a cache) and hands it to workers; it opens nothing itself."""
+    loaded = _modules_after(
+        "from pathlib import Path\n"
+        "from tvixmount.store import BlobCacheConfig, StoreUrls, describe, open_store\n"
+        "grpc = 'grpc+http://127.0.0.1:1'\n"
+        "urls = StoreUrls(grpc, grpc, grpc, blob_cache=BlobCacheConfig(Path('/c')))\n"
+        "describe(urls), describe(StoreUrls.embedded('/s'))\n"
+    )
+    assert "tvixmount.store" in loaded  # the probe ran
+    assert not {"sqlite3", "grpc"} & loaded
+    light = {"base", "urls", "location", "cache", "cache.config"}
+    backends = sorted(m for m in loaded if m.startswith("tvixmount.store.")
+                      and m.removeprefix("tvixmount.store.") not in light)
+    assert backends == []
+
+
+def test_the_daemon_loads_only_the_wire_module_of_the_grpc_client() -> None:
+    loaded = _modules_after("import tvixmount.server.daemon\n")
+    assert "grpc" in loaded  # the daemon serves gRPC itself
+    client_side = sorted(m for m in loaded if m.startswith("tvixmount.store.grpc."))
+    assert client_side == ["tvixmount.store.grpc.wire"]
+
+
+def _imports(path: Path) -> set[str]:
+    """The absolute names of the modules ``path`` imports (relative imports resolved)."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(part for part in (base, node.module or "") if part)
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tvixmount" / "store").rglob("*.py")), ids=lambda p: p.name)
+def test_store_modules_keep_the_package_rules(path: Path) -> None:
+    """Only store/grpc imports grpc; embedded/ and cache/ share segments.py and sqlite.py, not each other."""
+    imports = _imports(path)
+    where = path.relative_to(ROOT / "tvixmount" / "store").parts[0]
+    if where != "grpc":
+        assert not {n for n in imports if n == "grpc" or n.startswith(("grpc.", "tvixmount.store.grpc"))}
+    if where == "embedded":
+        assert not {n for n in imports if n.startswith("tvixmount.store.cache")}
+    if where == "cache":
+        assert not {n for n in imports if n.startswith("tvixmount.store.embedded")}

@@ -6,7 +6,7 @@ requests re-sent: waiting for the deadline itself could starve the whole
 mount, and the re-sent request still has the rest of its budget to succeed
 in. The pool also calls a worker hung by this rule when a call times out
 on it (poolstate.py). A store call waiting for a server that is coming
-back (store/grpc_deadline.py) must give up before this point, or the pool
+back (store/grpc/deadline.py) must give up before this point, or the pool
 would take the waiting worker for a hung one.
 
 This module imports nothing: the pool and every store backend may use it.

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from .errors import InvalidArgument
 from .store import BlobCacheConfig, StoreUrls, urls
-from .store.blobcache import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
+from .store.cache.config import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
 from .store.location import ENV_VAR as STORE_DIR_ENV
 from .store.location import default_store_dir
 from .units import format_size, size_argument

@@ -24,7 +24,7 @@ from tvixmount.protocol.framing import FrameReader, ProtocolError, write_frame
 from tvixmount.protocol.ops import Handlers
 from tvixmount.shmring import RingWriter
 from tvixmount.store import StoreUrls, describe, open_store
-from tvixmount.store.grpc_deadline import request_deadline
+from tvixmount.store.grpc.deadline import request_deadline
 
 from .handlers import HANDLERS, Context
 

@@ -29,7 +29,7 @@ import grpc
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, Unavailable
 from ..store import Store, StoreUrls, open_store
-from ..store.grpc_channel import MAX_MESSAGE
+from ..store.grpc.wire import MAX_MESSAGE
 from .health import Health
 from .servicers import SERVICES, Options, handlers
 from .stats import Stats

@@ -65,16 +65,18 @@ from ..proto import rpc_directory_pb2 as dir_pb
 from ..proto import rpc_pathinfo_pb2 as pi_pb
 from ..store import Store
 from ..store.base import ChunkMeta
-from ..store.grpc_blobs import encode_blob_chunk
-from ..store.grpc_channel import ERROR_CODE_KEY
+from ..store.grpc.wire import (
+    BLOB_SERVICE,
+    DIRECTORY_SERVICE,
+    ERROR_CODE_KEY,
+    PATH_INFO_SERVICE,
+    encode_blob_chunk,
+)
 from ..store.narcalc import calculate_nar
 from .stats import Stats
 
 log = logging.getLogger(__name__)
 
-BLOB_SERVICE = "tvix.castore.v1.BlobService"
-DIRECTORY_SERVICE = "tvix.castore.v1.DirectoryService"
-PATH_INFO_SERVICE = "tvix.store.v1.PathInfoService"
 SERVICES = (BLOB_SERVICE, DIRECTORY_SERVICE, PATH_INFO_SERVICE)
 
 # Bytes per Read message. Measured (256 MiB blob, loopback TCP, 2 cores shared

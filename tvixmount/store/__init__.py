@@ -5,17 +5,40 @@ A store is three services, each opened from its own URL as in tvix
 ``open_store`` opens them together. Supported URLs (urls.py):
 
 * ``memory://``            in-process, shared by every service of the process (unit tests)
-* ``local:///abs/dir``     the embedded on-disk store (``?create=1`` makes it)
+* ``local:///abs/dir``     the embedded on-disk store, ``embedded/`` (``?create=1`` makes it)
 * ``grpc+http://h:p``, ``grpc+https://h:p``, ``grpc+unix:///socket``
-                           a tvix-store daemon, through ``tvixmount.store.grpc_client``
+                           a tvix-store daemon, through ``grpc/`` (``tvixmount.store.grpc.client``)
 
-Adding a backend: give its scheme an entry in ``_OPENERS``, a function
-``(StoreUrl, kind) -> service`` where kind is "blob", "directory" or
-"path_info". The gRPC module is found by name and must provide
-``open_blob_service(url: StoreUrl)``, ``open_directory_service(url)`` and
+What lives where::
+
+    __init__.py     StoreUrls, Store, open_store: naming a store, and opening it
+    base.py         the three service interfaces and their value types
+    urls.py         service URLs; location.py: the default store directory
+    records.py      rows checked on the way in and out, the same for every backend
+    narcalc.py      CalculateNAR for backends that hold their own blobs
+    memory.py       memory://
+    segments.py     the segment hasher and verified segment reader  } shared by
+    sqlite.py       sqlite connections, WAL, write transactions     } embedded/ and cache/
+    embedded/       local://
+    grpc/           the gRPC client; its wire.py is shared with tvixmount.server
+    cache/          the on-disk blob cache in front of a remote blob service
+
+Who may import whom: naming a store loads no backend. This module,
+base.py, urls.py, location.py and ``cache/config.py`` import neither
+sqlite nor grpc nor any backend, so the mount's dispatcher, which only
+names the store and hands it to its workers, loads none of them;
+``open_store`` imports the backend a URL needs when it opens it. Only
+``grpc/`` imports grpc. ``embedded/`` and ``cache/`` do not import each
+other: what they share is segments.py and sqlite.py.
+
+Adding a backend: give it a subpackage, and its scheme an entry in
+``_OPENERS``, a function ``(StoreUrl, kind) -> service`` where kind is
+"blob", "directory" or "path_info", importing the backend inside. The gRPC
+module is found by name and must provide ``open_blob_service(url:
+StoreUrl)``, ``open_directory_service(url)`` and
 ``open_path_info_service(url)``, each taking the already validated URL.
 
-A blob cache (blobcache.py) is asked for with ``StoreUrls.blob_cache``;
+A blob cache (``cache/``) is asked for with ``StoreUrls.blob_cache``;
 ``open_store`` then wraps the blob service in it. It is for remote blob
 services (grpc, and memory:// in tests); with a ``local://`` blob service
 it is refused when the StoreUrls is made: the blobs are on local disk
@@ -45,7 +68,7 @@ from .base import (
     DirectoryService,
     PathInfoService,
 )
-from .blobcache import BlobCacheConfig, CachingBlobService
+from .cache.config import BlobCacheConfig
 from .location import default_store_dir
 from .urls import StoreUrl
 
@@ -69,7 +92,7 @@ __all__ = [
     "open_store",
 ]
 
-GRPC_MODULE = "tvixmount.store.grpc_client"
+GRPC_MODULE = "tvixmount.store.grpc.client"
 
 
 @dataclass(frozen=True)
@@ -149,6 +172,8 @@ def open_store(store_urls: StoreUrls) -> Store:
         opened.append(open_blob_service(store_urls.blob))
         cache = store_urls.blob_cache
         if cache is not None:
+            from .cache.service import CachingBlobService
+
             opened[0] = CachingBlobService(opened[0], cache.directory, cache.max_bytes)
         opened.append(open_directory_service(store_urls.directory))
         opened.append(open_path_info_service(store_urls.path_info))
@@ -190,9 +215,9 @@ def _open_memory(url: StoreUrl, kind: str) -> Any:
 
 
 def _open_local(url: StoreUrl, kind: str) -> Any:
-    from . import embedded
+    from .embedded import services
 
-    opener = getattr(embedded, f"open_{kind}_service")
+    opener = getattr(services, f"open_{kind}_service")
     return opener(Path(url.path), create=url.flag("create"))
 
 

@@ -4,7 +4,7 @@
 
     <store>/
       tvixmount-store        format marker: "tvixmount-store", format=1, chunk_size=262144
-      store.sqlite (-wal, -shm)   blob metadata, directories, path infos (embedded_db.py)
+      store.sqlite (-wal, -shm)   blob metadata, directories, path infos (db.py)
       blobs/<2 hex>/<64 hex> one file per blob, named by its blake3 digest
       tmp/                   blobs being written (same filesystem, so rename is atomic)
 
@@ -16,7 +16,7 @@ store is a clear error telling the operator to import first. Writers pass
 All services opened on one directory in one process share one
 ``StoreHandle`` (one connection pool, one blob-metadata cache); it is
 reference-counted and closed with the last service. A handle belongs to the
-process that opened it: see embedded_db.py on fork.
+process that opened it: see db.py on fork.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..errors import InvalidArgument, InvalidData, NotFound, Unavailable
-from .embedded_db import Database
+from ...errors import InvalidArgument, InvalidData, NotFound, Unavailable
+from ..segments import SEGMENT
+from .db import Database
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +42,8 @@ FORMAT_VERSION = 1
 DB_FILE = "store.sqlite"
 BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
-# Why 256 KiB: a FUSE read is at most 128 KiB, so one read touches at most
-# two segments and a sequential reader hashes every byte exactly once while
-# the reader keeps the last two; a random 4 KiB read costs one 256 KiB
-# pread + blake3 (~0.1 ms at ~3 GB/s); the outboard digests stay small
-# (32 bytes per 256 KiB = 8 KiB for a 64 MiB blob); and it matches the
-# average chunk of tvix's FastCDC chunker, so chunk lists look familiar.
-# Measured here (64 MiB blob, page cache, 128 KiB sequential preads / random
-# 4 KiB preads): 64 KiB 1.8 GB/s / 37 us, 128 KiB 2.1 GB/s / 71 us,
-# 256 KiB 2.3 GB/s / 150 us, 1 MiB 1.7 GB/s / 590 us.
-DEFAULT_CHUNK_SIZE = 256 * 1024
+# New stores; a store keeps the size its marker names (why 256 KiB: segments.py).
+DEFAULT_CHUNK_SIZE = SEGMENT
 _OUR_NAMES = {FORMAT_FILE, BLOBS_DIR, TMP_DIR, DB_FILE, *(DB_FILE + s for s in ("-wal", "-shm", "-journal"))}
 _HINT = "run `tvixstore import` first, or open it for writing with local://<dir>?create=1"
 
@@ -99,7 +92,7 @@ _registry_lock = threading.Lock()
 
 def _forget_inherited() -> None:
     # The child must open its own handles; the inherited ones are abandoned
-    # by embedded_db's own fork hook.
+    # by db.py's own fork hook.
     global _registry_lock
     _registry_lock = threading.Lock()
     _registry.clear()

@@ -27,7 +27,7 @@ next fill of that blob. A row whose file has gone anyway (someone cleaned
 the directory) is a miss, and the row is dropped when that is noticed.
 
 Nothing is fsynced: a file torn by a power cut fails verification on use
-(blobcache.py) and is dropped, which is what a cache can afford.
+(service.py) and is dropped, which is what a cache can afford.
 """
 
 from __future__ import annotations
@@ -35,23 +35,21 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 import secrets
 import sqlite3
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..castore.nodes import DIGEST_LEN, b3_text
-from ..errors import InvalidArgument, InvalidData, Unavailable
-from .embedded_db import write_transaction
+from ...castore.nodes import b3_text
+from ...errors import InvalidArgument, InvalidData, Unavailable
+from .. import sqlite
+from ..segments import SEGMENT, Outboard
 
 log = logging.getLogger(__name__)
 
-SEGMENT = 256 * 1024  # bytes one stored segment digest covers
 INDEX_FILE = "index.sqlite3"
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 5.0  # writers only; a cache that waits longer than this is not worth waiting for
@@ -92,18 +90,11 @@ class Entry:
     last_used: float
 
     @property
-    def count(self) -> int:
-        return -(-self.size // SEGMENT)
-
-    def segment_digest(self, index: int) -> bytes:
-        """What segment ``index`` must hash to (the blob digest itself for a one-segment blob)."""
-        if self.count <= 1:
-            return self.digest
-        return self.segments[DIGEST_LEN * index : DIGEST_LEN * (index + 1)]
+    def outboard(self) -> Outboard:
+        return Outboard(self.digest, self.size, SEGMENT, self.segments)
 
     def well_formed(self) -> bool:
-        expected = self.count * DIGEST_LEN if self.count > 1 else 0
-        return self.size > 0 and len(self.segments) == expected
+        return self.size > 0 and self.outboard.well_formed()
 
 
 class CacheIndex:
@@ -142,15 +133,20 @@ class CacheIndex:
             raise InvalidArgument(f"{where}: not writable: {exc.strerror}") from None
 
     def _connect(self) -> sqlite3.Connection:
+        """Open the index, making it WAL with its schema on first use.
+
+        Every worker of a mount opens the index at the same moment, and the
+        losers of the switch to WAL are told "locked" at once: they wait a
+        moment and look again (``sqlite.retry_busy``; WAL, once set, is kept
+        in the file, and the schema statements are idempotent).
+        """
         path = self.directory / INDEX_FILE
-        target = "file:" + urllib.parse.quote(str(path)) + "?mode=rwc"
         try:
-            conn = sqlite3.connect(target, uri=True, timeout=BUSY_TIMEOUT_S, isolation_level=None,
-                                   check_same_thread=False)
+            conn = sqlite.connect(path, "rwc", BUSY_TIMEOUT_S)
         except sqlite3.Error as exc:
             raise InvalidArgument(f"blob cache index {path}: cannot open it: {exc}") from None
         try:
-            self._set_up(conn, path)
+            sqlite.retry_busy(conn, lambda: self._set_up(conn, path), BUSY_TIMEOUT_S)
         except sqlite3.Error as exc:
             conn.close()
             raise InvalidArgument(
@@ -163,37 +159,16 @@ class CacheIndex:
 
     @staticmethod
     def _set_up(conn: sqlite3.Connection, path: Path) -> None:
-        """WAL mode and the schema, retried while another process does the same.
-
-        Every worker of a mount opens the index at the same moment. Switching
-        a new file to WAL takes an exclusive lock for which sqlite does not
-        call the busy handler, so the losers get "database is locked" at
-        once; they wait a moment and look again (WAL, once set, is kept in
-        the file, and the schema statements are idempotent).
-        """
-        deadline = time.monotonic() + BUSY_TIMEOUT_S
-        while True:
-            try:
-                mode = conn.execute("PRAGMA journal_mode").fetchone()
-                if not mode or str(mode[0]).lower() != "wal":
-                    mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-                if not mode or str(mode[0]).lower() != "wal":
-                    raise InvalidArgument(f"blob cache index {path}: sqlite refused WAL mode (got {mode})")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                version = conn.execute("PRAGMA user_version").fetchone()[0]
-                if version not in (0, SCHEMA_VERSION):
-                    raise InvalidArgument(
-                        f"blob cache index {path} has schema version {version}, this tvixmount knows "
-                        f"{SCHEMA_VERSION}; point --cache-dir elsewhere or delete that directory"
-                    )
-                conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
-                return
-            except sqlite3.OperationalError as exc:
-                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
-                    raise
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                time.sleep(random.uniform(0.01, 0.05))
+        mode = sqlite.use_wal(conn)
+        if mode != "wal":
+            raise InvalidArgument(f"blob cache index {path}: sqlite refused WAL mode (got {mode})")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            raise InvalidArgument(
+                f"blob cache index {path} has schema version {version}, this tvixmount knows "
+                f"{SCHEMA_VERSION}; point --cache-dir elsewhere or delete that directory"
+            )
+        sqlite.apply_schema(conn, _SCHEMA)
 
     def _sweep_temp(self) -> None:
         """Remove temp files a crashed process left (old enough that no fill still writes them)."""
@@ -238,7 +213,7 @@ class CacheIndex:
     @contextlib.contextmanager
     def _write(self, what: str) -> Iterator[sqlite3.Connection]:
         """A write transaction, holding sqlite's write lock from BEGIN to COMMIT."""
-        with self._db(what) as conn, write_transaction(conn):
+        with self._db(what) as conn, sqlite.write_transaction(conn):
             yield conn
 
     def lookup(self, digest: bytes) -> Entry | None:

@@ -1,14 +1,14 @@
 """The embedded on-disk store (``local:///path``): the default store.
 
-Layout and opening: embedded_layout.py; sqlite: embedded_db.py; blobs:
-embedded_blobs.py. This module holds the directory and path-info services
-and the three ``open_*`` functions the URL dispatch calls.
+This module holds the directory and path-info services and the three
+``open_*`` functions the URL dispatch calls; the other pieces are listed
+in the package's docstring (``__init__.py``).
 
 Opening: ``local:///path`` opens an existing store and fails with NotFound
 (naming the path, hinting at ``tvixstore import``) when there is none;
 ``local:///path?create=1`` creates it first (writers: import, copy).
 Every service may be used from several threads; open services after fork,
-never before (see embedded_db.py).
+never before (see db.py).
 
 Rows go through ``records`` on the way in and out: a directory is stored as
 its canonical encoding under its digest and checked against that digest on
@@ -21,15 +21,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from ..castore.directory import Directory
-from ..castore.nodes import Node, b3_text
-from ..castore.pathinfo import PathInfo
-from ..errors import NotFound
-from . import records
-from .base import DirectoryService, PathInfoService
-from .embedded_blobs import EmbeddedBlobService
-from .embedded_layout import StoreHandle, acquire
-from .narcalc import calculate_nar
+from ...castore.directory import Directory
+from ...castore.nodes import Node, b3_text
+from ...castore.pathinfo import PathInfo
+from ...errors import NotFound
+from .. import records
+from ..base import DirectoryService, PathInfoService
+from ..narcalc import calculate_nar
+from .blobs import EmbeddedBlobService
+from .layout import StoreHandle, acquire
 
 # Directories fetched per query in get_recursive (well under sqlite's
 # 32766 host-parameter limit, and small enough to keep each query short).

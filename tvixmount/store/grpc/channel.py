@@ -1,4 +1,4 @@
-"""gRPC plumbing shared by the three client services: channels, deadlines, errors.
+"""gRPC plumbing shared by the three client services: channels, deadlines, the stream watchdog.
 
 One call, end to end::
 
@@ -14,9 +14,9 @@ One call, end to end::
 Invariants:
 
 * No ``grpc.RpcError`` (nor grpc's ValueError on a closed channel) leaves
-  this module's callers: ``translate`` turns every status into NotFound,
-  Unavailable/Timeout, InvalidData, ReadOnly or TvixError, with a message
-  naming what was asked for and which server answered.
+  this module's callers: ``translate`` (status.py) turns every status into
+  NotFound, Unavailable/Timeout, InvalidData, ReadOnly or TvixError, with a
+  message naming what was asked for and which server answered.
 * A channel belongs to the process that made it. An Endpoint used after a
   fork opens a fresh channel in the child and never touches the parent's.
 * A failed call leaves the Endpoint usable: grpc reconnects its channel by
@@ -26,14 +26,10 @@ Invariants:
   restarting) waits for the channel to reconnect, for a bounded patience,
   and is made again (``Endpoint._await_return``). The patience is a share
   of the time left in the caller's ``request_deadline`` scope
-  (grpc_deadline.py: a mount worker serving a request), else
+  (deadline.py: a mount worker serving a request), else
   ``ClientConfig.reconnect_wait``. An UNAVAILABLE the server answered on a
   connected channel is not waited for: it fails after grpc's retries, as
   before. A call never waits past its patience, so nothing hangs.
-
-Our own daemon adds the tvixmount error class to the trailers
-(``ERROR_CODE_KEY``), so errors keep their exact class across the wire;
-other servers (tvix-store) are mapped by status code alone.
 """
 
 from __future__ import annotations
@@ -50,27 +46,19 @@ from typing import Any
 import grpc
 import grpc.experimental
 
-from ..errors import (
+from ...errors import (
     InvalidArgument,
-    InvalidData,
-    NotFound,
-    ReadOnly,
     Timeout,
     TvixError,
     Unavailable,
-    from_code,
 )
-from . import urls
-from .grpc_deadline import patience_until
-from .urls import StoreUrl
+from .. import urls
+from ..urls import StoreUrl
+from .deadline import patience_until
+from .status import trailer_code, translate, transport_words
+from .wire import BLOB_SERVICE, DIRECTORY_SERVICE, MAX_MESSAGE, PATH_INFO_SERVICE
 
 log = logging.getLogger(__name__)
-
-MiB = 1024 * 1024
-# Large enough for a Directory with ~500k entries; tonic's default is 4 MiB.
-MAX_MESSAGE = 64 * MiB
-# What a Put sends per message (docs/protocol.md, 'Blob service': well below 4 MiB).
-PUT_MESSAGE = 1 * MiB
 
 UNARY_TIMEOUT = 30.0  # seconds for a whole unary call
 STREAM_GAP = 30.0  # seconds a stream may go without a message before it is cancelled
@@ -80,16 +68,13 @@ CONNECT_TIMEOUT = 10.0  # seconds ?wait-connect=1 waits for the first connection
 # deadline (3 s in the fault tests), and it is the scope that should decide.
 RECONNECT_WAIT = 0.5
 
-# Trailing metadata our daemon sets on errors: the tvixmount error code.
-ERROR_CODE_KEY = "tvix-error-code"
-
 _READ_METHODS = (
-    ("tvix.castore.v1.BlobService", "Stat"),
-    ("tvix.castore.v1.BlobService", "Read"),
-    ("tvix.castore.v1.DirectoryService", "Get"),
-    ("tvix.store.v1.PathInfoService", "Get"),
-    ("tvix.store.v1.PathInfoService", "List"),
-    ("tvix.store.v1.PathInfoService", "CalculateNAR"),
+    (BLOB_SERVICE, "Stat"),
+    (BLOB_SERVICE, "Read"),
+    (DIRECTORY_SERVICE, "Get"),
+    (PATH_INFO_SERVICE, "Get"),
+    (PATH_INFO_SERVICE, "List"),
+    (PATH_INFO_SERVICE, "CalculateNAR"),
 )
 _PATIENT = frozenset(f"/{service}/{method}" for service, method in _READ_METHODS)
 _READY_CHECK = 0.05  # seconds to learn whether the channel is connected right now
@@ -131,15 +116,6 @@ _OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-class Absent(NotFound):
-    """The server answered NOT_FOUND: the object asked for is not there.
-
-    Kept apart from a NotFound carried in our daemon's error trailer (a
-    blob missing below a directory, while rendering a NAR...), which is an
-    error even where absence of the requested object is an answer.
-    """
-
-
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """Deadlines of one client; the defaults are the module constants."""
@@ -148,89 +124,6 @@ class ClientConfig:
     stream_gap: float = STREAM_GAP
     connect_timeout: float = CONNECT_TIMEOUT
     reconnect_wait: float = RECONNECT_WAIT
-
-
-# -- errors --------------------------------------------------------------------------
-
-_UNAVAILABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.ABORTED,
-}
-_INVALID = {
-    grpc.StatusCode.DATA_LOSS,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.OUT_OF_RANGE,
-}
-
-
-def translate(exc: grpc.RpcError, what: str, server: str, timed_out: bool = False) -> TvixError:
-    """The tvixmount error for a failed call; ``what`` says what was asked for.
-
-    NOT_FOUND is Absent, a NotFound (callers that treat absence as None catch it).
-    With our daemon's error-code trailer the class is the server's own;
-    otherwise UNAVAILABLE and friends are Unavailable, DEADLINE_EXCEEDED
-    Timeout, DATA_LOSS/INVALID_ARGUMENT InvalidData (the server refused or
-    could not produce valid data), PERMISSION_DENIED ReadOnly, and anything
-    else a TvixError carrying the server's message.
-    """
-    code = _status(exc)
-    details = _details(exc)
-    name = code.name if code is not None else "UNKNOWN"
-    if timed_out:
-        return Timeout(f"{what}: no message from {server} for too long; stream cancelled")
-    message = f"{what}: {server} answered {name}: {details}"
-    if code is grpc.StatusCode.NOT_FOUND:
-        return Absent(message)
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return Timeout(f"{what}: {server} did not answer in time ({details})")
-    if code in _UNAVAILABLE:
-        return Unavailable(message)
-    tvix_code = _trailer_code(exc)
-    if tvix_code is not None:
-        return from_code(tvix_code, message)
-    if code in _INVALID:
-        return InvalidData(message)
-    if code is grpc.StatusCode.PERMISSION_DENIED:
-        return ReadOnly(message)
-    return TvixError(message)
-
-
-# grpc core's words for a connection that failed or went away (not a server's answer).
-_TRANSPORT_WORDS = ("failed to connect", "socket closed", "connection reset", "connection refused",
-                    "broken pipe", "goaway", "stream removed", "connection aborted", "end of tcp stream")
-
-
-def _transport_words(exc: TvixError) -> bool:
-    text = str(exc).lower()
-    return any(word in text for word in _TRANSPORT_WORDS)
-
-
-def _status(exc: grpc.RpcError) -> grpc.StatusCode | None:
-    try:
-        return exc.code()  # type: ignore[attr-defined]
-    except Exception:  # an RpcError that is not a Call carries no status
-        return None
-
-
-def _details(exc: grpc.RpcError) -> str:
-    try:
-        return str(exc.details() or "")  # type: ignore[attr-defined]
-    except Exception:
-        return str(exc)
-
-
-def _trailer_code(exc: grpc.RpcError) -> str | None:
-    try:
-        trailers = exc.trailing_metadata() or ()  # type: ignore[attr-defined]
-    except Exception:
-        return None
-    for key, value in trailers:
-        if key == ERROR_CODE_KEY:
-            return value if isinstance(value, str) else value.decode("ascii", "replace")
-    return None
 
 
 # -- stream watchdog -----------------------------------------------------------------
@@ -451,7 +344,7 @@ class Endpoint:
         else, including an UNAVAILABLE our daemon or any server answered
         on a connected channel, and a server that stays away.
         """
-        if type(error) is not Unavailable or _trailer_code(exc) is not None:
+        if type(error) is not Unavailable or trailer_code(exc) is not None:
             raise error from None  # not about the connection, or our daemon's own answer
         started = time.monotonic()
         if until <= started:
@@ -464,7 +357,7 @@ class Endpoint:
                 if self._gave_up_at == until:  # this request already waited in vain
                     raise error from None
             else:
-                if _transport_words(error):
+                if transport_words(error):
                     return  # the connection broke and is already back
                 raise error from None  # connected all along: the server answered this
             log.debug("%s is away (%s); waiting up to %.1f s for it", self.server, error, until - started)

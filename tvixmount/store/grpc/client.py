@@ -4,21 +4,20 @@
 ``grpc+https://host:port`` and ``grpc+unix:///socket`` here by module name
 and calls ``open_blob_service(url)`` and friends with the parsed URL.
 
-Each service owns an Endpoint (grpc_channel.py) whose channel is made on
+Each service owns an Endpoint (channel.py) whose channel is made on
 first use, in the process that uses it; ``?wait-connect=1`` connects at
 open time instead and fails with Unavailable if the server is not there.
-The pieces: grpc_channel.py (channels, deadlines, error mapping),
-grpc_blobs.py, grpc_directories.py, grpc_pathinfo.py.
+The other pieces are listed in the package's docstring (``__init__.py``).
 """
 
 from __future__ import annotations
 
-from .grpc_blobs import GrpcBlobService
-from .grpc_channel import ClientConfig, Endpoint
-from .grpc_deadline import request_deadline
-from .grpc_directories import GrpcDirectoryService
-from .grpc_pathinfo import GrpcPathInfoService
-from .urls import GRPC_SCHEMES, StoreUrl, parse
+from ..urls import GRPC_SCHEMES, StoreUrl, parse
+from .blobs import GrpcBlobService
+from .channel import ClientConfig, Endpoint
+from .deadline import request_deadline
+from .directories import GrpcDirectoryService
+from .pathinfo import GrpcPathInfoService
 
 __all__ = [
     "ClientConfig",
@@ -35,7 +34,7 @@ __all__ = [
 def _endpoint(url: StoreUrl | str, config: ClientConfig | None) -> Endpoint:
     parsed = parse(url) if isinstance(url, str) else url
     if parsed.scheme not in GRPC_SCHEMES:
-        from ..errors import InvalidArgument
+        from ...errors import InvalidArgument
 
         raise InvalidArgument(f"store URL {parsed.text!r} is not a grpc+http, grpc+https or grpc+unix URL")
     return Endpoint(parsed, config)

@@ -2,13 +2,12 @@
 
 One database file per store holds every small thing (blob metadata with the
 per-chunk digests, directories, path infos); blob contents live in files
-beside it (embedded_blobs.py). Many worker processes read while one import
+beside it (blobs.py). Many worker processes read while one import
 writes, hence:
 
-* WAL journal: readers never wait for the writer, nor it for them;
-  ``synchronous=NORMAL`` is durable enough with WAL (a power cut can lose
-  the last transactions, never corrupt the file), and a lost row only means
-  a blob file that the next import re-registers.
+* WAL journal, connections and write transactions as ``store/sqlite.py``
+  makes them for both on-disk indexes; here a transaction lost to a power
+  cut only means a blob file that the next import re-registers.
 * A small pool of connections per ``Database``, checked out per operation,
   so one service object can serve several threads; no connection is held
   between the pages of a long listing, so a slow reader never pins the WAL.
@@ -30,12 +29,12 @@ import logging
 import os
 import sqlite3
 import threading
-import urllib.parse
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import InvalidData, ReadOnly, TvixError, Unavailable
+from ...errors import InvalidData, ReadOnly, TvixError, Unavailable
+from .. import sqlite
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +84,6 @@ def translate(exc: sqlite3.Error, where: str, what: str) -> TvixError:
     return InvalidData(text)
 
 
-@contextlib.contextmanager
-def write_transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT on ``conn``, rolled back on any exception.
-
-    IMMEDIATE takes sqlite's write lock at BEGIN (waiting in the busy
-    handler), so a transaction never fails half-way for want of it.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
 class Database:
     """Connections to one store's sqlite file, usable from several threads."""
 
@@ -120,26 +104,8 @@ class Database:
     # -- connections ---------------------------------------------------------
 
     def _connect(self) -> sqlite3.Connection:
-        if self._read_only:
-            target = "file:" + urllib.parse.quote(str(self.path)) + "?mode=ro"
-        else:
-            mode = "rwc" if self._create else "rw"
-            target = "file:" + urllib.parse.quote(str(self.path)) + "?mode=" + mode
-        conn = sqlite3.connect(
-            target,
-            uri=True,
-            timeout=BUSY_TIMEOUT_S,
-            isolation_level=None,  # we issue BEGIN/COMMIT ourselves
-            check_same_thread=False,  # a pooled connection moves between threads
-            cached_statements=64,
-        )
-        try:
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=OFF")
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        mode = "ro" if self._read_only else "rwc" if self._create else "rw"
+        return sqlite.connect(self.path, mode, BUSY_TIMEOUT_S)
 
     @contextlib.contextmanager
     def connection(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -180,7 +146,7 @@ class Database:
     @contextlib.contextmanager
     def transaction(self, what: str) -> Iterator[sqlite3.Connection]:
         """A write transaction (taken at BEGIN, so it cannot deadlock later)."""
-        with self.connection(what) as conn, write_transaction(conn):
+        with self.connection(what) as conn, sqlite.write_transaction(conn):
             yield conn
 
     # -- convenience ---------------------------------------------------------
@@ -217,10 +183,10 @@ class Database:
     def create_schema(self) -> None:
         """Create the tables (idempotent; several importers may race here)."""
         with self.connection("creating the store schema") as conn:
-            mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()
-            if not mode or str(mode[0]).lower() != "wal":
+            mode = sqlite.use_wal(conn)
+            if mode != "wal":
                 raise Unavailable(f"store {self.where}: sqlite refused WAL mode (got {mode})")
-            conn.executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+            sqlite.apply_schema(conn, _SCHEMA)
 
     def check_schema(self) -> None:
         row = self.one("opening the store", "PRAGMA user_version")

@@ -25,18 +25,17 @@ from collections.abc import Iterable, Iterator
 
 from google.protobuf.message import DecodeError
 
-from ..castore.directory import Directory, decode_directory, decode_directory_digest
-from ..castore.nodes import b3_text
-from ..errors import InvalidArgument, InvalidData, NotFound
-from ..proto import rpc_directory_pb2 as pb
-from . import records
-from .base import DirectoryService
-from .grpc_channel import Absent, Endpoint
+from ...castore.directory import Directory, decode_directory, decode_directory_digest
+from ...castore.nodes import b3_text
+from ...errors import InvalidArgument, InvalidData, NotFound
+from ...proto import rpc_directory_pb2 as pb
+from .. import records
+from ..base import DirectoryService
+from .channel import Endpoint
+from .status import Absent
+from .wire import DIRECTORY_GET, DIRECTORY_PUT
 
 log = logging.getLogger(__name__)
-
-GET = "/tvix.castore.v1.DirectoryService/Get"
-PUT = "/tvix.castore.v1.DirectoryService/Put"
 
 
 class GrpcDirectoryService(DirectoryService):
@@ -49,7 +48,8 @@ class GrpcDirectoryService(DirectoryService):
         records.check_b3(digest, "directory")
         what = f"getting directory {b3_text(digest)}"
         request = pb.GetDirectoryRequest(digest=digest, recursive=False).SerializeToString()
-        stream = self.endpoint.stream(GET, request, what, timeout=self.endpoint.config.unary_timeout)
+        stream = self.endpoint.stream(DIRECTORY_GET, request, what,
+                                      timeout=self.endpoint.config.unary_timeout)
         try:
             raw = next(stream, None)
         except Absent:
@@ -71,7 +71,7 @@ class GrpcDirectoryService(DirectoryService):
         expected = {digest}  # referenced by something received, not received yet
         received: set[bytes] = set()
         count = 0
-        stream = self.endpoint.stream(GET, request, what)
+        stream = self.endpoint.stream(DIRECTORY_GET, request, what)
         try:
             for raw in stream:
                 try:
@@ -119,7 +119,7 @@ class GrpcDirectoryService(DirectoryService):
         if root is None:
             return None
         what = f"storing {len(messages)} directories (root {b3_text(root)})"
-        raw = self.endpoint.client_stream(PUT, iter(messages), what).result()
+        raw = self.endpoint.client_stream(DIRECTORY_PUT, iter(messages), what).result()
         try:
             answered = pb.PutDirectoryResponse.FromString(raw).root_digest
         except DecodeError as exc:

@@ -2,15 +2,15 @@
 
 ``CachingBlobService(inner, cache_dir, max_bytes)`` wraps a BlobService
 (in practice the gRPC client). A blob read once is kept in ``cache_dir``
-(layout and index: blobcache_index.py), so the next open of it, in any
+(layout and index: index.py), so the next open of it, in any
 worker process and after a remount, reads the local file and never the
 network. Writes, listings and blobs not in the cache go to ``inner``.
 
 Verified before use: each cached file is checked in ``SEGMENT`` (256 KiB)
 pieces against digests the index keeps, only the pieces a read covers,
-the last two kept in memory (so sequential 128 KiB reads hash each byte
-once, and a random read of a 10 GiB blob hashes 256 KiB, not 10 GiB). A
-one-segment blob is checked against its own blob digest. The segment
+the last two kept in memory (segments.py: sequential 128 KiB reads hash
+each byte once, and a random read of a 10 GiB blob hashes 256 KiB, not
+10 GiB). A one-segment blob is checked against its own blob digest. The segment
 digests are computed while filling from bytes that also had to hash to
 the blob digest as a whole before the entry was recorded, so they stand
 for the blob digest. A mismatch (a flipped bit, a truncated file) drops
@@ -74,44 +74,29 @@ import errno
 import logging
 import os
 import time
-from collections import OrderedDict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
-import blake3
-
-from ..castore.nodes import b3_text
-from ..errors import InvalidArgument, InvalidData, TvixError
-from ..units import format_size
-from . import records
-from .base import BlobReader, BlobService, BlobStat, BlobWriter
-from .blobcache_index import SEGMENT, CacheIndex, Entry
+from ...castore.nodes import b3_text
+from ...errors import InvalidArgument, InvalidData, TvixError
+from .. import records
+from ..base import BlobReader, BlobService, BlobStat, BlobWriter
+from ..segments import SEGMENT, BadSegment, SegmentFile, SegmentHasher
+from .index import CacheIndex, Entry
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-DEFAULT_SIZE = 10 << 30
 FILL_ON_OPEN_MAX = 8 << 20  # blobs up to this size are cached whole when opened
 FILL_PIECE = 1 << 20  # bytes read from the inner store per call while filling whole
 GAP_MAX = 1 << 20  # a read this far past the fill position still extends the fill (readahead reorders)
 LOW_WATER = 0.9  # eviction goes down to this fraction of the budget, so it is not run on every fill
 TOUCH_INTERVAL_S = 60.0
 NO_SPACE_WARN_S = 60.0
-_KEPT_SEGMENTS = 2
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 _COUNTERS = ("hits", "misses", "fills", "bytes_filled", "fills_abandoned", "not_cached", "evictions",
              "evicted_bytes", "verify_failures", "fill_errors", "cache_errors")
-
-
-@dataclass(frozen=True, slots=True)
-class BlobCacheConfig:
-    """Where a blob cache lives and how big it may grow (bytes)."""
-
-    directory: Path
-    max_bytes: int = DEFAULT_SIZE
-
-    def describe(self) -> str:
-        return f"blob cache {self.directory} ({format_size(self.max_bytes)})"
 
 
 class CachingBlobService(BlobService):
@@ -282,7 +267,7 @@ class CachingBlobService(BlobService):
 
     def finish(self, fill: _Fill) -> bool:
         """Record a complete fill; False if it did not hash right or could not be recorded."""
-        actual = fill.whole.digest()
+        actual = fill.hasher.digest()
         if fill.position != fill.size or actual != fill.digest:
             log.warning("blob %s: the store served %d bytes hashing to %s; not cached", b3_text(fill.digest),
                         fill.position, b3_text(actual))
@@ -290,7 +275,7 @@ class CachingBlobService(BlobService):
             return False
         try:
             fill.close()
-            entry = Entry(fill.digest, fill.size, fill.segment_digests(), time.time())
+            entry = Entry(fill.digest, fill.size, fill.hasher.segment_digests(), time.time())
             stored, total = self.index.commit(entry, fill.path)
         except (TvixError, OSError) as exc:
             fill.discard()
@@ -346,40 +331,16 @@ class _Fill:
         self.size = size
         self.path = path
         self.position = 0
-        self.whole = blake3.blake3()
+        self.hasher = SegmentHasher(SEGMENT)
         self._fd: int | None = fd
-        self._segment = blake3.blake3()
-        self._in_segment = 0
-        self._segments = bytearray()
 
     def add(self, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
-        self.whole.update(data)
+        self.hasher.update(data)
         self.position += len(data)
-        position = 0
-        while position < len(data):
-            take = min(SEGMENT - self._in_segment, len(data) - position)
-            self._segment.update(data[position : position + take])
-            self._in_segment += take
-            position += take
-            if self._in_segment == SEGMENT:
-                self._end_segment()
-
-    def _end_segment(self) -> None:
-        self._segments += self._segment.digest()
-        self._segment = blake3.blake3()
-        self._in_segment = 0
-
-    def segment_digests(self) -> bytes:
-        """The index's segment digests (none for a one-segment blob: its digest says it all)."""
-        if self.size <= SEGMENT:
-            return b""
-        if self._in_segment:
-            self._end_segment()
-        return bytes(self._segments)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -406,70 +367,48 @@ class CachedBlobReader(BlobReader):
 
     def __init__(self, service: CachingBlobService, entry: Entry, fd: int) -> None:
         self._service = service
-        self._entry = entry
         self.digest = entry.digest
         self.size = entry.size
-        self._fd: int | None = fd
         self.opened = os.fstat(fd)
-        self._segments: OrderedDict[int, bytes] = OrderedDict()
+        self._file: SegmentFile | None = SegmentFile(entry.outboard, fd)
         self._fallback: BlobReader | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
             raise InvalidArgument(f"pread offset {offset} and length {length} must not be negative")
-        if self._fallback is not None:
-            return self._fallback.pread(offset, length)
-        if self._fd is None:
-            raise InvalidArgument(f"blob {b3_text(self.digest)}: reader is closed")
-        end = min(self.size, offset + length)
-        if offset >= end:
-            return b""
-        parts = []
-        for index in range(offset // SEGMENT, (end - 1) // SEGMENT + 1):
-            data = self._segment(index)
-            if data is None:
-                assert self._fallback is not None
-                return self._fallback.pread(offset, length)
-            base = index * SEGMENT
-            parts.append(data[max(offset - base, 0) : min(end - base, len(data))])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return self._read(lambda source: source.pread(offset, length))
 
-    def _segment(self, index: int) -> bytes | None:
-        """Segment ``index``, verified; None after switching to the inner store."""
-        kept = self._segments.get(index)
-        if kept is not None:
-            self._segments.move_to_end(index)
-            return kept
-        assert self._fd is not None
-        start = index * SEGMENT
-        want = min(SEGMENT, self.size - start)
-        try:
-            data = os.pread(self._fd, want, start)
-        except OSError as exc:
-            self._give_up(f"reading segment {index}: {exc.strerror}")
-            return None
-        if len(data) != want:
-            self._give_up(f"segment {index} is {len(data)} bytes, not {want}")
-            return None
-        if blake3.blake3(data).digest() != self._entry.segment_digest(index):
-            self._give_up(f"segment {index} (bytes {start}-{start + want - 1}) does not match")
-            return None
-        self._segments[index] = data
-        if len(self._segments) > _KEPT_SEGMENTS:
-            self._segments.popitem(last=False)
-        return data
+    def pread_into(self, offset: int, buf: memoryview) -> int:
+        return self._read(lambda source: source.pread_into(offset, buf))
 
-    def _give_up(self, why: str) -> None:
+    def _read(self, read: Callable[[SegmentFile | BlobReader], T]) -> T:
+        """``read`` from the cached file; from the inner store once that file proved bad."""
+        if self._fallback is None:
+            if self._file is None:
+                raise InvalidArgument(f"blob {b3_text(self.digest)}: reader is closed")
+            try:
+                return read(self._file)
+            except BadSegment as bad:
+                self._give_up(bad)
+        assert self._fallback is not None
+        return read(self._fallback)
+
+    def _give_up(self, bad: BadSegment) -> None:
+        """Drop the cached copy and serve this reader from the inner store from now on."""
+        if bad.error is not None:
+            why = f"reading segment {bad.index}: {bad.error.strerror}"
+        elif bad.short:
+            why = f"segment {bad.index} is {bad.got} bytes, not {bad.want}"
+        else:
+            why = f"segment {bad.index} (bytes {bad.start}-{bad.start + bad.want - 1}) does not match"
         self._service.corrupt(self, why)
         self._close_file()
         self._fallback = self._service.inner.open_read(self.digest)
-        return None
 
     def _close_file(self) -> None:
-        self._segments.clear()
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
+        if self._file is not None:
+            file, self._file = self._file, None
+            file.close()
 
     def close(self) -> None:
         self._close_file()

@@ -19,22 +19,19 @@ from collections.abc import Iterator
 
 from google.protobuf.message import DecodeError
 
-from ..castore.directory import check_node
-from ..castore.nodes import Node
-from ..castore.pathinfo import PathInfo, validate_pathinfo
-from ..castore.wire import decode_pathinfo, node_to_proto
-from ..errors import InvalidArgument, InvalidData
-from ..proto import rpc_pathinfo_pb2 as pb
-from . import records
-from .base import PathInfoService
-from .grpc_channel import Absent, Endpoint
+from ...castore.directory import check_node
+from ...castore.nodes import Node
+from ...castore.pathinfo import PathInfo, validate_pathinfo
+from ...castore.wire import decode_pathinfo, node_to_proto
+from ...errors import InvalidArgument, InvalidData
+from ...proto import rpc_pathinfo_pb2 as pb
+from .. import records
+from ..base import PathInfoService
+from .channel import Endpoint
+from .status import Absent
+from .wire import PATH_INFO_CALCULATE_NAR, PATH_INFO_GET, PATH_INFO_LIST, PATH_INFO_PUT
 
 log = logging.getLogger(__name__)
-
-GET = "/tvix.store.v1.PathInfoService/Get"
-PUT = "/tvix.store.v1.PathInfoService/Put"
-CALCULATE_NAR = "/tvix.store.v1.PathInfoService/CalculateNAR"
-LIST = "/tvix.store.v1.PathInfoService/List"
 
 SHA256_LEN = 32
 
@@ -57,7 +54,7 @@ class GrpcPathInfoService(PathInfoService):
         what = f"getting path info {hash_part}"
         request = pb.GetPathInfoRequest(by_output_hash=digest).SerializeToString()
         try:
-            raw = self.endpoint.unary(GET, request, what)
+            raw = self.endpoint.unary(PATH_INFO_GET, request, what)
         except Absent:
             return None
         info = self._decode(raw, what)
@@ -69,7 +66,7 @@ class GrpcPathInfoService(PathInfoService):
     def put(self, info: PathInfo) -> PathInfo:
         digest, data = records.pathinfo_row(info)  # validates, narinfo required
         what = f"storing path info {records.store_path_text(digest)}"
-        stored = self._decode(self.endpoint.unary(PUT, data, what), what)
+        stored = self._decode(self.endpoint.unary(PATH_INFO_PUT, data, what), what)
         # The server may add signatures, but it must answer for the same path.
         if validate_pathinfo(stored, require_narinfo=False).digest != digest:
             raise InvalidData(f"{what}: {self.endpoint.server} answered with another store path")
@@ -78,7 +75,7 @@ class GrpcPathInfoService(PathInfoService):
 
     def list(self) -> Iterator[PathInfo]:
         what = "listing path infos"
-        stream = self.endpoint.stream(LIST, pb.ListPathInfoRequest().SerializeToString(), what)
+        stream = self.endpoint.stream(PATH_INFO_LIST, pb.ListPathInfoRequest().SerializeToString(), what)
         try:
             for raw in stream:
                 yield self._decode(raw, what)
@@ -92,7 +89,7 @@ class GrpcPathInfoService(PathInfoService):
         if problem:
             raise InvalidArgument(f"calculate NAR: invalid node: {problem}")
         what = f"calculating the NAR of {_describe(anonymous)}"
-        raw = self.endpoint.unary(CALCULATE_NAR, node_to_proto(anonymous).SerializeToString(), what)
+        raw = self.endpoint.unary(PATH_INFO_CALCULATE_NAR, node_to_proto(anonymous).SerializeToString(), what)
         try:
             response = pb.CalculateNARResponse.FromString(raw)
         except DecodeError as exc:
@@ -108,7 +105,7 @@ class GrpcPathInfoService(PathInfoService):
 
 
 def _describe(node: Node) -> str:
-    from ..castore.nodes import DirectoryNode, FileNode, b3_text
+    from ...castore.nodes import DirectoryNode, FileNode, b3_text
 
     if isinstance(node, DirectoryNode):
         return f"directory {b3_text(node.digest)}"

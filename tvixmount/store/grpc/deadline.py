@@ -11,7 +11,7 @@ So the worker says, around each request::
 
 and every gRPC call made by that thread inside may wait for a
 reconnecting channel until ``share`` of the time the request had left on
-entry (grpc_channel.Endpoint._await_return). The point is fixed on entry,
+entry (channel.Endpoint._await_return). The point is fixed on entry,
 so the calls of one request share one patience rather than each taking a
 fresh share. Outside any scope a client's ``ClientConfig.reconnect_wait``
 applies.
@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-from ..deadlines import HANG_FRACTION
+from ...deadlines import HANG_FRACTION
 
 __all__ = ["PATIENCE_SHARE", "patience_until", "request_deadline"]
 
