@@ -33,11 +33,11 @@ import pytest
 # -- the groups the rules speak of -----------------------------------------------------
 
 # The one module of tvixmount that may import ``workers``: it hands the pool its
-# worker entry point. ADJUST to the composition module chosen when the ops land.
+# worker entry point (``workers.loop.serve``).
 COMPOSER = "tvixmount.cli"
 
-# The FUSE edge: the only modules that may import llfuse. ``fuse_timing`` is where the
-# ``timed`` decorator goes when it leaves metrics; ADJUST to its final name.
+# The FUSE edge: the only modules that may import llfuse (``fuse_timing`` holds the
+# ``timed`` decorator that wraps each handler).
 FUSE_EDGE = ("tvixmount.fuse_ops", "tvixmount.fuse_timing", "tvixmount.mount", "tvixmount.cli")
 
 # The mount process above the pipe: FUSE edge, Vfs, readahead, pool. Workers, the
@@ -52,10 +52,13 @@ POOL = ("tvixmount.pool", "tvixmount.poolstate", "tvixmount.collector", "tvixmou
 
 # Store backends: what must not be loaded just to name a store, nor known by the mount.
 GRPC_CLIENT = "tvixmount.store.grpc"  # the gRPC client package
-GRPC_WIRE = "tvixmount.store.grpc.wire"  # what client and server share; ADJUST to its final name
-EMBEDDED = "tvixmount.store.embedded*"  # the package (and today's embedded_* modules)
-CACHE = "tvixmount.store.*cache*"  # the package (and today's blobcache* modules)
-BACKENDS = ("tvixmount.store.grpc*", EMBEDDED, CACHE, "tvixmount.store.memory",
+GRPC_WIRE = "tvixmount.store.grpc.wire"  # what client and server share
+EMBEDDED = "tvixmount.store.embedded"
+CACHE = "tvixmount.store.cache"
+# The cache's config (directory, size) is a value that StoreUrls carries; the cache
+# itself is its service and its sqlite index.
+CACHE_BACKEND = ("tvixmount.store.cache.service", "tvixmount.store.cache.index")
+BACKENDS = (GRPC_CLIENT, EMBEDDED, *CACHE_BACKEND, "tvixmount.store.memory",
             "tvixmount.store.segments", "tvixmount.store.sqlite", "grpc", "sqlite3")
 # Where StoreUrls and URL parsing live (importing it also runs tvixmount/store/__init__.py).
 STORE_URLS = ("tvixmount.store.urls",)
@@ -377,9 +380,10 @@ def test_a_crossing_is_reported_with_file_line_and_rule(tmp_path: Path) -> None:
             "from typing import TYPE_CHECKING\n"
             "if TYPE_CHECKING:\n    from .cache import Cache\n"
             "def open_store():\n    from . import embedded\n"
-            "import importlib\nimportlib.import_module('tvixmount.store.cache')\n"
+            "import importlib\nimportlib.import_module('tvixmount.store.cache.service')\n"
         ),
-        "tvixmount/store/cache.py": "",
+        "tvixmount/store/cache/__init__.py": "",
+        "tvixmount/store/cache/service.py": "",
         "tvixmount/store/embedded.py": "",
         "tvixmount/store/urls.py": "",
         "tvixmount/cli.py": "from .store import urls\n",
@@ -397,13 +401,13 @@ def test_a_crossing_is_reported_with_file_line_and_rule(tmp_path: Path) -> None:
     # importing store.urls runs the store package first.
     naming = next(rule for rule in RULES if rule.name.startswith("naming a store"))
     assert violations(naming, found) == [
-        "importing tvixmount.store.urls loads tvixmount.store.cache: "
-        "tvixmount/store/__init__.py:7 imports tvixmount.store.cache"]
+        "importing tvixmount.store.urls loads tvixmount.store.cache.service: "
+        "tvixmount/store/__init__.py:7 imports tvixmount.store.cache.service"]
     starting = next(rule for rule in RULES if rule.name.startswith("starting a mount"))
     assert violations(starting, found) == [
-        "importing tvixmount.cli loads tvixmount.store.cache: "
+        "importing tvixmount.cli loads tvixmount.store.cache.service: "
         "tvixmount/cli.py:1 imports tvixmount.store.urls; "
-        "tvixmount/store/__init__.py:7 imports tvixmount.store.cache"]
+        "tvixmount/store/__init__.py:7 imports tvixmount.store.cache.service"]
     wire = next(rule for rule in RULES if rule.name.startswith("the daemon shares"))
     assert violations(wire, found) == [
         "tvixmount/server/__init__.py:2: tvixmount.server imports tvixmount.store.grpc.read"]
