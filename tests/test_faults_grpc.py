@@ -279,20 +279,23 @@ def test_unavailable_always_is_eio_quickly_and_recovers(scripted: tuple[Mount, S
     assert read_bytes(_file(m, "s03")) == _small(3)
 
 
-def test_stream_breaking_off_once_is_retried(scripted: tuple[Mount, ScriptedStore]) -> None:
+@pytest.mark.parametrize(("n", "fault"), [(4, ("drop", 10_000)), (6, ("cut", 5_000))],
+                         ids=["breaking off", "truncated"])
+def test_a_stream_failing_once_is_retried(scripted: tuple[Mount, ScriptedStore], n: int,
+                                          fault: tuple[str, int]) -> None:
     m, fake = scripted
     cursor = LogCursor(m)
-    whole = b3(_small(4))
-    chunked = b3(_chunked(4))  # a small chunked blob: one Read of all of it, verified chunk by chunk
-    whole_once, chunked_once = _first(1, {whole}, ("drop", 10_000)), _first(1, {chunked}, ("drop", 10_000))
+    whole = b3(_small(n))
+    chunked = b3(_chunked(n))  # a small chunked blob: one Read of all of it, verified chunk by chunk
+    whole_once, chunked_once = _first(1, {whole}, fault), _first(1, {chunked}, fault)
     fake.faults[READ] = lambda digest: whole_once(digest) or chunked_once(digest)
     try:
-        assert read_bytes(_file(m, "s04")) == _small(4)
-        assert read_bytes(_file(m, "c04")) == _chunked(4)
+        assert read_bytes(_file(m, f"s{n:02d}")) == _small(n)
+        assert read_bytes(_file(m, f"c{n:02d}")) == _chunked(n)
     finally:
         fake.faults.clear()
-    cursor.wait_for(rf"INFO .*reading blob {re.escape(b3_text(whole))}.*: trying again in")
-    cursor.wait_for(rf"INFO .*reading blob {re.escape(b3_text(chunked))}.*: trying again in")
+    for digest in (whole, chunked):
+        cursor.wait_for(rf"INFO .*reading blob {re.escape(b3_text(digest))}.*: trying again in")
     assert cursor.lines("ERROR") == [] and cursor.lines("WARNING") == []
 
 
@@ -309,22 +312,6 @@ def test_stream_breaking_off_every_time_is_eio_and_recovers(scripted: tuple[Moun
     finally:
         fake.faults.clear()
     assert read_bytes(_file(m, "s05")) == _small(5)
-
-
-def test_truncated_stream_once_is_retried(scripted: tuple[Mount, ScriptedStore]) -> None:
-    m, fake = scripted
-    cursor = LogCursor(m)
-    whole = b3(_small(6))
-    chunked = b3(_chunked(6))  # a small chunked blob: one Read of all of it, verified chunk by chunk
-    whole_once, chunked_once = _first(1, {whole}, ("cut", 5_000)), _first(1, {chunked}, ("cut", 5_000))
-    fake.faults[READ] = lambda digest: whole_once(digest) or chunked_once(digest)
-    try:
-        assert read_bytes(_file(m, "s06")) == _small(6)
-        assert read_bytes(_file(m, "c06")) == _chunked(6)
-    finally:
-        fake.faults.clear()
-    assert cursor.lines("INFO", "trying again in")
-    assert cursor.lines("ERROR") == [] and cursor.lines("WARNING") == []
 
 
 def test_truncated_stream_every_time_is_eio_with_one_warning(scripted: tuple[Mount, ScriptedStore]) -> None:

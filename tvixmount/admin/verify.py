@@ -127,18 +127,22 @@ class Verifier:
 
     # -- 1. blobs ---------------------------------------------------------------
 
+    def _check_each(self, kind: str, digests: list[bytes], check: Callable[[bytes, bool], object]) -> None:
+        """Check every listed object of one kind, with a progress bar."""
+        progress = self.make_bar(kind, len(digests))
+        try:
+            for digest in digests:
+                check(digest, True)
+                progress.update(1)
+        finally:
+            progress.close()
+
     def check_blobs(self) -> None:
         digests = self._list("blobs", self.store.blobs.iter_digests)
         if digests is None:
             return
         self.blobs_listed = True
-        progress = self.make_bar("blobs", len(digests))
-        try:
-            for digest in digests:
-                self._check_blob(digest, listed=True)
-                progress.update(1)
-        finally:
-            progress.close()
+        self._check_each("blobs", digests, self._check_blob)
 
     def _check_blob(self, digest: bytes, listed: bool) -> str:
         """Read and re-hash one blob; record and return its state."""
@@ -190,13 +194,7 @@ class Verifier:
         if digests is None:
             return
         self.dirs_listed = True
-        progress = self.make_bar("directories", len(digests))
-        try:
-            for digest in digests:
-                self._load_dir(digest, listed=True)
-                progress.update(1)
-        finally:
-            progress.close()
+        self._check_each("directories", digests, self._load_dir)
         for digest, directory in self.good_dirs.items():
             for why in self._reference_problems(directory):
                 self.problem(f"directory {b3_text(digest)}", why)
