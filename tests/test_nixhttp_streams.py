@@ -30,8 +30,9 @@ from tests.castore_fixtures import Exe, Link
 from tests.castore_fixtures import Store as SpecStore
 from tvixmount.castore import nar
 from tvixmount.castore.directory import SizeConvention
-from tvixmount.errors import IntegrityError, InvalidData
-from tvixmount.store import StoreUrls, open_store
+from tvixmount.errors import IntegrityError, InvalidData, Unavailable
+from tvixmount.store import BlobWriter, StoreUrls, open_store
+from tvixmount.store.memory import MemoryBlobService, MemoryDirectoryService
 from tvixmount.store.nixhttp.checks import FileCheck, NarCheck
 from tvixmount.store.nixhttp.decompress import decompressing
 from tvixmount.store.nixhttp.ingest import ingest_nar
@@ -214,6 +215,45 @@ def test_ingest_refuses_a_malformed_nar_and_stores_no_directory(tmp_path: Path) 
         with pytest.raises(InvalidData, match="NAR at byte"):
             ingest_nar(io.BufferedReader(io.BytesIO(nar_bytes[:-16])), store.blobs, store.directories)
         assert list(store.directories.iter_digests()) == []
+
+
+class FailingBlobs(MemoryBlobService):
+    """The memory blob service, except that the ``fail_at``-th commit is Unavailable."""
+
+    def __init__(self, fail_at: int) -> None:
+        self.commits = 0
+        self.fail_at = fail_at
+
+    def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:
+        writer = super().open_write(expected_digest)
+        service = self
+
+        class Writer(BlobWriter):
+            def write(self, data: bytes) -> None:
+                writer.write(data)
+
+            def commit(self) -> bytes:
+                service.commits += 1
+                if service.commits == service.fail_at:
+                    raise Unavailable("disk went away")
+                return writer.commit()
+
+            def abort(self) -> None:
+                writer.abort()
+
+        return Writer()
+
+
+@pytest.mark.parametrize("threads", [0, 2])
+def test_a_failed_blob_store_fails_the_ingest(threads: int) -> None:
+    spec = SpecStore(convention=SizeConvention.DOUBLED, piece=1 << 20)
+    tree = {f"f{i}".encode(): f"contents {i}".encode() for i in range(50)}
+    nar_bytes = b"".join(nar.nar_chunks(spec.build(tree), spec.get_directory, spec.read_blob))
+    directories = MemoryDirectoryService()
+    blobs = FailingBlobs(fail_at=10)
+    with pytest.raises(Unavailable, match="disk went away"):
+        ingest_nar(io.BufferedReader(io.BytesIO(nar_bytes)), blobs, directories, threads=threads)
+    assert blobs.commits >= 10
 
 
 BOUNDED = textwrap.dedent("""

@@ -7,6 +7,14 @@ Nothing here names a store path or writes a PathInfo: the caller checks
 the NAR's hash and size (they are the caller's to know) and only then
 makes the tree visible.
 
+Who does what: the calling thread parses and hashes; storing a small
+file (at most one ``PIECE``, from memory) is handed to ``STORE_THREADS``
+threads, since creating and writing a file is mostly system calls that
+release the GIL and can overlap with the parse (bounded by
+``MAX_IN_FLIGHT`` bytes waiting); a big file is streamed into its writer by
+the calling thread, so memory stays flat. A file's digest is known when it
+is parsed (blake3 of its bytes), so the tree never waits for a store.
+
 Visibility and durability: all blobs are written in one blob-service batch
 where the backend has one (the embedded store then makes them durable with
 one syncfs at the end instead of two fsyncs each); directories are stored
@@ -21,7 +29,9 @@ This is the store's NAR ingestion; ``tvixstore import --nar``
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -34,6 +44,8 @@ from ...errors import InvalidData
 from ..base import BlobService, DirectoryService
 
 PIECE = 1 << 20  # read size for big files, and the largest file stored from one buffer
+STORE_THREADS = 2
+MAX_IN_FLIGHT = 32 << 20  # bytes of small files waiting for a store thread, at most
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +70,18 @@ def ingest_nar(
     blobs: BlobService,
     directories: DirectoryService,
     convention: SizeConvention = SizeConvention.DOUBLED,
-    on_file: Callable[[int], None] | None = None,
+    threads: int = STORE_THREADS,
 ) -> NarTree:
     """Store the NAR read from ``stream``; InvalidData (with a byte offset) for a malformed one.
 
     ``stream`` should be buffered: the parser reads the framing in small
-    pieces. ``on_file(size)`` is called after each file is stored.
+    pieces. ``threads`` store small files (0: the calling thread does).
+    A failure to store a blob is raised as it was.
     """
     stack: list[_Frame] = []
     built: dict[bytes, Directory] = {}  # digest -> Directory, leaves first
     root: Node | None = None
     files = file_bytes = symlinks = 0
-    seen: set[bytes] = set()  # blobs this NAR already stored
 
     def finish(node: Node) -> None:
         nonlocal root
@@ -78,16 +90,14 @@ def ingest_nar(
         else:
             root = node
 
-    with _batch(blobs):
+    with _batch(blobs), _BlobSink(blobs, threads) as sink:
         for event in read_nar(stream):
             path = event.path
             if isinstance(event, NarFile):
-                digest = _store_file(blobs, event, seen)
+                digest = sink.store(event)
                 files += 1
                 file_bytes += event.size
                 finish(FileNode(path[-1] if path else b"", digest, event.size, event.executable))
-                if on_file is not None:
-                    on_file(event.size)
             elif isinstance(event, NarSymlink):
                 symlinks += 1
                 finish(SymlinkNode(path[-1] if path else b"", event.target))
@@ -107,25 +117,71 @@ def ingest_nar(
     return NarTree(root, files, file_bytes, len(built), symlinks)
 
 
-def _store_file(blobs: BlobService, event: NarFile, seen: set[bytes]) -> bytes:
-    """Store one file's contents; a small one is hashed first and skipped when this NAR has it."""
-    size = event.size
-    reader = event.reader
-    if size <= PIECE:
-        data = _read_exactly(reader, size)
+class _BlobSink:
+    """Stores file contents: small ones on threads from memory, big ones streamed by the caller.
+
+    Leaving the ``with`` waits for every store; the first failure is raised
+    then (or at the next ``store``, to stop early). On an exception the
+    stores not yet started are cancelled.
+    """
+
+    def __init__(self, blobs: BlobService, threads: int) -> None:
+        self._blobs = blobs
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="nar-blob") if threads > 0 else None
+        self._seen: set[bytes] = set()  # blobs of this NAR stored or queued
+        self._pending: list[Future[None]] = []
+        self._room = threading.Condition()
+        self._in_flight = 0
+        self._failure: BaseException | None = None
+
+    def store(self, event: NarFile) -> bytes:
+        """Store one file's contents (read from the event); return its digest."""
+        if self._failure is not None:
+            raise self._failure
+        if event.size > PIECE:
+            with self._blobs.open_write() as writer:
+                while piece := event.reader.read(PIECE):
+                    writer.write(piece)
+                digest = writer.commit()
+            self._seen.add(digest)
+            return digest
+        data = _read_exactly(event.reader, event.size)
         digest = blake3.blake3(data).digest()
-        if digest not in seen:
-            with blobs.open_write(expected_digest=digest) as writer:
+        if digest not in self._seen:
+            self._seen.add(digest)
+            if self._pool is None:
+                self._put(data, digest)
+                return digest
+            with self._room:
+                while self._in_flight and self._in_flight + len(data) > MAX_IN_FLIGHT:
+                    self._room.wait()
+                self._in_flight += len(data)
+            self._pending.append(self._pool.submit(self._put, data, digest))
+        return digest
+
+    def _put(self, data: bytes, digest: bytes) -> None:
+        try:
+            with self._blobs.open_write(expected_digest=digest) as writer:
                 writer.write(data)
                 writer.commit()
-            seen.add(digest)
-        return digest
-    with blobs.open_write() as writer:
-        while piece := reader.read(PIECE):
-            writer.write(piece)
-        digest = writer.commit()
-    seen.add(digest)
-    return digest
+        except BaseException as exc:
+            if self._failure is None:
+                self._failure = exc
+            raise
+        finally:
+            with self._room:
+                self._in_flight -= len(data)
+                self._room.notify()
+
+    def __enter__(self) -> _BlobSink:
+        return self
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=exc_type is not None)
+        if exc_type is None:
+            for future in self._pending:
+                future.result()  # the first failure, as it was
 
 
 def _read_exactly(reader: BinaryIO, size: int) -> bytes:
