@@ -248,28 +248,33 @@ def _handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             try:
-                self._get()
+                self._get(head=False)
             except (BrokenPipeError, ConnectionResetError):
                 self.close_connection = True  # the client went away; nothing to tell it
 
-        def _get(self) -> None:
+        def do_HEAD(self) -> None:  # Nix asks for a narinfo with HEAD before it GETs it
+            self._get(head=True)
+
+        def _get(self, head: bool) -> None:
             path = self.path.split("?")[0]
             fault = server._take_fault(path) or Fault()
             if fault.delay:
                 time.sleep(fault.delay)
             if fault.status is not None:
-                self._answer(fault.status, b"fault\n")
+                self._answer(fault.status, b"fault\n", head)
                 return
             body = fault.body
             if body is None:
                 file = (server.directory / path.lstrip("/")).resolve()
                 if not file.is_relative_to(server.directory.resolve()) or not file.is_file():
-                    self._answer(404, b"not found\n")
+                    self._answer(404, b"not found\n", head)
                     return
                 body = file.read_bytes()
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
+            if head:
+                return
             if fault.hangup_after is not None:
                 self.wfile.write(body[: fault.hangup_after])
                 self.wfile.flush()
@@ -284,11 +289,12 @@ def _handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandler]:
                 return
             self.wfile.write(body)
 
-        def _answer(self, status: int, body: bytes) -> None:
+        def _answer(self, status: int, body: bytes, head: bool) -> None:
             self.send_response(status)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not head:
+                self.wfile.write(body)
 
     return Handler
 
