@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -191,6 +192,7 @@ class CacheServer:
         self.requests: collections.Counter[str] = collections.Counter()
         self.connections = 0
         self.faults: dict[str, Fault] = {}
+        self.on_request: Callable[[http.server.BaseHTTPRequestHandler], None] | None = None
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), _handler(self))
         self._server.daemon_threads = True
@@ -256,6 +258,8 @@ def _handler(server: CacheServer) -> type[http.server.BaseHTTPRequestHandler]:
             self._get(head=True)
 
         def _get(self, head: bool) -> None:
+            if server.on_request is not None:
+                server.on_request(self)
             path = self.path.split("?")[0]
             fault = server._take_fault(path) or Fault()
             if fault.delay:

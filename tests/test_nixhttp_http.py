@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,7 +122,18 @@ def test_oversized_bodies_are_refused(server: CacheServer) -> None:
         client(server).fetch("a.narinfo", soon(), 999)
 
 
-def test_absolute_urls_are_taken_as_they_are(server: CacheServer) -> None:
-    http = HttpClient("http://127.0.0.1:1/elsewhere", FAST)
-    assert http.url("nar/x.nar") == "http://127.0.0.1:1/elsewhere/nar/x.nar"
+def test_absolute_urls_must_stay_on_the_cache_host(server: CacheServer) -> None:
+    http = client(server)
+    assert http.url("nar/x.nar") == f"{server.url}/sub/nar/x.nar"
     assert http.fetch(server.url + "/sub/a.narinfo", soon(), 4096) == b"A" * 1000
+    with pytest.raises(InvalidData, match="is not on the cache's host"):
+        http.fetch("http://169.254.169.254/latest/meta-data", soon(), 4096)
+
+
+def test_credentials_in_the_url_are_sent_as_basic_auth(server: CacheServer) -> None:
+    seen: list[str | None] = []
+    server.on_request = lambda handler: seen.append(handler.headers.get("Authorization"))
+    http = HttpClient(server.url.replace("http://", "http://farm:s%40cret@") + "/sub", FAST)
+    assert http.base_url == server.url + "/sub"
+    assert http.fetch("a.narinfo", soon(), 4096) == b"A" * 1000
+    assert seen == ["Basic " + base64.b64encode(b"farm:s@cret").decode()]

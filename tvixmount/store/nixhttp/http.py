@@ -112,22 +112,35 @@ class HttpClient:
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise InvalidData(f"binary cache URL {redact(base_url)!r} is not http(s)://host[/path]")
-        self.base_url = base_url.rstrip("/")
+        headers = {"User-Agent": USER_AGENT}
+        if parts.username is not None:  # user:password@ in the URL: basic authentication
+            user, password = (urllib.parse.unquote(part or "") for part in (parts.username, parts.password))
+            headers.update(urllib3.make_headers(basic_auth=f"{user}:{password}"))
+        self._origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+        self.base_url = (self._origin + parts.path).rstrip("/")
         self.config = config or HttpConfig()
         self._pool = urllib3.PoolManager(
             num_pools=self.config.pool_size,
             maxsize=self.config.pool_size,
             block=False,
-            headers={"User-Agent": USER_AGENT},
+            headers=headers,
             retries=Retry(total=None, connect=0, read=0, status=0, other=0,
                           redirect=self.config.max_redirects, raise_on_status=False),
         )
 
     def url(self, path: str) -> str:
-        """``path`` below the base URL, or ``path`` itself when it is an absolute http(s) URL."""
-        if urllib.parse.urlsplit(path).scheme in ("http", "https"):
+        """``path`` below the base URL; an absolute URL must be on the cache's own origin.
+
+        A narinfo's URL is not signed: an absolute one elsewhere would let
+        whoever can alter narinfos make us request any address. Redirects
+        the cache's server answers with are still followed (CDNs).
+        """
+        parts = urllib.parse.urlsplit(path)
+        if parts.scheme:
+            if f"{parts.scheme}://{parts.netloc}" != self._origin:
+                raise InvalidData(f"NAR URL {path!r} is not on the cache's host ({self._origin})")
             return path
-        return f"{self.base_url}/{urllib.parse.quote(path.lstrip('/'), safe='/:@-._~!$&()*+,;=')}"
+        return f"{self.base_url}/{urllib.parse.quote(path.lstrip('/'), safe='/:@-._~!$&()*+,;=%')}"
 
     def fetch(self, path: str, deadline: float, limit: int) -> bytes | None:
         """The whole body at ``path`` (at most ``limit`` bytes); None when the server says it is not there."""

@@ -32,7 +32,7 @@ from typing import TypeVar
 from ...castore import nixbase32
 from ...castore.nodes import Node
 from ...castore.pathinfo import CA_KINDS, ContentAddress, NarInfo, PathInfo, Signature
-from ...castore.storepath import STORE_DIR, InvalidStorePath, StorePath, parse_absolute, parse_basename
+from ...castore.storepath import InvalidStorePath, StorePath, parse_absolute, parse_basename
 from ...errors import InvalidData
 
 MAX_NARINFO_BYTES = 1 << 20  # a narinfo with thousands of references is ~100 KiB
@@ -284,5 +284,5 @@ def render(info: NarinfoFile) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["STORE_DIR", "NarinfoFile", "fingerprint", "parse", "parse_ca", "parse_hash",
+__all__ = ["NarinfoFile", "fingerprint", "parse", "parse_ca", "parse_hash",
            "parse_signature", "render", "to_pathinfo"]
