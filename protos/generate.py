@@ -2,7 +2,7 @@
 """Regenerate tvixmount/proto/ from the .proto files in this folder.
 
 The generated modules are committed, so that installing tvixmount needs no
-protoc; tests/test_proto_fresh.py fails when they fall behind the .proto files.
+protoc; tests/unit/test_proto_fresh.py fails when they fall behind the .proto files.
 
 protoc names modules after the proto import paths (tvix/castore/protos/...),
 which would need a top-level ``tvix`` package. We flatten them into one

@@ -19,7 +19,7 @@ read would be served by the page cache and the soak would test nothing.
 Dropping them every second sends reads, lookups and forgets to the mount.
 
 ``run()`` returns a ``SoakResult`` holding everything observed; what must
-hold of it is asserted in tests/test_soak.py, and ``figures()`` is what is
+hold of it is asserted in tests/mount/test_soak.py, and ``figures()`` is what is
 printed and written to $SOAK_REPORT.
 """
 

@@ -1,6 +1,6 @@
 """Coverage-guided fuzzing (atheris, i.e. libFuzzer) of every decoder of untrusted bytes.
 
-tests/test_fuzz.py covers the same entry points with hypothesis on every
+tests/mount/test_fuzz.py covers the same entry points with hypothesis on every
 test run; this harness is for long runs that follow coverage into corners
 random mutation does not reach. Each target takes the fuzzer's bytes,
 feeds them to one decoder, and fails (the fuzzer keeps the input as a
@@ -16,7 +16,7 @@ How to run (atheris is optional and not in setup.cfg)::
 
 Any libFuzzer flag works after the target (-runs=N, -jobs=N, -dict=...).
 A crash leaves ``crash-<sha1>`` in the working directory; replay it with
-``fuzz_decoders.py TARGET crash-<sha1>``. tests/test_fuzz.py runs each
+``fuzz_decoders.py TARGET crash-<sha1>``. tests/mount/test_fuzz.py runs each
 target for a few thousand inputs when atheris is installed.
 """
 

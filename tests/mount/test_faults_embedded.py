@@ -35,7 +35,7 @@ from tvixmount.store import StoreUrls, open_store
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "")]
 
 SEGMENT = 256 * 1024
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 GOOD = b"an undamaged file\n"
 CUT = pattern(2 * SEGMENT + 70_000, seed=21)  # the file ends inside segment 1

@@ -4,8 +4,8 @@
 ``test_soak_long`` is the same soak for longer (default 600 s), marked
 slow and run on request::
 
-    .venv/bin/python -m pytest -m slow tests/test_soak.py
-    SOAK_SECONDS=300 SOAK_REPORT=/tmp/soak.json .venv/bin/python -m pytest -m slow tests/test_soak.py
+    .venv/bin/python -m pytest -m slow tests/mount/test_soak.py
+    SOAK_SECONDS=300 SOAK_REPORT=/tmp/soak.json .venv/bin/python -m pytest -m slow tests/mount/test_soak.py
 
 What a run must show (docs/soak.md explains the numbers):
 

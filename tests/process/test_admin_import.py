@@ -29,7 +29,7 @@ from tvixmount.castore.nar import nar_chunks, nar_hash
 from tvixmount.castore.nodes import DirectoryNode, FileNode
 from tvixmount.store import StoreUrls, open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 IMPORT_FIXTURES = "/nix/store/bqh6kd0x3vps2rzagzpl7qmbbgnx19cp-import_fixtures"
 
 

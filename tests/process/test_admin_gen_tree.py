@@ -16,7 +16,7 @@ import pytest
 from tvixmount.admin import cli
 from tvixmount.castore import storepath
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GEN = ROOT / "tools" / "gen_tree.py"
 
 

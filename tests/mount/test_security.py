@@ -10,7 +10,7 @@
   bytes) and never followed by the filesystem itself: following is the
   kernel's business, and O_NOFOLLOW sees a link.
 * The gRPC daemon binds to loopback by default and says so in its log
-  (refusing writes under --read-only is tests/test_grpc_daemon.py's
+  (refusing writes under --read-only is tests/process/test_grpc_daemon.py's
   test_read_only_refuses_every_put).
 """
 
@@ -48,7 +48,7 @@ def mounts(test: Callable[..., None]) -> Callable[..., None]:
     return pytest.mark.mount(pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "")(test))
 
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 TOOL = b"#!/bin/sh\necho hi\n"
 TREE = store_path("security-tree")

@@ -13,7 +13,7 @@ import pytest
 
 from tvixmount.admin import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LOADTEST = ROOT / "tools" / "loadtest"
 GEN_TREE = ROOT / "tools" / "gen_tree.py"
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.mounting import FUSE_MISSING
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "tools" / "bench"
 TARGETS = ("native", "squashfuse", "tvix-embedded", "tvix-grpc")
 WORKLOADS = {"seq_read": "mb_s", "find": "seconds", "stat_walk": "seconds", "tar": "seconds",

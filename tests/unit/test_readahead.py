@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from tests.test_metrics import metric, metrics_url, scrape
+from tests.mount.test_metrics import metric, metrics_url, scrape
 from tvixmount.admin.ingest import Ingester
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode

@@ -23,7 +23,7 @@ from tvixmount.castore import storepath
 from tvixmount.castore.nodes import b3_text
 from tvixmount.store import StoreUrls, open_store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(capsysbinary, *argv: str) -> tuple[int, bytes, str]:

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_admin_import import make_import_fixtures
+from tests.process.test_admin_import import make_import_fixtures
 from tvixmount.admin import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 pytest.importorskip("grpc")
 

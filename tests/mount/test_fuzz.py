@@ -55,7 +55,7 @@ from tests.faults import (
     store_path,
 )
 from tests.mounting import FUSE_MISSING, Mount
-from tests.test_castore_narreader import trees
+from tests.unit.test_castore_narreader import trees
 from tvixmount.castore import nar, nixbase32, storepath
 from tvixmount.castore.directory import (
     MAX_ENCODED_LEN,
@@ -420,7 +420,7 @@ def test_frame_reader_yields_values_or_protocol_error(pieces: list[bytes], split
 @FUZZ
 @given(st.sampled_from(sorted(ops.OPS)), wire_values)
 def test_op_result_decoders_raise_only_protocol_error(op: str, value: Any) -> None:
-    """Nothing but ProtocolError escapes a decoder (tests/test_protocol.py: what each must reject)."""
+    """Nothing but ProtocolError escapes a decoder (tests/unit/test_protocol.py: what each must reject)."""
     with contextlib.suppress(ProtocolError):
         ops.OPS[op].decode(value)
     for shape_check in (messages.decode_reply, messages.decode_request, messages.decode_hello,
@@ -481,7 +481,7 @@ def test_worker_answers_an_error_rather_than_a_reply_larger_than_a_frame(
 
 # -- the coverage-guided harness, briefly, when atheris is installed -----------------------------
 
-HARNESS = Path(__file__).resolve().parent / "fuzz" / "fuzz_decoders.py"
+HARNESS = Path(__file__).resolve().parents[1] / "fuzz" / "fuzz_decoders.py"
 
 
 @pytest.mark.parametrize("target", ["directory", "pathinfo", "nar", "storepath", "frames", "request"])

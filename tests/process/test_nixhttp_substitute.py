@@ -39,7 +39,7 @@ from tvixmount.store.nixhttp import narinfo, parse_url, signing
 from tvixmount.store.nixhttp.http import HttpConfig
 from tvixmount.store.nixhttp.service import NixHttpPathInfoService
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = HttpConfig(connect_timeout=2.0, read_timeout=2.0, first_backoff=0.05, max_backoff=0.2)
 
 

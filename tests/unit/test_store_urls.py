@@ -121,7 +121,7 @@ def test_default_store_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
 
 # -- what naming a store loads ------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _modules_after(code: str) -> set[str]:

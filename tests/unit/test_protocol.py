@@ -224,7 +224,7 @@ def test_oversized_header_is_a_protocol_error():
 
 # -- malformed input is rejected, decoder by decoder ------------------------------------------------
 #
-# tests/test_fuzz.py feeds every decoder arbitrary values and checks that nothing but
+# tests/mount/test_fuzz.py feeds every decoder arbitrary values and checks that nothing but
 # ProtocolError escapes; here each decoder must reject concrete malformed inputs, and
 # accept the well-formed neighbour that shows it is not rejecting everything.
 

@@ -347,7 +347,7 @@ def test_dispatcher_death_ends_zygote_and_workers(tree, tmp_path):
     out = tmp_path / "pids"
     script.write_text(
         "import sys, time\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent.parent)!r})\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})\n"
         "from tvixmount.pool import WorkerPool\n"
         "from tvixmount.store import StoreUrls\n"
         "from workers.loop import serve\n"
