@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.process.test_admin_import import _console_on_terminal, make_rich_tree, run
-from tvixmount.admin.copy import Closure, leaves_first
+from tvixmount.admin.sync import Closure, leaves_first
 from tvixmount.castore import storepath
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode
