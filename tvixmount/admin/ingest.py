@@ -109,6 +109,23 @@ class Imported:
     stats: ImportStats
 
 
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """A walked path whose blobs are stored: its root node (unnamed), directories and NAR."""
+
+    root: Node
+    directories: tuple[Directory, ...]  # leaves first
+    nar_size: int
+    nar_sha256: bytes
+    stats: ImportStats
+
+    def put(self, store: Store, info: PathInfo) -> None:
+        """Store the directories, then ``info`` (the PathInfo naming this tree), last."""
+        if self.directories:
+            store.directories.put_many(list(self.directories))
+        store.path_infos.put(info)
+
+
 def show(path: bytes) -> str:
     """A path for messages: lossless for bytes that are not UTF-8."""
     return display_name(path)
@@ -256,6 +273,24 @@ class Ingester:
         """
         source = os.fsencode(path)
         name = store_path_name(source)
+        tree = self.ingest(source)
+        path_ = storepath.from_nar_sha256(name, tree.nar_sha256)
+        info = PathInfo(
+            node=replace(tree.root, name=path_.basename.encode()),
+            references=(),
+            narinfo=NarInfo(nar_size=tree.nar_size, nar_sha256=tree.nar_sha256),
+        )
+        tree.put(self.store, info)
+        log.info("imported %s as %s (%d files, NAR %d bytes)", show(source), path_, tree.stats.files,
+                 tree.nar_size)
+        return Imported(source, path_, info, tree.stats)
+
+    def ingest(self, source: bytes) -> Tree:
+        """Store the blobs of ``source`` and return its tree, whose directories are not stored yet.
+
+        The caller decides from the NAR hash whether the tree becomes a store
+        path (``Tree.put``) or is dropped (its blobs stay, harmless orphans).
+        """
         run = _Run(self, source)
         # Every blob of this path is made durable at the batch's end, before
         # any directory or the PathInfo refers to it (see blob_batch).
@@ -269,18 +304,8 @@ class Ingester:
                 run.sink.close(cancel=True)
                 raise
             run.sink.close()
-        if run.directories:
-            self.store.directories.put_many(run.directories)
-        path_ = storepath.from_nar_sha256(name, nar_sha256)
-        info = PathInfo(
-            node=replace(root_node, name=path_.basename.encode()),
-            references=(),
-            narinfo=NarInfo(nar_size=nar_size, nar_sha256=nar_sha256),
-        )
-        self.store.path_infos.put(info)
-        log.info("imported %s as %s (%d files, NAR %d bytes)", show(source), path_, run.files, nar_size)
         stats = ImportStats(run.files, run.bytes, len(run.directories), run.symlinks)
-        return Imported(source, path_, info, stats)
+        return Tree(root_node, tuple(run.directories), nar_size, nar_sha256, stats)
 
 
 def blob_batch(store: Store) -> contextlib.AbstractContextManager[object]:
