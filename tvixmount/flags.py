@@ -38,12 +38,15 @@ class Parser(argparse.ArgumentParser):
     """argparse whose usage errors are one line, ``PROG: error: MESSAGE``, exit 2.
 
     A subcommand's parser (prog ``tvixstore mount``) reports as its program
-    (``tvixstore: error:``). The usage synopsis is left out: tvixmount's is a
-    dozen lines that would bury the one that matters in a journal.
+    when ``program`` is set (``tvixstore: error:``). The usage synopsis is
+    left out: tvixmount's is a dozen lines that would bury the one that
+    matters in a journal.
     """
 
+    program: str | None = None
+
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog.split()[0]}: error: {message}\n")
+        self.exit(EXIT_USAGE, f"{self.program or self.prog}: error: {message}\n")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""``tvixstore copy``: store paths and their closure between stores.
+"""``tvixstore sync``: store paths and their closure between stores (what ``copy`` was before).
 
 Sources are embedded stores filled by the real importer; references are
 added to their PathInfos by hand (an import of a local tree has none).
@@ -95,7 +95,7 @@ def test_copy_then_verify_and_cat(tmp_path, capsysbinary):
     src, dst = tmp_path / "src", tmp_path / "dst"
     tree = make_rich_tree(tmp_path)
     path = import_tree(capsysbinary, src, tree, "--dir-size-convention", "documented")
-    code, out, err = run(capsysbinary, *sargs(src), "copy", path, "--to-store-dir", str(dst))
+    code, out, err = run(capsysbinary, *sargs(src), "sync", path, "--to-store-dir", str(dst))
     assert (code, err) == (0, "")
     # hello, data.bin (twice in the tree), big.so, empty, "x", the latin1-named file
     assert summary(out).startswith("copied 1 paths (0 already present): 6 blobs copied, 0 skipped, "
@@ -119,10 +119,10 @@ def test_copy_then_verify_and_cat(tmp_path, capsysbinary):
 def test_copy_twice_copies_nothing_the_second_time(closure, tmp_path, capsysbinary):
     src, app, _, _ = closure
     dst = tmp_path / "dst"
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
+    code, out, _ = run(capsysbinary, *sargs(src), "sync", app, "--to-store-dir", str(dst))
     assert code == 0 and summary(out).startswith("copied 3 paths (0 already present)")
     inodes = blob_inodes(dst)
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
+    code, out, err = run(capsysbinary, *sargs(src), "sync", app, "--to-store-dir", str(dst))
     assert (code, err) == (0, "")
     assert summary(out).startswith(
         "copied 0 paths (3 already present): 0 blobs copied, 0 skipped, 0 bytes, 0 directories in ")
@@ -135,7 +135,7 @@ def test_closure_follows_references(closure, tmp_path, capsysbinary):
     with open_store(StoreUrls.embedded(src)) as s:
         order = Closure(s).resolve([storepath.parse_absolute(app)])
     assert [storepath.STORE_DIR + "/" + i.node.name.decode() for i in order] == [dep, lib, app]
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
+    code, out, _ = run(capsysbinary, *sargs(src), "sync", app, "--to-store-dir", str(dst))
     assert code == 0
     code, out, _ = run(capsysbinary, *sargs(dst), "list")
     assert sorted(out.decode().split()) == sorted([app, lib, dep])
@@ -147,9 +147,9 @@ def test_closure_follows_references(closure, tmp_path, capsysbinary):
 def test_paths_and_blobs_in_the_target_are_skipped(closure, tmp_path, capsysbinary):
     src, app, lib, _ = closure
     dst = tmp_path / "dst"
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", lib, "--to-store-dir", str(dst))
+    code, out, _ = run(capsysbinary, *sargs(src), "sync", lib, "--to-store-dir", str(dst))
     assert code == 0 and summary(out).startswith("copied 2 paths (0 already present): 3 blobs copied")
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
+    code, out, _ = run(capsysbinary, *sargs(src), "sync", app, "--to-store-dir", str(dst))
     # app's licence is lib's: already there
     assert code == 0
     assert summary(out).startswith("copied 1 paths (2 already present): 1 blobs copied, 1 skipped")
@@ -164,7 +164,7 @@ def test_copy_all_and_file_and_symlink_roots(closure, tmp_path, capsysbinary):
     tool = import_tree(capsysbinary, src, tmp_path / "tool")
     pointer = import_tree(capsysbinary, src, tmp_path / "pointer")
     dst = tmp_path / "dst"
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", "--all", "--to-store-dir", str(dst), "-j", "1")
+    code, out, _ = run(capsysbinary, *sargs(src), "sync", "--all", "--to-store-dir", str(dst), "-j", "1")
     assert code == 0 and summary(out).startswith("copied 5 paths (0 already present)")
     code, out, _ = run(capsysbinary, *sargs(dst), "list")
     assert sorted(out.decode().split()) == sorted([app, lib, dep, tool, pointer])
@@ -180,7 +180,7 @@ def test_shared_directory_on_two_levels(tmp_path, capsysbinary):
                                            **{f"y/z/c/{k}": v for k, v in same.items()}})
     src, dst = tmp_path / "src", tmp_path / "dst"
     path = import_tree(capsysbinary, src, tree)
-    code, out, err = run(capsysbinary, *sargs(src), "copy", path, "--to-store-dir", str(dst))
+    code, out, err = run(capsysbinary, *sargs(src), "sync", path, "--to-store-dir", str(dst))
     assert (code, err) == (0, "")
     code, out, err = run(capsysbinary, *sargs(dst), "verify")
     assert (code, err) == (0, ""), out
@@ -207,7 +207,7 @@ def test_missing_store_path_is_one_line_and_creates_nothing(closure, tmp_path, c
     src, app, _, _ = closure
     dst = tmp_path / "dst"
     missing = "/nix/store/" + "0" * 32 + "-nope"
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, missing, "--to-store-dir", str(dst))
+    code, out, err = run(capsysbinary, *sargs(src), "sync", app, missing, "--to-store-dir", str(dst))
     assert (code, out) == (1, b"")
     assert err == f"tvixstore: error: {missing}: not in the source store\n"
     assert not dst.exists()
@@ -217,7 +217,7 @@ def test_missing_reference_names_its_referrer(closure, tmp_path, capsysbinary):
     src, app, lib, _ = closure
     ghost = "/nix/store/" + "1" * 32 + "-ghost"
     add_references(src, lib, ghost)
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(tmp_path / "dst"))
+    code, out, err = run(capsysbinary, *sargs(src), "sync", app, "--to-store-dir", str(tmp_path / "dst"))
     assert (code, out) == (1, b"")
     assert err == f"tvixstore: error: {ghost} (referenced by {lib}): not in the source store\n"
 
@@ -234,7 +234,7 @@ def test_missing_blob_in_the_source(tmp_path, capsysbinary):
     with conn:
         conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
     conn.close()
-    code, out, err = run(capsysbinary, *sargs(src), "copy", path, "--to-store-dir", str(dst))
+    code, out, err = run(capsysbinary, *sargs(src), "sync", path, "--to-store-dir", str(dst))
     assert (code, out) == (1, b"")
     assert err.startswith(f"tvixstore: error: {path}: blob b3:")
     assert err.endswith(": not in the source store\n")
@@ -247,15 +247,15 @@ def test_missing_blob_in_the_source(tmp_path, capsysbinary):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["copy", "--to-store-dir", "{T}"], "nothing to copy"),
-        (["copy", "--all", "{P}", "--to-store-dir", "{T}"], "not both"),
-        (["copy", "{P}"], "no target store"),
-        (["copy", "{P}", "--to-blob-service-addr", "memory://"],
+        (["sync", "--to-store-dir", "{T}"], "nothing to copy"),
+        (["sync", "--all", "{P}", "--to-store-dir", "{T}"], "not both"),
+        (["sync", "{P}"], "no target store"),
+        (["sync", "{P}", "--to-blob-service-addr", "memory://"],
          "--to-directory-service-addr, --to-path-info-service-addr not given"),
-        (["copy", "{P}/bin", "--to-store-dir", "{T}"], "without a sub path"),
-        (["copy", "{P}", "--to-store-dir", "{T}", "-j", "0"], "--jobs 0"),
-        (["copy", "not-a-path", "--to-store-dir", "{T}"], "not a store path"),
-        (["copy", "{P}", "--to-store-dir", "{T}", "--to-blob-service-addr", "bogus://x"], "bogus"),
+        (["sync", "{P}/bin", "--to-store-dir", "{T}"], "without a sub path"),
+        (["sync", "{P}", "--to-store-dir", "{T}", "-j", "0"], "argument -j/--jobs: 0 must be at least 1"),
+        (["sync", "not-a-path", "--to-store-dir", "{T}"], "not a store path"),
+        (["sync", "{P}", "--to-store-dir", "{T}", "--to-blob-service-addr", "bogus://x"], "bogus"),
     ],
 )
 def test_usage_errors(closure, tmp_path, capsysbinary, argv, message):
@@ -270,7 +270,7 @@ def test_usage_errors(closure, tmp_path, capsysbinary, argv, message):
 def test_unreachable_target(closure, tmp_path, capsysbinary):
     src, app, _, _ = closure
     url = f"grpc+unix://{tmp_path}/nobody.sock"
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, *_to(url))
+    code, out, err = run(capsysbinary, *sargs(src), "sync", app, *_to(url))
     assert (code, out) == (1, b"")
     assert err.startswith(f"tvixstore: error: target store {url}: ") and err.count("\n") == 1, err
 
@@ -284,7 +284,7 @@ def _to(url: str) -> list[str]:
 
 def test_terminal_shows_progress(closure, tmp_path):
     src, app, _, _ = closure
-    argv = [*sargs(src), "copy", app, "--to-store-dir", str(tmp_path / "d")]
+    argv = [*sargs(src), "sync", app, "--to-store-dir", str(tmp_path / "d")]
     status, out, seen = _console_on_terminal(argv)
     assert status == 0 and out.startswith(b"copied 3 paths")
     assert b"paths" in seen and b"data" in seen
@@ -300,10 +300,10 @@ def test_copy_into_a_daemon_and_read_back(closure, tmp_path, capsysbinary):
     base = scratch_dir("tvx-copy-")
     try:
         with Daemon(base, log_level="info") as daemon:
-            code, out, err = run(capsysbinary, *sargs(src), "copy", app, *_to(daemon.url))
+            code, out, err = run(capsysbinary, *sargs(src), "sync", app, *_to(daemon.url))
             assert (code, err) == (0, "")
             assert summary(out).startswith("copied 3 paths (0 already present): 4 blobs copied, 1 skipped")
-            code, out, err = run(capsysbinary, *sargs(src), "copy", app, *_to(daemon.url))
+            code, out, err = run(capsysbinary, *sargs(src), "sync", app, *_to(daemon.url))
             assert summary(out).startswith("copied 0 paths (3 already present): 0 blobs copied")
             remote = [f"--{kind}-service-addr={daemon.url}" for kind in ("blob", "directory", "path-info")]
             code, out, _ = run(capsysbinary, *remote, "cat", f"{app}/share/doc/licence")

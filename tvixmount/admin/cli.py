@@ -140,9 +140,15 @@ def main(argv: Sequence[str] | None = None, extra: Sequence[CommandModule] = ())
     """Run one command; its exit status (a usage error exits 2 from the parser)."""
     argv = _without_otlp(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(argv, extra)
-    args = flags.parse(parser, argv)
+    try:
+        args = flags.parse(parser, argv)
+    except SystemExit as exc:  # --help, --version or a usage error, already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if getattr(args, "own_logging", False):  # mount: tvixmount's logging, its exit statuses
-        return int(args.run(args))
+        try:
+            return int(args.run(args))
+        except SystemExit as exc:  # a usage error found after parsing, already printed
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.log_level is None:
         args.log_level = "info" if args.command == "daemon" else "warning"
     _setup_logging(args.log_level)

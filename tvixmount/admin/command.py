@@ -70,6 +70,7 @@ class Subcommands:
         """
         parser = self._sub.add_parser(name, help=help_, description=description, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.program = PROG  # its usage errors read "tvixstore: error: ..."
         if common:
             add_common(parser, suppress=True, store=store)
         parser.set_defaults(run=run)
