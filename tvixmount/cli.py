@@ -178,13 +178,18 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from .errors import TvixError
     from .metrics import ListenError
-    from .mount import MountConfig, MountpointError
+    from .mount import MountConfig, MountpointError, check_mountpoint
     from .mount import run as run_mount
 
+    mountpoint = Path(os.path.realpath(args.mountpoint))
+    try:
+        check_mountpoint(mountpoint)  # again in mount.run; here it is still a usage error, one line
+    except MountpointError as exc:
+        parser.error(f"mountpoint {exc}")
     setup_logging(args.log_level.upper())
     log_choice(log, store)
     config = MountConfig(
-        mountpoint=Path(os.path.realpath(args.mountpoint)),
+        mountpoint=mountpoint,
         urls=store.urls,
         workers=args.workers,
         threads=threads,
