@@ -1,13 +1,13 @@
 """tvix-store's command lines, with ``tvix-store`` replaced by ``tvixstore``, work unchanged.
 
-Two tables. ``LINES``: ``daemon``, ``import``, ``copy`` and ``mount`` lines
-as an operator writes them, flags or environment variables (as a systemd
-unit sets them) as tvix-store documents them, run for real: a real
-``tvixstore daemon`` on IPv6 loopback, imports and a Nix closure copied into
-it over gRPC, and real mounts of it (each mount line also as ``tvixmount``,
-the one-word change). ``USAGE_ERRORS``: each command line exits 2 with one
-line naming the flag or variable, before anything starts (nothing mounted,
-no process left behind, no log line).
+Two tables. ``IMPORTS`` and ``COPIES`` (and the ``daemon`` line of the
+fixture): lines as an operator writes them, with the flags or environment
+variables (as a systemd unit sets them) tvix-store documents, run for real:
+a real ``tvixstore daemon`` on IPv6 loopback, a tree imported and a real Nix
+closure copied into it over gRPC. tests/mount/test_mount_compat.py mounts that
+daemon with the ``mount`` lines. ``USAGE_ERRORS``: each command line exits 2
+with one line naming the flag or variable, before anything starts (nothing
+mounted, no process left behind, not even a log line).
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from tests.grpc_daemon import Daemon, free_port, scratch_dir
-from tests.mounting import FUSE_MISSING, Mount, is_mounted
-from tests.test_admin_copy import attrs_json, closure_paths  # noqa: F401 - a fixture: a real Nix closure
+from tests.mounting import is_mounted
+from tests.process.test_admin_copy import attrs_json, closure_paths  # noqa: F401 - a fixture: a real Nix closure
 
 ROOT = Path(__file__).resolve().parent.parent
 # The installed tvixstore script runs tvixmount.cli:tvixstore (setup.cfg); this is the same.
@@ -103,14 +103,6 @@ COPIES = [
     Line(f"tvixstore copy {{json}} {ADDRS}"),
     Line(f"NIX_ATTRS_JSON_FILE={{json}} {ADDRS_ENV} tvixstore --otlp=false copy"),
 ]
-MOUNTS = [
-    Line(f"tvixstore mount {{mnt}} {ADDRS}", "flags"),
-    Line("tvixstore --log-level debug mount -l {mnt} --blob-service-addr={url} "
-         "--directory-service-addr={url} --path-info-service-addr={url} --threads 4", "list"),
-    Line(f"{ADDRS_ENV} THREADS=2 ALLOW_OTHER=true tvixstore mount --list-root {{mnt}}", "env"),
-    Line(f"tvixstore --otlp=false mount {{mnt}} {ADDRS} --show-xattr --allow-other", "xattr"),
-    Line("tvixstore mount {mnt} --path-info-service-addr {url}", "partial"),
-]
 
 
 @dataclass(frozen=True)
@@ -153,63 +145,6 @@ def test_import_and_copy_lines_fill_a_daemon(filled, tmp_path):
     # The second copy line found everything there already.
     done = run_line(f"tvixstore copy {{json}} {ADDRS}", tmp_path, json=str(filled.closure_json), url=url)
     assert done.stdout.startswith("copied 0 paths (3 already present)"), done.stderr
-
-
-needs_fuse = pytest.mark.skipif(FUSE_MISSING is not None, reason=FUSE_MISSING or "")
-
-
-@needs_fuse
-@pytest.mark.mount
-@pytest.mark.parametrize("program", ["tvixstore mount", "tvixmount"])
-@pytest.mark.parametrize("line", MOUNTS, ids=[m.check for m in MOUNTS])
-def test_mount_lines(filled, line, program, tmp_path, monkeypatch):
-    if program == "tvixmount" and not line.text.startswith(("tvixstore mount", "BLOB")):
-        pytest.skip("a line with tvixstore's own options before `mount` has no tvixmount form")
-    daemon, store_path, closure = filled.daemon, filled.store_path, filled.closure
-    text = line.text.replace("tvixstore mount", program)
-    mnt = tmp_path / "mnt"
-    env, argv = command(text, mnt=str(mnt), url=daemon.url)
-    for name in ENV_NAMES:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in environment(env, tmp_path / "unused-store").items():
-        monkeypatch.setenv(name, value)
-    mount = Mount(mnt)
-    mount.cmd = argv
-    with mount:
-        log = mount.log()
-        if line.check == "partial":
-            # Blobs and directories at tvix-store's default, the path infos at the daemon.
-            assert "blob service: grpc+http://[::1]:8000 (the default for a service not given)" in log
-            assert "directory service: grpc+http://[::1]:8000 (the default for a service not given)" in log
-            assert f"path info service: {daemon.url} (--path-info-service-addr)" in log
-            return
-        origin = "env PATH_INFO_SERVICE_ADDR" if line.check == "env" else "--path-info-service-addr"
-        assert f"path info service: {daemon.url} ({origin})" in log
-        hello = mount.path(Path(store_path).name, "bin", "hello")
-        assert hello.read_text() == "#!/bin/sh\necho hello\n" and os.access(hello, os.X_OK)
-        app = mount.path(Path(closure["app"]).name)
-        assert app.read_bytes() == Path(closure["app"]).read_bytes()
-        if line.check in ("list", "env"):
-            assert Path(store_path).name in os.listdir(mnt)
-        else:
-            with pytest.raises(PermissionError):
-                os.listdir(mnt)
-        if line.check in ("env", "xattr"):
-            assert "allow_other" in mount_options(mnt)
-        if line.check == "xattr":
-            assert os.getxattr(hello, "user.tvix.castore.blob.digest")
-        if line.check == "list":
-            assert " DEBUG " in mount.log()
-        assert [ln for ln in mount.log().splitlines() if " ERROR " in ln] == []
-    assert mount.proc is not None and mount.proc.returncode == 0
-
-
-def mount_options(mnt: Path) -> str:
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        fields = line.split()
-        if fields[1] == str(mnt):
-            return fields[3]
-    raise AssertionError(f"{mnt} is not mounted")
 
 
 # -- the table of usage errors -------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_admin_import import run
+from tests.process.test_admin_import import run
 from tvixmount.admin.nixcopy import ClosureEntry, read_closure, references_first
 from tvixmount.castore import nixbase32, storepath
 from tvixmount.errors import InvalidData
