@@ -89,10 +89,6 @@ class Partial:
                 return fallback
         return self.fallback
 
-    def describe(self) -> str:
-        """The usual fallback, for help texts."""
-        return self.fallback or "the embedded store"
-
 
 UPSTREAM = Partial(UPSTREAM_DEFAULT)  # as tvix-store's mount, import and copy
 EMBEDDED = Partial(None)  # as tvix-store's daemon, whose defaults are local stores
@@ -155,8 +151,10 @@ class StoreFlags:
     def _addr_help(self, service: Service) -> str:
         if self.target:
             return f"target {service.flag_name} service URL (default: the --{self.prefix}store-dir store)"
+        if self.partial.fallback is None:
+            return f"{service.flag_name} service URL (default: the embedded store)"
         return (f"{service.flag_name} service URL (default: the embedded store when no service address "
-                f"is given, else {self.partial.describe()})")
+                f"is given, else {self.partial.fallback})")
 
     def urls(self, args: argparse.Namespace, create: bool = False) -> StoreUrls:
         """The store the parsed flags name; InvalidArgument naming the flag at fault.
