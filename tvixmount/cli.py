@@ -1,10 +1,14 @@
 """``tvixmount``: flags and logging set-up; everything else is mount.run.
 
-``main`` is also where the two halves of the program meet: it is the one
+``run`` is also where the two halves of the program meet: it is the one
 place in this package that imports the ``workers`` package, and it hands
 the worker entry point (``workers.loop.serve``) to mount.run, which gives it
 to the pool and its fork server. Everything else in ``tvixmount`` is
 imported by the workers, never the other way round.
+
+For the same reason the ``tvixstore`` program is composed here
+(``tvixstore``): admin.cli's commands plus ``mount``, which is this command
+under tvixstore's name, as tvix-store has it.
 """
 
 from __future__ import annotations
@@ -14,16 +18,25 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from . import __version__
+from . import __version__, flags
 
 log = logging.getLogger("tvixmount")
 
 EPILOG = """\
-The store: with no --*-service-addr flag, tvixmount serves the embedded on-disk
-store in --store-dir (fill it with `tvixstore import`). Give
---blob-service-addr/--directory-service-addr/--path-info-service-addr
-grpc+http://HOST:PORT or grpc+unix:///PATH to mount a tvix-store daemon instead.
+The store: with no --*-service-addr flag (and none of their variables), tvixmount
+serves the embedded on-disk store in --store-dir (fill it with `tvixstore import`).
+Give a tvix-store daemon's URL (grpc+http://HOST:PORT, grpc+https://HOST:PORT,
+grpc+unix:///PATH) to any of --blob-service-addr, --directory-service-addr,
+--path-info-service-addr: a service not given then uses tvix-store's default,
+grpc+http://[::1]:8000. A grpc+http URL without a port means port 80. The log
+says at start which address each service uses.
+
+Every flag marked [env NAME] is read from that variable when it is not on the
+command line (the variables tvix-store reads, and TVIXMOUNT_* for tvixmount's
+own flags); an empty variable counts as unset. `tvixstore mount` is this same
+command, so a `tvix-store mount ...` line works with one word changed.
 
 tvixmount stays in the foreground (run it under systemd or `&`), logs to
 stderr, and unmounts and exits 0 on SIGINT, SIGTERM, SIGHUP or an external
@@ -36,6 +49,12 @@ examples:
   tvixmount /mnt/store --blob-service-addr grpc+http://store:8000 \\
       --directory-service-addr grpc+http://store:8000 \\
       --path-info-service-addr grpc+http://store:8000 --workers 8
+  BLOB_SERVICE_ADDR=grpc+unix:///run/tvix.sock tvixmount /mnt/store
+
+exit status: 0 unmounted after a stop signal or `fusermount -u`; 1 the mount
+could not start or stopped on an error (workers cannot start, FUSE refuses,
+the metrics port is taken); 2 usage error (a bad flag, variable, URL or
+mountpoint), reported in one line before anything starts.
 """
 
 # -o options that would undo the read-only, nosuid, nodev promise.
@@ -43,7 +62,7 @@ _REFUSED_O = {"rw", "suid", "dev"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = flags.Parser(
         prog="tvixmount",
         description="Mount a tvix store read-only: store paths at the root, "
                     "directories, files and symlinks below them.",
@@ -55,7 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Every tvixmount flag, on ``p`` (its own parser, or a subcommand's)."""
+    """Every tvixmount flag, on ``p`` (its own parser, or ``tvixstore mount``'s).
+
+    Flags that tvixstore also has before its command (the store flags,
+    ``--log-level``) are added with flags.add, which leaves an absent one
+    unset until flags.resolve: a value given before ``mount`` then counts.
+    """
     from . import storeflags
 
     cpus = os.cpu_count() or 4
@@ -66,31 +90,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                     help="allow listing the mount root (lists every store path)")
     fs.add_argument("--show-xattr", action=argparse.BooleanOptionalAction, default=True,
                     help="expose user.tvix.castore.{blob,directory}.digest xattrs (default: on)")
-    fs.add_argument("--allow-other", action="store_true",
-                    help="let other users access the mount (needs user_allow_other unless root)")
+    flags.add(fs, "--allow-other", action="store_true", env="ALLOW_OTHER",
+              help="let other users access the mount (needs user_allow_other unless root; the "
+                   "variable takes true/false, 1/0, yes/no, on/off)")
     fs.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                     help="mount options: allow_other, list_root, noshow_xattr, or FUSE options")
     fs.add_argument("-f", "--foreground", action="store_true", default=True,
                     help="stay in the foreground (always; accepted for compatibility)")
     storeflags.add_cache_flags(p.add_argument_group("blob cache (remote stores)"))
     perf = p.add_argument_group("processes")
-    perf.add_argument("--workers", type=_positive, default=cpus,
-                      help=f"worker processes doing store I/O (default: CPU count, {cpus})")
-    perf.add_argument("--threads", type=_positive, default=None,
-                      help="FUSE request threads (env THREADS; default: max(8, 2 x workers))")
-    perf.add_argument("--readahead-files", type=_natural, default=None, metavar="N",
-                      help="after a small file (<= 256 KiB) is opened, fetch up to N of the small files "
-                           "after it in its directory in the background, so a reader going through a "
-                           "directory finds them ready; 0 turns it off (default: max(4, workers))")
-    perf.add_argument("--request-timeout", type=float, default=30.0, metavar="SECONDS",
-                      help="deadline of one store request, retries included (default 30)")
-    p.add_argument("--metrics-listen", type=_listen, default=None, metavar="[HOST]:PORT",
-                   help="serve Prometheus metrics at http://HOST:PORT/metrics; HOST defaults to "
-                        "127.0.0.1, [::1]:PORT for IPv6, port 0 picks a free port (logged). "
-                        "Default: off (the counters are always in the user.tvixmount.stats "
-                        "xattr of the mount root)")
-    p.add_argument("--log-level", default="INFO", type=str.upper,
-                   choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    flags.add(perf, "--workers", type=flags.positive, default=cpus, metavar="N", env="TVIXMOUNT_WORKERS",
+              help=f"worker processes doing store I/O (default: CPU count, {cpus})")
+    flags.add(perf, "--threads", type=flags.positive, metavar="N", env="THREADS",
+              help="FUSE request threads (default: max(8, 2 x workers))")
+    flags.add(perf, "--readahead-files", type=flags.natural, metavar="N", env="TVIXMOUNT_READAHEAD_FILES",
+              help="after a small file (<= 256 KiB) is opened, fetch up to N of the small files "
+                   "after it in its directory in the background, so a reader going through a "
+                   "directory finds them ready; 0 turns it off (default: max(4, workers))")
+    flags.add(perf, "--request-timeout", type=flags.positive_seconds, default=30.0, metavar="SECONDS",
+              env="TVIXMOUNT_REQUEST_TIMEOUT",
+              help="deadline of one store request, retries included (default 30)")
+    flags.add(p, "--metrics-listen", type=_listen, metavar="[HOST]:PORT", env="TVIXMOUNT_METRICS_LISTEN",
+              help="serve Prometheus metrics at http://HOST:PORT/metrics; HOST defaults to "
+                   "127.0.0.1, [::1]:PORT for IPv6, port 0 picks a free port (logged). "
+                   "Default: off (the counters are always in the user.tvixmount.stats "
+                   "xattr of the mount root)")
+    flags.add(p, "--log-level", default="INFO", type=str.upper, env="TVIXMOUNT_LOG_LEVEL",
+              choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     p.add_argument("--version", action="version", version=f"tvixmount {__version__}")
 
 
@@ -101,23 +127,6 @@ def _listen(text: str):  # -> metrics.ListenAddress
         return parse_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _natural(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def _positive(text: str) -> int:
-    value = _natural(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
 
 
 def setup_logging(level: str) -> None:
@@ -133,11 +142,20 @@ def setup_logging(level: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``tvixmount``: parse (a usage error exits 2 here), then mount until stopped."""
+    parser = build_parser()
+    return run(parser, flags.parse(parser, argv))
+
+
+def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """Mount what the parsed, resolved ``args`` say; the exit status.
+
+    Every usage problem is found before anything starts (``parser.error``:
+    one line, exit 2); ``tvixstore mount`` comes here with its own parser.
+    """
     # The dispatcher never loads grpc before forking its workers, but if it
     # ever did, grpc's fork handlers could hang the fork server's forks.
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     extra: list[str] = []
     for group in args.options:
         for opt in filter(None, group.split(",")):
@@ -151,21 +169,28 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"-o {opt}: tvixmount mounts are always ro,nosuid,nodev")
             elif opt != "ro":
                 extra.append(opt)
-    threads = args.threads or int(os.environ.get("THREADS", 0)) or max(8, 2 * args.workers)
-    from .storeflags import MOUNT
+    threads = args.threads or max(8, 2 * args.workers)
+    from .storeflags import MOUNT, log_choice
 
-    store_urls = MOUNT.urls_or_exit(parser, args)  # before anything starts: a bad flag mounts nothing
+    store = MOUNT.choice_or_exit(parser, args)  # before anything starts: a bad flag mounts nothing
 
     from workers.loop import serve as worker_main
 
     from .errors import TvixError
     from .metrics import ListenError
-    from .mount import MountConfig, MountpointError, run
+    from .mount import MountConfig, MountpointError, check_mountpoint
+    from .mount import run as run_mount
 
-    setup_logging(args.log_level)
+    mountpoint = Path(os.path.realpath(args.mountpoint))
+    try:
+        check_mountpoint(mountpoint)  # again in mount.run; here it is still a usage error, one line
+    except MountpointError as exc:
+        parser.error(f"mountpoint {exc}")
+    setup_logging(args.log_level.upper())
+    log_choice(log, store)
     config = MountConfig(
-        mountpoint=Path(os.path.realpath(args.mountpoint)),
-        urls=store_urls,
+        mountpoint=mountpoint,
+        urls=store.urls,
         workers=args.workers,
         threads=threads,
         list_root=args.list_root,
@@ -177,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         readahead_files=max(4, args.workers) if args.readahead_files is None else args.readahead_files,
     )
     try:
-        return run(config, worker_main)
+        return run_mount(config, worker_main)
     except MountpointError as exc:
         print(f"tvixmount: error: mountpoint {exc}", file=sys.stderr)
         return 2
@@ -187,6 +212,35 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:  # llfuse.init failures
         print(f"tvixmount: error: cannot mount {config.mountpoint}: {exc}", file=sys.stderr)
         return 1
+
+
+# -- tvixstore, with mount --------------------------------------------------------------
+
+
+class MountCommand:
+    """``tvixstore mount``: tvixmount under tvixstore's name, as ``tvix-store mount`` is.
+
+    It lives here, not in admin/commands/, because mounting is this module's
+    to compose (admin never imports the mount); ``tvixstore`` below hands it
+    to admin.cli like any other command module.
+    """
+
+    @staticmethod
+    def add_parsers(commands: Any) -> None:  # commands: admin.command.Subcommands
+        parser: argparse.ArgumentParser = commands.add(
+            "mount", "mount the store (tvixmount; the same flags)",
+            "Mount the store read-only: exactly `tvixmount`, with the same flags (see\n"
+            "`tvixmount --help`), so a `tvix-store mount ...` command line works here.",
+            lambda args: run(parser, args), EPILOG, common=False)
+        add_arguments(parser)
+        parser.set_defaults(own_logging=True)
+
+
+def tvixstore(argv: list[str] | None = None) -> int:
+    """The ``tvixstore`` program: admin.cli's commands and ``mount``."""
+    from .admin import cli as admin_cli
+
+    return admin_cli.main(argv, extra=(MountCommand,))
 
 
 if __name__ == "__main__":

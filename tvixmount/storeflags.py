@@ -1,25 +1,31 @@
 """The store flags of every command, and the one rule that turns them into StoreUrls.
 
-``tvixmount``, ``tvixstore`` (each subcommand, and ``copy``'s target store)
-and the daemon name their store the way tvix-store does: ``--store-dir`` for
-the embedded store and one URL per service (``--blob-service-addr``,
+``tvixmount`` (and ``tvixstore mount``), ``tvixstore``'s other commands (and
+``sync``'s target store) and the daemon name their store the way tvix-store
+does: one URL per service (``--blob-service-addr``,
 ``--directory-service-addr``, ``--path-info-service-addr``, each also read
-from its upstream environment variable). A ``StoreFlags`` adds those flags
-to a parser and reads them back, so every command spells, checks and
-reports them alike:
+from its upstream environment variable), plus ``--store-dir`` for the
+embedded store. A ``StoreFlags`` adds those flags to a parser and reads them
+back, so every command spells, checks and reports them alike:
 
 * no service address: the embedded store in ``--store-dir`` (default:
   store/location.py);
 * all three: those URLs;
-* some: the command's ``Partial`` rule says whether the others are the
-  embedded store or the flags are refused;
-* every URL is checked before anything is opened, so a typo is a usage error
-  naming the URL; a command that writes (``create``) may create an embedded
-  store it is pointed at (``local://...?create=1``).
+* some: the command's ``Partial`` rule gives the others a URL (tvix-store's
+  own default, ``grpc+http://[::1]:8000``, for the commands that are clients
+  of a daemon) or the embedded store (the daemon, ``sync``'s target);
+* every URL is checked when the flag is parsed (flags.py), so a typo is a
+  usage error naming the flag or variable, before anything is opened; a
+  command that writes may create an embedded store it is pointed at
+  (``local://...?create=1``).
 
-Problems are InvalidArgument: ``urls_or_exit`` turns them into
-``parser.error`` (exit 2); tvixstore reports them as its one-line usage
-errors (exit 2 as well).
+``choice`` also says where each service's URL came from (flag, variable,
+the rule's default, the embedded store), for the one log line per service a
+command writes at start (``log_choice``).
+
+Problems found after parsing are InvalidArgument: ``choice_or_exit`` turns
+them into ``parser.error`` (exit 2); tvixstore reports them as its one-line
+usage errors (exit 2 as well).
 
 The blob cache flags (``--cache-dir``, ``--cache-size``) live here too, and
 travel inside the StoreUrls to the processes that open the store.
@@ -28,19 +34,23 @@ travel inside the StoreUrls to the processes that open the store.
 from __future__ import annotations
 
 import argparse
-import enum
+import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import flags
 from .errors import InvalidArgument
+from .flags import ArgumentContainer
 from .store import BlobCacheConfig, StoreUrls, urls
 from .store.cache.config import DEFAULT_SIZE as DEFAULT_CACHE_SIZE
 from .store.location import ENV_VAR as STORE_DIR_ENV
 from .store.location import default_store_dir
 from .units import format_size, size_argument
 
-ArgumentContainer = argparse._ActionsContainer  # a parser or an argument group
+# Where tvix-store's clients (mount, import, copy) look for a daemon when not told.
+UPSTREAM_DEFAULT = "grpc+http://[::1]:8000"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,20 +59,52 @@ class Service:
 
     flag_name: str  # "path-info" in --path-info-service-addr
     env: str  # the variable tvix-store reads it from
+    label: str  # "path info", in log lines
 
 
 SERVICES = (
-    Service("blob", "BLOB_SERVICE_ADDR"),
-    Service("directory", "DIRECTORY_SERVICE_ADDR"),
-    Service("path-info", "PATH_INFO_SERVICE_ADDR"),
+    Service("blob", "BLOB_SERVICE_ADDR", "blob"),
+    Service("directory", "DIRECTORY_SERVICE_ADDR", "directory"),
+    Service("path-info", "PATH_INFO_SERVICE_ADDR", "path info"),
 )
 
 
-class Partial(enum.Enum):
-    """What a service without an address gets when another service has one."""
+@dataclass(frozen=True, slots=True)
+class Partial:
+    """What a service without an address gets when another service has one.
 
-    REFUSED = "refused"  # all three addresses or none (tvixmount)
-    EMBEDDED = "embedded"  # the embedded store in --store-dir (tvixstore, the daemon)
+    ``fallback`` is a URL, or None for the embedded store in ``--store-dir``.
+    ``by_scheme`` overrides it when a given URL has one of its schemes, so a
+    rule like "a path-info service over nix+https, the other two embedded
+    unless given" is one more row, not another branch.
+    """
+
+    fallback: str | None
+    by_scheme: tuple[tuple[str, str | None], ...] = ()
+
+    def fallback_for(self, given: Sequence[str]) -> str | None:
+        schemes = {url.partition("://")[0].lower() for url in given}
+        for scheme, fallback in self.by_scheme:
+            if scheme in schemes:
+                return fallback
+        return self.fallback
+
+
+UPSTREAM = Partial(UPSTREAM_DEFAULT)  # as tvix-store's mount, import and copy
+EMBEDDED = Partial(None)  # as tvix-store's daemon, whose defaults are local stores
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The store the flags name, and where each service's URL came from (for the log)."""
+
+    urls: StoreUrls
+    origins: tuple[str, str, str]  # per service: "--blob-service-addr", "env X", "default ..."
+
+    def lines(self) -> list[str]:
+        chosen = (self.urls.blob, self.urls.directory, self.urls.path_info)
+        return [f"{service.label} service: {urls.redact(url)} ({origin})"
+                for service, url, origin in zip(SERVICES, chosen, self.origins, strict=True)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +113,12 @@ class StoreFlags:
 
     partial: Partial
     prefix: str = ""  # "to-" for --to-store-dir and --to-*-service-addr
-    env: bool = True  # an absent address flag is read from its environment variable
+    env: bool = True  # an absent flag is read from its environment variable
     default_dir: bool = True  # without --store-dir, the default embedded store; else none
     cache: bool = False  # the blob cache flags go with these (add_cache_flags)
-    command: str = ""  # prefix of error messages ("copy: ")
+    command: str = ""  # prefix of error messages ("sync: ")
     role: str = ""  # what the store is, in error messages ("target ")
-    dir_help: str = "embedded store directory (env {env}; default {default})"
-    addr_help: str = "{service} service URL (env {env}; default: the embedded store)"
+    target: bool = False  # help texts for a target store (sync)
 
     @property
     def dir_flag(self) -> str:
@@ -90,56 +131,71 @@ class StoreFlags:
     def _dest(flag: str) -> str:
         return flag.lstrip("-").replace("-", "_")
 
-    def add_to(self, container: ArgumentContainer, suppress: bool = False) -> None:
-        """Add ``--store-dir`` and the three address flags.
+    def add_to(self, container: ArgumentContainer) -> None:
+        """Add ``--store-dir`` and the three address flags (each absent one read from its variable).
 
-        With ``suppress`` an absent flag leaves no attribute, so the same
-        flags may sit on a parser and its subcommands and the value given
-        on either wins (tvixstore accepts them before and after the command).
+        Absent flags leave no attribute until flags.resolve, so the same
+        flags may sit on a parser and its subcommands and the value given on
+        either wins (tvixstore accepts them before and after the command).
         """
-        default = argparse.SUPPRESS if suppress else None
-        container.add_argument(
-            self.dir_flag, type=Path, default=default, metavar="DIR",
-            help=self.dir_help.format(env=STORE_DIR_ENV, default=default_store_dir()))
+        if self.target:
+            dir_help = "target embedded store directory (created if needed)"
+        else:
+            dir_help = f"embedded store directory (default {default_store_dir()})"
+        flags.add(container, self.dir_flag, env=STORE_DIR_ENV if self.env else None, type=Path,
+                  metavar="DIR", help=dir_help)
         for service in SERVICES:
-            container.add_argument(
-                self.addr_flag(service), metavar="URL", default=default,
-                help=self.addr_help.format(service=service.flag_name, env=service.env))
+            flags.add(container, self.addr_flag(service), env=service.env if self.env else None,
+                      type=url_argument, metavar="URL", help=self._addr_help(service))
+
+    def _addr_help(self, service: Service) -> str:
+        if self.target:
+            return f"target {service.flag_name} service URL (default: the --{self.prefix}store-dir store)"
+        if self.partial.fallback is None:
+            return f"{service.flag_name} service URL (default: the embedded store)"
+        return (f"{service.flag_name} service URL (default: the embedded store when no service address "
+                f"is given, else {self.partial.fallback})")
 
     def urls(self, args: argparse.Namespace, create: bool = False) -> StoreUrls:
-        """The store the parsed flags name; InvalidArgument naming the flag or URL at fault.
+        """The store the parsed flags name; InvalidArgument naming the flag at fault.
 
         ``create``: the command writes, so an embedded store it names is
         made when missing.
         """
+        return self.choice(args, create).urls
+
+    def choice(self, args: argparse.Namespace, create: bool = False) -> Choice:
+        """``urls`` with where each URL came from."""
         given = [self._given(args, service) for service in SERVICES]
-        chosen: list[str]
-        if all(given):
-            chosen = [url for url in given if url]
+        present = [url for url in given if url]
+        origins = [flags.origin(args, self._dest(self.addr_flag(s))) or "" for s in SERVICES]
+        if len(present) == len(SERVICES):
+            chosen = present
         else:
-            if any(given) and self.partial is Partial.REFUSED:
-                raise InvalidArgument(f"{self.command}give all three --{self.prefix}*-service-addr flags, "
-                                      "or none for the embedded store")
-            embedded = StoreUrls.embedded(self._store_dir(args, given), create=create)
-            fallback = (embedded.blob, embedded.directory, embedded.path_info)
-            chosen = [url or default for url, default in zip(given, fallback, strict=True)]
+            fallback = self.partial.fallback_for(present) if present else None
+            if fallback is None:
+                url = urls.local_url(self._store_dir(args, given), create=create)
+                why = ("the embedded store, for a service not given" if present
+                       else "the embedded store: no service address given")
+            else:
+                url, why = fallback, "the default for a service not given"
+            chosen = [g or url for g in given]
+            origins = [o if g else why for g, o in zip(given, origins, strict=True)]
         checked = [_checked(url, create) for url in chosen]
         cache = cache_config(args) if self.cache else None
-        return StoreUrls(*checked, blob_cache=cache)  # refuses a cache for a local:// blob service
+        store_urls = StoreUrls(*checked, blob_cache=cache)  # refuses a cache for a local:// blob service
+        return Choice(store_urls, (origins[0], origins[1], origins[2]))
 
-    def urls_or_exit(self, parser: argparse.ArgumentParser, args: argparse.Namespace,
-                     create: bool = False) -> StoreUrls:
-        """``urls``, with a problem reported by ``parser.error`` (usage, exit 2)."""
+    def choice_or_exit(self, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       create: bool = False) -> Choice:
+        """``choice``, with a problem reported by ``parser.error`` (usage, exit 2)."""
         try:
-            return self.urls(args, create)
+            return self.choice(args, create)
         except InvalidArgument as exc:
             parser.error(str(exc))
 
     def _given(self, args: argparse.Namespace, service: Service) -> str | None:
-        value = getattr(args, self._dest(self.addr_flag(service)), None)
-        if not value and self.env:
-            value = os.environ.get(service.env)
-        return value or None
+        return getattr(args, self._dest(self.addr_flag(service)), None) or None
 
     def _store_dir(self, args: argparse.Namespace, given: list[str | None]) -> Path:
         """The embedded store that stands in for the services not given."""
@@ -156,21 +212,35 @@ class StoreFlags:
                               f"--{self.prefix}*-service-addr URLs")
 
 
+def url_argument(text: str) -> str:
+    """A service URL whose shape is valid (argparse type): a typo is a usage error naming the flag."""
+    try:
+        urls.parse(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _checked(url: str, create: bool) -> str:
     """``url`` once its shape is valid; a writer may create the embedded store it names."""
-    parsed = urls.parse(url)  # a bad URL is a usage error, before anything is opened
+    parsed = urls.parse(url)  # the fallbacks and --store-dir's URL are checked here
     if create and parsed.scheme == urls.LOCAL and not parsed.query:
         return url + "?create=1"
     return url
 
 
+def log_choice(log: logging.Logger, choice: Choice) -> None:
+    """One INFO line per service: its URL and why (flag, variable, default, embedded store)."""
+    for line in choice.lines():
+        log.info("%s", line)
+
+
 # The store flags of each command.
-MOUNT = StoreFlags(Partial.REFUSED, cache=True)
-ADMIN = StoreFlags(Partial.EMBEDDED)  # tvixstore's commands and the daemon
-COPY_TARGET = StoreFlags(
-    Partial.EMBEDDED, prefix="to-", env=False, default_dir=False, command="copy: ", role="target ",
-    dir_help="target embedded store directory (created if needed)", addr_help="target {service} service URL",
-)
+MOUNT = StoreFlags(UPSTREAM, cache=True)  # tvixmount and tvixstore mount
+ADMIN = StoreFlags(UPSTREAM)  # tvixstore's other commands: clients, like tvix-store import and copy
+DAEMON = StoreFlags(EMBEDDED)  # tvixstore daemon: serves a store, never another daemon by default
+SYNC_TARGET = StoreFlags(EMBEDDED, prefix="to-", env=False, default_dir=False, command="sync: ",
+                         role="target ", target=True)
 
 
 # -- the blob cache ----------------------------------------------------------------
@@ -178,13 +248,13 @@ COPY_TARGET = StoreFlags(
 
 def add_cache_flags(container: ArgumentContainer) -> None:
     """``--cache-dir`` and ``--cache-size``, read back by ``cache_config`` (and StoreFlags.urls)."""
-    container.add_argument(
-        "--cache-dir", metavar="DIR", default=None,
+    flags.add(
+        container, "--cache-dir", env="TVIXMOUNT_CACHE_DIR", metavar="DIR",
         help="keep blobs read from a remote (grpc) blob service in DIR, so that they are read "
              "from the network once: shared by the worker processes, kept across remounts, "
              "verified before each use (created if missing; not for a local:// store)")
-    container.add_argument(
-        "--cache-size", metavar="SIZE", type=size_argument, default=None,
+    flags.add(
+        container, "--cache-size", env="TVIXMOUNT_CACHE_SIZE", metavar="SIZE", type=size_argument,
         help=f"how big the blob cache may grow, in bytes or with a K, M, G or T suffix; least "
              f"recently used blobs are removed beyond it (default {format_size(DEFAULT_CACHE_SIZE)}; "
              f"needs --cache-dir)")

@@ -1,319 +1,212 @@
-"""``tvixstore copy``: store paths and their closure between stores.
+"""``tvixstore copy``: a Nix closure from /nix/store, against a real Nix.
 
-Sources are embedded stores filled by the real importer; references are
-added to their PathInfos by hand (an import of a local tree has none).
-Targets are embedded stores and, at the end, a real daemon over a unix
-socket. Every copy is checked by reading the target back: ``verify``
-(which re-hashes everything and walks every tree) and ``cat``.
+A real ``nix-build`` (no sandbox, offline: the builders are /bin/sh and
+/bin/bash) builds three store paths, app -> lib -> dep.txt (lib also refers
+to itself), and a fourth derivation with ``__structuredAttrs`` and
+``exportReferencesGraph.closure = [ app ]`` whose output is the
+``.attrs.json`` Nix gave its build: the file ``tvixstore copy`` reads. What
+lands in the store is compared with what Nix says about each path
+(``nix-store -q --hash --references``) and read back byte for byte.
 """
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import shutil
-from dataclasses import replace
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.process.test_admin_import import _console_on_terminal, make_rich_tree, run
-from tvixmount.admin.copy import Closure, leaves_first
-from tvixmount.castore import storepath
-from tvixmount.castore.directory import Directory
-from tvixmount.castore.nodes import DirectoryNode, FileNode
-from tvixmount.castore.pathinfo import PathInfo
-from tvixmount.store import StoreUrls, open_store
+from tests.process.test_admin_import import run
+from tvixmount.admin.nixcopy import ClosureEntry, read_closure, references_first
+from tvixmount.castore import nixbase32, storepath
+from tvixmount.errors import InvalidData
+
+CLOSURE_NIX = r"""
+let
+  dep = builtins.toFile "tvixmount-copy-dep.txt" "the dependency\n";
+  lib = derivation {
+    name = "tvixmount-copy-lib"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" ''
+      /bin/mkdir -p $out/share/doc $out/bin
+      echo ${dep} > $out/share/ref
+      echo $out > $out/share/self
+      /bin/ln -s ${dep} $out/share/dep
+      printf '#!/bin/sh\necho lib\n' > $out/bin/lib; /bin/chmod +x $out/bin/lib
+      /bin/head -c 300000 /dev/zero | /usr/bin/tr '\0' x > $out/share/doc/big
+    '' ];
+  };
+  app = derivation {
+    name = "tvixmount-copy-app"; system = builtins.currentSystem; builder = "/bin/sh";
+    args = [ "-c" "printf '#!/bin/sh\\nexec ${lib}/bin/lib\\n' > $out; /bin/chmod +x $out" ];
+  };
+in derivation {
+  name = "tvixmount-copy-closure"; system = builtins.currentSystem; builder = "/bin/bash";
+  __structuredAttrs = true;
+  exportReferencesGraph.closure = [ app ];
+  args = [ "-c" "source .attrs.sh; /bin/cp \"$NIX_ATTRS_JSON_FILE\" \"\${outputs[out]}\"" ];
+}
+"""
 
 
-def sargs(store: Path) -> list[str]:
-    return ["--store-dir", str(store)]
+@pytest.fixture(scope="module")
+def attrs_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The .attrs.json of a real build with exportReferencesGraph.closure = [ app ]."""
+    if shutil.which("nix-build") is None or not os.access("/nix/store", os.W_OK):
+        pytest.skip("needs nix-build and a writable /nix/store (Debian package nix-bin, as root)")
+    expr = tmp_path_factory.mktemp("nix") / "closure.nix"
+    expr.write_text(CLOSURE_NIX)
+    done = subprocess.run(["nix-build", str(expr), "--no-out-link", "--option", "sandbox", "false"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return Path(done.stdout.strip())
 
 
-def import_tree(capsysbinary, store: Path, tree: Path, *extra: str) -> str:
-    code, out, err = run(capsysbinary, *sargs(store), "import", *extra, str(tree))
+def closure_paths(attrs: Path) -> dict[str, str]:
+    """name (app, lib, dep) -> absolute store path, from the JSON."""
+    paths = [item["path"] for item in json.loads(attrs.read_bytes())["closure"]]
+    return {name: next(p for p in paths if p.endswith(f"-tvixmount-copy-{name}"))
+            for name in ("app", "lib", "dep.txt")}
+
+
+def nix_query(flag: str, path: str) -> list[str]:
+    done = subprocess.run(["nix-store", "-q", flag, path], capture_output=True, text=True, check=True)
+    return done.stdout.split()
+
+
+def info(capsysbinary, store: Path, path: str) -> dict:
+    code, out, err = run(capsysbinary, "--store-dir", str(store), "info", path)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def test_copy_keeps_each_paths_store_path_references_and_nar(attrs_json, tmp_path, capsysbinary):
+    store = tmp_path / "store"
+    code, out, err = run(capsysbinary, "--store-dir", str(store), "copy", str(attrs_json))
     assert (code, err) == (0, ""), err
-    return out.decode().strip()
+    assert out.decode().startswith("copied 3 paths (0 already present): ")
+    paths = closure_paths(attrs_json)
+    code, out, _ = run(capsysbinary, "--store-dir", str(store), "list")
+    assert sorted(out.decode().split()) == sorted(paths.values())
+    for path in paths.values():
+        got = info(capsysbinary, store, path)
+        assert got["path"] == path
+        assert got["narHash"] == nix_query("--hash", path)[0]
+        assert sorted(got["references"]) == sorted(nix_query("--references", path))
+    assert paths["lib"] in info(capsysbinary, store, paths["lib"])["references"]  # itself
+    assert info(capsysbinary, store, paths["dep.txt"])["ca"].startswith("text:sha256:")
+    code, out, err = run(capsysbinary, "--store-dir", str(store), "verify", "--nar")
+    assert code == 0 and out.decode().endswith(": OK\n"), (out, err)
+    code, out, _ = run(capsysbinary, "--store-dir", str(store), "cat", f"{paths['lib']}/share/doc/big")
+    assert out == Path(paths["lib"], "share/doc/big").read_bytes() and len(out) == 300000
+    code, out, _ = run(capsysbinary, "--store-dir", str(store), "ls", "-l", f"{paths['lib']}/share")
+    assert f"dep -> {paths['dep.txt']}".encode() in out
+
+    # Again, from the variable, as inside a build: everything is there already.
+    os.environ["NIX_ATTRS_JSON_FILE"] = str(attrs_json)
+    try:
+        code, out, err = run(capsysbinary, "--store-dir", str(store), "copy")
+    finally:
+        del os.environ["NIX_ATTRS_JSON_FILE"]
+    assert (code, err) == (0, "") and out.decode().startswith("copied 0 paths (3 already present): ")
 
 
-def info_of(store: Path, path: str) -> PathInfo:
-    with open_store(StoreUrls.embedded(store)) as s:
-        info = s.path_infos.get(storepath.parse_absolute(path).digest)
-    assert info is not None
-    return info
+def test_sri_nar_hashes_as_newer_nix_writes_them(attrs_json, tmp_path, capsysbinary):
+    document = json.loads(attrs_json.read_bytes())
+    for item in document["closure"]:
+        digest = nixbase32.decode(item["narHash"].removeprefix("sha256:"))
+        item["narHash"] = "sha256-" + base64.b64encode(digest).decode()
+    sri = tmp_path / "sri.json"
+    sri.write_text(json.dumps(document))
+    code, out, err = run(capsysbinary, "--store-dir", str(tmp_path / "store"), "-q", "copy", str(sri))
+    assert (code, out, err) == (0, b"", "")
+    assert len(run(capsysbinary, "--store-dir", str(tmp_path / "store"), "list")[1].split()) == 3
 
 
-def add_references(store: Path, path: str, *refs: str) -> None:
-    """Give ``path``'s PathInfo these references (as a build's output would have)."""
-    info = info_of(store, path)
-    parsed = [storepath.parse_absolute(r) for r in refs]
-    assert info.narinfo is not None
-    new = replace(info, references=tuple(p.digest for p in parsed),
-                  narinfo=replace(info.narinfo, reference_names=tuple(p.basename for p in parsed)))
-    with open_store(StoreUrls.embedded(store)) as s:
-        s.path_infos.put(new)
-
-
-def small_tree(parent: Path, name: str, files: dict[str, bytes]) -> Path:
-    root = parent / name
-    for rel, data in files.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-    return root
-
-
-def blob_inodes(store: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_ino for p in (store / "blobs").glob("*/*")}
-
-
-def summary(out: bytes) -> str:
-    lines = out.decode().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
-@pytest.fixture
-def closure(tmp_path, capsysbinary):
-    """A source store with app -> lib -> dep (app also refers to itself); app and lib share a file."""
-    src = tmp_path / "src"
-    dep = import_tree(capsysbinary, src, small_tree(tmp_path, "dep-1.0", {"share/dep.txt": b"dep\n"}))
-    lib = import_tree(capsysbinary, src, small_tree(tmp_path, "lib-2.0", {
-        "lib/libx.so": b"\x7fELF" + bytes(range(256)) * 300,
-        "share/licence": b"same licence text\n" * 50,
-    }))
-    app = import_tree(capsysbinary, src, small_tree(tmp_path, "app-3.0", {
-        "bin/app": b"#!/bin/sh\nexec lib\n",
-        "share/doc/licence": b"same licence text\n" * 50,
-    }))
-    add_references(src, lib, dep)
-    add_references(src, app, lib, app)
-    return src, app, lib, dep
-
-
-# -- embedded -> embedded ---------------------------------------------------------------
-
-
-def test_copy_then_verify_and_cat(tmp_path, capsysbinary):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    tree = make_rich_tree(tmp_path)
-    path = import_tree(capsysbinary, src, tree, "--dir-size-convention", "documented")
-    code, out, err = run(capsysbinary, *sargs(src), "copy", path, "--to-store-dir", str(dst))
-    assert (code, err) == (0, "")
-    # hello, data.bin (twice in the tree), big.so, empty, "x", the latin1-named file
-    assert summary(out).startswith("copied 1 paths (0 already present): 6 blobs copied, 0 skipped, "
-                                   f"{3 * 1024 * 1024 + 5 + 21 + 10240 + 1 + 30} bytes, 8 directories in ")
-    code, out, err = run(capsysbinary, *sargs(dst), "verify", "--nar")
-    assert (code, err) == (0, ""), out
-    for sub in ("lib/big.so", "bin/hello", "lib/deep/er/est/data.bin"):
-        code, out, _ = run(capsysbinary, *sargs(dst), "cat", f"{path}/{sub}")
-        assert (code, out) == (0, (tree / sub).read_bytes())
-    code, out, _ = run(capsysbinary, *sargs(dst), "list")
-    assert out.decode().split() == [path]
-    # Directory sizes travel as they are: the same (documented-convention) root node and tree.
-    with open_store(StoreUrls.embedded(src)) as s, open_store(StoreUrls.embedded(dst)) as d:
-        digest = storepath.parse_absolute(path).digest
-        assert d.path_infos.get(digest) == s.path_infos.get(digest)
-        root = s.path_infos.get(digest).node.digest
-        assert set(d.directories.get_recursive(root)) == set(s.directories.get_recursive(root))
-    assert not any((dst / "tmp").iterdir())
-
-
-def test_copy_twice_copies_nothing_the_second_time(closure, tmp_path, capsysbinary):
-    src, app, _, _ = closure
-    dst = tmp_path / "dst"
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
-    assert code == 0 and summary(out).startswith("copied 3 paths (0 already present)")
-    inodes = blob_inodes(dst)
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
-    assert (code, err) == (0, "")
-    assert summary(out).startswith(
-        "copied 0 paths (3 already present): 0 blobs copied, 0 skipped, 0 bytes, 0 directories in ")
-    assert blob_inodes(dst) == inodes
-
-
-def test_closure_follows_references(closure, tmp_path, capsysbinary):
-    src, app, lib, dep = closure
-    dst = tmp_path / "dst"
-    with open_store(StoreUrls.embedded(src)) as s:
-        order = Closure(s).resolve([storepath.parse_absolute(app)])
-    assert [storepath.STORE_DIR + "/" + i.node.name.decode() for i in order] == [dep, lib, app]
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
-    assert code == 0
-    code, out, _ = run(capsysbinary, *sargs(dst), "list")
-    assert sorted(out.decode().split()) == sorted([app, lib, dep])
-    assert info_of(dst, app) == info_of(src, app)  # references kept
-    code, out, err = run(capsysbinary, *sargs(dst), "verify")
-    assert (code, err) == (0, ""), out
-
-
-def test_paths_and_blobs_in_the_target_are_skipped(closure, tmp_path, capsysbinary):
-    src, app, lib, _ = closure
-    dst = tmp_path / "dst"
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", lib, "--to-store-dir", str(dst))
-    assert code == 0 and summary(out).startswith("copied 2 paths (0 already present): 3 blobs copied")
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(dst))
-    # app's licence is lib's: already there
-    assert code == 0
-    assert summary(out).startswith("copied 1 paths (2 already present): 1 blobs copied, 1 skipped")
-    code, out, _ = run(capsysbinary, *sargs(dst), "cat", f"{app}/share/doc/licence")
-    assert out == b"same licence text\n" * 50
-
-
-def test_copy_all_and_file_and_symlink_roots(closure, tmp_path, capsysbinary):
-    src, app, lib, dep = closure
-    (tmp_path / "tool").write_bytes(b"a single file")
-    (tmp_path / "pointer").symlink_to("/nix/store/somewhere")
-    tool = import_tree(capsysbinary, src, tmp_path / "tool")
-    pointer = import_tree(capsysbinary, src, tmp_path / "pointer")
-    dst = tmp_path / "dst"
-    code, out, _ = run(capsysbinary, *sargs(src), "copy", "--all", "--to-store-dir", str(dst), "-j", "1")
-    assert code == 0 and summary(out).startswith("copied 5 paths (0 already present)")
-    code, out, _ = run(capsysbinary, *sargs(dst), "list")
-    assert sorted(out.decode().split()) == sorted([app, lib, dep, tool, pointer])
-    code, out, _ = run(capsysbinary, *sargs(dst), "cat", tool)
-    assert out == b"a single file"
-    assert info_of(dst, pointer) == info_of(src, pointer)
-
-
-def test_shared_directory_on_two_levels(tmp_path, capsysbinary):
-    """x and y/z are one directory: reversing get_recursive's order would send y before it."""
-    same = {"f": b"shared"}
-    tree = small_tree(tmp_path, "shapes", {**{f"x/c/{k}": v for k, v in same.items()},
-                                           **{f"y/z/c/{k}": v for k, v in same.items()}})
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    path = import_tree(capsysbinary, src, tree)
-    code, out, err = run(capsysbinary, *sargs(src), "copy", path, "--to-store-dir", str(dst))
-    assert (code, err) == (0, "")
-    code, out, err = run(capsysbinary, *sargs(dst), "verify")
-    assert (code, err) == (0, ""), out
-
-
-def test_leaves_first_puts_every_child_before_its_parents():
-    c = Directory(files=(FileNode(b"f", bytes(32), 0),))
-    z = Directory(directories=(DirectoryNode(b"c2", c.digest(), 1),))
-    x = Directory(directories=(DirectoryNode(b"c", c.digest(), 1),))
-    y = Directory(directories=(DirectoryNode(b"z", z.digest(), 2),))
-    root = Directory(directories=(DirectoryNode(b"x", x.digest(), 2), DirectoryNode(b"y", y.digest(), 3)))
-    ordered = leaves_first([root, x, y, c, z])  # get_recursive's order
-    position = {d.digest(): i for i, d in enumerate(ordered)}
-    assert len(ordered) == 5
-    for parent in ordered:
-        for child in parent.directories:
-            assert position[child.digest] < position[parent.digest()]
-
-
-# -- failures ---------------------------------------------------------------------------
-
-
-def test_missing_store_path_is_one_line_and_creates_nothing(closure, tmp_path, capsysbinary):
-    src, app, _, _ = closure
-    dst = tmp_path / "dst"
-    missing = "/nix/store/" + "0" * 32 + "-nope"
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, missing, "--to-store-dir", str(dst))
-    assert (code, out) == (1, b"")
-    assert err == f"tvixstore: error: {missing}: not in the source store\n"
-    assert not dst.exists()
-
-
-def test_missing_reference_names_its_referrer(closure, tmp_path, capsysbinary):
-    src, app, lib, _ = closure
-    ghost = "/nix/store/" + "1" * 32 + "-ghost"
-    add_references(src, lib, ghost)
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, "--to-store-dir", str(tmp_path / "dst"))
-    assert (code, out) == (1, b"")
-    assert err == f"tvixstore: error: {ghost} (referenced by {lib}): not in the source store\n"
-
-
-def test_missing_blob_in_the_source(tmp_path, capsysbinary):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    files = {"a": b"will vanish", **{f"f{i}": b"file %d" % i for i in range(6)}}
-    path = import_tree(capsysbinary, src, small_tree(tmp_path, "t", files))
-    with open_store(StoreUrls.embedded(src)) as s:
-        digest = s.directories.get(info_of(src, path).node.digest).files[0].digest  # "a"
-    import sqlite3
-
-    conn = sqlite3.connect(src / "store.sqlite")
-    with conn:
-        conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
-    conn.close()
-    code, out, err = run(capsysbinary, *sargs(src), "copy", path, "--to-store-dir", str(dst))
-    assert (code, out) == (1, b"")
-    assert err.startswith(f"tvixstore: error: {path}: blob b3:")
-    assert err.endswith(": not in the source store\n")
-    code, out, _ = run(capsysbinary, *sargs(dst), "list")
-    assert out == b""  # no PathInfo without its tree
-    with open_store(StoreUrls.embedded(dst)) as d:
-        assert list(d.blobs.iter_digests()) == []  # the failed path's batch recorded nothing
+def test_a_nar_hash_mismatch_stores_nothing_for_that_path_nor_its_referrers(attrs_json, tmp_path,
+                                                                            capsysbinary):
+    paths = closure_paths(attrs_json)
+    document = json.loads(attrs_json.read_bytes())
+    for item in document["closure"]:
+        if item["path"] == paths["lib"]:
+            item["narHash"] = "sha256:" + nixbase32.encode(bytes(32))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(document))
+    store = tmp_path / "store"
+    code, out, err = run(capsysbinary, "--store-dir", str(store), "copy", str(bad))
+    assert code == 1
+    lines = err.splitlines()
+    assert lines[0].startswith(f"tvixstore: error: copy {paths['lib']}: its NAR on disk is sha256:")
+    assert lines[0].endswith("(changed since Nix described it?); not stored")
+    assert lines[1] == (f"tvixstore: error: copy {paths['app']}: not copied: its reference {paths['lib']} "
+                        "was not copied")
+    assert len(lines) == 2
+    assert out.decode().startswith("copied 1 paths (0 already present, 2 failed): ")
+    code, out, _ = run(capsysbinary, "--store-dir", str(store), "list")
+    assert out.decode().split() == [paths["dep.txt"]]
 
 
 @pytest.mark.parametrize(
-    "argv, message",
+    ("content", "status", "message"),
     [
-        (["copy", "--to-store-dir", "{T}"], "nothing to copy"),
-        (["copy", "--all", "{P}", "--to-store-dir", "{T}"], "not both"),
-        (["copy", "{P}"], "no target store"),
-        (["copy", "{P}", "--to-blob-service-addr", "memory://"],
-         "--to-directory-service-addr, --to-path-info-service-addr not given"),
-        (["copy", "{P}/bin", "--to-store-dir", "{T}"], "without a sub path"),
-        (["copy", "{P}", "--to-store-dir", "{T}", "-j", "0"], "--jobs 0"),
-        (["copy", "not-a-path", "--to-store-dir", "{T}"], "not a store path"),
-        (["copy", "{P}", "--to-store-dir", "{T}", "--to-blob-service-addr", "bogus://x"], "bogus"),
+        (None, 2, "copy: no closure file: give NIX_ATTRS_JSON_FILE (an argument or the NIX_ATTRS_JSON_FILE "
+                  "variable)"),
+        (b"{not json", 1, "{F}: not JSON: "),
+        (b'{"name": "x"}', 1, "{F}: no 'closure' key"),
+        (b'{"closure": [{"path": "/nix/store/x"}]}', 1, "{F}: closure[0]: store path basename 'x': "),
+        (b'{"closure": [{"path": "/nix/store/00000000000000000000000000000000-a", "narSize": 1,'
+         b' "references": [], "narHash": "md5:00"}]}', 1, "{F}: closure[0]: /nix/store/0000"),
+        (b'{"closure": [{"path": "/nix/store/00000000000000000000000000000000-a", "narSize": 1}]}', 1,
+         "{F}: closure[0]: 'references' is missing"),
     ],
 )
-def test_usage_errors(closure, tmp_path, capsysbinary, argv, message):
-    src, app, _, _ = closure
-    argv = [a.format(P=app, T=tmp_path / "dst") for a in argv]
-    code, out, err = run(capsysbinary, *sargs(src), *argv)
-    assert (code, out) == (2, b"")
-    assert err.count("\n") == 1 and err.startswith("tvixstore: error: ") and message in err, err
-    assert not (tmp_path / "dst").exists()
+def test_bad_closure_files_are_one_line(tmp_path, capsysbinary, monkeypatch, content, status, message):
+    monkeypatch.delenv("NIX_ATTRS_JSON_FILE", raising=False)
+    name = tmp_path / "c.json"
+    argv = ["--store-dir", str(tmp_path / "store"), "copy"]
+    if content is not None:
+        name.write_bytes(content)
+        argv.append(str(name))
+    code, out, err = run(capsysbinary, *argv)
+    assert (code, out) == (status, b"")
+    assert err.count("\n") == 1 and err.startswith("tvixstore: error: ")
+    assert message.format(F=name) in err, err
+    assert not (tmp_path / "store").exists()  # nothing was opened
 
 
-def test_unreachable_target(closure, tmp_path, capsysbinary):
-    src, app, _, _ = closure
-    url = f"grpc+unix://{tmp_path}/nobody.sock"
-    code, out, err = run(capsysbinary, *sargs(src), "copy", app, *_to(url))
-    assert (code, out) == (1, b"")
-    assert err.startswith(f"tvixstore: error: target store {url}: ") and err.count("\n") == 1, err
+def test_a_missing_closure_file_is_a_data_error(tmp_path, capsysbinary):
+    code, _, err = run(capsysbinary, "--store-dir", str(tmp_path / "s"), "copy", str(tmp_path / "none.json"))
+    assert code == 1 and err == f"tvixstore: error: {tmp_path / 'none.json'}: No such file or directory\n"
 
 
-def _to(url: str) -> list[str]:
-    return [f"--to-{kind}-service-addr={url}" for kind in ("blob", "directory", "path-info")]
+def _entry(name: str, *refs: str) -> ClosureEntry:
+    def path(n: str) -> storepath.StorePath:
+        return storepath.StorePath(bytes([ord(n[0])]) * 20, n)
+
+    return ClosureEntry(path(name), bytes(32), 0, tuple(path(r) for r in refs))
 
 
-# -- the console: progress on a terminal ---------------------------------------------
+def test_references_come_first_whatever_order_nix_lists_them_in():
+    entries = [_entry("app", "lib", "app"), _entry("lib", "dep", "lib", "out-of-closure"), _entry("dep"),
+               _entry("other", "dep")]
+    for order in (entries, entries[::-1], [entries[2], entries[0], entries[3], entries[1]]):
+        names = [e.path.name for e in references_first(order)]
+        assert sorted(names) == ["app", "dep", "lib", "other"]
+        assert names.index("dep") < names.index("lib") < names.index("app")
+        assert names.index("dep") < names.index("other")
+    with pytest.raises(InvalidData, match="reference cycle"):
+        references_first([_entry("a", "b"), _entry("b", "a")])
 
 
-def test_terminal_shows_progress(closure, tmp_path):
-    src, app, _, _ = closure
-    argv = [*sargs(src), "copy", app, "--to-store-dir", str(tmp_path / "d")]
-    status, out, seen = _console_on_terminal(argv)
-    assert status == 0 and out.startswith(b"copied 3 paths")
-    assert b"paths" in seen and b"data" in seen
-
-
-# -- into a real daemon ------------------------------------------------------------------
-
-
-def test_copy_into_a_daemon_and_read_back(closure, tmp_path, capsysbinary):
-    from tests.grpc_daemon import Daemon, scratch_dir
-
-    src, app, lib, dep = closure
-    base = scratch_dir("tvx-copy-")
-    try:
-        with Daemon(base, log_level="info") as daemon:
-            code, out, err = run(capsysbinary, *sargs(src), "copy", app, *_to(daemon.url))
-            assert (code, err) == (0, "")
-            assert summary(out).startswith("copied 3 paths (0 already present): 4 blobs copied, 1 skipped")
-            code, out, err = run(capsysbinary, *sargs(src), "copy", app, *_to(daemon.url))
-            assert summary(out).startswith("copied 0 paths (3 already present): 0 blobs copied")
-            remote = [f"--{kind}-service-addr={daemon.url}" for kind in ("blob", "directory", "path-info")]
-            code, out, _ = run(capsysbinary, *remote, "cat", f"{app}/share/doc/licence")
-            assert (code, out) == (0, b"same licence text\n" * 50)
-            code, out, _ = run(capsysbinary, *remote, "list")
-            assert sorted(out.decode().split()) == sorted([app, lib, dep])
-            code, out, err = run(capsysbinary, *remote, "verify")
-            assert (code, err) == (0, ""), out
-        # and what the daemon stored is a complete embedded store of its own
-        code, out, err = run(capsysbinary, *sargs(daemon.store_dir), "verify", "--nar")
-        assert (code, err) == (0, ""), out
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+def test_the_json_nix_writes_is_read_whole(attrs_json):
+    entries = read_closure(attrs_json.read_bytes(), str(attrs_json))
+    paths = closure_paths(attrs_json)
+    by_path = {e.path.absolute: e for e in entries}
+    assert set(by_path) == set(paths.values())
+    lib = by_path[paths["lib"]]
+    assert "sha256:" + nixbase32.encode(lib.nar_sha256) == nix_query("--hash", paths["lib"])[0]
+    assert {r.absolute for r in lib.references} == set(nix_query("--references", paths["lib"]))
+    assert by_path[paths["dep.txt"]].ca is not None

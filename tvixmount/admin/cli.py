@@ -1,4 +1,4 @@
-"""``tvixstore``: fill and inspect a store (import, ls, cat, info, list, verify, copy, daemon).
+"""``tvixstore``: fill and inspect a store (import, ls, cat, info, list, verify, copy, sync, daemon).
 
 This module only builds the top-level parser, collects the subcommands
 (admin/commands/, each with its own flags and entry point), runs the one
@@ -11,9 +11,14 @@ asked for and turns failures into one line on stderr and an exit status:
   only with ``--log-level debug``.
 
 Store flags mirror tvix-store's (storeflags.ADMIN): three service URLs
-(env BLOB_SERVICE_ADDR, DIRECTORY_SERVICE_ADDR, PATH_INFO_SERVICE_ADDR); any
-not given is the embedded store in ``--store-dir``. They are accepted before
-the subcommand and after it (tvix puts them on the subcommand).
+(env BLOB_SERVICE_ADDR, DIRECTORY_SERVICE_ADDR, PATH_INFO_SERVICE_ADDR); with
+none, the embedded store in ``--store-dir``; with some, the others take
+tvix-store's default, ``grpc+http://[::1]:8000`` (the daemon: the embedded
+store). They are accepted before the subcommand and after it (tvix puts them
+on the subcommand), as is ``--log-level`` (tvix puts it before).
+
+``mount`` is not here: the mount is composed by tvixmount.cli, whose
+``tvixstore`` entry point (the installed script) passes it in ``extra``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import os
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Protocol
 
-from .. import __version__
+from .. import __version__, flags
 from ..errors import InvalidArgument, TvixError
 from ..store.location import ENV_VAR as STORE_DIR_ENV
 from ..store.location import default_store_dir
+from ..storeflags import UPSTREAM_DEFAULT
 from .command import (
     EXIT_DATA,
     EXIT_INTERRUPTED,
@@ -42,17 +49,29 @@ from .command import (
 )
 from .commands import MODULES
 
+
+class CommandModule(Protocol):
+    """What a command module offers: ``add_parsers(commands)`` (admin/command.py)."""
+
+    def add_parsers(self, commands: Subcommands) -> None: ...
+
+
 DESCRIPTION = """\
 Fill and inspect a tvix store: import local trees or NAR files as store paths,
-list and read what a store holds, verify every object in it, and copy store
-paths with their closure into another store."""
+copy a Nix closure in from /nix/store, list and read what a store holds, verify
+every object in it, sync store paths with their closure into another store,
+serve it over gRPC, and mount it."""
 
 EPILOG = f"""\
 The store: by default the embedded on-disk store in --store-dir (env
 {STORE_DIR_ENV}; default {default_store_dir()}), created by the first import.
-Point any service elsewhere with --blob-service-addr, --directory-service-addr,
---path-info-service-addr (memory://, local:///DIR, grpc+http://HOST:PORT,
-grpc+unix:///SOCKET); a service not given stays the embedded store.
+Point the services elsewhere with --blob-service-addr, --directory-service-addr,
+--path-info-service-addr (env BLOB_SERVICE_ADDR, DIRECTORY_SERVICE_ADDR,
+PATH_INFO_SERVICE_ADDR; memory://, local:///DIR, grpc+http://HOST:PORT,
+grpc+unix:///SOCKET): once one is given, a service not given uses tvix-store's
+default, {UPSTREAM_DEFAULT} (for the daemon: the embedded store). A
+grpc+http URL without a port means port 80. tvix-store command lines work
+with `tvix-store` replaced by `tvixstore`.
 
 examples:
   tvixstore import ./result ./src        # prints /nix/store/<hash>-result ...
@@ -63,29 +82,35 @@ examples:
   tvixstore cat <hash>-result/share/doc/README > README
   tvixstore info <hash>-result           # the PathInfo as JSON
   tvixstore verify                       # exit 1 on any damaged object
-  tvixstore copy <hash>-result --to-store-dir /srv/store   # with its closure
+  tvixstore copy closure.json            # a Nix closure from /nix/store (exportReferencesGraph)
+  tvixstore sync <hash>-result --to-store-dir /srv/store   # with its closure
   tvixstore daemon -l 127.0.0.1:8000     # serve the store over gRPC
+  tvixstore mount /mnt/store             # = tvixmount /mnt/store
   tvixstore --store-dir /srv/store import ./tree
   tvixstore import ./tree --blob-service-addr grpc+http://[::1]:8000 \\
       --directory-service-addr grpc+http://[::1]:8000 \\
       --path-info-service-addr grpc+http://[::1]:8000
 
-exit status: 0 ok, 1 data or store error, 2 usage error, 130 interrupted.
+exit status: 0 ok, 1 data or store error, 2 usage error (one line, before
+anything starts), 130 interrupted. `tvixstore mount` exits as tvixmount does.
 """
 
 
-def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = (), extra: Sequence[CommandModule] = ()) -> argparse.ArgumentParser:
     """The whole command line; ``daemon``'s own flags are added only when ``argv`` mentions it.
 
     (They live in tvixmount.server, which pulls in grpc: 0.2 s that no other
-    command should pay.)
+    command should pay.) ``extra``: more command modules, after ours (mount).
     """
     parser = Parser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--otlp", action="store_true",
+                        help="--otlp, --otlp=true, --otlp=false: accepted for tvix-store's command lines; "
+                             "tvixstore sends no OpenTelemetry traces either way")
     add_common(parser, suppress=False)
     commands = Subcommands(parser, argv)
-    for module in MODULES:
+    for module in (*MODULES, *extra):
         module.add_parsers(commands)
     return parser
 
@@ -111,10 +136,19 @@ def exit_status(exc: BaseException) -> int:
     return EXIT_USAGE if isinstance(exc, InvalidArgument) else EXIT_DATA
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+def main(argv: Sequence[str] | None = None, extra: Sequence[CommandModule] = ()) -> int:
+    """Run one command; its exit status (a usage error exits 2 from the parser)."""
+    argv = _without_otlp(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser(argv, extra)
+    try:
+        args = flags.parse(parser, argv)
+    except SystemExit as exc:  # --help, --version or a usage error, already printed
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    if getattr(args, "own_logging", False):  # mount: tvixmount's logging, its exit statuses
+        try:
+            return int(args.run(args))
+        except SystemExit as exc:  # a usage error found after parsing, already printed
+            return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     if args.log_level is None:
         args.log_level = "info" if args.command == "daemon" else "warning"
     _setup_logging(args.log_level)
@@ -137,6 +171,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.log_level == "debug":
             traceback.print_exception(exc, file=sys.stderr)
         return EXIT_DATA
+
+
+def _without_otlp(argv: list[str]) -> list[str]:
+    """``argv`` without tvix-store's ``--otlp[=BOOL]``, whose value must be joined by ``=``.
+
+    (argparse cannot require the ``=``: an optional value would swallow the
+    command name in ``--otlp mount``.)
+    """
+    kept: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return kept + argv[i:]
+        name, eq, value = arg.partition("=")
+        if name != "--otlp":
+            kept.append(arg)
+        elif eq:
+            try:
+                flags.boolean(value)
+            except argparse.ArgumentTypeError as exc:
+                flags.error_line(PROG, f"argument --otlp: {exc}")
+    return kept
 
 
 def replace_os_error(exc: OSError) -> Exception:

@@ -16,8 +16,9 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
-from ..store import Store, StoreUrls, describe, open_store
-from ..storeflags import ADMIN
+from .. import flags
+from ..store import Store, StoreUrls, open_store
+from ..storeflags import ADMIN, StoreFlags, log_choice
 from . import progress
 
 log = logging.getLogger("tvixmount.admin")  # every subcommand logs under this name
@@ -28,22 +29,20 @@ EXIT_OK, EXIT_DATA, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 Run = Callable[[argparse.Namespace], int]
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with our error line format (status 2, as argparse)."""
-
-    def error(self, message: str) -> Any:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{PROG}: error: {message}\n")
+Parser = flags.Parser  # usage errors in one line, ``tvixstore: error: ...``, exit 2
 
 
-def add_common(parser: argparse.ArgumentParser, suppress: bool) -> None:
-    """The store and logging flags; on subcommands defaults are SUPPRESS, so a top-level value wins."""
+def add_common(parser: argparse.ArgumentParser, suppress: bool, store: StoreFlags = ADMIN) -> None:
+    """The store and logging flags; on subcommands defaults are SUPPRESS, so a top-level value wins.
+
+    (The store flags are always added that way: flags.resolve fills them in.)
+    """
 
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
 
     group = parser.add_argument_group("store and output")
-    ADMIN.add_to(group, suppress=suppress)
+    store.add_to(group)
     group.add_argument("--log-level", type=str.lower, default=default(None),
                        choices=["debug", "info", "warning", "error"],
                        help="log verbosity on stderr (default warning, info for daemon; debug adds "
@@ -61,12 +60,19 @@ class Subcommands:
         self._argv = argv
 
     def add(
-        self, name: str, help_: str, description: str, run: Run, epilog: str = ""
+        self, name: str, help_: str, description: str, run: Run, epilog: str = "",
+        common: bool = True, store: StoreFlags = ADMIN,
     ) -> argparse.ArgumentParser:
-        """A subcommand whose parsed args go to ``run``; add its own flags to what is returned."""
+        """A subcommand whose parsed args go to ``run``; add its own flags to what is returned.
+
+        ``common``: give it the store and output flags (described by
+        ``store``'s help); ``mount`` brings its own.
+        """
         parser = self._sub.add_parser(name, help=help_, description=description, epilog=epilog,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
-        add_common(parser, suppress=True)
+        parser.program = PROG  # its usage errors read "tvixstore: error: ..."
+        if common:
+            add_common(parser, suppress=True, store=store)
         parser.set_defaults(run=run)
         return parser
 
@@ -81,10 +87,10 @@ def store_urls(args: argparse.Namespace, writable: bool = False) -> StoreUrls:
 
 
 def open_from(args: argparse.Namespace, writable: bool = False) -> Store:
-    """Open the store the common flags name (see ``store_urls``)."""
-    chosen = store_urls(args, writable)
-    log.debug("opening %s", describe(chosen))
-    return open_store(chosen)
+    """Open the store the common flags name (see ``store_urls``); log which address each service uses."""
+    choice = ADMIN.choice(args, create=writable)
+    log_choice(log, choice)
+    return open_store(choice.urls)
 
 
 def bars(args: argparse.Namespace) -> bool:

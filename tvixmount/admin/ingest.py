@@ -14,7 +14,7 @@ Where time goes, and what runs in parallel: the NAR hash is one sequential
 stream and stays on the walking thread. Storing a blob (blake3, a file, a
 database look-up) is independent per file, so files up to ``SMALL_FILE`` are
 handed to a thread pool with the bytes already in memory (bounded by
-``MAX_IN_FLIGHT`` bytes); bigger files are streamed on the walking thread so
+``MAX_IN_FLIGHT`` bytes; blobsink.py); bigger files are streamed on the walking thread so
 memory stays flat. Blob digests are therefore known only after the walk:
 Directory messages are built afterwards, leaves first, from the recorded
 shape of the tree.
@@ -39,12 +39,9 @@ import contextlib
 import logging
 import os
 import stat
-import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-
-import blake3
 
 from ..castore import storepath
 from ..castore.directory import Directory, SizeConvention, check_node, validate
@@ -53,13 +50,13 @@ from ..castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, display_
 from ..castore.pathinfo import NarInfo, PathInfo
 from ..errors import InvalidData
 from ..store import Store
+from .blobsink import BlobSink
 from .progress import Bar, NullBar
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # read size; also the largest file stored from memory by the pool
 SMALL_FILE = CHUNK
-MAX_IN_FLIGHT = 64 << 20  # bytes of small files queued for the pool at most
 # Threads storing small files. Outside a batch, stores mostly wait on fsync
 # and many threads pay off; in a batch the pool overlaps file creation with
 # the walk (measured with batches: -j 2, 4 and 8 within noise of each other).
@@ -109,6 +106,23 @@ class Imported:
     stats: ImportStats
 
 
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """A walked path whose blobs are stored: its root node (unnamed), directories and NAR."""
+
+    root: Node
+    directories: tuple[Directory, ...]  # leaves first
+    nar_size: int
+    nar_sha256: bytes
+    stats: ImportStats
+
+    def put(self, store: Store, info: PathInfo) -> None:
+        """Store the directories, then ``info`` (the PathInfo naming this tree), last."""
+        if self.directories:
+            store.directories.put_many(list(self.directories))
+        store.path_infos.put(info)
+
+
 def show(path: bytes) -> str:
     """A path for messages: lossless for bytes that are not UTF-8."""
     return display_name(path)
@@ -147,89 +161,6 @@ def _os_error(path: bytes, exc: OSError) -> IngestError:
     return IngestError(f"{show(path)}: {exc.strerror or exc}")
 
 
-class _Budget:
-    """Bytes of small files handed to the pool and not yet stored: the walk waits above the limit."""
-
-    def __init__(self, limit: int) -> None:
-        self._cond = threading.Condition()
-        self._used = 0
-        self._limit = limit
-
-    def take(self, n: int) -> None:
-        with self._cond:
-            while self._used and self._used + n > self._limit:
-                self._cond.wait()
-            self._used += n
-
-    def give(self, n: int) -> None:
-        with self._cond:
-            self._used -= n
-            self._cond.notify_all()
-
-
-class _BlobSink:
-    """Stores blobs: small ones on a thread pool from memory, big ones streamed by the caller.
-
-    Remembers the digests this run already stored or found, so duplicate
-    contents cost one blake3 and no store round trip. The first failure of
-    a pooled store is kept in ``failure`` so the walk can stop early.
-    """
-
-    def __init__(self, store: Store, workers: int) -> None:
-        self._blobs = store.blobs
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="blob") if workers > 0 else None
-        self._budget = _Budget(MAX_IN_FLIGHT)
-        self._seen: set[bytes] = set()
-        self._lock = threading.Lock()
-        self.failure: BaseException | None = None
-
-    def put_small(self, data: bytes) -> Future[bytes]:
-        if self.failure is not None:
-            raise self.failure
-        if self._pool is None:
-            done: Future[bytes] = Future()
-            done.set_result(self._store(data))
-            return done
-        cost = len(data) + 4096  # the fixed part also caps how many tiny files queue up
-        self._budget.take(cost)
-        future = self._pool.submit(self._store, data)
-        future.add_done_callback(lambda f: self._done(f, cost))
-        return future
-
-    def _done(self, future: Future[bytes], cost: int) -> None:
-        self._budget.give(cost)
-        if not future.cancelled() and future.exception() is not None and self.failure is None:
-            self.failure = future.exception()
-
-    def _store(self, data: bytes) -> bytes:
-        digest = blake3.blake3(data).digest()
-        with self._lock:
-            if digest in self._seen:
-                return digest
-        # stat first: a re-import then opens no writer at all (measured on the
-        # 40,000-file tree: 3,600 files/s re-importing with it, 2,600 without).
-        if self._blobs.stat(digest) is None:
-            with self._blobs.open_write(expected_digest=digest) as writer:  # the store re-checks it
-                writer.write(data)
-                writer.commit()
-        with self._lock:
-            self._seen.add(digest)
-        return digest
-
-    def stream(self, chunks: Callable[[Callable[[bytes], None]], None]) -> bytes:
-        """Store a big blob: ``chunks(write)`` calls ``write`` with each piece in order."""
-        with self._blobs.open_write() as writer:
-            chunks(writer.write)
-            digest = writer.commit()
-        with self._lock:
-            self._seen.add(digest)
-        return digest
-
-    def close(self, cancel: bool = False) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=cancel)
-
-
 class Ingester:
     """Imports local paths into one open store; one instance may import many paths."""
 
@@ -256,6 +187,24 @@ class Ingester:
         """
         source = os.fsencode(path)
         name = store_path_name(source)
+        tree = self.ingest(source)
+        path_ = storepath.from_nar_sha256(name, tree.nar_sha256)
+        info = PathInfo(
+            node=replace(tree.root, name=path_.basename.encode()),
+            references=(),
+            narinfo=NarInfo(nar_size=tree.nar_size, nar_sha256=tree.nar_sha256),
+        )
+        tree.put(self.store, info)
+        log.info("imported %s as %s (%d files, NAR %d bytes)", show(source), path_, tree.stats.files,
+                 tree.nar_size)
+        return Imported(source, path_, info, tree.stats)
+
+    def ingest(self, source: bytes) -> Tree:
+        """Store the blobs of ``source`` and return its tree, whose directories are not stored yet.
+
+        The caller decides from the NAR hash whether the tree becomes a store
+        path (``Tree.put``) or is dropped (its blobs stay, harmless orphans).
+        """
         run = _Run(self, source)
         # Every blob of this path is made durable at the batch's end, before
         # any directory or the PathInfo refers to it (see blob_batch).
@@ -269,18 +218,8 @@ class Ingester:
                 run.sink.close(cancel=True)
                 raise
             run.sink.close()
-        if run.directories:
-            self.store.directories.put_many(run.directories)
-        path_ = storepath.from_nar_sha256(name, nar_sha256)
-        info = PathInfo(
-            node=replace(root_node, name=path_.basename.encode()),
-            references=(),
-            narinfo=NarInfo(nar_size=nar_size, nar_sha256=nar_sha256),
-        )
-        self.store.path_infos.put(info)
-        log.info("imported %s as %s (%d files, NAR %d bytes)", show(source), path_, run.files, nar_size)
         stats = ImportStats(run.files, run.bytes, len(run.directories), run.symlinks)
-        return Imported(source, path_, info, stats)
+        return Tree(root_node, tuple(run.directories), nar_size, nar_sha256, stats)
 
 
 def blob_batch(store: Store) -> contextlib.AbstractContextManager[object]:
@@ -303,7 +242,7 @@ class _Run:
         self.source = source
         self.nar_digest = NarDigest()
         self.nar = NarWriter(self.nar_digest.update)
-        self.sink = _BlobSink(ingester.store, ingester.workers)
+        self.sink = BlobSink(ingester.store, ingester.workers)
         self.directories: list[Directory] = []  # leaves first, each digest once
         self._dir_digests: set[bytes] = set()
         self.files = 0

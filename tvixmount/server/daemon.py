@@ -1,12 +1,14 @@
 """``tvixstore daemon``: serve a store over gRPC until SIGTERM/SIGINT.
 
 ``tvixstore daemon`` adds these flags to its subcommand with
-``add_arguments(parser)`` and calls ``run(args, store_urls_from(args))``;
-the store flags are tvixstore's (storeflags.ADMIN). ``python -m
-tvixmount.server`` runs the same daemon standalone (``main``), with the
-same store flags on its own parser.
+``add_arguments(parser)`` and calls ``run(args, store_from(args))``; the
+store flags are tvixstore's, read by the daemon's rule (storeflags.DAEMON:
+a service not given is the embedded store, as tvix-store's daemon defaults
+to local stores). ``python -m tvixmount.server`` runs the same daemon
+standalone (``main``), with the same store flags on its own parser.
 
-Lifecycle: open the store, bind, log one INFO line saying where (and
+Lifecycle: log which address each service uses, open the store, bind, log
+one INFO line saying where (and
 whether that is loopback only), then log a summary of the calls served
 every ``--stats-interval`` seconds when there were any. The first
 SIGTERM/SIGINT stops accepting calls, lets calls in flight finish for
@@ -27,10 +29,11 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
+from .. import flags
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, TvixError
 from ..store import StoreUrls, describe
-from ..storeflags import ADMIN
+from ..storeflags import DAEMON, Choice, log_choice
 from . import DEFAULT_LISTEN, DEFAULT_WORKERS, StoreServer, serve
 
 log = logging.getLogger("tvixmount.server")
@@ -48,30 +51,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "unauthenticated, so bind elsewhere only on a trusted network)")
     parser.add_argument("--read-only", action="store_true",
                         help="refuse every upload (Put answers PERMISSION_DENIED)")
-    parser.add_argument("--added-latency", type=float, default=0.0, metavar="SECONDS",
+    parser.add_argument("--added-latency", type=flags.seconds, default=0.0, metavar="SECONDS",
                         help="testing: sleep this long at the start of every call, like a network hop")
-    parser.add_argument("--max-workers", type=int, default=DEFAULT_WORKERS, metavar="N",
+    parser.add_argument("--max-workers", type=flags.positive, default=DEFAULT_WORKERS, metavar="N",
                         help="threads serving calls; each streaming read holds one "
                              f"(default {DEFAULT_WORKERS})")
     parser.add_argument("--check-dir-sizes", choices=[c.value for c in SizeConvention], default=None,
                         help="make directory uploads check DirectoryNode.size in this convention "
                              "(default: sizes are not checked)")
-    parser.add_argument("--grace", type=float, default=GRACE, metavar="SECONDS",
+    parser.add_argument("--grace", type=flags.seconds, default=GRACE, metavar="SECONDS",
                         help=f"on SIGTERM/SIGINT, let calls in flight finish this long (default {GRACE:g})")
-    parser.add_argument("--stats-interval", type=float, default=STATS_INTERVAL, metavar="SECONDS",
+    parser.add_argument("--stats-interval", type=flags.seconds, default=STATS_INTERVAL, metavar="SECONDS",
                         help="log a summary of calls served this often "
                              f"(default {STATS_INTERVAL:g}; 0: never)")
 
 
-def store_urls_from(args: argparse.Namespace) -> StoreUrls:
+def store_from(args: argparse.Namespace) -> Choice:
     """The store to serve; a writable daemon makes its embedded store, as tvix-store does."""
-    return ADMIN.urls(args, create=not args.read_only)
+    return DAEMON.choice(args, create=not args.read_only)
 
 
-def run(args: argparse.Namespace, store_urls: StoreUrls) -> int:
+def run(args: argparse.Namespace, store: Choice) -> int:
     """Serve until a stop signal; 0 after a clean stop. Store and address errors raise TvixError."""
-    if args.grace < 0 or args.stats_interval < 0:
-        raise InvalidArgument("--grace and --stats-interval must not be negative")
+    log_choice(log, store)
+    store_urls = store.urls
     convention = SizeConvention(args.check_dir_sizes) if args.check_dir_sizes else None
     stop = threading.Event()
     got: list[int] = []
@@ -167,33 +170,33 @@ def _install_signals(stop: threading.Event, got: list[int]) -> Callable[[], None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.Parser(
         prog="python -m tvixmount.server",
         description="Serve a tvixmount store (embedded by default) over tvix's gRPC protocol.",
     )
-    ADMIN.add_to(parser)
+    DAEMON.add_to(parser)
     parser.add_argument("--log-level", type=str.lower, default="info",
                         choices=["debug", "info", "warning", "error"], help="log verbosity (default info)")
     add_arguments(parser)
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, StoreUrls]:
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, Choice]:
     """The standalone command line and the store it names; a usage error exits 2 (parser.error)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = flags.parse(parser, argv)
     try:
-        return args, store_urls_from(args)
+        return args, store_from(args)
     except InvalidArgument as exc:
         parser.error(str(exc))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, store_urls = parse_args(argv)
+    args, store = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return run(args, store_urls)
+        return run(args, store)
     except TvixError as exc:
         log.error("%s", exc)
         return EXIT_USAGE if isinstance(exc, InvalidArgument) else EXIT_ERROR

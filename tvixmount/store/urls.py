@@ -11,7 +11,10 @@ with a message naming the URL, not later inside a worker:
     it when missing (writers), otherwise a missing store is an error.
     The path is percent-decoded, so any byte can be named.
 ``grpc+http://host[:port]``, ``grpc+https://host[:port]``
-    a tvix-store daemon; the path must be empty (no trailing ``/``).
+    a tvix-store daemon; the path must be empty (no trailing ``/``). With
+    no port, 80 for grpc+http and 443 for grpc+https, as tvix-store's client
+    takes them (an http URL without a port); gRPC's own resolver would
+    pick 443 for both.
 ``grpc+unix:///abs/socket``
     a daemon on a unix socket; the host must be empty.
     The grpc URLs accept ``?wait-connect=0|1``.
@@ -33,6 +36,7 @@ GRPC_SCHEMES = ("grpc+http", "grpc+https", "grpc+unix")
 _SUPPORTED = "memory://, local:///abs/path, grpc+http://host:port, grpc+https://host:port, grpc+unix:///socket"
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
+_DEFAULT_PORT = {"grpc+http": 80, "grpc+https": 443}
 _ALLOWED_QUERY = {
     LOCAL: ("create",),
     "grpc+http": ("wait-connect",),
@@ -49,7 +53,7 @@ class StoreUrl:
 
     text: str  # the URL exactly as given
     scheme: str
-    host: str  # host[:port] for grpc+http(s); empty otherwise
+    host: str  # host:port for grpc+http(s) (the scheme's port filled in); empty otherwise
     path: str  # percent-decoded filesystem path for local:// and grpc+unix://; else ""
     query: tuple[tuple[str, str], ...] = ()
 
@@ -85,7 +89,7 @@ def parse(url: str) -> StoreUrl:
         raise InvalidArgument(f"store URL {url!r} must not have a fragment ('#...')")
     query = _parse_query(url, scheme, parts.query)
     if scheme in ("grpc+http", "grpc+https"):
-        return StoreUrl(url, scheme, _check_host(url, parts), "", query)
+        return StoreUrl(url, scheme, _check_host(url, scheme, parts), "", query)
     # local:// and grpc+unix:// name a filesystem path and no host.
     if parts.netloc:
         raise InvalidArgument(
@@ -102,15 +106,18 @@ def parse(url: str) -> StoreUrl:
     return StoreUrl(url, scheme, "", path, query)
 
 
-def _check_host(url: str, parts: urllib.parse.SplitResult) -> str:
+def _check_host(url: str, scheme: str, parts: urllib.parse.SplitResult) -> str:
+    """``host:port`` to dial: the URL's, with the scheme's port when it names none."""
     if not parts.netloc or parts.hostname is None:
         raise InvalidArgument(f"store URL {url!r}: grpc needs a host, like grpc+http://[::1]:8000")
     if parts.path:
         raise InvalidArgument(f"store URL {url!r}: path must be empty (no trailing '/' after host:port)")
     try:
-        parts.port  # noqa: B018 - property that validates the port
+        port = parts.port
     except ValueError as exc:
         raise InvalidArgument(f"store URL {url!r}: bad port ({exc})") from None
+    if port is None:
+        return f"{parts.netloc.removesuffix(':')}:{_DEFAULT_PORT[scheme]}"
     return parts.netloc
 
 

@@ -7,6 +7,6 @@ collects them.
 
 from __future__ import annotations
 
-from . import browse, copy, daemon, import_, verify
+from . import browse, copy, daemon, import_, sync, verify
 
-MODULES = (import_, browse, verify, copy, daemon)
+MODULES = (import_, copy, browse, verify, sync, daemon)

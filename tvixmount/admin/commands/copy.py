@@ -1,78 +1,83 @@
-"""``tvixstore copy``: store paths and their closure into another store (admin/copy.py).
+"""``tvixstore copy [NIX_ATTRS_JSON_FILE]``: a Nix closure from /nix/store, as tvix-store copies (nixcopy.py).
 
-The target store is named by its own flags (storeflags.COPY_TARGET:
-``--to-store-dir`` and ``--to-*-service-addr``), read by the same rule as
-the source's.
+The file is the ``.attrs.json`` a derivation with ``__structuredAttrs`` and
+``exportReferencesGraph.closure`` gets in its build (``$NIX_ATTRS_JSON_FILE``,
+which is also read when no file is given), or a copy of it; ``-`` reads
+stdin. The store flags are the usual ones. (Copying between two tvix stores
+is ``tvixstore sync``.)
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
+from ... import flags
 from ...errors import InvalidArgument
-from ...store import describe, open_store
-from ...storeflags import COPY_TARGET
 from .. import progress
-from ..command import EXIT_OK, Subcommands, bars, open_from, stdout
+from ..command import EXIT_DATA, EXIT_OK, FileError, Subcommands, bars, log, open_from, report, stdout
+
+ENV = "NIX_ATTRS_JSON_FILE"
 
 
 def add_parsers(commands: Subcommands) -> None:
     p = commands.add(
-        "copy", "copy store paths and their closure into another store",
-        "Copy each STOREPATH, and every path it references (recursively, as its PathInfo\n"
-        "lists them), from this store (the usual store flags) into a target store. For\n"
-        "each path: blobs first (those the target has are skipped), then directories,\n"
-        "then the PathInfo, so the target never shows a path it cannot read; paths the\n"
-        "target already holds are skipped whole. The target is --to-store-dir (an\n"
-        "embedded store, created if needed) and/or the three --to-*-service-addr URLs;\n"
-        "a service not given there is the --to-store-dir one. Prints a summary line.",
+        "copy", "copy a Nix closure from /nix/store into the store (tvix-store copy)",
+        "Copy into the store every store path of the closure a Nix build describes: the\n"
+        "`closure` list that `exportReferencesGraph.closure = [ ... ]` with\n"
+        "`__structuredAttrs = true` puts in the build's .attrs.json ($NIX_ATTRS_JSON_FILE).\n"
+        "Each path is read from /nix/store and keeps its store path, references, NAR hash\n"
+        "and size (and deriver, signatures, ca when given); its NAR hash and size must be\n"
+        "the file's, or the path is an error and is not stored, nor is anything that\n"
+        "refers to it. Paths go in references first; paths the store holds are skipped.\n"
+        "Prints a summary line; exits 1 if any path failed.",
         run,
-        "examples:\n  tvixstore copy <hash>-hello --to-store-dir /srv/store\n"
-        "  tvixstore copy --all --to-blob-service-addr grpc+unix:///run/tvix.sock \\\n"
-        "      --to-directory-service-addr grpc+unix:///run/tvix.sock \\\n"
-        "      --to-path-info-service-addr grpc+unix:///run/tvix.sock",
+        "examples:\n"
+        "  tvixstore copy ./closure.json\n"
+        "  NIX_ATTRS_JSON_FILE=$PWD/.attrs.json tvixstore copy   # inside a build\n"
+        "  tvixstore copy closure.json --blob-service-addr grpc+http://[::1]:8000 \\\n"
+        "      --directory-service-addr grpc+http://[::1]:8000 \\\n"
+        "      --path-info-service-addr grpc+http://[::1]:8000\n\n"
+        "a derivation that writes such a file:\n"
+        "  derivation { name = \"closure\"; builder = \"/bin/sh\"; system = builtins.currentSystem;\n"
+        "    __structuredAttrs = true; exportReferencesGraph.closure = [ pkg ];\n"
+        "    args = [ \"-c\" \"...copy $NIX_ATTRS_JSON_FILE...\" ]; }",
     )
-    p.add_argument("paths", nargs="*", metavar="STOREPATH", help="<hash>-<name> or /nix/store/<hash>-<name>")
-    p.add_argument("--all", action="store_true", help="copy every store path the source holds")
-    COPY_TARGET.add_to(p)
-    p.add_argument("-j", "--jobs", type=int, default=None, metavar="N",
-                   help="blobs copied at once (default 8)")
+    flags.add(p, "nix_attrs_json_file", nargs="?", metavar="NIX_ATTRS_JSON_FILE", env=ENV,
+              help="the JSON file with the closure ('-': stdin)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..browse import parse_target
-    from ..copy import DEFAULT_JOBS, Closure, Copier
+    from ..ingest import Ingester
+    from ..nixcopy import ClosureCopier, read_closure
 
-    if args.all and args.paths:
-        raise InvalidArgument("copy: give STOREPATHs or --all, not both")
-    if not args.all and not args.paths:
-        raise InvalidArgument("copy: nothing to copy (give STOREPATHs, or --all)")
-    roots = []
-    for arg in args.paths:
-        parsed = parse_target(arg)
-        if parsed.components:
-            raise InvalidArgument(f"copy: {arg}: give the store path itself, without a sub path")
-        roots.append(parsed.store_path)
-    jobs = DEFAULT_JOBS if args.jobs is None else args.jobs
-    if jobs < 1:
-        raise InvalidArgument(f"copy: --jobs {jobs} must be at least 1")
-    target_urls = COPY_TARGET.urls(args, create=True)
-    want_bars = bars(args)
+    name = args.nix_attrs_json_file
+    if not name:
+        raise InvalidArgument(f"copy: no closure file: give NIX_ATTRS_JSON_FILE (an argument or the {ENV} "
+                              "variable)")
+    entries = read_closure(_read(name), "stdin" if name == "-" else name)
     started = time.monotonic()
-    with open_from(args) as source:
-        closure = Closure(source)
-        infos = closure.resolve(closure.every_path() if args.all else roots)
-        with open_store(target_urls) as target:
-            copier = Copier(source, target, jobs)
-            copier.check_target(describe(target_urls))
-            copier.paths_bar = progress.bar(want_bars, "paths", unit="path", total=len(infos), position=0)
-            copier.bytes_bar = progress.bar(want_bars, "data", unit="B", unit_scale=True, position=1)
-            try:
-                stats = copier.copy(infos)
-            finally:
-                copier.bytes_bar.close()
-                copier.paths_bar.close()
+    with open_from(args, writable=True) as store:
+        bar = progress.bar(bars(args), "paths", unit="path", total=len(entries))
+        try:
+            result = ClosureCopier(Ingester(store), bar).copy(entries)
+        finally:
+            bar.close()
+    for path, reason in result.failed:
+        report(Exception(reason), args, prefix=f"copy {path}: ")
+    summary = result.summary(time.monotonic() - started)
+    log.info("%s", summary)
     if not args.quiet:
-        stdout().write(stats.summary(time.monotonic() - started).encode() + b"\n")
-    return EXIT_OK
+        stdout().write(summary.encode() + b"\n")
+    return EXIT_DATA if result.failed else EXIT_OK
+
+
+def _read(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        with open(name, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise FileError(name, exc) from None

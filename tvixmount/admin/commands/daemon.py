@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ...storeflags import DAEMON
 from ..command import Subcommands
 
 
@@ -19,7 +20,8 @@ def add_parsers(commands: Subcommands) -> None:
                      "Logs at info level by default.",
                      run,
                      "example:\n  tvixstore daemon -l 127.0.0.1:8000\n"
-                     "  tvixmount /mnt --blob-service-addr grpc+http://127.0.0.1:8000 ...")
+                     "  tvixmount /mnt --blob-service-addr grpc+http://127.0.0.1:8000 ...",
+                     store=DAEMON)
     if commands.mentioned("daemon"):
         from ...server.daemon import add_arguments
 
@@ -29,4 +31,4 @@ def add_parsers(commands: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     from ...server import daemon
 
-    return daemon.run(args, daemon.store_urls_from(args))
+    return daemon.run(args, daemon.store_from(args))

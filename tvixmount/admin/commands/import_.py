@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import sys
 import time
 
-from ...castore import nixbase32, storepath
+from ...castore import storepath
 from ...castore.directory import SizeConvention
 from ...errors import InvalidArgument, TvixError
 from .. import progress
@@ -122,22 +120,9 @@ def _import_nar(args: argparse.Namespace) -> int:
 
 def parse_sha256(text: str) -> bytes:
     """hex (64), nixbase32 (52), ``sha256:`` + either, or SRI ``sha256-<base64>``."""
-    value = text.strip()
-    if value.startswith("sha256-"):
-        try:
-            digest = base64.b64decode(value[7:], validate=True)
-        except binascii.Error:
-            digest = b""
-    else:
-        value = value.removeprefix("sha256:")
-        digest = b""
-        try:
-            if len(value) == 64:
-                digest = bytes.fromhex(value)
-            elif len(value) == 52:
-                digest = nixbase32.decode(value)
-        except (ValueError, TvixError):
-            digest = b""
-    if len(digest) != 32:
+    from ..nixcopy import sha256_from_text
+
+    digest = sha256_from_text(text)
+    if digest is None:
         raise InvalidArgument(f"--expected-sha256 {text!r}: not a sha256 in hex, nixbase32 or SRI form")
     return digest

@@ -1,4 +1,7 @@
-"""``tvixstore copy``: store paths and their closure from one store into another.
+"""``tvixstore sync``: store paths and their closure from one store into another.
+
+(tvix-store's ``copy`` is something else, a Nix closure from /nix/store:
+admin/nixcopy.py.)
 
 The target must never show a store path whose tree it does not hold, so
 everything goes in dependency order:
