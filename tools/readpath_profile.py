@@ -3,7 +3,7 @@
 
     tools/readpath_profile.py [--workdir DIR] [--target tvix-embedded|passthrough|squashfuse]
                               [--workers N] [--load direct|seq] [--readers 8] [--duration 10]
-                              [--py-spy DIR] [--micro]
+                              [--py-spy DIR] [--perf DIR] [--micro]
 
 Why: the issue "The read path at the Python floor" compares tvixmount's
 daemon time per read with a bare llfuse passthrough's. A profiler's
@@ -36,6 +36,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
+from benchlib import perf_summary  # noqa: E402
 from benchlib import workloads as wl  # noqa: E402
 from benchlib.dataset import DatasetSpec, prepare  # noqa: E402
 from benchlib.procs import Registry  # noqa: E402
@@ -102,7 +103,7 @@ def classify_threads(pid: int, samples: int = 20) -> dict[int, str]:
 
 
 def account(target: Target, run: Callable[[], dict[str, float]], reads_of: Callable[[dict[str, float]], int],
-            spy_dir: Path | None) -> dict[str, object]:
+            spy_dir: Path | None, perf_dir: Path | None = None) -> dict[str, object]:
     """Run the load once and charge every thread's CPU, run-queue wait and switches to a read."""
     dispatcher = target.mount_pid()
     assert dispatcher is not None
@@ -121,6 +122,13 @@ def account(target: Target, run: Callable[[], dict[str, float]], reads_of: Calla
             cmd = [str(spy), "record", "--pid", str(pid), "--native", "--idle", "--rate", "400",
                    "--format", "raw", "-o", str(out)]
             spies.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if perf_dir is not None:
+        perf_dir.mkdir(parents=True, exist_ok=True)
+        data = perf_dir / f"{target.name}.perf.data"
+        spies.append(subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", str(data), "-p",
+                                       ",".join(str(p) for p in pids)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    if spies:
         time.sleep(1.5)  # attached before the load starts
     before = {pid: thread_counters(pid) for pid in pids}
     result = run()
@@ -130,11 +138,13 @@ def account(target: Target, run: Callable[[], dict[str, float]], reads_of: Calla
         spy_proc.wait(60)
     reads = reads_of(result)
     groups: dict[str, list[int]] = {}
+    group_of: dict[int, str] = {}
     for pid in pids:
         for tid, end in after[pid].items():
             start = before[pid].get(tid, (0, 0, 0, 0))
             group = f"{names.get(pid, pid)}: {kinds.get(tid, 'new')} threads" if pid == dispatcher \
                 else str(names.get(pid, pid))
+            group_of[tid] = group
             total = groups.setdefault(group, [0, 0, 0, 0, 0])
             for i in range(4):
                 total[i] += end[i] - start[i]
@@ -142,8 +152,12 @@ def account(target: Target, run: Callable[[], dict[str, float]], reads_of: Calla
     per_read = {g: {"cpu_us": v[0] / reads / 1e3, "runq_wait_us": v[1] / reads / 1e3,
                     "voluntary_switches": v[2] / reads, "involuntary_switches": v[3] / reads, "threads": v[4]}
                 for g, v in sorted(groups.items()) if v[0] or v[2]}
-    return {"result": result, "reads": reads, "per_read": per_read,
-            "cpu_us_total": sum(g["cpu_us"] for g in per_read.values())}
+    report: dict[str, object] = {"result": result, "reads": reads, "per_read": per_read,
+                                 "cpu_us_total": sum(g["cpu_us"] for g in per_read.values())}
+    if perf_dir is not None:
+        report["perf_us_per_read"] = perf_summary.summarise(
+            perf_dir / f"{target.name}.perf.data", group_of, {g: v["cpu_us"] for g, v in per_read.items()})
+    return report
 
 
 def micro(store: Path, blob: str, digest: bytes, size: int) -> dict[str, float]:
@@ -262,6 +276,8 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--py-spy", type=Path, metavar="DIR",
                    help="record py-spy profiles into DIR during the load")
+    p.add_argument("--perf", type=Path, metavar="DIR",
+                   help="record perf (-g, 999 Hz) of every process of the mount into DIR/TARGET.perf.data")
     p.add_argument("--micro", action="store_true", help="also time the pieces of a read in isolation")
     p.add_argument("--json", type=Path, help="write the results here too")
     args = p.parse_args()
@@ -284,10 +300,10 @@ def main() -> int:
             def run() -> dict[str, float]:
                 return wl.direct_random_read(target.big_files(), args.readers, args.duration)
 
-            report.update(account(target, run, lambda r: int(r["reads"]), args.py_spy))
+            report.update(account(target, run, lambda r: int(r["reads"]), args.py_spy, args.perf))
         else:
             report.update(account(target, lambda: wl.seq_read(target.big_files()),
-                                  lambda r: int(r["bytes"]) // FUSE_READ, args.py_spy))
+                                  lambda r: int(r["bytes"]) // FUSE_READ, args.py_spy, args.perf))
     finally:
         target.close()
         registry.close_all()
