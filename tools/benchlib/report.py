@@ -212,9 +212,11 @@ def markdown(report: dict[str, Any]) -> str:
                    *(_cell(summary, spreads, t, m.workload, mode, m.key, m.unit) for t in targets),
                    *(_ratio(ratio(vals[a], vals[b])) for _, a, b in ratios)]
             lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "Targets from the issues (n/a: not measured in this run):", "",
+    lines += ["", "Targets from the issues (those this run measured):", "",
               "| issue | target | ratio | threshold | met |", "|---|---|---:|---:|---|"]
     for g in report["goals"]:
+        if g["met"] is None:
+            continue
         lines.append(f"| {g['issue']} | {g['goal']} | {_ratio(g['ratio'])} | {'≥' if g['at_least'] else '≤'} "
                      f"{g['threshold']:g}x | {_met(g['met'])} |")
     grpc = report["grpc"]
@@ -276,7 +278,8 @@ def plot(report: dict[str, Any], out: Path) -> str | None:
     left.set_xticks(sorted({int(n) for t in sweeps.get("readers", {}).values() for n in t}))
     left.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     left.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
-    left.legend(fontsize=7, ncol=2)
+    if left.get_lines():
+        left.legend(fontsize=7, ncol=2)
     left.grid(True, which="both", alpha=0.3)
     for name, row in sweeps.get("workers", {}).items():
         xs = sorted(int(n) for n in row)
@@ -286,7 +289,8 @@ def plot(report: dict[str, Any], out: Path) -> str | None:
     right.set_xticks(sorted({int(n) for t in sweeps.get("workers", {}).values() for n in t}) or [1])
     right.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
     right.get_xaxis().set_minor_formatter(matplotlib.ticker.NullFormatter())
-    right.legend(fontsize=8)
+    if right.get_lines():
+        right.legend(fontsize=8)
     right.grid(True, which="both", alpha=0.3)
     machine = report["meta"]["machine"]
     fig.suptitle(f"tvixmount benchmark ({machine['nproc']} CPUs, {machine['memory_gib']:.0f} GiB, "
