@@ -185,3 +185,36 @@ def test_direct_reads_by_processes_report_every_read(tmp_path):
     with pytest.raises(wl.WorkloadError, match="No such file"):
         wl.direct_random_read([(tmp_path / "gone", 1 << 20)], 2, 0.1)
     assert children(os.getpid()) == []
+
+
+def test_readpath_tools_account_for_every_read(tmp_path):
+    """The profiling tools of issue 11 on a tiny data set: every read traced, every thread charged."""
+    if FUSE_MISSING:
+        pytest.skip(FUSE_MISSING)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from benchlib.dataset import DatasetSpec, prepare
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    prepare(tmp_path, DatasetSpec(20, 2, 1 << 20, 1), lambda text: None)
+    tools = ROOT / "tools"
+    trace = subprocess.run([sys.executable, str(tools / "readpath_trace.py"), "--workdir", str(tmp_path),
+                            "--duration", "0.5", "--json", str(tmp_path / "trace.json")],
+                           capture_output=True, text=True, timeout=120)
+    assert trace.returncode == 0, trace.stderr[-3000:]
+    report = json.loads((tmp_path / "trace.json").read_text())
+    stages = report["stages_us"]
+    assert report["result"]["reads"] > 0 and report["exit"] == 0
+    # a few reads of each worker are still buffered when it exits; the rest are all there
+    assert stages["handler total"]["reads"] >= report["result"]["reads"] - 2 * 32
+    assert 0 < stages["  of which blake3"]["median"] <= stages["worker: blob_read handler"]["median"]
+    profile = subprocess.run([sys.executable, str(tools / "readpath_profile.py"), "--workdir", str(tmp_path),
+                              "--target", "tvix-embedded", "--readers", "2", "--duration", "0.5",
+                              "--json", str(tmp_path / "profile.json")],
+                             capture_output=True, text=True, timeout=120)
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    per_read = json.loads((tmp_path / "profile.json").read_text())["per_read"]
+    groups = {"dispatcher: fuse threads", "dispatcher: collector threads", "worker 0", "worker 1"}
+    assert groups <= set(per_read), per_read
+    assert all(group["cpu_us"] >= 0 for group in per_read.values())
+    assert mounts_under(tmp_path) == []
