@@ -45,6 +45,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,8 @@ from benchlib.runenv import CacheWatch, PySpy, git_commit, machine  # noqa: E402
 from benchlib.targets import Native, Passthrough, Squashfuse, Target, Tvixmount  # noqa: E402
 
 WALKS = ("seq_read", "find", "stat_walk", "tar")
+# one workload on one target: (cold, warm), or (the one sample, None) for a single-mode workload
+Measure = Callable[[Target], tuple[dict[str, float], dict[str, float] | None]]
 STATS_XATTR = "user.tvixmount.stats"
 
 
@@ -144,8 +147,10 @@ class Bench:
         shift = rep_index % len(targets)
         order = targets[shift:] + targets[:shift]  # nobody always goes first (or last)
         for name in [w for w in a.workload_names if w in WALKS]:
-            self.each_target(order, name, rep_index, lambda t, n=name: self.cold_warm(
-                t, n, lambda root: self.workload(t, n, root)))
+            def walk(t: Target, n: str = name) -> tuple[dict[str, float], dict[str, float]]:
+                return self.cold_warm(t, n, lambda root: self.workload(t, n, root))
+
+            self.each_target(order, name, rep_index, walk)
         if "seq_cached" in a.workload_names:
             self.each_target([t for t in order if t.has_backing], "seq_cached", rep_index,
                              lambda t: (self.cached_seq(t), None))
@@ -158,7 +163,7 @@ class Bench:
 
             for target in order:
                 result = self.each_target([target], label, rep_index, threads, record=False)
-                if result is None:
+                if result is None or result[1] is None:
                     continue
                 cold, warm = result
                 sweep = self.readers_sweep.setdefault(target.name, {}).setdefault(str(readers), {})
@@ -172,7 +177,8 @@ class Bench:
                 t, "direct_read", lambda root: wl.direct_random_read(
                     t.big_files(), MAIN_READERS, a.direct_duration, seed=rep_index + 1)))
 
-    def each_target(self, targets: list[Target], label: str, rep_index: int, fn, record: bool = True):
+    def each_target(self, targets: list[Target], label: str, rep_index: int, fn: Measure,
+                    record: bool = True) -> tuple[dict[str, float], dict[str, float] | None] | None:
         """``fn(target)`` -> (cold, warm or None) on each target; errors are noted, mounts stopped.
 
         Returns the last result (for callers measuring one target at a time).

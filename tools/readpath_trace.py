@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from benchlib.dataset import BIG_PACKAGE, DatasetSpec, prepare  # noqa: E402
-from benchlib.procs import is_mounted  # noqa: E402
+from benchlib.procs import Registry, is_mounted  # noqa: E402
 from benchlib.targets import Tvixmount  # noqa: E402
 
 T = time.perf_counter_ns  # CLOCK_MONOTONIC: the same clock in every process of the machine
@@ -108,7 +108,7 @@ class Trace:
         def traced_read(ops: Any, fh: int, off: int, size: int) -> bytes:
             trace.local.rec = rec = [T(), 0, 0, 0, 0]
             try:
-                return read(ops, fh, off, size)  # type: ignore[no-any-return]
+                return read(ops, fh, off, size)
             finally:
                 rec[3] = T()
                 trace.local.rec = None
@@ -131,7 +131,7 @@ class Trace:
                 rec = getattr(trace.local, "rec", None)
                 if rec is not None:
                     rec[4] = c.id
-            return ok  # type: ignore[no-any-return]
+            return ok
 
         def traced_take(worker: Any, messages: list[Any]) -> tuple[int, int]:
             start = T()
@@ -175,14 +175,14 @@ class Trace:
             trace.local.woke = T()
             return events
 
-        poolstate.PoolState.route = traced_route  # type: ignore[method-assign]
-        poolstate.os = TimedOs()  # type: ignore[assignment]
-        selectors.EpollSelector.select = traced_select  # type: ignore[method-assign]
-        fuse_ops.TvixOperations.read = traced_read  # type: ignore[method-assign]
-        pool_mod.WorkerPool.call = traced_call  # type: ignore[method-assign]
-        poolstate.PoolState._send = traced_send  # type: ignore[method-assign]
+        poolstate.PoolState.route = traced_route
+        poolstate.os = TimedOs()
+        selectors.EpollSelector.select = traced_select
+        fuse_ops.TvixOperations.read = traced_read
+        pool_mod.WorkerPool.call = traced_call
+        poolstate.PoolState._send = traced_send
         collector._take_ring_bytes = traced_take
-        poolstate.PoolState.complete = traced_complete  # type: ignore[method-assign]
+        poolstate.PoolState.complete = traced_complete
 
         # the worker's side: its request loop, the segment read and blake3
         handle, segment = loop.handle, embedded_blobs.EmbeddedBlobReader._segment
@@ -203,7 +203,7 @@ class Trace:
         def traced_segment(reader: Any, index: int) -> bytes:
             start = T()
             try:
-                return segment(reader, index)  # type: ignore[no-any-return]
+                return segment(reader, index)
             finally:
                 spent[0] += T() - start
 
@@ -233,13 +233,13 @@ class Trace:
                     with open(trace.out_dir / f"worker-{os.getpid()}.bin", "ab") as f:
                         f.write(b"".join(buffered))
                     buffered.clear()
-            return ok  # type: ignore[no-any-return]
+            return ok
 
         loop.handle = traced_handle
         loop._try_write = traced_try_write
         loop.HANDLERS["blob_read"] = traced_blob_read
-        embedded_blobs.EmbeddedBlobReader._segment = traced_segment  # type: ignore[method-assign]
-        embedded_blobs.blake3 = TimedBlake3()  # type: ignore[assignment]
+        embedded_blobs.EmbeddedBlobReader._segment = traced_segment
+        embedded_blobs.blake3 = TimedBlake3()
 
     def workers(self) -> dict[int, tuple[int, ...]]:
         out = {}
@@ -343,7 +343,7 @@ def main() -> int:
         old.unlink()
     mountpoint = args.workdir / "mnt-trace"
     mountpoint.mkdir(exist_ok=True)
-    target = Tvixmount(ds, args.workdir, None, args.workers)  # type: ignore[arg-type]  # for its paths only
+    target = Tvixmount(ds, args.workdir, Registry(), args.workers)  # for its paths: never started
     target.mountpoint = mountpoint
     target.warm_backing()
     if args.target == "passthrough":
