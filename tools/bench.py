@@ -6,22 +6,32 @@
 
 Why this exists: the issue "Performance for build farms" sets targets as
 ratios against squashfuse (the usual way to ship a read-only closure) and
-against a plain gRPC client; ratios only mean something when every side
-reads the same bytes on the same machine in the same state. So this
-command builds one deterministic data set (tools/gen_tree.py), imports it
-into an embedded store, packs the same tree with mksquashfs, and measures:
+against a plain gRPC client, and the issue "The read path at the Python
+floor" against a bare llfuse passthrough (what any Python FUSE filesystem
+pays); ratios only mean something when every side reads the same bytes on
+the same machine in the same state. So this command builds one
+deterministic data set (tools/gen_tree.py), imports it into an embedded
+store, packs the same tree with mksquashfs, and measures:
 
-  targets    native disk, squashfuse, tvixmount on the embedded store,
-             tvixmount over gRPC (daemon on loopback)
-  workloads  sequential read of the big files (MB/s), find, stat walk,
-             tar cf - | wc -c over the closure (s), random 128 KiB reads by
-             8 readers (MB/s, p50/p99 latency)
+  targets    native disk, squashfuse, tools/passthrough.py on the tree,
+             tvixmount on the embedded store, tvixmount over gRPC (daemon
+             on loopback)
+  workloads  sequential read of the big files (MB/s), the same on a fresh
+             mount whose backing files are already in the page cache (the
+             pure FUSE path), find, stat walk, tar cf - | wc -c over the
+             closure (s), random 128 KiB reads by 8 reader threads and
+             O_DIRECT random 128 KiB reads by 8 reader processes for a
+             fixed time (MB/s, p50/p99 latency)
   states     cold (sync, drop_caches, a fresh mount and daemon) and warm
              (the same workload again on the same mount)
   extras     random reads vs readers (plot), vs --workers on the embedded
              store and over gRPC with 20 ms of added latency per call, and
              a plain gRPC client streaming the same blobs
 
+Targets are interleaved: each workload runs on every target before the
+next workload starts (the first target rotating from one repeat to the
+next), because this kind of machine throttles long runs of reads and a
+target measured last would pay for everyone before it.
 Medians of --repeat runs go to a table (stdout and --markdown), --json and
 a PNG plot. Every mount and daemon is stopped at the end, also on errors
 and Ctrl-C. Needs root (FUSE mounts, drop_caches).
@@ -32,12 +42,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,76 +56,15 @@ from benchlib import report as rep  # noqa: E402
 from benchlib import workloads as wl  # noqa: E402
 from benchlib.dataset import Dataset, DatasetSpec, prepare  # noqa: E402
 from benchlib.grpcplain import stream_blobs  # noqa: E402
+from benchlib.options import MAIN_READERS, parse_args  # noqa: E402
 from benchlib.procs import GrpcDaemon, Registry, drop_caches  # noqa: E402
-from benchlib.targets import Native, Squashfuse, Target, Tvixmount  # noqa: E402
+from benchlib.runenv import CacheWatch, PySpy, git_commit, machine  # noqa: E402
+from benchlib.targets import Native, Passthrough, Squashfuse, Target, Tvixmount  # noqa: E402
 
-from tvixmount.units import parse_size, size_argument  # noqa: E402
-
-FULL = {"files": 40000, "big": 8, "big_size": "128M", "repeat": 3, "readers": "1,2,4,8,16",
-        "workers": "1,2,4,8", "random_reads": 2048, "latency_duration": 8.0}
-QUICK = {"files": 500, "big": 2, "big_size": "4M", "repeat": 1, "readers": "8", "workers": "1,8",
-         "random_reads": 64, "latency_duration": 1.0}
-MAIN_READERS = 8
-DEFAULT_WORKDIR = Path("/var/tmp/tvixmount-bench")
-ALL_WORKLOADS = ("seq_read", "find", "stat_walk", "tar", "random_read", "sweeps")
+WALKS = ("seq_read", "find", "stat_walk", "tar")
+# one workload on one target: (cold, warm), or (the one sample, None) for a single-mode workload
+Measure = Callable[[Target], tuple[dict[str, float], dict[str, float] | None]]
 STATS_XATTR = "user.tvixmount.stats"
-
-
-def parse_list(text: str) -> list[int]:
-    try:
-        values = sorted({int(x) for x in text.split(",") if x.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers like 1,2,4,8")
-    return values
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tools/bench", description=__doc__.split("\n\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example: tools/bench --quick --workdir /tmp/bench")
-    p.add_argument("--workdir", type=Path, default=None,
-                   help="data set, store, image, mounts, logs and default outputs (reused while the "
-                        f"data set parameters match; default {DEFAULT_WORKDIR}, with --quick "
-                        f"{DEFAULT_WORKDIR}-quick)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"smoke run: {QUICK['files']} files + {QUICK['big']} x {QUICK['big_size']}, "
-                        "1 repeat, short sweeps (well under a minute)")
-    p.add_argument("--repeat", type=int,
-                   help=f"runs per measurement, medians reported (default {FULL['repeat']})")
-    p.add_argument("--files", type=int, help=f"closure files (default {FULL['files']})")
-    p.add_argument("--big", type=int, help=f"big files (default {FULL['big']})")
-    p.add_argument("--big-size", type=size_argument,
-                   help=f"size of each big file (default {FULL['big_size']})")
-    p.add_argument("--seed", type=int, default=1, help="data set seed (default 1)")
-    p.add_argument("--workers", type=parse_list, default=None, metavar="LIST",
-                   help=f"--workers values for the workers sweeps (default {FULL['workers']}; "
-                        "1 and 8 are always run)")
-    p.add_argument("--mount-workers", type=int, default=os.cpu_count() or 2, metavar="N",
-                   help="tvixmount --workers for the main comparison (default: CPU count, as tvixmount)")
-    p.add_argument("--readers", type=parse_list, default=None, metavar="LIST",
-                   help=f"parallel readers for the readers sweep (default {FULL['readers']}; 8 always run)")
-    p.add_argument("--random-reads", type=int,
-                   help=f"128 KiB reads per random run (default {FULL['random_reads']})")
-    p.add_argument("--latency-duration", type=float, metavar="SECONDS",
-                   help=f"length of each +20 ms latency run (default {FULL['latency_duration']:g})")
-    p.add_argument("--added-latency", type=float, default=0.02, metavar="SECONDS",
-                   help="daemon --added-latency for the latency sweep (default 0.02)")
-    p.add_argument("--targets", default="native,squashfuse,tvix-embedded,tvix-grpc",
-                   help="comma-separated subset of targets to measure (default all)")
-    p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
-                   help="comma-separated subset of workloads, 'sweeps' being the --workers sweeps and the "
-                        "plain gRPC client (default all; for profiling one of them)")
-    p.add_argument("--profile", type=Path, metavar="DIR",
-                   help="record py-spy profiles (collapsed stacks) of tvixmount and its workers for "
-                        "every cold tvix workload into DIR")
-    p.add_argument("--profile-gil", action="store_true",
-                   help="with --profile: sample only threads holding the GIL (CPU time, not waits)")
-    p.add_argument("--json", type=Path, help="JSON results (default WORKDIR/bench.json)")
-    p.add_argument("--markdown", type=Path, help="Markdown table (default WORKDIR/bench.md)")
-    p.add_argument("--plot", type=Path, help="PNG plot (default WORKDIR/bench.png)")
-    return p
 
 
 class Bench:
@@ -190,42 +137,83 @@ class Bench:
         pid = target.mount_pid()
         if not self.args.profile or pid is None or not isinstance(target, Tvixmount):
             return contextlib.nullcontext()
-        return _PySpy(pid, self.args.profile / f"{target.name}-{label}.txt", self.say, self.args.profile_gil)
+        return PySpy(pid, self.args.profile / f"{target.name}-{label}.txt", self.say, self.args.profile_gil)
 
     # -- phases ----------------------------------------------------------------------------
 
     def main_targets(self, targets: list[Target], rep_index: int) -> None:
+        """One repeat of every main workload, each on every target in turn (interleaved)."""
         a = self.args
+        shift = rep_index % len(targets)
+        order = targets[shift:] + targets[:shift]  # nobody always goes first (or last)
+        for name in [w for w in a.workload_names if w in WALKS]:
+            def walk(t: Target, n: str = name) -> tuple[dict[str, float], dict[str, float]]:
+                return self.cold_warm(t, n, lambda root: self.workload(t, n, root))
+
+            self.each_target(order, name, rep_index, walk)
+        if "seq_cached" in a.workload_names:
+            self.each_target([t for t in order if t.has_backing], "seq_cached", rep_index,
+                             lambda t: (self.cached_seq(t), None))
+        for readers in a.readers if "random_read" in a.workload_names else []:
+            label = f"random_read-{readers}"
+
+            def threads(t: Target, n: int = readers) -> tuple[dict[str, float], dict[str, float]]:
+                return self.cold_warm(t, f"random_read-{n}", lambda root: wl.random_read(
+                    t.big_files(), n, reads=a.random_reads, seed=rep_index + 1))
+
+            for target in order:
+                result = self.each_target([target], label, rep_index, threads, record=False)
+                if result is None or result[1] is None:
+                    continue
+                cold, warm = result
+                sweep = self.readers_sweep.setdefault(target.name, {}).setdefault(str(readers), {})
+                sweep.setdefault("cold", []).append(cold["mb_s"])
+                sweep.setdefault("warm", []).append(warm["mb_s"])
+                if readers == MAIN_READERS:
+                    self.record(target.name, "random_read", "cold", cold)
+                    self.record(target.name, "random_read", "warm", warm)
+        if "direct_read" in a.workload_names:
+            self.each_target(order, "direct_read", rep_index, lambda t: self.cold_warm(
+                t, "direct_read", lambda root: wl.direct_random_read(
+                    t.big_files(), MAIN_READERS, a.direct_duration, seed=rep_index + 1)))
+
+    def each_target(self, targets: list[Target], label: str, rep_index: int, fn: Measure,
+                    record: bool = True) -> tuple[dict[str, float], dict[str, float] | None] | None:
+        """``fn(target)`` -> (cold, warm or None) on each target; errors are noted, mounts stopped.
+
+        Returns the last result (for callers measuring one target at a time).
+        """
+        result = None
         for target in targets:
             try:
-                for name in [w for w in ("seq_read", "find", "stat_walk", "tar") if w in a.workload_names]:
-                    cold, warm = self.cold_warm(target, name,
-                                                lambda root, n=name, t=target: self.workload(t, n, root))
-                    self.record(target.name, name, "cold", cold)
-                    self.record(target.name, name, "warm", warm)
-                    self.say(f"run {rep_index + 1}/{a.repeat} {target.name:<13} {name:<10} "
-                             f"cold {_show(cold)}   warm {_show(warm)}")
-                for readers in a.readers if "random_read" in a.workload_names else []:
-                    label = f"random_read-{readers}"
-
-                    def fn(root: Path, n: int = readers, t: Target = target) -> dict[str, float]:
-                        return wl.random_read(t.big_files(), n, reads=a.random_reads, seed=rep_index + 1)
-
-                    cold, warm = self.cold_warm(target, label, fn)
-                    sweep = self.readers_sweep.setdefault(target.name, {}).setdefault(str(readers), {})
-                    sweep.setdefault("cold", []).append(cold["mb_s"])
-                    sweep.setdefault("warm", []).append(warm["mb_s"])
-                    if readers == MAIN_READERS:
-                        self.record(target.name, "random_read", "cold", cold)
-                        self.record(target.name, "random_read", "warm", warm)
-                    self.say(f"run {rep_index + 1}/{a.repeat} {target.name:<13} random x{readers:<3}  "
-                             f"cold {_show(cold)}   warm {_show(warm)}")
+                result = cold, warm = fn(target)
+                mode = "cold" if warm is not None else "cached"
+                if record:
+                    self.record(target.name, label, mode, cold)
+                    if warm is not None:
+                        self.record(target.name, label, "warm", warm)
+                text = f"{mode} {_show(cold)}" + (f"   warm {_show(warm)}" if warm is not None else "")
+                self.say(f"run {rep_index + 1}/{self.args.repeat} {target.name:<13} {label:<15} {text}")
             except Exception as exc:
-                self.errors.append(f"{target.name}: {type(exc).__name__}: {exc}")
-                self.say(f"ERROR {target.name}: {exc}")
+                result = None
+                self.errors.append(f"{target.name} {label}: {type(exc).__name__}: {exc}")
+                self.say(f"ERROR {target.name} {label}: {exc}")
             finally:
                 target.close()
                 self.caches_dropped = self.caches_dropped and target.caches_dropped
+        return result
+
+    def cached_seq(self, target: Target) -> dict[str, float]:
+        """Sequential read on a fresh mount whose backing files are in the page cache: the FUSE path alone.
+
+        The backing files (image, blob files, source tree) are read once,
+        then the target is mounted afresh (a new mount starts with none of
+        its own pages) and read through: no disk, only the filesystem.
+        """
+        target.close()
+        target.warm_backing()
+        target.prepare(cold=False)
+        return wl.seq_read(target.big_files())
 
     def grpc_baseline(self, ds: Dataset, rep_index: int) -> None:
         daemon = None
@@ -301,6 +289,7 @@ class Bench:
         all_targets: list[Target] = [
             Native(ds),
             Squashfuse(ds, a.workdir, self.registry),
+            Passthrough(ds, a.workdir, self.registry),
             Tvixmount(ds, a.workdir, self.registry, a.mount_workers),
             Tvixmount(ds, a.workdir, self.registry, a.mount_workers, grpc=True),
         ]
@@ -336,6 +325,7 @@ class Bench:
         report: dict[str, Any] = {
             "meta": self.meta(ds, targets),
             "summary": summary,
+            "spread": rep.spread(self.samples),
             "samples": self.samples,
             "grpc": grpc,
             "sweeps": {"readers": readers, "workers": workers},
@@ -358,14 +348,14 @@ class Bench:
             "loadavg_start": list(self.load_start),
             "loadavg_end": list(os.getloadavg()),
             "machine": machine(),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "dataset": {"files": ds.spec.files, "big": ds.spec.big, "big_size": ds.spec.big_size,
                         "seed": ds.spec.seed, "entries": ds.entries, "bytes": ds.tree_bytes,
                         "packages": len(ds.packages), "squashfs_compression": ds.compression},
             "targets": {t.name: t.description for t in targets},
             "random_reads": a.random_reads, "readers": a.readers, "workers": a.workers,
             "mount_workers": a.mount_workers, "added_latency": a.added_latency,
-            "latency_duration": a.latency_duration,
+            "latency_duration": a.latency_duration, "direct_duration": a.direct_duration,
         }
 
     def write_outputs(self, report: dict[str, Any]) -> None:
@@ -381,102 +371,6 @@ class Bench:
             self.say(f"wrote {json_out} and {md_out}; no plot: {why}")
         else:
             self.say(f"wrote {json_out}, {md_out} and {png_out}")
-
-
-class _PySpy:
-    """py-spy record --subprocesses on the mount for the duration of one workload.
-
-    Collapsed stacks (``--format raw``): summarise them with
-    ``tools/benchlib/profile_summary.py``, or load them into a flame graph viewer.
-    """
-
-    def __init__(self, pid: int, out: Path, say, gil: bool = False) -> None:
-        self.pid, self.out, self.say, self.gil = pid, out, say, gil
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> _PySpy:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        spy = Path(sys.executable).with_name("py-spy")
-        cmd = [str(spy), "record", "--pid", str(self.pid), "--subprocesses", "--nonblocking", "--rate", "250",
-               "--format", "raw", "-o", str(self.out), *(["--gil"] if self.gil else [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1.0)  # let it attach before the workload starts
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-            self.say(f"profile: {self.out}")
-
-
-class CacheWatch:
-    """Notices, while a warm run goes on, that another process dropped the page cache.
-
-    ``echo 3 > drop_caches`` empties the cache at once; a warm run that
-    re-reads its data refills it, so comparing before and after misses
-    it. Sampling every 20 ms sees the cliff.
-    """
-
-    def __init__(self) -> None:
-        self.peak = self.low = page_cache_bytes()
-        self.dropped = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.02):
-            now = page_cache_bytes()
-            if self.peak > 64 << 20 and now < self.peak // 2:
-                self.dropped = True
-                self.low = min(self.low, now)
-            self.peak = max(self.peak, now)
-
-    def __enter__(self) -> CacheWatch:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-def page_cache_bytes() -> int:
-    """The kernel's page cache size ("Cached" in /proc/meminfo)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("Cached:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def machine() -> dict[str, Any]:
-    mem = 0
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                mem = int(line.split()[1]) * 1024
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"nproc": os.cpu_count(), "memory_gib": mem / (1 << 30), "kernel": platform.release(),
-            "python": platform.python_version(), "cpu": cpu}
-
-
-def _git_commit() -> str:
-    """HEAD, with "+dirty" when the mount's own code (tvixmount/, workers/) has uncommitted changes."""
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                         check=False)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "tvixmount", "workers"], cwd=HERE.parent,
-                           capture_output=True, text=True, check=False)
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _show(result: dict[str, float]) -> str:
@@ -496,37 +390,9 @@ def _jsonable(obj: object) -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    preset = QUICK if args.quick else FULL
-    for key in ("files", "big", "repeat", "random_reads", "latency_duration"):
-        if getattr(args, key) is None:
-            setattr(args, key, preset[key])
-    if args.big_size is None:
-        args.big_size = parse_size(preset["big_size"])
-    if args.readers is None:
-        args.readers = parse_list(preset["readers"])
-    if args.workers is None:
-        args.workers = parse_list(preset["workers"])
-    args.readers = sorted({*args.readers, MAIN_READERS})
-    args.workers = sorted({*args.workers, 1, 8})
-    args.target_names = [t.strip() for t in args.targets.split(",") if t.strip()]
-    args.workload_names = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    unknown = sorted(set(args.workload_names) - set(ALL_WORKLOADS))
-    if unknown:
-        print(f"tools/bench: unknown workloads {unknown}; choose from {', '.join(ALL_WORKLOADS)}",
-              file=sys.stderr)
+    args = parse_args(__doc__ or "", argv)
+    if args is None:
         return 2
-    if args.repeat < 1 or args.files < 1 or args.big < 1:
-        print("tools/bench: --repeat, --files and --big must be at least 1", file=sys.stderr)
-        return 2
-    if os.geteuid() != 0:
-        print("tools/bench: needs root (FUSE mounts with ro,nodev and drop_caches)", file=sys.stderr)
-        return 2
-    if args.workdir is None:
-        # apart, so a smoke run never replaces the full data set (minutes to rebuild)
-        args.workdir = Path(f"{DEFAULT_WORKDIR}-quick") if args.quick else DEFAULT_WORKDIR
-    args.workdir = args.workdir.resolve()
-
     registry = Registry()
 
     def on_term(signum: int, frame: object) -> None:

@@ -1,23 +1,31 @@
-"""The four ways the same tree is read: native disk, squashfuse, tvixmount (embedded, gRPC).
+"""The ways the same tree is read: native disk, squashfuse, a bare llfuse passthrough, tvixmount.
 
 ``prepare(cold=True)`` gives a cold start the way an operator's first
 build after a boot sees it: page cache, dentries and inodes dropped, and
 for a FUSE target a fresh mount (a FUSE filesystem keeps its own caches;
 for gRPC also a fresh daemon, which has caches of its own).
 ``prepare(cold=False)`` keeps whatever is there: the warm re-run.
+``warm_backing()`` reads what a FUSE target serves from (image, source
+files, blob files) into the page cache, so that a fresh mount after it
+measures the filesystem and not the disk.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from .dataset import BIG_PACKAGE, Dataset
 from .procs import FuseMount, GrpcDaemon, Registry, drop_caches, tvixmount_cmd
 
+PASSTHROUGH = Path(__file__).resolve().parent.parent / "passthrough.py"
+
 
 class Target:
     name = ""
     description = ""
+
+    has_backing = True  # a FUSE target reading other files: seq_cached measures it
 
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
@@ -43,6 +51,18 @@ class Target:
     def small_packages(self) -> list[str]:
         return [self.package_dir(p) for p in self.ds.small_packages]
 
+    def backing_files(self) -> list[Path]:
+        """The files this target's mount reads from when the big files are read."""
+        raise NotImplementedError
+
+    def warm_backing(self) -> None:
+        """Read every backing file once, so that it is in the page cache."""
+        buf = bytearray(1 << 20)
+        for path in self.backing_files():
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
     def _drop(self) -> None:
         self.caches_dropped = drop_caches() and self.caches_dropped
 
@@ -53,6 +73,7 @@ class Target:
 class Native(Target):
     name = "native"
     description = "the tree on the local disk"
+    has_backing = False
 
     def root(self) -> Path:
         return self.ds.tree
@@ -77,13 +98,20 @@ class Squashfuse(Target):
     def root(self) -> Path:
         return self.mountpoint
 
+    def backing_files(self) -> list[Path]:
+        return [self.ds.image]
+
     def prepare(self, cold: bool) -> Path:
         if cold or self.mount is None:
             self.close()
-            self._drop()
-            cmd = ["squashfuse", "-f", str(self.ds.image), str(self.mountpoint)]
-            self.mount = FuseMount("squashfuse", cmd, self.mountpoint, self.log, self.registry).start()
+            if cold:
+                self._drop()
+            mount = FuseMount(self.name, self.command(), self.mountpoint, self.log, self.registry)
+            self.mount = mount.start()
         return self.mountpoint
+
+    def command(self) -> list[str]:
+        return ["squashfuse", "-f", str(self.ds.image), str(self.mountpoint)]
 
     def close(self) -> None:
         if self.mount is not None:
@@ -92,6 +120,24 @@ class Squashfuse(Target):
 
     def mount_pid(self) -> int | None:
         return self.mount.pid if self.mount else None
+
+
+class Passthrough(Squashfuse):
+    """tools/passthrough.py on the source tree: one Python thread, one system call per request."""
+
+    name = "passthrough"
+
+    def __init__(self, ds: Dataset, workdir: Path, registry: Registry) -> None:
+        super().__init__(ds, workdir, registry)
+        self.mountpoint = workdir / "mnt-passthrough"
+        self.description = "tools/passthrough.py (bare llfuse, workers=1) on the source tree"
+        self.log = workdir / "logs" / "passthrough.log"
+
+    def backing_files(self) -> list[Path]:
+        return [self.ds.tree / BIG_PACKAGE / rel for rel, _ in self.ds.big_files]
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(PASSTHROUGH), str(self.ds.tree), str(self.mountpoint)]
 
 
 class Tvixmount(Target):
@@ -123,10 +169,16 @@ class Tvixmount(Target):
     def root(self) -> Path:
         return self.mountpoint
 
+    def backing_files(self) -> list[Path]:
+        """The big files' blobs, and the store's own files (its database, which every lookup reads)."""
+        blobs = [self.ds.store / "blobs" / d.hex()[:2] / d.hex() for d in self.ds.big_digests]
+        return blobs + [p for p in self.ds.store.iterdir() if p.is_file()]
+
     def prepare(self, cold: bool) -> Path:
         if cold or self.mount is None:
             self.close()
-            self._drop()
+            if cold:
+                self._drop()
             self.start()
         return self.mountpoint
 

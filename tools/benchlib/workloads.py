@@ -8,8 +8,13 @@ target that silently serves less cannot look fast.
 
 from __future__ import annotations
 
+import array
+import contextlib
+import mmap
 import os
 import random
+import signal
+import struct
 import subprocess
 import threading
 import time
@@ -149,3 +154,108 @@ def random_read(paths: Sequence[tuple[Path, int]], readers: int, reads: int = 0,
     total = len(flat) * block
     return {"seconds": elapsed, "reads": len(flat), "bytes": total, "mb_s": total / elapsed / 1e6,
             "p50_ms": percentile(flat, 50) * 1e3, "p99_ms": percentile(flat, 99) * 1e3}
+
+
+def direct_random_read(paths: Sequence[tuple[Path, int]], readers: int, duration: float, seed: int = 1,
+                       block: int = RANDOM_BLOCK) -> dict[str, float]:
+    """``readers`` processes doing O_DIRECT ``block``-byte reads at random aligned offsets for ``duration`` s.
+
+    What a FUSE filesystem costs per request, and nothing else: O_DIRECT
+    sends every read to the filesystem (no page cache, no readahead), the
+    offsets repeat (after the first pass the backing data is cached, so
+    the disk drops out), and each reader is a process of its own, so no
+    reader waits for another's GIL. Each reader draws (file, block) pairs
+    from its own seeded generator and reads into a page-aligned buffer
+    (an anonymous mmap), as O_DIRECT requires.
+    """
+    readable = [(p, s) for p, s in paths if s >= block]
+    if not readable or readers < 1 or duration <= 0:
+        raise WorkloadError(f"O_DIRECT reads need files of at least {block} bytes, readers and a duration")
+    go_r, go_w = os.pipe()
+    children: list[tuple[int, int]] = []
+    try:
+        for index in range(readers):
+            out_r, out_w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the reader: never returns into the caller's code
+                code = 1
+                try:
+                    signal.signal(signal.SIGINT, signal.SIG_DFL)
+                    os.close(go_w)
+                    os.close(out_r)
+                    rng = random.Random(seed * 1000 + index)
+                    report = _direct_reader(readable, block, duration, rng, go_r)
+                    with open(out_w, "wb") as f:
+                        f.write(report)
+                    code = 0
+                finally:
+                    os._exit(code)
+            os.close(out_w)
+            children.append((pid, out_r))
+        os.close(go_r)
+        os.close(go_w)  # EOF on the go pipe: every reader starts now
+        go_r = go_w = -1
+        reports = []
+        while children:
+            reports.append(_collect(*children[0]))
+            children.pop(0)
+    finally:
+        for fd in (go_r, go_w):
+            if fd >= 0:
+                os.close(fd)
+        for pid, out_r in children:  # interrupted: stop the readers we started
+            with contextlib.suppress(OSError):
+                os.close(out_r)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    errors = [r for r in reports if isinstance(r, str)]
+    if errors:
+        raise WorkloadError("; ".join(errors[:3]))
+    runs = [r for r in reports if not isinstance(r, str)]
+    flat = [x for _, lat in runs for x in lat]
+    elapsed = max(t for t, _ in runs)
+    total = len(flat) * block
+    return {"seconds": elapsed, "reads": len(flat), "bytes": total, "mb_s": total / elapsed / 1e6,
+            "p50_ms": percentile(flat, 50) * 1e3, "p99_ms": percentile(flat, 99) * 1e3}
+
+
+def _direct_reader(files: Sequence[tuple[Path, int]], block: int, duration: float, rng: random.Random,
+                   go: int) -> bytes:
+    """One reader process's loop; its report: b"E" + why, or b"O" + elapsed + latencies (doubles)."""
+    try:
+        fds = [os.open(p, os.O_RDONLY | os.O_DIRECT) for p, _ in files]
+    except OSError as exc:
+        return b"E" + f"O_DIRECT open: {exc}".encode()
+    buf = mmap.mmap(-1, block)
+    blocks = [s // block for _, s in files]
+    latencies = array.array("d")
+    os.read(go, 1)  # blocks until the parent closes its end
+    start = now = time.perf_counter()
+    end = start + duration
+    while now < end:
+        which = rng.randrange(len(fds))
+        offset = rng.randrange(blocks[which]) * block
+        before = time.perf_counter()
+        try:
+            got = os.preadv(fds[which], [buf], offset)
+        except OSError as exc:
+            return b"E" + f"{files[which][0]} at {offset}: {exc}".encode()
+        now = time.perf_counter()
+        latencies.append(now - before)
+        if got != block:
+            return b"E" + f"{files[which][0]}: {got} bytes at {offset}, expected {block}".encode()
+    return b"O" + struct.pack("d", now - start) + latencies.tobytes()
+
+
+def _collect(pid: int, out_r: int) -> str | tuple[float, array.array]:
+    with open(out_r, "rb") as f:
+        report = f.read()
+    _, status = os.waitpid(pid, 0)
+    if report[:1] == b"E":
+        return f"reader pid {pid}: {report[1:].decode(errors='replace')}"
+    if report[:1] != b"O" or status != 0:
+        return f"reader pid {pid} exited with status {status} and a {len(report)}-byte report"
+    latencies = array.array("d")
+    latencies.frombytes(report[9:])
+    return struct.unpack("d", report[1:9])[0], latencies
