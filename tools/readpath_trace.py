@@ -99,7 +99,7 @@ class Trace:
         import workers.loop as loop
         from tvixmount import collector, fuse_ops, poolstate
         from tvixmount import pool as pool_mod
-        from tvixmount.store import embedded_blobs
+        from tvixmount.store import segments
 
         trace = self
         read, call, send = fuse_ops.TvixOperations.read, pool_mod.WorkerPool.call, poolstate.PoolState._send
@@ -185,14 +185,14 @@ class Trace:
         poolstate.PoolState.complete = traced_complete
 
         # the worker's side: its request loop, the segment read and blake3
-        handle, segment = loop.handle, embedded_blobs.EmbeddedBlobReader._segment
-        blob_read, try_write = loop.HANDLERS["blob_read"], loop._try_write
+        handle, segment = loop.handle, segments.SegmentFile.segment
+        (blob_op, blob_read), try_write = loop.HANDLERS._by_name["blob_read"], loop._try_write
         spent = [0, 0, 0, 0]  # segment ns, blake3 ns, handler start, handler end of the current request
         buffered: list[bytes] = []
         real_blake3 = blake3.blake3
 
         class TimedBlake3:
-            """embedded_blobs calls ``blake3.blake3(data).digest()``: time the hashing."""
+            """segments calls ``blake3.blake3(data).digest()``: time the hashing."""
 
             def blake3(self, *args: Any, **kw: Any) -> Any:
                 start = T()
@@ -216,10 +216,10 @@ class Trace:
 
         pending: list[Any] = []
 
-        def traced_handle(ctx: Any, message: Any) -> tuple[bytes, ...]:
+        def traced_handle(ctx: Any, message: Any, *rest: Any) -> tuple[bytes, ...]:
             spent[0] = spent[1] = 0
             start = T()
-            parts = handle(ctx, message)
+            parts = handle(ctx, message, *rest)
             if type(message) is list and message and message[1] == "blob_read":
                 pending[:] = [message[0], start, T(), *spent]
             return parts
@@ -237,9 +237,9 @@ class Trace:
 
         loop.handle = traced_handle
         loop._try_write = traced_try_write
-        loop.HANDLERS["blob_read"] = traced_blob_read
-        embedded_blobs.EmbeddedBlobReader._segment = traced_segment
-        embedded_blobs.blake3 = TimedBlake3()
+        loop.HANDLERS._by_name["blob_read"] = (blob_op, traced_blob_read)
+        segments.SegmentFile.segment = traced_segment
+        segments.blake3 = TimedBlake3()
 
     def workers(self) -> dict[int, tuple[int, ...]]:
         out = {}

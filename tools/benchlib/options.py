@@ -48,7 +48,8 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
                    help=f"runs per measurement, medians reported (default {FULL['repeat']})")
     p.add_argument("--files", type=int, help=f"closure files (default {FULL['files']})")
     p.add_argument("--big", type=int, help=f"big files (default {FULL['big']})")
-    p.add_argument("--big-size", type=size_argument, help=f"size of each big file (default {FULL['big_size']})")
+    p.add_argument("--big-size", type=size_argument,
+                   help=f"size of each big file (default {FULL['big_size']})")
     p.add_argument("--seed", type=int, default=1, help="data set seed (default 1)")
     p.add_argument("--workers", type=parse_list, default=None, metavar="LIST",
                    help=f"--workers values for the workers sweeps (default {FULL['workers']}; "
