@@ -413,6 +413,12 @@ class ClientStream:
     def done(self) -> bool:
         return bool(self._future.done())
 
+    def wait(self, timeout: float | None) -> bool:
+        """Whether the call ended within ``timeout`` seconds (None: wait for it)."""
+        ended = threading.Event()
+        self._future.add_done_callback(lambda _future: ended.set())
+        return ended.wait(timeout)
+
     def result(self) -> bytes:
         """The response, once every request was sent; errors translated."""
         answer_within = self._endpoint.config.unary_timeout

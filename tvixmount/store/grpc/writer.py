@@ -5,6 +5,13 @@ here; at most ``_PUT_QUEUE`` messages wait for grpc, so a writer's memory
 is bounded however fast the caller writes. Commit checks the server's
 digest against ours, and ``expected_digest`` against ours before the
 stream is finished, so a mismatch stores nothing.
+
+Abort cannot rely on cancelling alone: a grpc server's request stream
+ends the same way for a cancel as for a finished upload, and only later
+learns that it was a cancel, so a server may store the prefix it got.
+So abort first sends a message every server must reject (a ``BlobChunk``
+cut short), waits for the server to fail the call, then cancels; the
+stream is never half-closed once aborted.
 """
 
 from __future__ import annotations
@@ -12,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -33,7 +39,10 @@ log = logging.getLogger(__name__)
 
 _PUT_QUEUE = 4  # messages waiting for grpc to send (bounds a writer's memory)
 _ABORTED = object()  # the queue's abort marker
-_ABORT_WAIT = 5.0  # how long the request iterator waits for a cancel to take effect
+_ABORT_WAIT = 5.0  # how long abort waits for the server to refuse the upload before cancelling
+# A BlobChunk whose data field (1, length-delimited) claims a byte that never comes:
+# no protobuf parser accepts it, so the server fails the call instead of storing.
+_ABORT_MESSAGE = b"\x0a\x01"
 
 
 class GrpcBlobWriter(BlobWriter):
@@ -76,20 +85,19 @@ class GrpcBlobWriter(BlobWriter):
     def _requests(self) -> Iterator[bytes]:
         """Consumed by a grpc thread: the queued messages, until the end marker.
 
-        An aborted upload must never look finished to the server: ending the
-        iterator half-closes the stream, and a server that saw that before
-        the cancel would store the prefix it got. So on abort the iterator
-        ends only once the cancelled call is done, when nothing more is sent.
+        Returning half-closes the stream, which a server reads as a finished
+        upload; after an abort that must never happen, so the iterator sends
+        the refused message and then returns only once the call is over (the
+        server refused it, or abort cancelled it), when nothing more is sent.
         """
         while True:
             item = self._queue.get()
             if item is None:
                 return
             if not isinstance(item, bytes):  # only _ABORTED is not bytes
-                stream = self._stream
-                deadline = time.monotonic() + _ABORT_WAIT
-                while stream is not None and not stream.done() and time.monotonic() < deadline:
-                    time.sleep(0.01)
+                yield _ABORT_MESSAGE
+                if self._stream is not None:  # set before abort queues _ABORTED
+                    self._stream.wait(None)  # abort cancels after _ABORT_WAIT at most
                 return
             yield item
 
@@ -148,16 +156,22 @@ class GrpcBlobWriter(BlobWriter):
             return
         self._state = "aborted"
         self._buffer.clear()
-        if self._stream is not None:
-            self._stream.cancel()
-            # Unblock grpc's thread if it waits in _requests (the queue is then empty).
-            while True:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            with contextlib.suppress(queue.Full):
-                self._queue.put_nowait(_ABORTED)
+        stream = self._stream
+        if stream is None:
+            return
+        # Drop what is not sent yet (this also unblocks grpc's thread waiting
+        # in _requests), then ask for the refusal; cancel ends it either way.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_ABORTED)
+        if not stream.wait(_ABORT_WAIT):
+            log.debug("aborting an upload to %s: no refusal within %g s; cancelling",
+                      self._service.endpoint.server, _ABORT_WAIT)
+        stream.cancel()
 
     def __del__(self) -> None:
         if getattr(self, "_state", None) == "open" and getattr(self, "_stream", None) is not None:
