@@ -313,6 +313,9 @@ class BlobServicer(_Rpc):
                 writer.write(data)
                 size += len(data)
                 self.stats.received(len(raw))
+            # A cancel ends ``requests`` like a finished stream and shows here only
+            # once grpc has processed it, maybe a moment later: this check catches
+            # most, not all. Our client aborts in-band instead (docs/protocol.md, Put).
             if not context.is_active():
                 raise Unavailable("blob upload cancelled by the client; nothing stored")
             digest = writer.commit()
