@@ -15,6 +15,7 @@ from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixmount.castore.pathinfo import NarInfo, PathInfo
 from tvixmount.castore.storepath import StorePath
+from tvixmount.pool import WorkerPool
 from tvixmount.store import Store
 
 
@@ -86,6 +87,13 @@ def open_fds(pid: int | str = "self") -> dict[int, str]:
 def process_exists(pid: int) -> bool:
     """True while /proc has the pid, zombies included (a zombie means nobody reaped it)."""
     return Path(f"/proc/{pid}").exists()
+
+
+def replaced(pool: WorkerPool, slot: int, old_pid: int) -> bool:
+    """Whether ``slot`` has a ready worker other than ``old_pid`` (a dead worker keeps its
+    slot until the collector retires it, so a pid alone proves nothing)."""
+    pid = pool.pids()[slot]
+    return pid is not None and pid != old_pid and pool.stats().workers[slot].ready
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
