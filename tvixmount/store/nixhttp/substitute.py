@@ -145,8 +145,13 @@ class Substituter:
             download = FileCheck(stream, info.file_size, info.file_sha256, what)
             nar = NarCheck(decompressing(info.compression, download), info.nar_size, info.nar_sha256, what,
                            shown.nar_bytes)
-            tree = ingest_nar(io.BufferedReader(nar, NAR_BUFFER), self.blobs, self.directories,
-                              self.convention)
+            try:
+                tree = ingest_nar(io.BufferedReader(nar, NAR_BUFFER), self.blobs, self.directories,
+                                  self.convention)
+            except InvalidData as exc:
+                if str(exc).startswith(what):
+                    raise
+                raise type(exc)(f"{what}: {exc}") from None  # the parser's message names no path
             nar.finish()
             download.finish()
         stored = self.path_infos.put(narinfo_text.to_pathinfo(info, tree.root))
