@@ -62,8 +62,9 @@ CACHE_BACKEND = ("tvixmount.store.cache.service", "tvixmount.store.cache.index")
 # A binary cache's URL is checked by the dispatcher (nixhttp's package and config are
 # values); what talks HTTP, decompresses, verifies signatures or ingests runs in workers.
 NIXHTTP_BACKEND = tuple(f"tvixmount.store.nixhttp.{m}" for m in
-                        ("http", "service", "substitute", "ingest", "decompress", "checks"))
-BACKENDS = (GRPC_CLIENT, EMBEDDED, *CACHE_BACKEND, *NIXHTTP_BACKEND, "tvixmount.store.memory",
+                        ("http", "service", "substitute", "decompress", "checks"))
+BACKENDS = (GRPC_CLIENT, EMBEDDED, *CACHE_BACKEND, *NIXHTTP_BACKEND, "tvixmount.store.naringest",
+            "tvixmount.store.memory",
             "tvixmount.store.segments", "tvixmount.store.sqlite", "grpc", "sqlite3", "urllib3",
             "cryptography", "zstandard")
 # Where StoreUrls and URL parsing live (importing it also runs tvixmount/store/__init__.py).

@@ -13,7 +13,7 @@ Modules, in the order a substitution uses them:
 * ``signing``    Nix's ed25519 keys and the signature check
 * ``decompress`` none, xz, bzip2, gzip, zstd as bounded streams
 * ``checks``     FileSize/FileHash of the download, NarSize/NarHash of the NAR
-* ``ingest``     a NAR stream into blobs and directories
+* (``store/naringest.py``: a NAR stream into blobs and directories)
 * ``substitute`` one path, in order, verified end to end
 * ``service``    the PathInfoService: local first, one download per path
 

@@ -36,12 +36,12 @@ from ...castore.pathinfo import PathInfo
 from ...castore.storepath import StorePath
 from ...errors import InvalidData
 from ..base import BlobService, DirectoryService, PathInfoService
+from ..naringest import NarTree, ingest_nar
 from ..urls import redact
 from . import narinfo as narinfo_text
 from .checks import FileCheck, NarCheck
 from .decompress import check_compression, decompressing
 from .http import HttpClient
-from .ingest import NarTree, ingest_nar
 from .narinfo import NarinfoFile
 from .signing import PublicKey, check_signatures
 
