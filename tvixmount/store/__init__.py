@@ -95,6 +95,7 @@ __all__ = [
     "open_directory_service",
     "open_path_info_service",
     "open_store",
+    "substitution_lock_dir",
 ]
 
 GRPC_MODULE = "tvixmount.store.grpc.client"
@@ -230,17 +231,26 @@ def _open_cache(store_urls: StoreUrls, blobs: BlobService, directories: Director
     from . import nixhttp
 
     local = open_path_info_service(store_urls.directory)
-    parsed = urls.parse(store_urls.directory)
-    lock_dir = None
-    if parsed.scheme == urls.LOCAL:
-        from .embedded.layout import TMP_DIR
-
-        lock_dir = Path(parsed.path) / TMP_DIR
     try:
-        return nixhttp.open_path_info_service(store_urls.path_info, blobs, directories, local, lock_dir)
+        return nixhttp.open_path_info_service(store_urls.path_info, blobs, directories, local,
+                                              substitution_lock_dir(store_urls.directory))
     except BaseException:
         local.close()
         raise
+
+
+def substitution_lock_dir(directory_url: str) -> Path | None:
+    """Where substitutions into the store at ``directory_url`` take their per-path locks.
+
+    The embedded store's ``tmp/``, so every mount and ``tvixstore
+    substitute`` of one store directory share them; none for other stores.
+    """
+    parsed = urls.parse(directory_url)
+    if parsed.scheme != urls.LOCAL:
+        return None
+    from .embedded.layout import TMP_DIR
+
+    return Path(parsed.path) / TMP_DIR
 
 
 def _open_cache_alone(url: StoreUrl, kind: str) -> Any:
