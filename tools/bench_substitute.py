@@ -177,7 +177,8 @@ def run_tvix(data: Data, server: Server, compression: str, scratch: Path, worker
         except subprocess.TimeoutExpired:
             proc.kill()
             subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False)
-    line = re.search(r"substituted \S+: NAR (\d+) bytes .* in ([\d.]+) s", log_path.read_text(errors="replace"))
+    logged = log_path.read_text(errors="replace")
+    line = re.search(r"substituted \S+: NAR (\d+) bytes .* in ([\d.]+) s", logged)
     return {"seconds": ended - started, "lookup": looked_up - started, "read": ended - looked_up,
             "bytes_read": read, "ingest_seconds": float(line.group(2)) if line else float("nan")}
 
@@ -189,7 +190,8 @@ def run_nix(data: Data, server: Server, compression: str, scratch: Path) -> dict
         subprocess.run(["chmod", "-R", "u+w", str(target)], check=False)
         shutil.rmtree(target)
     started = time.perf_counter()
-    data.nix("nix", "copy", "--from", server.url(compression), "--to", f"local?root={target}", data.store_path)
+    data.nix("nix", "copy", "--from", server.url(compression), "--to", f"local?root={target}",
+             data.store_path)
     return {"seconds": time.perf_counter() - started}
 
 
@@ -287,9 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         for run in range(args.runs):
             for compression in compressions:
                 say(f"run {run + 1}/{args.runs} {compression}: tvixmount, nix copy, in-process ingestion")
-                results[compression]["tvix"].append(run_tvix(data, server, compression, scratch, args.workers))
-                results[compression]["nix"].append(run_nix(data, server, compression, scratch))
-                results[compression]["ingest"].append(run_ingest(data, server, compression, scratch))
+                got = results[compression]
+                got["tvix"].append(run_tvix(data, server, compression, scratch, args.workers))
+                got["nix"].append(run_nix(data, server, compression, scratch))
+                got["ingest"].append(run_ingest(data, server, compression, scratch))
         if args.profile is not None:
             run_ingest(data, server, "zstd" if "zstd" in compressions else compressions[0], scratch,
                        args.profile)

@@ -15,8 +15,11 @@ are shared where the tests only add to what they see.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+import random
 import re
+import shutil
 import subprocess
 import threading
 import time
@@ -25,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults import LogCursor, attempt, read_bytes, serving, wait_until
+from tests.faults import LogCursor, attempt, read_bytes, serving, wait_until, workers
 from tests.mounting import FUSE_MISSING
 from tests.nixhttp_fixtures import (
     COMPRESSIONS,
@@ -336,5 +339,57 @@ def test_concurrent_lookups_of_one_path_download_it_once(caches: NixCaches, tmp_
                 t.join(60)
             assert results == [b"hello, binary cache\n"] * 12
             assert server.count(nar) == 1
+    finally:
+        server.stop()
+
+
+# -- a big NAR, memory flat ---------------------------------------------------------------
+
+BIG = 256 << 20
+BLOCK = 64 << 10
+RSS_BOUND = 128 << 20  # a worker's peak while it ingests a 256 MiB NAR (measured: under 50 MiB)
+
+
+def _big_source(path: Path) -> str:
+    """A 256 MiB file, half random and half zeros per 64 KiB block (zstd halves it); its sha256."""
+    path.mkdir()
+    rnd = random.Random(12)
+    sha = hashlib.sha256()
+    with open(path / "big.bin", "wb") as f:
+        for _ in range(BIG // BLOCK):
+            block = rnd.randbytes(BLOCK // 2) + bytes(BLOCK // 2)
+            f.write(block)
+            sha.update(block)
+    (path / "small").write_bytes(b"beside the big one\n")
+    return sha.hexdigest()
+
+
+def _peak_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_big_nar_is_substituted_with_flat_memory(caches: NixCaches, tmp_path: Path) -> None:
+    """A 256 MiB NAR (zstd, Nix-written) streams into the store; no worker's peak RSS comes near it."""
+    source = tmp_path / "nixhttp-big"
+    want = _big_source(source)
+    added = caches.nix("nix-store", "--store", caches.store, "--add-fixed", "--recursive", "sha256",
+                       str(source)).decode().strip()
+    cache = tmp_path / "cache-big"
+    caches.nix("nix", "copy", "--store", caches.store, "--to",
+               f"file://{cache}?compression=zstd&secret-key={caches.secret_key}", added)
+    shutil.rmtree(source)
+    server = CacheServer(cache)
+    try:
+        with mounted(tmp_path, "big", cache_url(server.url, caches.public_key), "--substitute-timeout", "240",
+                     workers=2) as m:
+            sha = hashlib.sha256()
+            with open(m.path(Path(added).name, "big.bin"), "rb") as f:
+                while piece := f.read(1 << 20):
+                    sha.update(piece)
+            assert sha.hexdigest() == want
+            peaks = {wid: _peak_rss(pid) for wid, pid in workers(m).items()}
+            assert peaks and max(peaks.values()) < RSS_BOUND, {w: p >> 20 for w, p in peaks.items()}
+            assert server.count("/nar/") == 1
     finally:
         server.stop()
