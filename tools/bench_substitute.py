@@ -207,7 +207,7 @@ def run_ingest(data: Data, server: Server, compression: str, scratch: Path,
     url = f"nix+{server.url(compression)}?trusted-public-keys={data.public_key}"
     with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
         service = open_path_info_service(url, store.blobs, store.directories, store.path_infos)
-        profiler = cProfile.Profile() if profile is not None else None
+        profiler = cProfile.Profile(time.process_time) if profile is not None else None
         started = time.perf_counter()
         if profiler is not None:
             profiler.enable()
