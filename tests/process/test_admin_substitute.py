@@ -7,6 +7,7 @@ cat``/``ls``, and the server's request counts say what was downloaded.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -46,6 +47,12 @@ def test_a_closure_is_substituted_references_first_and_only_once(caches: NixCach
     assert server.count("/nar/") == 2
     cat = tvixstore(store, "cat", f"{caches.src_path.absolute}/hello.txt")
     assert cat.returncode == 0 and cat.stdout == "hello, binary cache\n"
+    info = json.loads(tvixstore(store, "info", caches.refs_path.absolute).stdout)  # the narinfo fields kept
+    assert info["references"] == sorted([caches.src_path.absolute, caches.refs_path.absolute])
+    assert info["deriver"] == f"/nix/store/{caches.deriver}"
+    assert [sig.split(":")[0] for sig in info["signatures"]] == ["test-1"]
+    src_info = json.loads(tvixstore(store, "info", caches.src_path.absolute).stdout)
+    assert src_info["ca"].startswith("fixed:r:sha256:")
     again = tvixstore(store, "substitute", "--from", url, caches.refs_path.basename)
     assert again.returncode == 0 and "substituted 0 paths" in again.stdout
     assert "2 already present" in again.stdout
