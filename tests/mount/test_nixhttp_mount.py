@@ -215,6 +215,14 @@ def test_server_going_away_mid_nar_is_eio(faults: Faults) -> None:
     faults.fails(errno.EIO, r"ERROR .*failed: .*after \d+ bytes of the body")
 
 
+def test_server_slower_than_the_substitute_timeout_is_eio(faults: Faults) -> None:
+    """--substitute-timeout 10: the worker gives up at its share of it (0.4), well before 10 s."""
+    faults.server.fault(faults.narinfo, delay=6.0, times=1)
+    started = time.monotonic()
+    faults.fails(errno.EIO, r"ERROR .*nixhttp-src failed: .*(deadline|timed out|Timeout)")
+    assert time.monotonic() - started < 10
+
+
 def test_server_errors_then_recovers_within_the_deadline(faults: Faults) -> None:
     """Two 503s are retried with back-off; the third answer is served."""
     faults.server.fault(faults.narinfo, status=503, times=2)
