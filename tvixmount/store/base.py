@@ -202,9 +202,8 @@ class PathInfoService(abc.ABC):
         """(nar_size, nar_sha256) if the backend can compute it, else None."""
         return None
 
-    # A service that fetches what it lacks from elsewhere (a binary cache) says so, and
-    # splits ``get`` in two: what it holds now (quick), and fetching (long, bounded).
-    substitutes = False
+    # A service that fetches what it lacks from elsewhere (a binary cache) splits ``get``
+    # in two: what it holds now (quick), and fetching (long, bounded by a deadline).
 
     def get_present(self, digest: bytes) -> PathInfo | None:
         """What ``get`` answers without fetching anything from elsewhere."""

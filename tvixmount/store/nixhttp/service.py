@@ -87,8 +87,6 @@ class NixHttpPathInfoService(PathInfoService):
 
     # -- PathInfoService ----------------------------------------------------------
 
-    substitutes = True
-
     def get(self, digest: bytes) -> PathInfo | None:
         """The local PathInfo, else the one substituted now, else None (may take up to ``timeout``)."""
         return self.fetch(digest, time.monotonic() + self.config.timeout)
