@@ -96,7 +96,7 @@ def test_dispatch() -> None:
     with pytest.raises(InvalidArgument, match="unknown parameter 'compression'"):
         urls.parse("nix+http://h?compression=xz")  # the cache's own checks, at parse time
     parsed = urls.parse("nix+https://u:pw@cache.example:8443/sub/?negative-ttl=5")
-    assert (parsed.scheme, parsed.host, parsed.path) == ("nix+https", "u:pw@cache.example:8443", "/sub")
+    assert (parsed.scheme, parsed.host, parsed.path) == ("nix+https", "cache.example:8443", "/sub")
     assert urls.unsigned_cache("nix+http://h") and not urls.unsigned_cache("nix+http://h?trusted-public-keys=")
     assert not urls.unsigned_cache("memory://")
 

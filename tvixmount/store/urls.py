@@ -60,7 +60,7 @@ class StoreUrl:
 
     text: str  # the URL exactly as given
     scheme: str
-    host: str  # host:port for grpc+http(s) (the scheme's port filled in); empty otherwise
+    host: str  # host:port for grpc+http(s) (the scheme's port filled in) and nix+http(s); else ""
     path: str  # percent-decoded filesystem path for local:// and grpc+unix://; else ""
     query: tuple[tuple[str, str], ...] = ()
 
@@ -120,7 +120,7 @@ def _parse_cache(url: str, scheme: str) -> StoreUrl:
 
     config = parse_url(url)  # InvalidArgument naming the URL (redacted) and the problem
     parts = urllib.parse.urlsplit(config.base_url)
-    return StoreUrl(url, scheme, parts.netloc, parts.path)
+    return StoreUrl(url, scheme, parts.netloc.rpartition("@")[2], parts.path)  # no user:password
 
 
 def is_cache(url: str) -> bool:
