@@ -30,7 +30,10 @@ serves the embedded on-disk store in --store-dir (fill it with `tvixstore import
 Give a tvix-store daemon's URL (grpc+http://HOST:PORT, grpc+https://HOST:PORT,
 grpc+unix:///PATH) to any of --blob-service-addr, --directory-service-addr,
 --path-info-service-addr: a service not given then uses tvix-store's default,
-grpc+http://[::1]:8000. A grpc+http URL without a port means port 80. The log
+grpc+http://[::1]:8000. A grpc+http URL without a port means port 80. A Nix
+binary cache (nix+http(s)://HOST/PATH?trusted-public-keys=NAME:KEY) can be the
+path-info service: a lookup downloads, verifies and ingests a path into the
+blob and directory services (the embedded store when not given). The log
 says at start which address each service uses.
 
 Every flag marked [env NAME] is read from that variable when it is not on the
@@ -50,6 +53,9 @@ examples:
       --directory-service-addr grpc+http://store:8000 \\
       --path-info-service-addr grpc+http://store:8000 --workers 8
   BLOB_SERVICE_ADDR=grpc+unix:///run/tvix.sock tvixmount /mnt/store
+  tvixmount /mnt/store --path-info-service-addr \
+      'nix+https://cache.nixos.org?trusted-public-keys=cache.nixos.org-1:6NCHdD59X431o0gWypbMrAURkbJ16ZPMQFGspcDShjY='
+                                          # a binary cache, substituted into the embedded store
 
 exit status: 0 unmounted after a stop signal or `fusermount -u`; 1 the mount
 could not start or stopped on an error (workers cannot start, FUSE refuses,
@@ -110,6 +116,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(perf, "--request-timeout", type=flags.positive_seconds, default=30.0, metavar="SECONDS",
               env="TVIXMOUNT_REQUEST_TIMEOUT",
               help="deadline of one store request, retries included (default 30)")
+    subst = p.add_argument_group("binary cache (a nix+http(s):// path-info service)")
+    flags.add(subst, "--substitute-timeout", type=flags.positive_seconds, default=300.0, metavar="SECONDS",
+              env="TVIXMOUNT_SUBSTITUTE_TIMEOUT",
+              help="deadline of a lookup that downloads and ingests a path from the cache, instead "
+                   "of --request-timeout (default 300)")
+    flags.add(subst, "--substitute-jobs", type=flags.positive, metavar="N", env="TVIXMOUNT_SUBSTITUTE_JOBS",
+              help="substitutions at once at most, so that reads of other files go on meanwhile "
+                   "(default: half the workers; never all of them)")
     flags.add(p, "--metrics-listen", type=_listen, metavar="[HOST]:PORT", env="TVIXMOUNT_METRICS_LISTEN",
               help="serve Prometheus metrics at http://HOST:PORT/metrics; HOST defaults to "
                    "127.0.0.1, [::1]:PORT for IPv6, port 0 picks a free port (logged). "
@@ -200,6 +214,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         extra_options=tuple(extra),
         metrics_listen=args.metrics_listen,
         readahead_files=max(4, args.workers) if args.readahead_files is None else args.readahead_files,
+        substitute_timeout=args.substitute_timeout,
+        substitute_jobs=args.substitute_jobs,
     )
     try:
         return run_mount(config, worker_main)

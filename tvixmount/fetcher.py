@@ -47,12 +47,17 @@ class Fetcher(ABC):
     """The store as the FUSE layer sees it; every method may block."""
 
     @abstractmethod
-    def _call(self, op: Op[R], *args: Any, affinity: int | None = None) -> R:
-        """Run ``op``; ``affinity`` asks for the worker that ran the last op with it."""
+    def _call(self, op: Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None) -> R:
+        """Run ``op``; ``affinity`` asks for the worker that ran the last op with it; ``timeout``
+        replaces the request timeout (a pool's; an in-process call has none)."""
 
     def path_info(self, digest20: bytes) -> Node | None:
         """The root node stored under a 20-byte store path digest, or None. May block."""
         return self._call(ops.PATH_INFO, digest20)
+
+    def held_path_info(self, digest20: bytes, timeout: float) -> Node | None:
+        """``path_info``, substituting the path first where the store can; may block ``timeout`` seconds."""
+        return self._call(ops.HELD_PATH_INFO, digest20, timeout=timeout)
 
     def directory_tree(self, digest: bytes, max_entries: int) -> list[tuple[bytes, Directory]]:
         """The directory and what is below it, parents first, as (digest, Directory). May block.
@@ -89,8 +94,8 @@ class PoolFetcher(Fetcher):
     def __init__(self, pool: WorkerPool) -> None:
         self.pool = pool
 
-    def _call(self, op: Op[R], *args: Any, affinity: int | None = None) -> R:
-        return self.pool.call(op, *args, affinity=affinity)
+    def _call(self, op: Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None) -> R:
+        return self.pool.call(op, *args, affinity=affinity, timeout=timeout)
 
     def stats(self) -> PoolStats:
         return self.pool.stats()
@@ -139,7 +144,7 @@ class LocalFetcher(Fetcher, Generic[C]):
         self._lock = threading.Lock()  # handlers and their reader cache are single-threaded
         self._calls = 0
 
-    def _call(self, op: Op[R], *args: Any, affinity: int | None = None) -> R:
+    def _call(self, op: Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None) -> R:
         with self._lock:
             self._calls += 1
             if not self._wire:

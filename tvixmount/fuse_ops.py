@@ -102,8 +102,11 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.EIO) from None
         except InvalidData as exc:
             digest = key[1] if isinstance(key, tuple) and len(key) > 1 else None
-            if digest not in self._broken_reported:
-                self._broken_reported.add(digest)
+            # A path info that failed to verify may be fetched again (a binary cache: nothing
+            # was stored), and each new failure is worth its line; the same one is said once.
+            seen: object = (digest, str(exc)) if key[0] == "pathinfo" else digest
+            if seen not in self._broken_reported:
+                self._broken_reported.add(seen)
                 log.warning("%s: %s", what, exc)
             raise llfuse.FUSEError(errno.EIO) from None
         except TvixError as exc:

@@ -28,13 +28,15 @@ import llfuse
 
 from .deadlines import HANG_FRACTION
 from .errors import TvixError
-from .fetcher import PoolFetcher
+from .fetcher import Fetcher, PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
 from .metrics import FuseMetrics, ListenAddress
 from .metrics_export import Exporter
 from .pool import WorkerPool
 from .protocol import ops
-from .store import StoreUrls, describe
+from .store import StoreUrls, describe, urls
+from .substitution import DEFAULT_TIMEOUT as DEFAULT_SUBSTITUTE_TIMEOUT
+from .substitution import SubstitutingFetcher, default_jobs
 from .vfs import Vfs
 from .zygote import WorkerMain
 
@@ -63,6 +65,10 @@ class MountConfig:
     metrics_listen: ListenAddress | None = None
     readahead_files: int = 4
     extra_options: tuple[str, ...] = field(default=())
+    # A binary cache as the path-info service: the deadline of a lookup that substitutes,
+    # and how many may run at once (None: substitution.default_jobs).
+    substitute_timeout: float = DEFAULT_SUBSTITUTE_TIMEOUT
+    substitute_jobs: int | None = None
 
 
 def check_mountpoint(path: Path) -> None:
@@ -152,7 +158,9 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
     exporter: Exporter | None = None
     ops: TvixOperations | None = None
     try:
-        fetcher = PoolFetcher(pool)
+        fetcher: Fetcher = PoolFetcher(pool)
+        if config.urls.substitutes:
+            fetcher = substituting(fetcher, config)
         probe_store(pool, config)
         metrics = FuseMetrics()
         options = MountOptions(config.list_root, config.show_xattr, readahead_files=config.readahead_files)
@@ -186,6 +194,22 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
 
 
 PROBE_TIMEOUT = 10.0
+
+
+def substituting(fetcher: Fetcher, config: MountConfig) -> SubstitutingFetcher:
+    """Root lookups that substitute from the binary cache; says once if its signatures go unchecked."""
+    jobs = config.substitute_jobs or default_jobs(config.workers)
+    if jobs >= config.workers > 1:
+        log.warning("--substitute-jobs %d would let substitutions take every worker; using %d",
+                    jobs, config.workers - 1)
+        jobs = config.workers - 1
+    if urls.unsigned_cache(config.urls.path_info):
+        log.warning("binary cache %s has no trusted-public-keys: narinfo signatures are NOT checked "
+                    "(anyone who can alter the cache or the connection decides what is served)",
+                    urls.redact(config.urls.path_info))
+    log.info("substituting from %s: at most %d at once, %.0f s each", urls.redact(config.urls.path_info),
+             jobs, config.substitute_timeout)
+    return SubstitutingFetcher(fetcher, jobs, config.substitute_timeout)
 
 
 def probe_store(pool: WorkerPool, config: MountConfig) -> None:

@@ -90,7 +90,9 @@ class Partial:
         return self.fallback
 
 
-UPSTREAM = Partial(UPSTREAM_DEFAULT)  # as tvix-store's mount, import and copy
+# A binary cache substitutes into a store: the services not given are the embedded one.
+_CACHE_RULE = tuple((scheme, None) for scheme in urls.NIX_SCHEMES)
+UPSTREAM = Partial(UPSTREAM_DEFAULT, by_scheme=_CACHE_RULE)  # as tvix-store's mount, import and copy
 EMBEDDED = Partial(None)  # as tvix-store's daemon, whose defaults are local stores
 
 
@@ -174,7 +176,9 @@ class StoreFlags:
         else:
             fallback = self.partial.fallback_for(present) if present else None
             if fallback is None:
-                url = urls.local_url(self._store_dir(args, given), create=create)
+                # substituted paths are written into it: a binary cache creates its store too
+                writes = create or any(urls.is_cache(url) for url in present)
+                url = urls.local_url(self._store_dir(args, given), create=writes)
                 why = ("the embedded store, for a service not given" if present
                        else "the embedded store: no service address given")
             else:

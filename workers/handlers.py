@@ -33,11 +33,13 @@ from tvixmount.protocol.framing import RingRef
 from tvixmount.protocol.ops import MAX_READ, Handlers
 from tvixmount.shmring import RingWriter
 from tvixmount.store import BlobReader, Store
+from tvixmount.store.grpc.deadline import patience_until
 
 log = logging.getLogger(__name__)
 
 READER_CACHE_SIZE = 64
 RING_MIN = 4096  # smaller reads are cheaper inline than through the ring
+HELD_DEFAULT_WAIT = 300.0  # a held lookup outside a request's scope (in-process fetchers) waits this long
 
 
 class ReaderCache:
@@ -126,7 +128,7 @@ def path_info(ctx: Context, digest20: bytes) -> Node | None:
     silently different path.
     """
     _check_len(digest20, STORE_DIGEST_LEN, "store path digest")
-    info = ctx.store.path_infos.get(digest20)
+    info = ctx.store.path_infos.get_present(digest20)  # a binary cache: only what was substituted
     if info is None:
         return None
     return _checked_root(info, digest20)
@@ -205,6 +207,21 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
     except IntegrityError:
         ctx.readers.drop(digest)  # nothing of a broken blob stays cached
         raise
+
+
+@handles(ops.HELD_PATH_INFO)
+def held_path_info(ctx: Context, digest20: bytes) -> Node | None:
+    """``path_info``, substituting the path first when the service can (a binary cache).
+
+    The substitution stops at the request's patience (``patience_until``:
+    a share of the time the request had left), so the worker answers before
+    the pool would take it for hung; a failure stores no PathInfo.
+    """
+    _check_len(digest20, STORE_DIGEST_LEN, "store path digest")
+    info = ctx.store.path_infos.fetch(digest20, patience_until(HELD_DEFAULT_WAIT))
+    if info is None:
+        return None
+    return _checked_root(info, digest20)
 
 
 HANDLERS.check_complete()

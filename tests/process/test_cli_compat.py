@@ -164,8 +164,13 @@ USAGE_ERRORS = [
     ("tvixstore mount {mnt} --readahead-files -1", "argument --readahead-files: -1 must not be negative"),
     ("tvixmount {mnt} --blob-service-addr bogus://x", "argument --blob-service-addr: store URL 'bogus://x': "
                                                       "unknown scheme 'bogus'"),
-    ("PATH_INFO_SERVICE_ADDR=nix+https://cache.nixos.org tvixstore mount {mnt}",
-     "PATH_INFO_SERVICE_ADDR='nix+https://cache.nixos.org' (--path-info-service-addr): "),
+    ("PATH_INFO_SERVICE_ADDR=nix+https://cache.nixos.org?compression=xz tvixstore mount {mnt}",
+     "PATH_INFO_SERVICE_ADDR='nix+https://cache.nixos.org?compression=xz' (--path-info-service-addr): "
+     "binary cache URL 'nix+https://cache.nixos.org?compression=xz': unknown parameter 'compression'"),
+    ("tvixmount {mnt} --blob-service-addr nix+https://cache.nixos.org",
+     "nix+https://cache.nixos.org is a Nix binary cache: it can only be the path-info service"),
+    ("tvixmount {mnt} --path-info-service-addr nix+http://h --substitute-jobs 0",
+     "argument --substitute-jobs: 0 must be at least 1"),
     ("tvixmount {mnt} --directory-service-addr grpc+http://host:99999",
      "argument --directory-service-addr: "),
     ("tvixmount {mnt} --cache-size 5G", "--cache-size needs --cache-dir"),

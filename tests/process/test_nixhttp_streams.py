@@ -33,9 +33,9 @@ from tvixmount.castore.directory import SizeConvention
 from tvixmount.errors import IntegrityError, InvalidData, Unavailable
 from tvixmount.store import BlobWriter, StoreUrls, open_store
 from tvixmount.store.memory import MemoryBlobService, MemoryDirectoryService
+from tvixmount.store.naringest import ingest_nar
 from tvixmount.store.nixhttp.checks import FileCheck, NarCheck
 from tvixmount.store.nixhttp.decompress import decompressing
-from tvixmount.store.nixhttp.ingest import ingest_nar
 
 DATA = os.urandom(200_000) + bytes(3_000_000) + b"pattern " * 50_000
 COMPRESS: dict[str, Callable[[bytes], bytes]] = {
@@ -261,7 +261,7 @@ BOUNDED = textwrap.dedent("""
     from tvixmount.store import StoreUrls, open_store
     from tvixmount.store.nixhttp.checks import FileCheck, NarCheck
     from tvixmount.store.nixhttp.decompress import decompressing
-    from tvixmount.store.nixhttp.ingest import ingest_nar
+    from tvixmount.store.naringest import ingest_nar
 
     def s(b):
         return len(b).to_bytes(8, "little") + b + bytes(-len(b) % 8)

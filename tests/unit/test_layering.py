@@ -45,6 +45,7 @@ FUSE_EDGE = ("tvixmount.fuse_ops", "tvixmount.fuse_timing", "tvixmount.mount", "
 # both sides may use; the metrics modules are values and an exporter, not mount state.)
 DISPATCHER = (
     *FUSE_EDGE, "tvixmount.vfs", "tvixmount.attrs", "tvixmount.readahead", "tvixmount.fetcher",
+    "tvixmount.substitution",
     "tvixmount.pool", "tvixmount.poolstate", "tvixmount.collector", "tvixmount.zygote",
 )
 POOL = ("tvixmount.pool", "tvixmount.poolstate", "tvixmount.collector", "tvixmount.zygote",
@@ -58,8 +59,14 @@ CACHE = "tvixmount.store.cache"
 # The cache's config (directory, size) is a value that StoreUrls carries; the cache
 # itself is its service and its sqlite index.
 CACHE_BACKEND = ("tvixmount.store.cache.service", "tvixmount.store.cache.index")
-BACKENDS = (GRPC_CLIENT, EMBEDDED, *CACHE_BACKEND, "tvixmount.store.memory",
-            "tvixmount.store.segments", "tvixmount.store.sqlite", "grpc", "sqlite3")
+# A binary cache's URL is checked by the dispatcher (nixhttp's package and config are
+# values); what talks HTTP, decompresses, verifies signatures or ingests runs in workers.
+NIXHTTP_BACKEND = tuple(f"tvixmount.store.nixhttp.{m}" for m in
+                        ("http", "service", "substitute", "decompress", "checks"))
+BACKENDS = (GRPC_CLIENT, EMBEDDED, *CACHE_BACKEND, *NIXHTTP_BACKEND, "tvixmount.store.naringest",
+            "tvixmount.store.memory",
+            "tvixmount.store.segments", "tvixmount.store.sqlite", "grpc", "sqlite3", "urllib3",
+            "cryptography", "zstandard")
 # Where StoreUrls and URL parsing live (importing it also runs tvixmount/store/__init__.py).
 STORE_URLS = ("tvixmount.store.urls",)
 

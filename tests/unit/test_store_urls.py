@@ -91,8 +91,14 @@ def test_describe() -> None:
 
 def test_dispatch() -> None:
     assert isinstance(open_blob_service("memory://"), MemoryBlobService)
-    with pytest.raises(InvalidArgument, match="unknown scheme"):
-        open_path_info_service("nix+https://cache.nixos.org")
+    with pytest.raises(InvalidArgument, match="open it with open_store, over the store"):
+        open_path_info_service("nix+https://cache.nixos.org")  # a cache substitutes into a store
+    with pytest.raises(InvalidArgument, match="unknown parameter 'compression'"):
+        urls.parse("nix+http://h?compression=xz")  # the cache's own checks, at parse time
+    parsed = urls.parse("nix+https://u:pw@cache.example:8443/sub/?negative-ttl=5")
+    assert (parsed.scheme, parsed.host, parsed.path) == ("nix+https", "cache.example:8443", "/sub")
+    assert urls.unsigned_cache("nix+http://h") and not urls.unsigned_cache("nix+http://h?trusted-public-keys=")
+    assert not urls.unsigned_cache("memory://")
 
 
 def test_grpc_without_client_module_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

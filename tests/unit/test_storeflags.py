@@ -182,8 +182,22 @@ def test_the_partial_rule_is_a_value_a_scheme_may_change() -> None:
     rule = storeflags.Partial(UPSTREAM, by_scheme=(("nix+https", None),))
     assert rule.fallback_for(["nix+https://cache.nixos.org"]) is None
     assert rule.fallback_for(["grpc+unix:///s"]) == UPSTREAM
-    assert storeflags.UPSTREAM.fallback_for(["nix+https://cache.nixos.org"]) == UPSTREAM
+    assert storeflags.UPSTREAM.fallback_for(["nix+https://cache.nixos.org"]) is None
+    assert storeflags.UPSTREAM.fallback_for(["nix+http://127.0.0.1:1", "grpc+unix:///s"]) is None
     assert storeflags.EMBEDDED.fallback_for([MEM]) is None
+
+
+def test_a_binary_cache_substitutes_into_the_embedded_store_it_creates(tmp_path: Path) -> None:
+    """A nix+http(s) path-info service alone: blobs and directories in --store-dir, made if missing."""
+    cache = "nix+http://127.0.0.1:8080/c?trusted-public-keys=k:" + "A" * 43 + "="
+    store = _mount(["--store-dir", str(tmp_path / "s"), "--path-info-service-addr", cache])
+    local = urls.local_url(tmp_path / "s", create=True)
+    assert store == StoreUrls(local, local, cache) and store.substitutes
+    given = _mount(["--path-info-service-addr", cache, "--blob-service-addr", MEM,
+                    "--directory-service-addr", MEM])
+    assert given == StoreUrls(MEM, MEM, cache)
+    with pytest.raises(InvalidArgument, match="can only be the path-info service"):
+        StoreUrls(cache, MEM, MEM)
 
 
 def test_store_flags_go_before_or_after_the_tvixstore_command(tmp_path: Path) -> None:

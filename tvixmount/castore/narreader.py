@@ -77,41 +77,59 @@ class _Lazy:
 
 
 class _Input:
-    """The input stream with the offset of the next unread byte, for messages."""
+    """The input stream with the offset of the next unread byte, for messages.
+
+    Speed: a NAR is mostly framing for small files (a dozen tokens each),
+    so the common cases take one read each: a keyword is compared with its
+    whole encoding at once (``expect``), and a string's bytes and padding
+    come in one read. Bytes read ahead by a failed comparison are kept in
+    ``_pending`` and parsed the careful way, for the exact message.
+    """
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
         self.offset = 0
+        self._pending = b""  # read from the stream, not yet consumed
 
     def fail(self, message: str, at: int | None = None) -> InvalidData:
         return InvalidData(f"NAR at byte {self.offset if at is None else at}: {message}")
 
-    def read_exact(self, n: int, what: object) -> bytes:
+    def _read(self, n: int) -> bytes:
+        pending = self._pending
+        if not pending:
+            return self.stream.read(n)
+        self._pending = pending[n:]
+        if len(pending) >= n:
+            return pending[:n]
+        return pending + self.stream.read(n - len(pending))
+
+    def read_exact(self, n: int, what: object, prefix: str = "") -> bytes:
         start = self.offset
-        data = self.stream.read(n)
+        data = self._read(n)
         while len(data) < n:  # raw streams and pipes may return short reads
             more = self.stream.read(n - len(data))
             if not more:
-                raise self.fail(f"truncated: input ends inside {what} ({len(data)} of {n} bytes)", start)
+                raise self.fail(f"truncated: input ends inside {prefix}{what} ({len(data)} of {n} bytes)",
+                                start)
             data += more
         self.offset += n
         return data
 
     def read_some(self, n: int, what: object) -> bytes:
-        data = self.stream.read(n)
+        data = self._read(n)
         if not data:
             raise self.fail(f"truncated: input ends inside {what}")
         self.offset += len(data)
         return data
 
     def u64(self, what: object) -> int:
-        return int.from_bytes(self.read_exact(8, _Lazy("the length of ", what)), "little")
+        return int.from_bytes(self.read_exact(8, what, "the length of "), "little")
 
     def padding(self, length: int, what: object) -> None:
         pad = -length % 8
         if pad:
             start = self.offset
-            if self.read_exact(pad, _Lazy("the padding of ", what)) != bytes(pad):
+            if self.read_exact(pad, what, "the padding of ") != _ZEROS[pad]:
                 raise self.fail(f"non-zero padding after {what}", start)
 
     def string(self, limit: int, what: object) -> bytes:
@@ -119,21 +137,44 @@ class _Input:
         length = self.u64(what)
         if length > limit:
             raise self.fail(f"{what} is {length} bytes long, more than {limit}", start)
-        data = self.read_exact(length, what)
-        self.padding(length, what)
-        return data
+        pad = -length % 8
+        if not pad:
+            return self.read_exact(length, what)
+        data = self.read_exact(length + pad, what)
+        if data[length:] != _ZEROS[pad]:
+            raise self.fail(f"non-zero padding after {what}", start + 8 + length)
+        return data[:length]
 
     def token(self) -> bytes:
         return self.string(MAX_TOKEN_LEN, "a token")
 
     def expect(self, token: bytes) -> None:
+        encoded = _ENCODED.get(token) or _encode(token)
+        if not self._pending:
+            data = self.stream.read(len(encoded))
+            if data == encoded:
+                self.offset += len(encoded)
+                return
+            self._pending = data  # something else (or a short read): parse it for the message
         start = self.offset
         got = self.token()
         if got != token:
             raise self.fail(f"expected {token.decode()!r}, got {_show(got)}", start)
 
     def at_eof(self) -> bool:
-        return not self.stream.read(1)
+        return not self._read(1)
+
+
+_ZEROS = {pad: bytes(pad) for pad in range(8)}
+
+
+def _encode(token: bytes) -> bytes:
+    """A token as the NAR spells it: length, bytes, zero padding."""
+    return len(token).to_bytes(8, "little") + token + bytes(-len(token) % 8)
+
+
+_ENCODED = {token: _encode(token) for token in (MAGIC, b"(", b")", b"type", b"contents", b"", b"target",
+                                                b"name", b"node", b"entry")}
 
 
 def _show(token: bytes) -> str:
@@ -155,16 +196,21 @@ class _FileReader(io.RawIOBase):
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         view = memoryview(buffer).cast("B")
-        n = min(len(view), self._remaining)
+        data = self.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (all that is left for -1), as one read of the input gave them: no copy."""
+        n = self._remaining if size is None or size < 0 else min(size, self._remaining)
         if n == 0:
             self._finish()
-            return 0
+            return b""
         data = self._source.read_some(n, self._what)
-        view[: len(data)] = data
         self._remaining -= len(data)
         if self._remaining == 0:
             self._finish()
-        return len(data)
+        return data
 
     def _finish(self) -> None:
         if not self._padded:

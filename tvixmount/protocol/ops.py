@@ -195,7 +195,13 @@ LIST_ROOT: Op[list[Node]] = Op("list_root", (), _encode_nodes, _decode_nodes)
 # (digest, offset, length, size hint or -1): verified bytes, short only at EOF.
 BLOB_READ: Op[bytes] = Op("blob_read", (bytes, int, int, int), _same, _decode_bytes)
 
-OPS: dict[str, Op[Any]] = {op.name: op for op in (PING, PATH_INFO, DIRECTORY_TREE, LIST_ROOT, BLOB_READ)}
+# The root node under a store path digest, fetched into the store first when the path-info
+# service substitutes (a binary cache): sent with the long --substitute-timeout, only after
+# PATH_INFO (what the store holds now) said None.
+HELD_PATH_INFO: Op[Node | None] = Op("held_path_info", (bytes,), _encode_root, _decode_root)
+
+OPS: dict[str, Op[Any]] = {op.name: op for op in (PING, PATH_INFO, DIRECTORY_TREE, LIST_ROOT, BLOB_READ,
+                                                  HELD_PATH_INFO)}
 
 
 # -- who answers them -----------------------------------------------------------------

@@ -8,6 +8,10 @@ A store is three services, each opened from its own URL as in tvix
 * ``local:///abs/dir``     the embedded on-disk store, ``embedded/`` (``?create=1`` makes it)
 * ``grpc+http://h:p``, ``grpc+https://h:p``, ``grpc+unix:///socket``
                            a tvix-store daemon, through ``grpc/`` (``tvixmount.store.grpc.client``)
+* ``nix+http://h/p``, ``nix+https://h/p``
+                           a Nix binary cache as the path-info service (``nixhttp/``): it
+                           substitutes into the blob and directory services and keeps the
+                           PathInfos in the directory service's store
 
 What lives where::
 
@@ -22,6 +26,7 @@ What lives where::
     embedded/       local://
     grpc/           the gRPC client; its wire.py is shared with tvixmount.server
     cache/          the on-disk blob cache in front of a remote blob service
+    nixhttp/        nix+http(s):// binary caches, substituting lazily
 
 Who may import whom: naming a store loads no backend. This module,
 base.py, urls.py, location.py and ``cache/config.py`` import neither
@@ -90,6 +95,7 @@ __all__ = [
     "open_directory_service",
     "open_path_info_service",
     "open_store",
+    "substitution_lock_dir",
 ]
 
 GRPC_MODULE = "tvixmount.store.grpc.client"
@@ -106,6 +112,11 @@ class StoreUrls:
     blob_cache: BlobCacheConfig | None = field(default=None, kw_only=True)
 
     def __post_init__(self) -> None:
+        for kind, url in (("blob", self.blob), ("directory", self.directory)):
+            if urls.is_cache(url):
+                raise InvalidArgument(
+                    f"{urls.redact(url)} is a Nix binary cache: it can only be the path-info service "
+                    f"(its NARs are substituted into the {kind} service, which must be a store)")
         if self.blob_cache is not None and urls.parse(self.blob).scheme == urls.LOCAL:
             raise InvalidArgument(
                 f"a blob cache ({self.blob_cache.directory}) is for a remote blob service; "
@@ -121,6 +132,11 @@ class StoreUrls:
     def single(cls, url: str) -> StoreUrls:
         """All three services at one URL (``memory://``, a daemon, a local store)."""
         return cls(url, url, url)
+
+    @property
+    def substitutes(self) -> bool:
+        """Whether the path-info service is a binary cache (a lookup may download and ingest a NAR)."""
+        return urls.is_cache(self.path_info)
 
     @classmethod
     def default(cls) -> StoreUrls:
@@ -176,7 +192,10 @@ def open_store(store_urls: StoreUrls) -> Store:
 
             opened[0] = CachingBlobService(opened[0], cache.directory, cache.max_bytes)
         opened.append(open_directory_service(store_urls.directory))
-        opened.append(open_path_info_service(store_urls.path_info))
+        if store_urls.substitutes:
+            opened.append(_open_cache(store_urls, opened[0], opened[1]))
+        else:
+            opened.append(open_path_info_service(store_urls.path_info))
     except BaseException:
         for service in opened:
             service.close()
@@ -201,6 +220,42 @@ def describe(store_urls: StoreUrls) -> str:
 def _open(url: str, kind: str) -> Any:
     parsed = urls.parse(url)
     return _OPENERS[parsed.scheme](parsed, kind)
+
+
+def _open_cache(store_urls: StoreUrls, blobs: BlobService, directories: DirectoryService) -> PathInfoService:
+    """The binary cache's path-info service over this store; PathInfos kept in the directory service's store.
+
+    Processes sharing an embedded store take turns per path through lock
+    files in its ``tmp/`` (one download per path however many mounts).
+    """
+    from . import nixhttp
+
+    local = open_path_info_service(store_urls.directory)
+    try:
+        return nixhttp.open_path_info_service(store_urls.path_info, blobs, directories, local,
+                                              substitution_lock_dir(store_urls.directory))
+    except BaseException:
+        local.close()
+        raise
+
+
+def substitution_lock_dir(directory_url: str) -> Path | None:
+    """Where substitutions into the store at ``directory_url`` take their per-path locks.
+
+    The embedded store's ``tmp/``, so every mount and ``tvixstore
+    substitute`` of one store directory share them; none for other stores.
+    """
+    parsed = urls.parse(directory_url)
+    if parsed.scheme != urls.LOCAL:
+        return None
+    from .embedded.layout import TMP_DIR
+
+    return Path(parsed.path) / TMP_DIR
+
+
+def _open_cache_alone(url: StoreUrl, kind: str) -> Any:
+    raise InvalidArgument(f"{urls.redact(url.text)} is a Nix binary cache: open it with open_store, over "
+                          f"the store its NARs are substituted into")
 
 
 def _open_memory(url: StoreUrl, kind: str) -> Any:
@@ -241,4 +296,5 @@ _OPENERS: dict[str, Callable[[StoreUrl, str], Any]] = {
     urls.MEMORY: _open_memory,
     urls.LOCAL: _open_local,
     **{scheme: _open_grpc for scheme in urls.GRPC_SCHEMES},
+    **{scheme: _open_cache_alone for scheme in urls.NIX_SCHEMES},
 }

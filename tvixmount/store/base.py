@@ -202,5 +202,16 @@ class PathInfoService(abc.ABC):
         """(nar_size, nar_sha256) if the backend can compute it, else None."""
         return None
 
+    # A service that fetches what it lacks from elsewhere (a binary cache) splits ``get``
+    # in two: what it holds now (quick), and fetching (long, bounded by a deadline).
+
+    def get_present(self, digest: bytes) -> PathInfo | None:
+        """What ``get`` answers without fetching anything from elsewhere."""
+        return self.get(digest)
+
+    def fetch(self, digest: bytes, deadline: float) -> PathInfo | None:
+        """``get``, fetching what is missing, never past ``deadline`` (``time.monotonic()``)."""
+        return self.get(digest)
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections and files."""

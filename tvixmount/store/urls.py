@@ -18,6 +18,11 @@ with a message naming the URL, not later inside a worker:
 ``grpc+unix:///abs/socket``
     a daemon on a unix socket; the host must be empty.
     The grpc URLs accept ``?wait-connect=0|1``.
+``nix+http://host[:port][/path][?...]``, ``nix+https://...``
+    a Nix binary cache, as a path-info service only (its blobs and
+    directories go into the store's other two services); the parameters
+    and their checks are the cache's own (nixhttp/config.py, loaded here
+    lazily: it loads no HTTP client and no cryptography).
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from ..errors import InvalidArgument
 MEMORY = "memory"
 LOCAL = "local"
 GRPC_SCHEMES = ("grpc+http", "grpc+https", "grpc+unix")
+NIX_SCHEMES = ("nix+http", "nix+https")  # binary caches: path-info services only
 
-_SUPPORTED = "memory://, local:///abs/path, grpc+http://host:port, grpc+https://host:port, grpc+unix:///socket"
+_SUPPORTED = ("memory://, local:///abs/path, grpc+http://host:port, grpc+https://host:port, "
+              "grpc+unix:///socket, nix+http(s)://host/path (path info only)")
 _TRUE = ("1", "true", "yes")
 _FALSE = ("0", "false", "no")
 _DEFAULT_PORT = {"grpc+http": 80, "grpc+https": 443}
@@ -53,7 +60,7 @@ class StoreUrl:
 
     text: str  # the URL exactly as given
     scheme: str
-    host: str  # host:port for grpc+http(s) (the scheme's port filled in); empty otherwise
+    host: str  # host:port for grpc+http(s) (the scheme's port filled in) and nix+http(s); else ""
     path: str  # percent-decoded filesystem path for local:// and grpc+unix://; else ""
     query: tuple[tuple[str, str], ...] = ()
 
@@ -81,6 +88,8 @@ def parse(url: str) -> StoreUrl:
         if url.lower() != "memory://":
             raise InvalidArgument(f"store URL {url!r}: memory:// takes no host, path or query")
         return StoreUrl(url, MEMORY, "", "")
+    if scheme in NIX_SCHEMES:
+        return _parse_cache(url, scheme)
     if scheme != LOCAL and scheme not in GRPC_SCHEMES:
         raise InvalidArgument(f"store URL {url!r}: unknown scheme {scheme!r}; use one of {_SUPPORTED}")
 
@@ -104,6 +113,28 @@ def parse(url: str) -> StoreUrl:
     if scheme == LOCAL and path.rstrip("/") == "":
         raise InvalidArgument(f"store URL {url!r}: refusing to use / as the store directory")
     return StoreUrl(url, scheme, "", path, query)
+
+
+def _parse_cache(url: str, scheme: str) -> StoreUrl:
+    from .nixhttp.config import parse_url
+
+    config = parse_url(url)  # InvalidArgument naming the URL (redacted) and the problem
+    parts = urllib.parse.urlsplit(config.base_url)
+    return StoreUrl(url, scheme, parts.netloc.rpartition("@")[2], parts.path)  # no user:password
+
+
+def is_cache(url: str) -> bool:
+    """Whether ``url`` (valid) names a Nix binary cache, which substitutes into the other services."""
+    return url.partition("://")[0].lower() in NIX_SCHEMES
+
+
+def unsigned_cache(url: str) -> bool:
+    """Whether ``url`` names a binary cache whose narinfo signatures are not checked (no keys given)."""
+    if not is_cache(url):
+        return False
+    from .nixhttp.config import parse_url
+
+    return parse_url(url).trusted_keys is None
 
 
 def _check_host(url: str, scheme: str, parts: urllib.parse.SplitResult) -> str:

@@ -183,10 +183,12 @@ class Database:
     def create_schema(self) -> None:
         """Create the tables (idempotent; several importers may race here)."""
         with self.connection("creating the store schema") as conn:
-            mode = sqlite.use_wal(conn)
+            # Workers of a mount over a new store all create it at once: switching to WAL is
+            # "locked" at once for all but one (no busy handler there), so they try again.
+            mode = sqlite.retry_busy(conn, lambda: sqlite.use_wal(conn), BUSY_TIMEOUT_S)
             if mode != "wal":
                 raise Unavailable(f"store {self.where}: sqlite refused WAL mode (got {mode})")
-            sqlite.apply_schema(conn, _SCHEMA)
+            sqlite.retry_busy(conn, lambda: sqlite.apply_schema(conn, _SCHEMA), BUSY_TIMEOUT_S)
 
     def check_schema(self) -> None:
         row = self.one("opening the store", "PRAGMA user_version")

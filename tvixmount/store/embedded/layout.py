@@ -126,7 +126,7 @@ def acquire(root: Path, create: bool = False) -> StoreHandle:
 def _open(root: Path, create: bool) -> StoreHandle:
     try:
         exists = root.is_dir()
-        if not exists and root.exists():
+        if not exists and root.exists() and not root.is_dir():  # not made by another creator meanwhile
             raise InvalidArgument(f"store directory {root} exists but is not a directory")
         if not exists:
             if not create:

@@ -13,22 +13,27 @@ Modules, in the order a substitution uses them:
 * ``signing``    Nix's ed25519 keys and the signature check
 * ``decompress`` none, xz, bzip2, gzip, zstd as bounded streams
 * ``checks``     FileSize/FileHash of the download, NarSize/NarHash of the NAR
-* ``ingest``     a NAR stream into blobs and directories
+* (``store/naringest.py``: a NAR stream into blobs and directories)
 * ``substitute`` one path, in order, verified end to end
 * ``service``    the PathInfoService: local first, one download per path
+
+Importing the package (or ``config``) loads no HTTP client, codec or
+cryptography: the mount's dispatcher checks a cache URL with ``config``
+and never opens it; the workers open it (``open_path_info_service``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..base import BlobService, DirectoryService, PathInfoService
 from .config import CacheConfig, parse_url
-from .service import NixHttpPathInfoService
-from .substitute import NullProgress, Progress
 
-__all__ = ["CacheConfig", "NixHttpPathInfoService", "NullProgress", "Progress", "open_path_info_service",
-           "parse_url"]
+if TYPE_CHECKING:
+    from .service import NixHttpPathInfoService
+
+__all__ = ["CacheConfig", "open_path_info_service", "parse_url"]
 
 
 def open_path_info_service(
@@ -39,4 +44,6 @@ def open_path_info_service(
     lock_dir: Path | None = None,
 ) -> NixHttpPathInfoService:
     """The service for ``url`` over a local store's three services (``lock_dir``: under its directory)."""
+    from .service import NixHttpPathInfoService
+
     return NixHttpPathInfoService(parse_url(url), blobs, directories, local, lock_dir)

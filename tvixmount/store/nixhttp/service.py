@@ -89,11 +89,20 @@ class NixHttpPathInfoService(PathInfoService):
 
     def get(self, digest: bytes) -> PathInfo | None:
         """The local PathInfo, else the one substituted now, else None (may take up to ``timeout``)."""
+        return self.fetch(digest, time.monotonic() + self.config.timeout)
+
+    def get_present(self, digest: bytes) -> PathInfo | None:
+        """The local PathInfo only: no request to the cache."""
+        check_store_path_digest(digest)
+        return self.local.get(digest)
+
+    def fetch(self, digest: bytes, deadline: float) -> PathInfo | None:
+        """The local PathInfo, else the one substituted before ``deadline`` (and ``timeout``), else None."""
         check_store_path_digest(digest)
         info = self.local.get(digest)
         if info is not None:
             return info
-        return self._substitute(digest, None, time.monotonic() + self.config.timeout, None)
+        return self._substitute(digest, None, min(deadline, time.monotonic() + self.config.timeout), None)
 
     def put(self, info: PathInfo) -> PathInfo:
         return self.local.put(info)

@@ -36,12 +36,12 @@ from ...castore.pathinfo import PathInfo
 from ...castore.storepath import StorePath
 from ...errors import InvalidData
 from ..base import BlobService, DirectoryService, PathInfoService
+from ..naringest import NarTree, ingest_nar
 from ..urls import redact
 from . import narinfo as narinfo_text
 from .checks import FileCheck, NarCheck
 from .decompress import check_compression, decompressing
 from .http import HttpClient
-from .ingest import NarTree, ingest_nar
 from .narinfo import NarinfoFile
 from .signing import PublicKey, check_signatures
 
@@ -145,8 +145,13 @@ class Substituter:
             download = FileCheck(stream, info.file_size, info.file_sha256, what)
             nar = NarCheck(decompressing(info.compression, download), info.nar_size, info.nar_sha256, what,
                            shown.nar_bytes)
-            tree = ingest_nar(io.BufferedReader(nar, NAR_BUFFER), self.blobs, self.directories,
-                              self.convention)
+            try:
+                tree = ingest_nar(io.BufferedReader(nar, NAR_BUFFER), self.blobs, self.directories,
+                                  self.convention)
+            except InvalidData as exc:
+                if str(exc).startswith(what):
+                    raise
+                raise type(exc)(f"{what}: {exc}") from None  # the parser's message names no path
             nar.finish()
             download.finish()
         stored = self.path_infos.put(narinfo_text.to_pathinfo(info, tree.root))

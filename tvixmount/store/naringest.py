@@ -22,8 +22,10 @@ after the batch has ended, so a directory is never visible before its
 blobs are. A failure leaves unreferenced blobs (and perhaps directories)
 behind: content-addressed, harmless, and reused by the next attempt.
 
-This is the store's NAR ingestion; ``tvixstore import --nar``
-(admin/nar_import.py) has its own loop and could use this one.
+This is the store's one NAR ingestion: substitution from a binary cache
+(nixhttp/substitute.py) and ``tvixstore import --nar`` (admin/nar_import.py)
+both use it; each checks the NAR's hash and size its own way and writes
+the PathInfo itself, last.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ from typing import BinaryIO
 
 import blake3
 
-from ...castore.directory import Directory, SizeConvention, validate
-from ...castore.narreader import NarDirectoryEnd, NarDirectoryStart, NarFile, NarSymlink, read_nar
-from ...castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, display_name
-from ...errors import InvalidData
-from ..base import BlobService, DirectoryService
+from ..castore.directory import Directory, SizeConvention, validate
+from ..castore.nar import nar_size
+from ..castore.narreader import NarDirectoryEnd, NarDirectoryStart, NarFile, NarSymlink, read_nar
+from ..castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, display_name
+from ..errors import InvalidData
+from .base import BlobService, DirectoryService
 
 PIECE = 1 << 20  # read size for big files, and the largest file stored from one buffer
 STORE_THREADS = 2
@@ -57,6 +60,7 @@ class NarTree:
     file_bytes: int
     directories: int  # distinct Directory messages
     symlinks: int
+    nar_size: int  # the NAR this tree renders to, from its metadata (a guard for the caller)
 
 
 @dataclass(slots=True)
@@ -112,9 +116,10 @@ def ingest_nar(
                 finish(DirectoryNode(frame.name, digest, directory.size(convention)))
     if root is None:  # read_nar yields a root or raises; guard the invariant anyway
         raise InvalidData("NAR holds no root node")
+    rendered = nar_size(root, built.__getitem__)
     if built:
         directories.put_many(built.values())
-    return NarTree(root, files, file_bytes, len(built), symlinks)
+    return NarTree(root, files, file_bytes, len(built), symlinks, rendered)
 
 
 class _BlobSink:
