@@ -207,7 +207,9 @@ def test_readpath_tools_account_for_every_read(tmp_path):
     assert report["result"]["reads"] > 0 and report["exit"] == 0
     # a few reads of each worker are still buffered when it exits; the rest are all there
     assert stages["handler total"]["reads"] >= report["result"]["reads"] - 2 * 32
-    assert 0 < stages["  of which blake3"]["median"] <= stages["worker: blob_read handler"]["median"]
+    # means, not medians: on a loaded machine most of these few reads may find their segment
+    # already verified in the worker (no hashing at all), which puts the blake3 median at 0
+    assert 0 < stages["  of which blake3"]["mean"] <= stages["worker: blob_read handler"]["mean"]
     profile = subprocess.run([sys.executable, str(tools / "readpath_profile.py"), "--workdir", str(tmp_path),
                               "--target", "tvix-embedded", "--readers", "2", "--duration", "0.5",
                               "--json", str(tmp_path / "profile.json")],
