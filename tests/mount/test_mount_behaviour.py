@@ -193,9 +193,14 @@ def test_forget_shrinks_the_inode_table(local_store, mount):
     peaks = []
     for _ in range(3):
         subprocess.run(["find", str(m.path(name))], check=True, capture_output=True)
-        for p in m.path(name).rglob("*"):
-            p.lstat()
-        peaks.append(stats(m.mountpoint)["vfs"]["inodes"])
+        # O_PATH descriptors pin every entry's dentry, so the peak is counted before any
+        # dentry can be dropped (other processes on a shared machine drop caches too)
+        pinned = [os.open(p, os.O_PATH | os.O_NOFOLLOW) for p in m.path(name).rglob("*")]
+        try:
+            peaks.append(stats(m.mountpoint)["vfs"]["inodes"])
+        finally:
+            for fd in pinned:
+                os.close(fd)
         Path("/proc/sys/vm/drop_caches").write_text("2")
         time.sleep(0.3)
     after = stats(m.mountpoint)["vfs"]["inodes"]
