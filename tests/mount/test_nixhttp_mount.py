@@ -353,13 +353,13 @@ def test_concurrent_lookups_of_one_path_download_it_once(caches: NixCaches, tmp_
 
 # -- a big NAR, memory flat ---------------------------------------------------------------
 
-BIG = 256 << 20
+BIG = 512 << 20
 BLOCK = 64 << 10
-RSS_BOUND = 128 << 20  # a worker's peak while it ingests a 256 MiB NAR (measured: under 50 MiB)
+RSS_BOUND = 128 << 20  # a worker's peak while it ingests a 512 MiB NAR (measured: under 50 MiB at 256 MiB)
 
 
 def _big_source(path: Path) -> str:
-    """A 256 MiB file, half random and half zeros per 64 KiB block (zstd halves it); its sha256."""
+    """A 512 MiB file, half random and half zeros per 64 KiB block (zstd halves it); its sha256."""
     path.mkdir()
     rnd = random.Random(12)
     sha = hashlib.sha256()
@@ -378,7 +378,7 @@ def _peak_rss(pid: int) -> int:
 
 
 def test_a_big_nar_is_substituted_with_flat_memory(caches: NixCaches, tmp_path: Path) -> None:
-    """A 256 MiB NAR (zstd, Nix-written) streams into the store; no worker's peak RSS comes near it."""
+    """A 512 MiB NAR (zstd, Nix-written) streams into the store; no worker's peak RSS comes near it."""
     source = tmp_path / "nixhttp-big"
     want = _big_source(source)
     added = caches.nix("nix-store", "--store", caches.store, "--add-fixed", "--recursive", "sha256",
