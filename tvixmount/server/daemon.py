@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
-from .. import flags
+from .. import flags, logsetup
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, TvixError
 from ..store import StoreUrls, describe
@@ -175,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a tvixmount store (embedded by default) over tvix's gRPC protocol.",
     )
     DAEMON.add_to(parser)
-    parser.add_argument("--log-level", type=str.lower, default="info",
-                        choices=["debug", "info", "warning", "error"], help="log verbosity (default info)")
+    parser.add_argument("--log-level", type=logsetup.level_name, default=None, metavar="LEVEL",
+                        help="trace, debug, info, warn or error (default: RUST_LOG's level, else info)")
     add_arguments(parser)
     return parser
 
@@ -193,8 +193,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, C
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, store = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logsetup.choose_level(args.log_level), handlers=[logsetup.stream_handler()])
     try:
         return run(args, store)
     except TvixError as exc:
