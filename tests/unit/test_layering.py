@@ -72,7 +72,7 @@ STORE_URLS = ("tvixmount.store.urls",)
 
 # The generated gRPC stubs (tvixmount/proto/*_pb2_grpc.py) import grpc, so importing
 # them is importing grpc.
-GRPC = ("grpc", "tvixmount.proto.*_pb2_grpc")
+GRPC = ("grpc", "grpc_health", "grpc_reflection", "tvixmount.proto.*_pb2_grpc")
 PROJECT = ("tvixmount", "workers")
 # Leaf helpers any layer may use: each imports nothing of the project but errors.
 LEAVES = ("tvixmount.deadlines", "tvixmount.units", "tvixmount.inflight", "tvixmount.sdnotify")

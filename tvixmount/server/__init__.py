@@ -1,8 +1,8 @@
 """Serve any store over tvix's gRPC protocol, so a build farm can mount one store.
 
 ``serve(store_urls, listen, ...)`` opens the store, starts a grpc server
-with the three tvix services (servicers.py) and the standard health
-service (health.py) on ``listen``, and returns it running. ``daemon.py``
+with the three tvix services (servicers.py), the standard health
+service and reflection (health.py) on ``listen``, and returns it running. ``daemon.py``
 wraps it for ``tvixstore daemon`` (flags, signals, periodic stats).
 
 Listen addresses (``parse_listen``): ``host:port``, ``[v6]:port``,
@@ -166,7 +166,7 @@ class StoreServer(grpc.Server):
             if self._done is not None:
                 return self._done
             done = self._done = threading.Event()
-        self.health.serving = False
+        self.health.shutdown()
         stopped = self._server.stop(grace)
 
         def finish() -> None:
@@ -214,7 +214,8 @@ def serve(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server"),
             options=_SERVER_OPTIONS,
         )
-        server.add_generic_rpc_handlers([*handlers(store, options, stats), health.handler()])
+        server.add_generic_rpc_handlers(handlers(store, options, stats))
+        health.add_to(server)
         try:
             port = server.add_insecure_port(address.target)
         except RuntimeError as exc:
