@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -191,6 +192,7 @@ def serve(
     added_latency: float = 0.0,
     max_workers: int = DEFAULT_WORKERS,
     check_dir_sizes: SizeConvention | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> StoreServer:
     """Open the store and serve it on ``listen``; returns the started server.
 
@@ -198,7 +200,8 @@ def serve(
     ``added_latency`` sleeps that many seconds at the start of each call
     (to emulate a network hop in tests); ``check_dir_sizes`` makes
     Directory Put check DirectoryNode.size in that convention (default:
-    sizes are not checked, docs/protocol.md, 'Directory size').
+    sizes are not checked, docs/protocol.md, 'Directory size');
+    ``interceptors`` see every call (the daemon's metrics, server/metrics.py).
     """
     address = parse_listen(listen)
     if added_latency < 0:
@@ -212,7 +215,7 @@ def serve(
         options = Options(read_only=read_only, added_latency=added_latency, check_dir_sizes=check_dir_sizes)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server"),
-            options=_SERVER_OPTIONS,
+            options=_SERVER_OPTIONS, interceptors=list(interceptors),
         )
         server.add_generic_rpc_handlers(handlers(store, options, stats))
         health.add_to(server)
