@@ -17,6 +17,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -98,9 +99,15 @@ def _is_mountpoint(path: Path) -> bool:
     target = os.fspath(path)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            return any(line.split()[4] == target for line in f)
+            return any(mountinfo_path(line.split()[4]) == target for line in f)
     except OSError:
         return False
+
+
+def mountinfo_path(field: str) -> str:
+    """A mount point as /proc/self/mountinfo writes it, decoded: space, tab, newline and
+    backslash appear there as octal escapes (``/mnt/a\\040b`` is ``/mnt/a b``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -341,7 +348,7 @@ def _fuse_connection(mountpoint: Path) -> Path | None:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
-                if fields[4] == target:
+                if mountinfo_path(fields[4]) == target:
                     return FUSECTL / fields[2].split(":")[1]
     except (OSError, IndexError):
         pass
