@@ -81,6 +81,38 @@ def test_watchdog_pings_while_healthy_and_stops_without_the_fork_server(local_st
         assert "withholding the watchdog ping" in m.log()
 
 
+def test_watchdog_stops_while_every_fuse_thread_is_stuck(local_store, mount, monkeypatch):
+    """One FUSE thread, held by a read whose worker is stopped: the probe queues behind it, no ping."""
+    import threading
+
+    Populate(local_store).helloworld()
+    with NotifySocket() as notify:
+        monkeypatch.setenv("NOTIFY_SOCKET", notify.path)
+        monkeypatch.setenv("WATCHDOG_USEC", "200000")
+        m = mount("-l", "--threads", "1", "--request-timeout", "6", workers=1, expect_errors=True)
+        notify.wait_for("READY=1")
+        notify.wait_for("WATCHDOG=1", timeout=5)
+        assert m.proc is not None
+        worker = descendants(m.proc.pid)[1]  # [0] is the fork server
+        os.kill(worker, signal.SIGSTOP)
+        path = m.mountpoint / os.fsdecode(HELLOWORLD_BLOB_NAME)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(path.read_bytes()))
+        try:
+            reader.start()
+            time.sleep(0.3)  # the read is on the only FUSE thread now, waiting for the stopped worker
+            notify.messages.clear()
+            deadline = time.monotonic() + 1.5
+            while (left := deadline - time.monotonic()) > 0:
+                notify.read(left)
+            assert reader.is_alive() and notify.count("WATCHDOG=1") == 0, notify.messages
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        reader.join(20)
+        assert got == [HELLOWORLD]
+        notify.wait_for("WATCHDOG=1", timeout=5)  # healthy again: the pings come back
+
+
 def test_a_watchdog_for_another_pid_is_not_ours(local_store, mount, monkeypatch):
     Populate(local_store).helloworld()
     with NotifySocket() as notify:

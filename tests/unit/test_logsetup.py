@@ -86,3 +86,29 @@ def test_journal_format_only_when_journal_stream_names_our_stream(tmp_path, monk
         assert not isinstance(plain, logsetup.JournalFormatter)
         assert plain.format(_record(logging.WARNING, "w"))[:4].isdigit()  # starts with the year
     assert not logsetup.journald_stream(io.StringIO(), {"JOURNAL_STREAM": "1:2"})
+
+
+def test_mount_flag_and_variable_take_upstream_levels(monkeypatch):
+    from tvixmount import cli, flags
+
+    args = flags.parse(cli.build_parser(), ["/mnt", "--log-level", "Warn"])
+    assert logsetup.choose_level(args.log_level) == "WARNING"
+    monkeypatch.setenv("TVIXMOUNT_LOG_LEVEL", "TRACE")
+    monkeypatch.setenv("RUST_LOG", "error")
+    args = flags.parse(cli.build_parser(), ["/mnt"])
+    assert logsetup.choose_level(args.log_level) == "TRACE"  # the variable is the flag's, before RUST_LOG
+    monkeypatch.delenv("TVIXMOUNT_LOG_LEVEL")
+    args = flags.parse(cli.build_parser(), ["/mnt"])
+    assert args.log_level is None and logsetup.choose_level(args.log_level) == "ERROR"
+
+
+def test_tvixstore_takes_upstream_levels_before_and_after_the_command():
+    from tvixmount.admin import cli as admin_cli
+    from tvixmount.flags import parse
+
+    args = parse(admin_cli.build_parser(["list"]), ["--log-level", "WARN", "list"])
+    assert args.log_level == "warning"
+    args = parse(admin_cli.build_parser(["list"]), ["list", "--log-level", "trace"])
+    assert args.log_level == "trace"
+    with pytest.raises(SystemExit):
+        parse(admin_cli.build_parser(["list"]), ["--log-level", "loud", "list"])
