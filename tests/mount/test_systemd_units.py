@@ -103,6 +103,7 @@ def test_hardening():
     assert values(daemon, "CapabilityBoundingSet") == [""]
     assert values(daemon, "ProtectSystem") == ["strict"] and values(daemon, "PrivateTmp") == ["yes"]
     assert values(daemon, "ProtectHome") == ["yes"] and values(daemon, "StateDirectory") == ["tvixmount"]
+    assert values(daemon, "RuntimeDirectory") == ["tvixstore-daemon"]  # sd-listen's private socket
     assert "--listen-address sd-listen" in values(daemon, "ExecStart")[0]
     socket = systemd.shipped("tvixstore-daemon.socket")
     assert values(socket, "ListenStream") == ["[::1]:8000", "127.0.0.1:8000"]
