@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -104,7 +105,7 @@ def test_hardening():
     assert values(daemon, "ProtectSystem") == ["strict"] and values(daemon, "PrivateTmp") == ["yes"]
     assert values(daemon, "ProtectHome") == ["yes"] and values(daemon, "StateDirectory") == ["tvixmount"]
     assert values(daemon, "RuntimeDirectory") == ["tvixstore-daemon"]  # sd-listen's private socket
-    assert "--listen-address sd-listen" in values(daemon, "ExecStart")[0]
+    assert "--listen-address sd-listen:*" in values(daemon, "ExecStart")[0]  # both sockets, not the first
     socket = systemd.shipped("tvixstore-daemon.socket")
     assert values(socket, "ListenStream") == ["[::1]:8000", "127.0.0.1:8000"]
 
@@ -178,3 +179,67 @@ def test_type_notify_contract_end_to_end(units, tmp_path, local_store, store_dir
             if is_mounted(mountpoint):
                 subprocess.run(["fusermount", "-u", "-z", str(mountpoint)], check=False)
             log.close()
+
+
+_ACTIVATE = r"""
+import os, sys
+# systemd's side of socket activation: the sockets at fd 3.., LISTEN_PID this very process.
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+for i, fd in enumerate(fds):
+    os.dup2(fd, 3 + i)
+os.environ["LISTEN_PID"] = str(os.getpid())
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def test_daemon_units_socket_activation_and_notify_end_to_end(units, tmp_path):
+    """The .socket's addresses bound as systemd would (on free ports), the .service's ExecStart
+    started with them: READY=1 comes when both answer gRPC health, STOPPING=1 and exit 0 on SIGTERM."""
+    import grpc
+
+    pytest.importorskip("tvixmount.server.listen", reason="sd-listen comes with the daemon's listen module")
+    from tvixmount.server import health
+
+    socket_unit = (units / "tvixstore-daemon.socket").read_text()
+    service_unit = (units / "tvixstore-daemon.service").read_text()
+    listeners, targets = [], []
+    for spec in values(socket_unit, "ListenStream"):
+        host = spec.rsplit(":", 1)[0].strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.bind((host, 0))  # the unit's host, a free port (8000 may be taken on this machine)
+        except OSError:
+            continue  # no IPv6 loopback in this container
+        sock.listen(64)
+        listeners.append(sock)
+        port = sock.getsockname()[1]
+        targets.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    assert listeners
+    environment = dict(line.split("=", 1) for line in values(service_unit, "Environment"))
+    exec_start = shlex.split(values(service_unit, "ExecStart")[0])
+    command = [arg for arg in exec_start if arg != "$TVIXSTORE_DAEMON_ARGS"]  # an unset variable: no word
+    log = open(tmp_path / "daemon.log", "wb")  # noqa: SIM115 - closed below
+    with NotifySocket(abstract=True) as notify:
+        env = {**os.environ, **environment, **notify.env, "LISTEN_FDS": str(len(listeners)),
+               # what /etc/tvixmount/tvixstore-daemon.env would set for this test
+               "TVIXMOUNT_STORE_DIR": str(tmp_path / "store")}
+        fds = [s.fileno() for s in listeners]
+        proc = subprocess.Popen([sys.executable, "-c", _ACTIVATE, ",".join(map(str, fds)), *command],
+                                env=env, pass_fds=fds, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            for s in listeners:
+                s.close()  # the daemon holds them now, as systemd hands them over
+            notify.wait_for("READY=1")
+            for target in targets:  # every socket of the .socket unit is served
+                with grpc.insecure_channel(target) as channel:
+                    assert health.check(channel, timeout=5) == health.SERVING
+            proc.send_signal(signal.SIGTERM)
+            notify.wait_for("STOPPING=1", timeout=10)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            log.close()
+    assert (tmp_path / "store").is_dir()  # the service's store is the embedded one it was given
