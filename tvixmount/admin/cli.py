@@ -60,7 +60,8 @@ DESCRIPTION = """\
 Fill and inspect a tvix store: import local trees or NAR files as store paths,
 copy a Nix closure in from /nix/store, list and read what a store holds, verify
 every object in it, sync store paths with their closure into another store,
-serve it over gRPC, and mount it."""
+serve it over gRPC, and mount it; write the systemd units that run the mount
+and the daemon."""
 
 EPILOG = f"""\
 The store: by default the embedded on-disk store in --store-dir (env
@@ -85,6 +86,7 @@ examples:
   tvixstore copy closure.json            # a Nix closure from /nix/store (exportReferencesGraph)
   tvixstore sync <hash>-result --to-store-dir /srv/store   # with its closure
   tvixstore daemon -l 127.0.0.1:8000     # serve the store over gRPC
+  tvixstore systemd-units -o /etc/systemd/system   # tvixmount@.service, tvixstore-daemon.*
   tvixstore mount /mnt/store             # = tvixmount /mnt/store
   tvixstore --store-dir /srv/store import ./tree
   tvixstore import ./tree --blob-service-addr grpc+http://[::1]:8000 \\
