@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+from tvixmount.mount import mountinfo_path
+
 FUSE_MISSING = None
 if not os.path.exists("/dev/fuse"):
     FUSE_MISSING = "/dev/fuse is missing"
@@ -24,7 +26,7 @@ elif os.geteuid() != 0:
 def is_mounted(path: Path) -> bool:
     target = os.path.realpath(path)
     with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        return any(line.split()[4] == target for line in f)
+        return any(mountinfo_path(line.split()[4]) == target for line in f)
 
 
 def _children_by_parent() -> dict[int, list[int]]:

@@ -33,3 +33,7 @@ if [[ ! -f $stamp || setup.cfg -nt $stamp || pyproject.toml -nt $stamp ]]; then
     .venv/bin/pip install -q --disable-pip-version-check -e '.[test]'
     touch "$stamp"
 fi
+
+# Man pages and shell completions from the parsers (tools/gen_shell_docs.py), into
+# .venv/share: `man tvixmount` works with .venv/bin on PATH.
+.venv/bin/python tools/gen_shell_docs.py -o .venv/share >/dev/null

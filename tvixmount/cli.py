@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__, flags
+from . import __version__, flags, logsetup
 
 log = logging.getLogger("tvixmount")
 
@@ -129,8 +129,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "127.0.0.1, [::1]:PORT for IPv6, port 0 picks a free port (logged). "
                    "Default: off (the counters are always in the user.tvixmount.stats "
                    "xattr of the mount root)")
-    flags.add(p, "--log-level", default="INFO", type=str.upper, env="TVIXMOUNT_LOG_LEVEL",
-              choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
+    flags.add(p, "--log-level", type=logsetup.level_name, env="TVIXMOUNT_LOG_LEVEL", metavar="LEVEL",
+              help="trace, debug, info, warn or error, any case (default: RUST_LOG's level for "
+                   "tvixmount, else info); under systemd each line carries its journal priority")
     p.add_argument("--version", action="version", version=f"tvixmount {__version__}")
 
 
@@ -144,14 +145,10 @@ def _listen(text: str):  # -> metrics.ListenAddress
 
 
 def setup_logging(level: str) -> None:
-    """Configure stderr logging, and forward worker processes' records to it."""
+    """Configure stderr logging (journald's format under systemd), and forward workers' records to it."""
     import multiprocessing_logging
 
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=level, handlers=[logsetup.stream_handler(sys.stderr)])
     multiprocessing_logging.install_mp_handler()
 
 
@@ -200,7 +197,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         check_mountpoint(mountpoint)  # again in mount.run; here it is still a usage error, one line
     except MountpointError as exc:
         parser.error(f"mountpoint {exc}")
-    setup_logging(args.log_level.upper())
+    setup_logging(logsetup.choose_level(args.log_level))
     log_choice(log, store)
     config = MountConfig(
         mountpoint=mountpoint,

@@ -13,9 +13,9 @@ prefix><field>`` unless the field names its family itself. The help text
 comes from that declaration.
 
 The registry is a ``CollectorRegistry`` of its own, never
-prometheus_client's global one: that one also carries process and platform
-metrics we do not promise, and a second registration of our names (a test
-making two exporters in one process) would fail there.
+prometheus_client's global one (a second registration of our names, a test
+making two exporters in one process, would fail there); it also carries
+``tvixmount_build_info`` and the process families (metrics_common).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -36,7 +35,8 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector as PrometheusCollector
 from prometheus_client.utils import floatToGoString
 
-from .metrics import FuseMetrics, ListenAddress, ListenError, MountStats, exported
+from .metrics import FuseMetrics, ListenAddress, MountStats, exported
+from .metrics_common import MetricsServer, registry_for
 from .poolstate import PoolStats
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def _worker_families(pool: PoolStats) -> Iterator[Metric]:
 
 
 class Exporter:
-    """The /metrics HTTP endpoint: prometheus_client's server in a daemon thread.
+    """The mount's /metrics endpoint: its families, build info and process metrics.
 
     Start it only after the worker pool forked its zygote: no thread may
     exist in the dispatcher before that fork.
@@ -119,18 +119,10 @@ class Exporter:
 
     def __init__(self, address: ListenAddress, metrics: FuseMetrics,
                  snapshot: Callable[[], MountStats]) -> None:
-        registry = CollectorRegistry()
+        registry = registry_for("tvixmount")
         registry.register(MountCollector(metrics, snapshot))
-        try:
-            self._server, self._thread = start_http_server(address.port, address.host, registry=registry)
-        except OSError as exc:
-            reason = exc.strerror or str(exc)
-            raise ListenError(f"--metrics-listen {address}: cannot listen: {reason}") from None
-        self.address = ListenAddress(address.host, self._server.server_port)
-        log.info("metrics on http://%s/metrics", self.address)
+        self._server = MetricsServer(address, registry, "mount")
+        self.address = self._server.address
 
     def close(self) -> None:
-        """Stop serving and free the port; bounded (the serve loop polls every 0.5 s)."""
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=2)
+        self._server.close()

@@ -17,10 +17,12 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from .fetcher import Fetcher, PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
 from .metrics import FuseMetrics, ListenAddress
 from .metrics_export import Exporter
+from .mount_notify import SystemdLink
 from .pool import WorkerPool
 from .protocol import ops
 from .store import StoreUrls, describe, urls
@@ -96,9 +99,15 @@ def _is_mountpoint(path: Path) -> bool:
     target = os.fspath(path)
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-            return any(line.split()[4] == target for line in f)
+            return any(mountinfo_path(line.split()[4]) == target for line in f)
     except OSError:
         return False
+
+
+def mountinfo_path(field: str) -> str:
+    """A mount point as /proc/self/mountinfo writes it, decoded: space, tab, newline and
+    backslash appear there as octal escapes (``/mnt/a\\040b`` is ``/mnt/a b``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
 
 
 def fuse_options(config: MountConfig) -> set[str]:
@@ -170,14 +179,17 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
             # port then fails the start with nothing mounted.
             exporter = Exporter(config.metrics_listen, metrics, ops.stats)
         llfuse.init(ops, str(config.mountpoint), list(fuse_options(config)))
-        stopper = _Stopper(config.mountpoint, config.stop_grace)
+        systemd = SystemdLink(config.mountpoint, ops.stats, pool.alive)
+        stopper = _Stopper(config.mountpoint, config.stop_grace, on_stop=systemd.stopping)
         log.info("mounted %s on %s (%d workers, %d threads, list-root %s)",
                  describe(config.urls), config.mountpoint, config.workers, config.threads,
                  "on" if config.list_root else "off")
         try:
             with stopper:
+                systemd.start()  # READY=1 once llfuse.main below answers through the kernel
                 llfuse.main(workers=config.threads, handle_signals=False)
         finally:
+            systemd.close()  # STOPPING=1, if an outside unmount ended llfuse.main
             llfuse.close(unmount=_is_mountpoint(config.mountpoint))
         if stopper.signal_number is not None:
             log.info("stopped by %s; unmounted %s", signal.Signals(stopper.signal_number).name,
@@ -236,8 +248,9 @@ class _Stopper:
     signal number to a pipe from the C handler, and a watcher thread reads it.
     """
 
-    def __init__(self, mountpoint: Path, grace: float) -> None:
+    def __init__(self, mountpoint: Path, grace: float, on_stop: Callable[[], None] = lambda: None) -> None:
         self.mountpoint = mountpoint
+        self.on_stop = on_stop  # told before the unmount (systemd's STOPPING=1)
         self.grace = grace
         self.signal_number: int | None = None
         self._read_fd, self._write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -282,6 +295,7 @@ class _Stopper:
                 break  # others (llfuse's SIGUSR1 to its threads) also pass the wakeup fd
         self.signal_number = data[0]
         log.info("received %s; unmounting %s", signal.Signals(data[0]).name, self.mountpoint)
+        self.on_stop()
         unmount(self.mountpoint)
         # If main has not returned after the grace period, the kernel still
         # holds the channel open (a lazily detached mount in use): abort it.
@@ -334,7 +348,7 @@ def _fuse_connection(mountpoint: Path) -> Path | None:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
                 fields = line.split()
-                if fields[4] == target:
+                if mountinfo_path(fields[4]) == target:
                     return FUSECTL / fields[2].split(":")[1]
     except (OSError, IndexError):
         pass

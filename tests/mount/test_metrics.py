@@ -14,6 +14,7 @@ import errno
 import json
 import math
 import os
+import platform
 import re
 import signal
 import socket
@@ -248,6 +249,9 @@ def test_metrics_count_what_was_read(local_store, mount):
     url = metrics_url(m)
     before = scrape(url)
     assert metric(before, "tvixmount_read_bytes_total") == 0
+    from tvixmount import __version__
+    assert metric(before, "tvixmount_build_info", version=__version__, python=platform.python_version()) == 1
+    assert metric(before, "process_resident_memory_bytes") > 0 and metric(before, "process_open_fds") > 0
     assert metric(before, "tvixmount_fuse_ops_total", op="read") == 0
 
     assert m.path(HELLOWORLD_BLOB_NAME).read_bytes() == HELLOWORLD

@@ -231,7 +231,8 @@ def test_daemon_listens_on_loopback_by_default_and_says_so(tmp_path: Path) -> No
             proc.terminate()
             assert proc.wait(20) == 0
     text = log.read_text()
-    assert re.search(r"INFO tvixmount\.server: serving .* on 127\.0\.0\.1:8000 \(loopback only\)", text), text
+    assert re.search(r"INFO tvixmount\.server\[\d+\]: serving .* on 127\.0\.0\.1:8000 \(loopback only\)",
+                     text), text
     assert "WARNING" not in text
     assert ("127.0.0.1", 8000) in listening
     assert not {("0.0.0.0", 8000), ("::", 8000)} & listening

@@ -109,7 +109,7 @@ def test_binding_beyond_loopback_warns_unauthenticated(root: Path) -> None:
     port = free_port()
     d = Daemon(root, "--listen-address", f"0.0.0.0:{port}", tcp=True, port=port).start()
     assert d.stop() == 0
-    assert re.search(r"WARNING tvixmount.server: listening on 0\.0\.0\.0:\d+, which is not loopback: "
+    assert re.search(r"WARNING tvixmount.server\[\d+\]: listening on 0\.0\.0\.0:\d+, which is not loopback: "
                      r"the store is served UNAUTHENTICATED", d.log())
 
 

@@ -45,7 +45,7 @@ FUSE_EDGE = ("tvixmount.fuse_ops", "tvixmount.fuse_timing", "tvixmount.mount", "
 # both sides may use; the metrics modules are values and an exporter, not mount state.)
 DISPATCHER = (
     *FUSE_EDGE, "tvixmount.vfs", "tvixmount.attrs", "tvixmount.readahead", "tvixmount.fetcher",
-    "tvixmount.substitution",
+    "tvixmount.substitution", "tvixmount.mount_notify",
     "tvixmount.pool", "tvixmount.poolstate", "tvixmount.collector", "tvixmount.zygote",
 )
 POOL = ("tvixmount.pool", "tvixmount.poolstate", "tvixmount.collector", "tvixmount.zygote",
@@ -72,10 +72,10 @@ STORE_URLS = ("tvixmount.store.urls",)
 
 # The generated gRPC stubs (tvixmount/proto/*_pb2_grpc.py) import grpc, so importing
 # them is importing grpc.
-GRPC = ("grpc", "tvixmount.proto.*_pb2_grpc")
+GRPC = ("grpc", "grpc_health", "grpc_reflection", "tvixmount.proto.*_pb2_grpc")
 PROJECT = ("tvixmount", "workers")
 # Leaf helpers any layer may use: each imports nothing of the project but errors.
-LEAVES = ("tvixmount.deadlines", "tvixmount.units", "tvixmount.inflight")
+LEAVES = ("tvixmount.deadlines", "tvixmount.units", "tvixmount.inflight", "tvixmount.sdnotify")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Protocol
 
-from .. import __version__, flags
+from .. import __version__, flags, logsetup
 from ..errors import InvalidArgument, TvixError
 from ..store.location import ENV_VAR as STORE_DIR_ENV
 from ..store.location import default_store_dir
@@ -60,7 +60,8 @@ DESCRIPTION = """\
 Fill and inspect a tvix store: import local trees or NAR files as store paths,
 copy a Nix closure in from /nix/store, list and read what a store holds, verify
 every object in it, sync store paths with their closure into another store,
-serve it over gRPC, and mount it."""
+serve it over gRPC, and mount it; write the systemd units that run the mount
+and the daemon."""
 
 EPILOG = f"""\
 The store: by default the embedded on-disk store in --store-dir (env
@@ -85,6 +86,7 @@ examples:
   tvixstore copy closure.json            # a Nix closure from /nix/store (exportReferencesGraph)
   tvixstore sync <hash>-result --to-store-dir /srv/store   # with its closure
   tvixstore daemon -l 127.0.0.1:8000     # serve the store over gRPC
+  tvixstore systemd-units -o /etc/systemd/system   # tvixmount@.service, tvixstore-daemon.*
   tvixstore mount /mnt/store             # = tvixmount /mnt/store
   tvixstore --store-dir /srv/store import ./tree
   tvixstore import ./tree --blob-service-addr grpc+http://[::1]:8000 \\
@@ -115,18 +117,20 @@ def build_parser(argv: Sequence[str] = (), extra: Sequence[CommandModule] = ()) 
     return parser
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, timestamps: bool = False) -> None:
     """One stderr handler on the ``tvixmount`` logger, replaced on every call.
 
     Not logging.basicConfig: main() may run many times in one process (tests),
     each time with a different sys.stderr, and must not touch root handlers.
+    A long-running daemon's lines carry timestamps, as the mount's do; under
+    journald none do (logsetup).
     """
     logger = logging.getLogger("tvixmount")
     for handler in list(logger.handlers):
         if getattr(handler, "_tvixstore", False):
             logger.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(name)s: %(message)s"))
+    handler = logsetup.stream_handler(
+        sys.stderr, logsetup.PLAIN_FORMAT if timestamps else f"{PROG}: %(levelname)s: %(name)s: %(message)s")
     handler._tvixstore = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(level.upper())
@@ -149,9 +153,10 @@ def main(argv: Sequence[str] | None = None, extra: Sequence[CommandModule] = ())
             return int(args.run(args))
         except SystemExit as exc:  # a usage error found after parsing, already printed
             return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    daemon = args.command == "daemon"
     if args.log_level is None:
-        args.log_level = "info" if args.command == "daemon" else "warning"
-    _setup_logging(args.log_level)
+        args.log_level = logsetup.choose_level(None, default="INFO" if daemon else "WARNING").lower()
+    _setup_logging(args.log_level, timestamps=daemon)
     try:
         return int(args.run(args))
     except (TvixError, FileError) as exc:
@@ -168,7 +173,7 @@ def main(argv: Sequence[str] | None = None, extra: Sequence[CommandModule] = ())
     except Exception as exc:  # a bug: still one line, the traceback on request
         report(RuntimeError(f"internal error: {type(exc).__name__}: {exc} "
                              "(run with --log-level debug for a traceback)"), None)
-        if args.log_level == "debug":
+        if args.log_level in ("debug", "trace"):
             traceback.print_exception(exc, file=sys.stderr)
         return EXIT_DATA
 

@@ -16,7 +16,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, BinaryIO
 
-from .. import flags
+from .. import flags, logsetup
 from ..store import Store, StoreUrls, open_store
 from ..storeflags import ADMIN, StoreFlags, log_choice
 from . import progress
@@ -32,6 +32,11 @@ Run = Callable[[argparse.Namespace], int]
 Parser = flags.Parser  # usage errors in one line, ``tvixstore: error: ...``, exit 2
 
 
+def log_level(text: str) -> str:
+    """``--log-level``: tvix-store's level names in any case, as lower-case logging names (``warning``)."""
+    return logsetup.level_name(text).lower()
+
+
 def add_common(parser: argparse.ArgumentParser, suppress: bool, store: StoreFlags = ADMIN) -> None:
     """The store and logging flags; on subcommands defaults are SUPPRESS, so a top-level value wins.
 
@@ -43,9 +48,9 @@ def add_common(parser: argparse.ArgumentParser, suppress: bool, store: StoreFlag
 
     group = parser.add_argument_group("store and output")
     store.add_to(group)
-    group.add_argument("--log-level", type=str.lower, default=default(None),
-                       choices=["debug", "info", "warning", "error"],
-                       help="log verbosity on stderr (default warning, info for daemon; debug adds "
+    group.add_argument("--log-level", type=log_level, default=default(None), metavar="LEVEL",
+                       help="log verbosity on stderr: trace, debug, info, warn or error, any case "
+                            "(default: RUST_LOG's level, else warning, info for daemon; debug adds "
                             "tracebacks)")
     group.add_argument("-q", "--quiet", action="store_true", default=default(False),
                        help="no progress bars and no summary lines")
@@ -111,6 +116,6 @@ class FileError(Exception):
 
 def report(exc: BaseException, args: argparse.Namespace | None, prefix: str = "") -> None:
     """One ``tvixstore: error:`` line on stderr; the traceback too with --log-level debug."""
-    if args is not None and getattr(args, "log_level", "warning") == "debug":
+    if args is not None and getattr(args, "log_level", "warning") in ("debug", "trace"):
         traceback.print_exception(exc, file=sys.stderr)
     print(f"{PROG}: error: {prefix}{exc}", file=sys.stderr)

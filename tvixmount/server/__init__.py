@@ -1,8 +1,8 @@
 """Serve any store over tvix's gRPC protocol, so a build farm can mount one store.
 
 ``serve(store_urls, listen, ...)`` opens the store, starts a grpc server
-with the three tvix services (servicers.py) and the standard health
-service (health.py) on ``listen``, and returns it running. ``daemon.py``
+with the three tvix services (servicers.py), the standard health
+service and reflection (health.py) on ``listen``, and returns it running. ``daemon.py``
 wraps it for ``tvixstore daemon`` (flags, signals, periodic stats).
 
 Listen addresses (``parse_listen``): ``host:port``, ``[v6]:port``,
@@ -20,6 +20,7 @@ import ipaddress
 import logging
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -166,7 +167,7 @@ class StoreServer(grpc.Server):
             if self._done is not None:
                 return self._done
             done = self._done = threading.Event()
-        self.health.serving = False
+        self.health.shutdown()
         stopped = self._server.stop(grace)
 
         def finish() -> None:
@@ -191,6 +192,7 @@ def serve(
     added_latency: float = 0.0,
     max_workers: int = DEFAULT_WORKERS,
     check_dir_sizes: SizeConvention | None = None,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> StoreServer:
     """Open the store and serve it on ``listen``; returns the started server.
 
@@ -198,7 +200,8 @@ def serve(
     ``added_latency`` sleeps that many seconds at the start of each call
     (to emulate a network hop in tests); ``check_dir_sizes`` makes
     Directory Put check DirectoryNode.size in that convention (default:
-    sizes are not checked, docs/protocol.md, 'Directory size').
+    sizes are not checked, docs/protocol.md, 'Directory size');
+    ``interceptors`` see every call (the daemon's metrics, server/metrics.py).
     """
     address = parse_listen(listen)
     if added_latency < 0:
@@ -212,9 +215,10 @@ def serve(
         options = Options(read_only=read_only, added_latency=added_latency, check_dir_sizes=check_dir_sizes)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server"),
-            options=_SERVER_OPTIONS,
+            options=_SERVER_OPTIONS, interceptors=list(interceptors),
         )
-        server.add_generic_rpc_handlers([*handlers(store, options, stats), health.handler()])
+        server.add_generic_rpc_handlers(handlers(store, options, stats))
+        health.add_to(server)
         try:
             port = server.add_insecure_port(address.target)
         except RuntimeError as exc:

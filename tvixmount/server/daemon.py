@@ -29,12 +29,16 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
-from .. import flags
+from .. import flags, logsetup
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, TvixError
 from ..store import StoreUrls, describe
 from ..storeflags import DAEMON, Choice, log_choice
 from . import DEFAULT_LISTEN, DEFAULT_WORKERS, StoreServer, serve
+from .metrics import RpcMetrics, serve_metrics
+from .metrics import add_arguments as add_metrics_arguments
+from .servicers import SERVICES
+from .systemd import DaemonLink
 
 log = logging.getLogger("tvixmount.server")
 
@@ -61,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: sizes are not checked)")
     parser.add_argument("--grace", type=flags.seconds, default=GRACE, metavar="SECONDS",
                         help=f"on SIGTERM/SIGINT, let calls in flight finish this long (default {GRACE:g})")
+    add_metrics_arguments(parser)
     parser.add_argument("--stats-interval", type=flags.seconds, default=STATS_INTERVAL, metavar="SECONDS",
                         help="log a summary of calls served this often "
                              f"(default {STATS_INTERVAL:g}; 0: never)")
@@ -79,22 +84,30 @@ def run(args: argparse.Namespace, store: Choice) -> int:
     stop = threading.Event()
     got: list[int] = []
     restore = _install_signals(stop, got)
+    metrics = RpcMetrics(SERVICES) if args.metrics_listen is not None else None
     try:
         # grpc's threads are made with SIGTERM/SIGINT blocked, so the kernel
         # delivers those to the main thread, whose wait they interrupt.
         with _signals_blocked():
             server = serve(store_urls, args.listen_address, read_only=args.read_only,
                            added_latency=args.added_latency, max_workers=args.max_workers,
-                           check_dir_sizes=convention)
+                           check_dir_sizes=convention, interceptors=[metrics] if metrics else ())
         try:
+            if metrics is not None:
+                serve_metrics(metrics, args.metrics_listen)
             _announce(server, args, store_urls)
-            _serve_until(stop, server, args.stats_interval)
+            systemd = DaemonLink(server.shown(), server.stats.total)
+            systemd.ready()
+            _serve_until(stop, server, args.stats_interval, systemd.tick)
+            systemd.stopping()
             log.info("got %s; letting calls in flight finish for up to %g s",
                      signal.Signals(got[0]).name if got else "a stop request", args.grace)
             server.stop(args.grace).wait()
         finally:
             server.stop(0).wait()  # no-op after a clean stop; closes everything on an exception
     finally:
+        if metrics is not None:
+            metrics.close()
         restore()
     log.info("stopped; served %s", server.stats.total())
     return EXIT_OK
@@ -114,12 +127,17 @@ def _announce(server: StoreServer, args: argparse.Namespace, store_urls: StoreUr
         log.info("adding %.3f s of latency to every call", args.added_latency)
 
 
-def _serve_until(stop: threading.Event, server: StoreServer, stats_interval: float) -> None:
-    """Wait for ``stop``, logging a summary every ``stats_interval`` seconds (0: never)."""
+def _serve_until(stop: threading.Event, server: StoreServer, stats_interval: float,
+                 tick: Callable[[], None] = lambda: None) -> None:
+    """Wait for ``stop``, logging a summary every ``stats_interval`` seconds (0: never).
+
+    ``tick`` runs on every wake-up (systemd's watchdog and status, server/systemd.py).
+    """
     next_stats = time.monotonic() + stats_interval
     # Also wake up now and then in case a signal landed on a thread we did
     # not create: Python runs handlers only when the main thread runs.
     while not stop.wait(_POLL):
+        tick()
         if stats_interval and time.monotonic() >= next_stats:
             next_stats += stats_interval
             summary = server.stats.take()
@@ -175,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a tvixmount store (embedded by default) over tvix's gRPC protocol.",
     )
     DAEMON.add_to(parser)
-    parser.add_argument("--log-level", type=str.lower, default="info",
-                        choices=["debug", "info", "warning", "error"], help="log verbosity (default info)")
+    parser.add_argument("--log-level", type=logsetup.level_name, default=None, metavar="LEVEL",
+                        help="trace, debug, info, warn or error (default: RUST_LOG's level, else info)")
     add_arguments(parser)
     return parser
 
@@ -193,8 +211,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, C
 
 def main(argv: Sequence[str] | None = None) -> int:
     args, store = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logsetup.choose_level(args.log_level), handlers=[logsetup.stream_handler()])
     try:
         return run(args, store)
     except TvixError as exc:

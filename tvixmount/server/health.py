@@ -1,52 +1,45 @@
-"""The standard gRPC health service (grpc.health.v1.Health/Check), without a dependency.
+"""The standard gRPC health service (grpc.health.v1.Health: Check and Watch) and reflection.
 
-A tvix-store daemon registers it too, so load balancers and scripts can
-probe ``tvixstore daemon`` the same way. Only ``Check`` is served.
-
-Wire facts: HealthCheckRequest is ``{string service = 1}`` and
-HealthCheckResponse is ``{ServingStatus status = 1}`` with SERVING = 1 and
-NOT_SERVING = 2. Those encode exactly like the well-known wrappers
-StringValue (field 1 string) and Int32Value (field 1 varint), which is
-what we parse and build them with.
+Both come from gRPC's own packages (grpcio-health-checking,
+grpcio-reflection), so ``grpcurl``, ``grpc_health_probe`` and Kubernetes'
+gRPC probes work against ``tvixstore daemon`` as against any gRPC server.
+The overall server ("") and each tvix service are SERVING while the daemon
+serves; ``shutdown`` turns them all NOT_SERVING for good when a stop
+begins, and every Watch hears it at once. Watch is non-blocking: a
+watcher holds no server thread.
 """
 
 from __future__ import annotations
 
 import grpc
-from google.protobuf import wrappers_pb2
-from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
-SERVICE = "grpc.health.v1.Health"
-CHECK = f"/{SERVICE}/Check"
-SERVING = 1
-NOT_SERVING = 2
+SERVICE = health.SERVICE_NAME
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Health:
-    """Answers Check for the overall server ("") and each named service."""
+    """The health servicer of one server: "" and ``services`` SERVING until ``shutdown``."""
 
     def __init__(self, services: tuple[str, ...]) -> None:
-        self._services = frozenset(("", *services))
-        self.serving = True
+        self.services = services
+        self.servicer = health.HealthServicer(experimental_non_blocking=True)
+        for service in ("", *services):
+            self.servicer.set(service, SERVING)
 
-    def check(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        try:
-            service = wrappers_pb2.StringValue.FromString(request).value
-        except DecodeError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "not a HealthCheckRequest")
-        if service not in self._services:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
-        status = SERVING if self.serving else NOT_SERVING
-        return wrappers_pb2.Int32Value(value=status).SerializeToString()
+    def add_to(self, server: grpc.Server) -> None:
+        """Register health, and reflection listing the tvix services, health and reflection itself."""
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
+        reflection.enable_server_reflection((*self.services, SERVICE, reflection.SERVICE_NAME), server)
 
-    def handler(self) -> grpc.GenericRpcHandler:
-        return grpc.method_handlers_generic_handler(
-            SERVICE, {"Check": grpc.unary_unary_rpc_method_handler(self.check)}
-        )
+    def shutdown(self) -> None:
+        """Every service NOT_SERVING from now on (a stop has begun)."""
+        self.servicer.enter_graceful_shutdown()
 
 
 def check(channel: grpc.Channel, service: str = "", timeout: float = 5.0) -> int:
     """Ask a server's health (tests and scripts); the ServingStatus number."""
-    method = channel.unary_unary(CHECK, request_serializer=None, response_deserializer=None)
-    raw = method(wrappers_pb2.StringValue(value=service).SerializeToString(), timeout=timeout)
-    return wrappers_pb2.Int32Value.FromString(raw).value
+    stub = health_pb2_grpc.HealthStub(channel)
+    return int(stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout).status)

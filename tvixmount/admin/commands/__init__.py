@@ -7,6 +7,6 @@ collects them.
 
 from __future__ import annotations
 
-from . import browse, copy, daemon, import_, substitute, sync, verify
+from . import browse, copy, daemon, import_, substitute, sync, systemd_units, verify
 
-MODULES = (import_, copy, substitute, browse, verify, sync, daemon)
+MODULES = (import_, copy, substitute, browse, verify, sync, daemon, systemd_units)
