@@ -131,6 +131,9 @@ def parse_listen(text: str) -> ListenAddress:
     """One listen address (not sd-listen); InvalidArgument naming the problem."""
     if not text:
         raise InvalidArgument(f"listen address is empty; use {SYNTAX}")
+    if text.lower() in ("inetd", "stdio", "-"):
+        raise InvalidArgument(f"listen address {text!r}: tvix-store's inetd mode (one connection on stdin/"
+                              "stdout) is not supported; use sd-listen with a systemd socket unit")
     if text.startswith("unix:"):
         path = text[len("unix:"):]
         if path.startswith("//"):
