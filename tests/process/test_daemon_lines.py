@@ -187,3 +187,46 @@ def _poke(ns: NetNs, path: Path) -> None:
     while subprocess.run(ns.wrap([sys.executable, "-c", code]), capture_output=True).returncode != 0:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_blobs_through_systemds_socket_are_byte_exact(tmp_path: Path) -> None:
+    """A 6 MiB file read by four clients at once through the relay, each byte as imported."""
+    work = scratch_dir("tvx-relay-")
+    tree = work / "tree"
+    tree.mkdir()
+    big = os.urandom(6 << 20)
+    (tree / "big").write_bytes(big)
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TVIXMOUNT_STORE_DIR=str(work / "store"),
+               RUNTIME_DIRECTORY=str(work))
+    done = subprocess.run([*TVIXSTORE, "import", str(tree)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    store_path = done.stdout.strip()
+    sock = work / "act.sock"
+    url = f"grpc+unix://{sock}?wait-connect=1"  # the first client waits for the daemon systemd starts
+    client_env = dict(env, BLOB_SERVICE_ADDR=url, DIRECTORY_SERVICE_ADDR=url, PATH_INFO_SERVICE_ADDR=url,
+                      TVIXMOUNT_STORE_DIR=str(work / "none"))
+    with open(tmp_path / "daemon.log", "wb") as log_file:
+        daemon = subprocess.Popen(argv_of(["systemd-socket-activate", "-l", str(sock), "tvixstore", "daemon",
+                                           "-l", "sd-listen"]), env=env, stdout=log_file,
+                                  stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                assert time.monotonic() < deadline and daemon.poll() is None
+                time.sleep(0.05)
+            readers = [subprocess.Popen([*TVIXSTORE, "cat", f"{store_path}/big"], env=client_env,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(4)]
+            for reader in readers:
+                out, err = reader.communicate(timeout=120)
+                assert reader.returncode == 0, err
+                assert out == big
+        finally:
+            daemon.terminate()
+            status = daemon.wait(30)
+    log = (tmp_path / "daemon.log").read_text()
+    assert status == 0, log
+    assert "systemd's socket (fd 3, unix socket" in log and "BlobService/Read" in log
+    assert [p.name for p in work.iterdir() if p.name.startswith("tvixstore-daemon-")] == []
+    shutil.rmtree(work, ignore_errors=True)

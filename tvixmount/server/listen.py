@@ -119,11 +119,20 @@ def check_syntax(text: str) -> str:
 
 
 def listen_addresses(text: str | None, environ: Mapping[str, str] | None = None) -> tuple[ListenAddress, ...]:
-    """The addresses ``--listen-address`` names (None: the default); InvalidArgument when it cannot be."""
+    """The addresses ``--listen-address`` names (None: the default); InvalidArgument when it cannot be.
+
+    sd-listen reads ``environ``; when that is the process's own environment
+    (None), the ``LISTEN_*`` variables are removed once read, as
+    sd_listen_fds(3) does, so nothing started later takes the sockets for its own.
+    """
     if text is None:
         return default_addresses()
     if _is_sd_listen(text):
-        return _systemd_sockets(text, os.environ if environ is None else environ)
+        addresses = _systemd_sockets(text, os.environ if environ is None else environ)
+        if environ is None:
+            for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+                os.environ.pop(name, None)
+        return addresses
     return (parse_listen(text),)
 
 
