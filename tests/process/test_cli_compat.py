@@ -184,6 +184,7 @@ USAGE_ERRORS = [
     ("tvixstore mount {mnt} --store-dir {mnt}/none", "--store-dir: no embedded store in "),
     ("tvixmount {mnt} --blob-service-addr grpc+http://h --cache-dir /etc/hostname/blobs",
      "--cache-dir /etc/hostname/blobs: /etc/hostname is not a directory"),
+    ("tvixstore daemon --read-only --store-dir {mnt}/none", "--store-dir: no embedded store in "),
     ("tvixstore daemon -l inetd", "inetd mode (one connection on stdin/stdout) is not supported"),
     ("tvixstore daemon -l sd-listen", "no socket passed (LISTEN_FDS is not set"),
     ("tvixmount {mnt}/missing", "mountpoint "),

@@ -33,7 +33,7 @@ from .. import flags
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, TvixError
 from ..store import StoreUrls, describe
-from ..storeflags import DAEMON, Choice, log_choice
+from ..storeflags import DAEMON, Choice, log_choice, missing_embedded
 from . import DEFAULT_LISTEN_TEXT, DEFAULT_WORKERS, StoreServer, serve
 from .listen import SYNTAX, check_syntax, listen_addresses
 
@@ -83,6 +83,10 @@ def store_from(args: argparse.Namespace) -> Choice:
 def run(args: argparse.Namespace, store: Choice) -> int:
     """Serve until a stop signal; 0 after a clean stop. Store and address errors raise TvixError."""
     addresses = listen_addresses(args.listen_address)  # sd-listen's sockets: a usage error before any line
+    # A read-only daemon cannot make its embedded store: one that is not there is a usage error.
+    missing = args.read_only and missing_embedded(store, flags.origin(args, "store_dir") or "--store-dir")
+    if missing:
+        raise InvalidArgument(missing)
     log_choice(log, store)
     store_urls = store.urls
     convention = SizeConvention(args.check_dir_sizes) if args.check_dir_sizes else None
