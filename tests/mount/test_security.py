@@ -227,7 +227,7 @@ def test_daemon_listens_on_loopback_by_default_and_says_so(tmp_path: Path) -> No
             proc.terminate()
             assert proc.wait(20) == 0
     text = log.read_text()
-    assert re.search(r"INFO tvixmount\.server: serving .* on \[::1\]:8000 and 127\.0\.0\.1:8000 "
+    assert re.search(r"INFO tvixmount\.server(\[\d+\])?: serving .* on \[::1\]:8000 and 127\.0\.0\.1:8000 "
                      r"\(loopback only\)", text), text
     assert "WARNING" not in text
     assert listening == {("::1", 8000), ("127.0.0.1", 8000)}
