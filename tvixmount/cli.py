@@ -65,6 +65,19 @@ mountpoint), reported in one line before anything starts.
 
 # -o options that would undo the read-only, nosuid, nodev promise.
 _REFUSED_O = {"rw", "suid", "dev"}
+# The options libfuse 2's mount and low-level layers (what llfuse uses) accept, and the
+# generic mount flags that keep the promise: anything else fails fuse_lowlevel_new
+# after the workers started, so it is refused as a usage error first.
+_FUSE_O = {
+    "ro", "nosuid", "nodev", "noexec", "exec", "noatime", "atime", "relatime", "nodiratime", "sync",
+    "async", "dirsync", "allow_root", "auto_unmount", "default_permissions", "fsname", "subtype",
+    "max_read", "blkdev", "blksize", "nonempty", "large_read", "debug", "max_write", "max_readahead",
+    "max_background", "congestion_threshold", "async_read", "sync_read", "atomic_o_trunc",
+    "no_remote_lock", "no_remote_flock", "no_remote_posix_lock", "big_writes", "splice_write",
+    "no_splice_write", "splice_move", "no_splice_move", "splice_read", "no_splice_read",
+    "auto_inval_data", "no_auto_inval_data", "readdirplus", "async_dio", "no_async_dio",
+    "writeback_cache", "no_writeback_cache", "time_gran",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,10 +191,13 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 args.show_xattr = False
             elif opt.split("=", 1)[0] in _REFUSED_O:
                 parser.error(f"-o {opt}: tvixmount mounts are always ro,nosuid,nodev")
+            elif opt.split("=", 1)[0] not in _FUSE_O:
+                parser.error(f"-o {opt}: not a FUSE mount option (libfuse 2's, see mount.fuse(8)) nor "
+                             "allow_other, list_root, noshow_xattr")
             elif opt != "ro":
                 extra.append(opt)
     threads = args.threads or max(8, 2 * args.workers)
-    from .storeflags import MOUNT, log_choice
+    from .storeflags import MOUNT, log_choice, missing_embedded
 
     store = MOUNT.choice_or_exit(parser, args)  # before anything starts: a bad flag mounts nothing
 
@@ -197,6 +213,9 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         check_mountpoint(mountpoint)  # again in mount.run; here it is still a usage error, one line
     except MountpointError as exc:
         parser.error(f"mountpoint {exc}")
+    missing = missing_embedded(store, flags.origin(args, "store_dir") or "--store-dir (default)")
+    if missing:
+        parser.error(missing)
     setup_logging(logsetup.choose_level(args.log_level))
     log_choice(log, store)
     config = MountConfig(

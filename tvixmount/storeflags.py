@@ -233,6 +233,24 @@ def _checked(url: str, create: bool) -> str:
     return url
 
 
+def missing_embedded(choice: Choice, dir_origin: str) -> str | None:
+    """The usage message when a service names an embedded store that is not there; else None.
+
+    For a command that only reads (the mount): without this, the workers
+    would find out after the mount started. ``dir_origin`` says where
+    ``--store-dir`` came from, for the message.
+    """
+    chosen = (choice.urls.blob, choice.urls.directory, choice.urls.path_info)
+    for service, url, origin in zip(SERVICES, chosen, choice.origins, strict=True):
+        parsed = urls.parse(url)
+        if parsed.scheme != urls.LOCAL or parsed.flag("create") or os.path.isdir(parsed.path):
+            continue
+        where = dir_origin if origin.startswith("the embedded store") else origin
+        return (f"{where}: no embedded store in {parsed.path} (fill it with `tvixstore import` first, "
+                f"or give the {service.label} service's address)")
+    return None
+
+
 def log_choice(log: logging.Logger, choice: Choice) -> None:
     """One INFO line per service: its URL and why (flag, variable, default, embedded store)."""
     for line in choice.lines():
@@ -271,4 +289,11 @@ def cache_config(args: argparse.Namespace) -> BlobCacheConfig | None:
             raise InvalidArgument("--cache-size needs --cache-dir")
         return None
     size = DEFAULT_CACHE_SIZE if args.cache_size is None else args.cache_size
-    return BlobCacheConfig(Path(os.path.abspath(args.cache_dir)), size)
+    cache_dir = Path(os.path.abspath(args.cache_dir))
+    for part in (cache_dir, *cache_dir.parents):
+        if part.exists():
+            if not part.is_dir():
+                origin = flags.origin(args, "cache_dir") or "--cache-dir"
+                raise InvalidArgument(f"{origin} {args.cache_dir}: {part} is not a directory")
+            break
+    return BlobCacheConfig(cache_dir, size)

@@ -231,8 +231,10 @@ def test_bad_mountpoints_exit_2(tmp_path, local_store, store_dir):
 def test_missing_store_is_a_clear_error(tmp_path):
     (tmp_path / "mnt").mkdir()
     result = _run_cli(str(tmp_path / "mnt"), "--store-dir", str(tmp_path / "no-store"))
-    assert result.returncode == 1
-    assert "no-store" in result.stderr
+    # A usage error, found before any worker starts: one line naming the flag.
+    assert result.returncode == 2
+    assert result.stderr == (f"tvixmount: error: --store-dir: no embedded store in {tmp_path / 'no-store'} "
+                             "(fill it with `tvixstore import` first, or give the blob service's address)\n")
     assert not is_mounted(tmp_path / "mnt")
 
 

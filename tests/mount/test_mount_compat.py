@@ -10,11 +10,14 @@ which address each service uses).
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from tests.mounting import FUSE_MISSING, Mount
+from tests.netns import MISSING as NETNS_MISSING
+from tests.netns import NetNs
 from tests.process.test_admin_copy import attrs_json  # noqa: F401 - fixtures, used through ``filled``
 from tests.process.test_cli_compat import (  # noqa: F401 - daemon and filled are fixtures
     ADDRS,
@@ -96,3 +99,52 @@ def mount_options(mnt: Path) -> str:
     raise AssertionError(f"{mnt} is not mounted")
 
 
+
+
+# -- mounts of a daemon at tvix-store's default address ------------------------------------------
+
+# tvix-store's own flow: `tvix-store daemon`, then a mount that names one service (or none of
+# the addresses it reaches): the services not given are grpc+http://[::1]:8000, where the
+# default daemon listens. Run in a private network namespace, so port 8000 is ours.
+DEFAULT_DAEMON_MOUNTS = [
+    Line("tvixstore mount -l {mnt} --path-info-service-addr grpc+http://[::1]:8000", "path-info"),
+    Line("BLOB_SERVICE_ADDR=grpc+http://localhost:8000 tvixstore mount {mnt} --list-root", "env"),
+    Line("tvixmount {mnt} -l --directory-service-addr grpc+http://127.0.0.1:8000 --workers 2", "directory"),
+]
+
+
+@needs_fuse
+@pytest.mark.mount
+@pytest.mark.skipif(NETNS_MISSING is not None, reason=NETNS_MISSING or "")
+def test_mount_lines_reach_the_default_daemon(filled, tmp_path, monkeypatch):  # noqa: F811 - fixture
+    store_path = filled.store_path
+    for name in ENV_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    with NetNs() as ns:
+        daemon_env, daemon_argv = command("tvixstore daemon")
+        daemon_log = tmp_path / "daemon.log"
+        with open(daemon_log, "wb") as out:
+            # The store the compat daemon filled, served again by a default daemon.
+            env = environment(daemon_env, filled.daemon.root / "store")
+            daemon = subprocess.Popen(ns.wrap(daemon_argv), env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            for i, line in enumerate(DEFAULT_DAEMON_MOUNTS):
+                mnt = tmp_path / f"mnt{i}"
+                env, argv = command(line.text, mnt=str(mnt))
+                # No embedded store to fall back on: every service must be the daemon.
+                for name, value in environment(env, tmp_path / "no-store").items():
+                    monkeypatch.setenv(name, value)
+                mount = Mount(mnt, log_path=tmp_path / f"mount{i}.log")
+                mount.cmd = ns.wrap(argv)
+                with mount:
+                    assert Path(store_path).name in os.listdir(mnt), line.text
+                    hello = mount.path(Path(store_path).name, "bin", "hello")
+                    assert hello.read_text() == "#!/bin/sh\necho hello\n"
+                    log = mount.log()
+                    assert "(the default for a service not given)" in log and "grpc+http://[::1]:8000" in log
+                    assert "local://" not in log
+                assert mount.proc is not None and mount.proc.returncode == 0, mount.log()
+        finally:
+            daemon.terminate()
+            assert daemon.wait(30) == 0, daemon_log.read_text()
+    assert "on [::1]:8000 and 127.0.0.1:8000 (loopback only)" in daemon_log.read_text()

@@ -140,6 +140,7 @@ def test_port_in_use_fails_clearly(root: Path) -> None:
         ("store.example:8000", "store.example:8000", False),
         ("/run/tvix.sock", "unix:/run/tvix.sock", True),
         ("unix:///run/tvix.sock", "unix:/run/tvix.sock", True),
+        ("@tvix", "unix-abstract:tvix", True),
     ],
 )
 def test_parse_listen(text: str, target: str, loopback: bool) -> None:
@@ -149,7 +150,7 @@ def test_parse_listen(text: str, target: str, loopback: bool) -> None:
 
 
 @pytest.mark.parametrize("text", ["", "8000", ":8000", "::1:8000", "[::1]8000", "host:99999", "host:x",
-                                  "unix:relative"])
+                                  "unix:relative", "@"])
 def test_parse_listen_refuses(text: str) -> None:
     with pytest.raises(InvalidArgument):
         parse_listen(text)

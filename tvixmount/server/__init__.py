@@ -5,24 +5,23 @@ with the three tvix services (servicers.py), the standard health
 service and reflection (health.py) on ``listen``, and returns it running. ``daemon.py``
 wraps it for ``tvixstore daemon`` (flags, signals, periodic stats).
 
-Listen addresses (``parse_listen``): ``host:port``, ``[v6]:port``,
-``unix:///abs/path``, or a path starting with ``/`` or ``.`` (a unix
-socket, as tvix-store's tokio-listener syntax). Port 0 picks a free port;
-``StoreServer.url`` is then the client URL with the real port.
+Listen addresses are tvix-store's (listen.py): ``host:port``, ``[v6]:port``,
+a unix socket path, ``@abstract``, ``sd-listen`` (systemd's sockets, relayed:
+relay.py). Port 0 picks a free port; ``StoreServer.url`` is then the client
+URL with the real port.
 
 Nothing is authenticated: the daemon is meant for a trusted network. The
-default address is loopback; the daemon warns when told to bind elsewhere.
+default is loopback of both families; the daemon warns when told to bind
+elsewhere.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
+import shutil
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -32,14 +31,15 @@ from ..errors import InvalidArgument, Unavailable
 from ..store import Store, StoreUrls, open_store
 from ..store.grpc.wire import MAX_MESSAGE
 from .health import Health
+from .listen import DEFAULT_LISTEN_TEXT, ListenAddress, listen_addresses, parse_listen, usable
+from .relay import Relay, private_socket
 from .servicers import SERVICES, Options, handlers
 from .stats import Stats
 
-__all__ = ["DEFAULT_LISTEN", "DEFAULT_WORKERS", "ListenAddress", "StoreServer", "parse_listen", "serve"]
+__all__ = ["DEFAULT_LISTEN_TEXT", "DEFAULT_WORKERS", "ListenAddress", "StoreServer", "parse_listen", "serve"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LISTEN = "127.0.0.1:8000"
 # One thread per concurrent call (a streaming Read holds its thread until done).
 DEFAULT_WORKERS = 32
 
@@ -55,70 +55,6 @@ _SERVER_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ListenAddress:
-    """Where to listen: a TCP host and port, or a unix socket path."""
-
-    host: str = ""
-    port: int = 0
-    unix_path: str | None = None
-
-    @property
-    def target(self) -> str:
-        """The address as grpc binds it."""
-        if self.unix_path is not None:
-            return "unix:" + self.unix_path
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
-
-    def is_loopback(self) -> bool:
-        """True for unix sockets and loopback hosts: nothing reachable from the network."""
-        if self.unix_path is not None or self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:  # a host name: may resolve to anything
-            return False
-
-    def url(self, port: int | None = None) -> str:
-        """The store URL a client opens to reach this address."""
-        if self.unix_path is not None:
-            return "grpc+unix://" + self.unix_path
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        if host in ("0.0.0.0", "[::]"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "[::1]"
-        return f"grpc+http://{host}:{self.port if port is None else port}"
-
-
-def parse_listen(text: str) -> ListenAddress:
-    """Parse a ``--listen-address``; InvalidArgument naming the problem."""
-    if not text:
-        raise InvalidArgument("listen address is empty; use host:port, [v6]:port or a unix socket path")
-    if text.startswith("unix:"):
-        path = text[len("unix:"):]
-        if path.startswith("//"):
-            path = path[2:]
-        if not path.startswith("/"):
-            raise InvalidArgument(f"listen address {text!r}: a unix socket needs an absolute path (unix:///a/b)")
-        return ListenAddress(unix_path=path)
-    if text.startswith(("/", ".")):
-        return ListenAddress(unix_path=os.path.abspath(text))
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise InvalidArgument(f"listen address {text!r}: write IPv6 as [addr]:port")
-        port_text = rest[1:]
-    else:
-        host, colon, port_text = text.rpartition(":")
-        if not colon or not host:
-            raise InvalidArgument(f"listen address {text!r}: expected host:port, like 127.0.0.1:8000")
-        if ":" in host:
-            raise InvalidArgument(f"listen address {text!r}: write IPv6 addresses in brackets, [addr]:port")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise InvalidArgument(f"listen address {text!r}: port {port_text!r} is not a number in 0..65535")
-    return ListenAddress(host=host, port=int(port_text))
-
-
 class StoreServer(grpc.Server):
     """A running grpc.Server that also owns its store, and knows its real address.
 
@@ -127,23 +63,32 @@ class StoreServer(grpc.Server):
     returned event is set when all of that is done.
     """
 
-    def __init__(self, server: grpc.Server, store: Store, address: ListenAddress, port: int,
-                 stats: Stats, health: Health) -> None:
+    def __init__(self, server: grpc.Server, store: Store, endpoints: Sequence[tuple[ListenAddress, int]],
+                 stats: Stats, health: Health, relays: Sequence[Relay] = (),
+                 private_dir: str | None = None) -> None:
         self._server = server
         self.store = store
-        self.address = address
-        self.port = port
+        self.endpoints = tuple(endpoints)  # (address, bound port; 0 for sockets without one)
+        self.address, self.port = self.endpoints[0]
         self.stats = stats
         self.health = health
-        self.url = address.url(port)
+        self.url = self.address.url(self.port)
+        self._relays = tuple(relays)
+        self._private_dir = private_dir
         self._stopping = threading.Lock()
         self._done: threading.Event | None = None
 
     def shown(self) -> str:
-        """The bound address for log lines (with the real port)."""
-        if self.address.unix_path is not None:
-            return f"unix socket {self.address.unix_path}"
-        return ListenAddress(self.address.host, self.port).target
+        """The bound addresses for log lines (with the real ports)."""
+        return " and ".join(address.shown(port) for address, port in self.endpoints)
+
+    def urls(self) -> list[str]:
+        """The client URL of each address."""
+        return [address.url(port) for address, port in self.endpoints]
+
+    def is_loopback(self) -> bool:
+        """True when every address is reachable from this host only."""
+        return all(address.is_loopback() for address, _ in self.endpoints)
 
     # grpc.Server ----------------------------------------------------------------------------
 
@@ -168,10 +113,16 @@ class StoreServer(grpc.Server):
                 return self._done
             done = self._done = threading.Event()
         self.health.shutdown()
+        for relay in self._relays:
+            relay.stop_accepting()
         stopped = self._server.stop(grace)
 
         def finish() -> None:
             stopped.wait()
+            for relay in self._relays:
+                relay.close()
+            if self._private_dir:
+                shutil.rmtree(self._private_dir, ignore_errors=True)
             try:
                 self.store.close()
             except Exception as exc:  # the server is down either way; say what did not close
@@ -187,7 +138,7 @@ class StoreServer(grpc.Server):
 
 def serve(
     store_urls: StoreUrls,
-    listen: str = DEFAULT_LISTEN,
+    listen: str | Sequence[ListenAddress] | None = None,
     read_only: bool = False,
     added_latency: float = 0.0,
     max_workers: int = DEFAULT_WORKERS,
@@ -196,19 +147,25 @@ def serve(
 ) -> StoreServer:
     """Open the store and serve it on ``listen``; returns the started server.
 
-    ``read_only`` answers every Put with PERMISSION_DENIED;
+    ``listen``: a ``--listen-address`` text, the addresses it names
+    (listen.listen_addresses), or None for the default (loopback of both
+    families). ``read_only`` answers every Put with PERMISSION_DENIED;
     ``added_latency`` sleeps that many seconds at the start of each call
     (to emulate a network hop in tests); ``check_dir_sizes`` makes
     Directory Put check DirectoryNode.size in that convention (default:
     sizes are not checked, docs/protocol.md, 'Directory size');
     ``interceptors`` see every call (the daemon's metrics, server/metrics.py).
     """
-    address = parse_listen(listen)
+    addresses = listen_addresses(listen) if listen is None or isinstance(listen, str) else tuple(listen)
     if added_latency < 0:
         raise InvalidArgument(f"added latency {added_latency} must not be negative")
     if max_workers < 1:
         raise InvalidArgument(f"max workers {max_workers} must be at least 1")
+    addresses = usable(addresses)
+    if not addresses:
+        raise Unavailable(f"cannot listen on {DEFAULT_LISTEN_TEXT}: this host has neither loopback address")
     store = open_store(store_urls)
+    private_dir = None
     try:
         stats = Stats()
         health = Health(SERVICES)
@@ -219,14 +176,31 @@ def serve(
         )
         server.add_generic_rpc_handlers(handlers(store, options, stats))
         health.add_to(server)
-        try:
-            port = server.add_insecure_port(address.target)
-        except RuntimeError as exc:
-            raise Unavailable(f"cannot listen on {address.target}: {exc}") from None
-        if port == 0 and address.unix_path is None:
-            raise Unavailable(f"cannot listen on {address.target} (in use, or not an address of this host?)")
+        endpoints = [(address, _bind(server, address)) for address in addresses if address.fd is None]
+        relays = []
+        inherited = [address for address in addresses if address.fd is not None]
+        if inherited:
+            private_dir, private_path = private_socket()
+            _bind(server, parse_listen(private_path))
+            relays = [Relay(address.fd, private_path) for address in inherited if address.fd is not None]
+            endpoints += [(address, 0) for address in inherited]
         server.start()
+        for relay in relays:
+            relay.start()
     except BaseException:
         store.close()
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
         raise
-    return StoreServer(server, store, address, port if address.unix_path is None else 0, stats, health)
+    return StoreServer(server, store, endpoints, stats, health, relays, private_dir)
+
+
+def _bind(server: grpc.Server, address: ListenAddress) -> int:
+    """Bind ``address``; its port (0 for a unix socket); Unavailable when grpc cannot."""
+    try:
+        port = server.add_insecure_port(address.target)
+    except RuntimeError as exc:
+        raise Unavailable(f"cannot listen on {address.target}: {exc}") from None
+    if port == 0 and address.unix_path is None and address.abstract is None:
+        raise Unavailable(f"cannot listen on {address.target} (in use, or not an address of this host?)")
+    return port if address.unix_path is None and address.abstract is None else 0

@@ -33,8 +33,9 @@ from .. import flags, logsetup
 from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, TvixError
 from ..store import StoreUrls, describe
-from ..storeflags import DAEMON, Choice, log_choice
-from . import DEFAULT_LISTEN, DEFAULT_WORKERS, StoreServer, serve
+from ..storeflags import DAEMON, Choice, log_choice, missing_embedded
+from . import DEFAULT_LISTEN_TEXT, DEFAULT_WORKERS, StoreServer, serve
+from .listen import SYNTAX, check_syntax, listen_addresses
 from .metrics import RpcMetrics, serve_metrics
 from .metrics import add_arguments as add_metrics_arguments
 from .servicers import SERVICES
@@ -49,10 +50,11 @@ _POLL = 0.5
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The daemon's own flags (the store flags come from the caller)."""
-    parser.add_argument("-l", "--listen-address", default=DEFAULT_LISTEN, metavar="ADDR",
-                        help="host:port, [v6]:port, unix:///path, or a socket path starting with / or . "
-                             f"(default {DEFAULT_LISTEN}: loopback only; the store is served "
-                             "unauthenticated, so bind elsewhere only on a trusted network)")
+    parser.add_argument("-l", "--listen-address", default=None, metavar="ADDR", type=_listen_argument,
+                        help=f"{SYNTAX} (tvix-store's syntax; sd-listen: the socket systemd passes, "
+                             f"relayed to the daemon's own). Default {DEFAULT_LISTEN_TEXT}: loopback only, "
+                             "where tvix-store's clients look; the store is served unauthenticated, so "
+                             "bind elsewhere only on a trusted network")
     parser.add_argument("--read-only", action="store_true",
                         help="refuse every upload (Put answers PERMISSION_DENIED)")
     parser.add_argument("--added-latency", type=flags.seconds, default=0.0, metavar="SECONDS",
@@ -71,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"(default {STATS_INTERVAL:g}; 0: never)")
 
 
+def _listen_argument(text: str) -> str:
+    try:
+        return check_syntax(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def store_from(args: argparse.Namespace) -> Choice:
     """The store to serve; a writable daemon makes its embedded store, as tvix-store does."""
     return DAEMON.choice(args, create=not args.read_only)
@@ -78,6 +87,11 @@ def store_from(args: argparse.Namespace) -> Choice:
 
 def run(args: argparse.Namespace, store: Choice) -> int:
     """Serve until a stop signal; 0 after a clean stop. Store and address errors raise TvixError."""
+    addresses = listen_addresses(args.listen_address)  # sd-listen's sockets: a usage error before any line
+    # A read-only daemon cannot make its embedded store: one that is not there is a usage error.
+    missing = args.read_only and missing_embedded(store, flags.origin(args, "store_dir") or "--store-dir")
+    if missing:
+        raise InvalidArgument(missing)
     log_choice(log, store)
     store_urls = store.urls
     convention = SizeConvention(args.check_dir_sizes) if args.check_dir_sizes else None
@@ -89,7 +103,7 @@ def run(args: argparse.Namespace, store: Choice) -> int:
         # grpc's threads are made with SIGTERM/SIGINT blocked, so the kernel
         # delivers those to the main thread, whose wait they interrupt.
         with _signals_blocked():
-            server = serve(store_urls, args.listen_address, read_only=args.read_only,
+            server = serve(store_urls, addresses, read_only=args.read_only,
                            added_latency=args.added_latency, max_workers=args.max_workers,
                            check_dir_sizes=convention, interceptors=[metrics] if metrics else ())
         try:
@@ -115,12 +129,13 @@ def run(args: argparse.Namespace, store: Choice) -> int:
 
 def _announce(server: StoreServer, args: argparse.Namespace, store_urls: StoreUrls) -> None:
     mode = "read-only" if args.read_only else "read-write"
-    if server.address.is_loopback():
+    clients = " or ".join(server.urls())
+    if server.is_loopback():
         log.info("serving %s (%s) on %s (loopback only); clients use %s",
-                 describe(store_urls), mode, server.shown(), server.url)
+                 describe(store_urls), mode, server.shown(), clients)
     else:
         log.info("serving %s (%s) on %s; clients use %s", describe(store_urls), mode, server.shown(),
-                 server.url)
+                 clients)
         log.warning("listening on %s, which is not loopback: the store is served UNAUTHENTICATED to "
                     "anyone who can reach it", server.shown())
     if args.added_latency:
