@@ -15,9 +15,10 @@ read it. Their bytes wait in a bounded cache until read; an entry goes once
 its last byte was served (the page cache has it from then on).
 
 Bounds: the cache holds at most ``capacity`` bytes (oldest dropped first),
-new batches are sent only while less than half of it is unread (so a walk
-that stops reading stops the fetching), the queue holds at most
-``QUEUE_LIMIT`` files. Stat-only walks (find, ls -l) open nothing and
+new batches are sent only while less than half of it is unread or coming
+(so a walk that stops reading stops the fetching), the queue holds at most
+``QUEUE_LIMIT`` files. Batches in flight count against that half too, so
+a batch never pushes out another's unread files. Stat-only walks (find, ls -l) open nothing and
 fetch nothing.
 
 A read of a file whose batch is in flight waits for that batch, at most
@@ -95,6 +96,7 @@ class SmallBlobs:
         self._cached_bytes = 0
         self._pending: dict[bytes, threading.Event] = {}
         self._running = 0
+        self._running_bytes = 0
         self._pool: ThreadPoolExecutor | None = None  # made on first use: after the worker pool forked
         self._closed = False
         self.counts = dict.fromkeys(("batches", "fetched", "failed", "hits", "waited", "misses",
@@ -192,8 +194,10 @@ class SmallBlobs:
 
     def _pump(self) -> None:
         """Send batches while there is room in flight and in the cache."""
-        while (self._running < self.in_flight and self._queue and not self._closed
-               and self._cached_bytes < self.capacity // 2):
+        while self._running < self.in_flight and self._queue and not self._closed:
+            # Unread and coming bytes stay within half the cache, so a batch never evicts
+            # another's unread files (the eviction below is only the last bound).
+            budget = min(batch.MAX_BYTES, self.capacity // 2 - self._cached_bytes - self._running_bytes)
             wanted: list[tuple[bytes, int]] = []
             total = 0
             while self._queue and len(wanted) < batch.MAX_FILES:
@@ -201,7 +205,7 @@ class SmallBlobs:
                 if node.digest in self._cache or node.digest in self._pending:
                     self._queue.popleft()
                     continue
-                if total + node.size > batch.MAX_BYTES:
+                if total + node.size > budget:
                     break
                 self._queue.popleft()
                 wanted.append((node.digest, node.size))
@@ -212,6 +216,7 @@ class SmallBlobs:
             for digest, _ in wanted:
                 self._pending[digest] = event
             self._running += 1
+            self._running_bytes += total
             self.counts["batches"] += 1
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="tvixmount-smallblobs")
@@ -225,6 +230,7 @@ class SmallBlobs:
             blobs = [None] * len(wanted)
         with self._lock:
             self._running -= 1
+            self._running_bytes -= sum(size for _, size in wanted)
             for (digest, size), data in zip(wanted, blobs, strict=True):
                 self._pending.pop(digest, None)
                 if data is None or len(data) != size:
