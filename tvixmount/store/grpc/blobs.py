@@ -97,8 +97,9 @@ EMPTY_DIGEST = blake3.blake3(b"").digest()
 MAX_RUNS = 8  # runs open at once per service (each holds a server thread); beyond: chunk reads
 PREFETCH_THREADS = 4  # per service, shared by its readers
 # Read streams one read_many keeps in flight: a small blob's Read is mostly round trip and
-# per-call Python on both ends, so several at once keep the daemon's threads busy; 8 is
-# where a batch of 64 small blobs stopped getting faster on loopback (see docs/performance.md).
+# per-call Python on both ends, so several at once keep the daemon's threads busy. Measured on
+# loopback (batches of 64 small blobs, 2 CPUs under load): 1 stream 1.4-1.9 ms per blob, 4, 8
+# and 16 streams 0.7-1.4 ms, no clear winner among them (docs/performance.md).
 BATCH_STREAMS = 8
 CACHED_COPIES = 4  # verified whole-blob copies a service keeps after stat()
 HINTED_WHOLE = 128 * 1024  # blobs up to this size_hint are read whole without a Stat (see the module doc)
