@@ -126,6 +126,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               help="after a small file (<= 256 KiB) is opened, fetch up to N of the small files "
                    "after it in its directory in the background, so a reader going through a "
                    "directory finds them ready; 0 turns it off (default: max(4, workers))")
+    flags.add(perf, "--small-batches", type=flags.natural, metavar="N", env="TVIXMOUNT_SMALL_BATCHES",
+              help="after a small file (<= 64 KiB) is opened, fetch the small files of its directory "
+                   "and the directories below it in batches (one worker request per 64 files), N "
+                   "batches at once, so a walk like tar finds them ready; 0 turns it off (default: workers)")
     flags.add(perf, "--request-timeout", type=flags.positive_seconds, default=30.0, metavar="SECONDS",
               env="TVIXMOUNT_REQUEST_TIMEOUT",
               help="deadline of one store request, retries included (default 30)")
@@ -230,6 +234,7 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         extra_options=tuple(extra),
         metrics_listen=args.metrics_listen,
         readahead_files=max(4, args.workers) if args.readahead_files is None else args.readahead_files,
+        small_batches=args.workers if args.small_batches is None else args.small_batches,
         substitute_timeout=args.substitute_timeout,
         substitute_jobs=args.substitute_jobs,
     )

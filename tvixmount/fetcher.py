@@ -26,7 +26,7 @@ from .castore.nodes import Node
 from .metrics import untyped
 from .pool import WorkerPool
 from .poolstate import PoolStats
-from .protocol import ops
+from .protocol import batch, ops
 from .protocol.framing import pack, unpack
 from .protocol.ops import Handlers, Op
 
@@ -80,6 +80,13 @@ class Fetcher(ABC):
         """
         hint = -1 if size is None else size
         return self._call(ops.BLOB_READ, digest, offset, length, hint, affinity=affinity)
+
+    def blob_batch(self, wanted: list[tuple[bytes, int]]) -> list[bytes | None]:
+        """Small blobs (digest, size) whole and verified, None for each that failed. May block.
+
+        At most ``protocol.batch.MAX_FILES`` blobs and ``MAX_BYTES`` bytes.
+        """
+        return batch.decode_reply(self._call(ops.BLOB_BATCH, *batch.encode_request(wanted)))
 
     @abstractmethod
     def stats(self) -> FetcherStats: ...

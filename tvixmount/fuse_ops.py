@@ -33,6 +33,7 @@ from .fuse_timing import timed
 from .inflight import SingleFlight
 from .metrics import FuseMetrics, MountStats
 from .readahead import SmallFileReadahead, TreeAhead
+from .smallblobs import SmallBlobs
 from .vfs import Listing, Vfs
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class MountOptions:
     readahead_files: int = 4
     # Store paths (in root listing order) whose trees are fetched ahead of a walk (0: off).
     tree_ahead: int = 2
+    # blob_batch requests of small files in flight at once, ahead of a walk's reads (0: off).
+    small_batches: int = 0
+    # Bytes of small files fetched in batches and not yet read, at most.
+    small_cache: int = 64 << 20
 
 
 @dataclass(slots=True)
@@ -82,7 +87,10 @@ class TvixOperations(llfuse.Operations):
         self._dir_fhs = itertools.count(1)
         self._broken_reported: set[object] = set()  # digests warned about once
         self.metrics = metrics or FuseMetrics()
-        self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files)
+        self.small = SmallBlobs(fetcher.blob_batch, vfs.listing, in_flight=options.small_batches,
+                                capacity=options.small_cache)
+        self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files,
+                                            min_file=self.small.max_file if self.small.enabled else 0)
         self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
         self._closing = False
 
@@ -182,6 +190,9 @@ class TvixOperations(llfuse.Operations):
         entry = self._entry(child)
         if type(child) is FileNode:
             self.readahead.note_lookup(entry.st_ino, listing, name)
+            parent_node = self.vfs.node(parent)
+            if type(parent_node) is DirectoryNode:
+                self.small.note_lookup(entry.st_ino, child, parent_node.digest)
         return entry
 
     def _root_lookup(self, name: bytes) -> Node:
@@ -285,6 +296,7 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.EIO)
         # The blob is not looked at here: a missing or broken blob fails the
         # first read with EIO, which saves a worker round trip per open.
+        self.small.on_open(inode, node)
         self.readahead.on_open(inode, node)
         return self._new_handle(self._files, self._file_fhs, node)
 
@@ -296,7 +308,7 @@ class TvixOperations(llfuse.Operations):
         if off >= node.size or size <= 0:
             return b""
         length = min(size, node.size - off)
-        ahead = self.readahead.take(node, off, length)
+        ahead = self._from_batches(node, off, length) or self.readahead.take(node, off, length)
         if ahead is not None:
             return ahead
         what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
@@ -305,6 +317,18 @@ class TvixOperations(llfuse.Operations):
         if len(data) != length:
             log.error("%s: store returned %d bytes, wanted %d", what, len(data), length)
             raise llfuse.FUSEError(errno.EIO)
+        return data
+
+    def _from_batches(self, node: FileNode, off: int, length: int) -> bytes | None:
+        """A small file's bytes from its batch, waiting (lock released, bounded) for one in flight."""
+        small = self.small
+        data = small.take(node, off, length)
+        if data is None and (event := small.waiter(node)) is not None:
+            with llfuse.lock_released:
+                event.wait(small.wait)
+            data = small.take(node, off, length)
+        if data is None:
+            small.missed(node)
         return data
 
     def _fetch_whole(self, node: FileNode) -> bytes:
@@ -326,6 +350,7 @@ class TvixOperations(llfuse.Operations):
         self._closing = True
         self.tree_ahead.close()
         self.readahead.close()
+        self.small.close()
 
     @staticmethod
     def _new_handle(table: dict[int, Any], numbers: Iterator[int], value: Any) -> int:
@@ -375,6 +400,7 @@ class TvixOperations(llfuse.Operations):
             vfs=self.vfs.stats(),
             fetcher=self.fetcher.stats(),
             readahead=self.readahead.stats(),
+            small_blobs=self.small.stats(),
             tree_ahead=self.tree_ahead.stats(),
             open_files=len(self._files),
             open_dirs=len(self._dirs),

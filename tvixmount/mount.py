@@ -67,6 +67,7 @@ class MountConfig:
     stop_grace: float = 5.0
     metrics_listen: ListenAddress | None = None
     readahead_files: int = 4
+    small_batches: int = 0
     extra_options: tuple[str, ...] = field(default=())
     # A binary cache as the path-info service: the deadline of a lookup that substitutes,
     # and how many may run at once (None: substitution.default_jobs).
@@ -172,7 +173,8 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
             fetcher = substituting(fetcher, config)
         probe_store(pool, config)
         metrics = FuseMetrics()
-        options = MountOptions(config.list_root, config.show_xattr, readahead_files=config.readahead_files)
+        options = MountOptions(config.list_root, config.show_xattr, readahead_files=config.readahead_files,
+                               small_batches=config.small_batches)
         ops = TvixOperations(Vfs(), fetcher, options, metrics)
         if config.metrics_listen is not None:
             # Its thread starts after the pool's fork and before llfuse.init: a busy

@@ -65,11 +65,15 @@ class TreeAheadStats:
 
 class SmallFileReadahead:
     def __init__(self, fetch: Callable[[FileNode], bytes], *, depth: int, max_file: int = 256 << 10,
-                 max_bytes: int = 64 << 20) -> None:
-        """``fetch(node)`` returns the node's whole blob, verified, or raises; it may block."""
+                 max_bytes: int = 64 << 20, min_file: int = 0) -> None:
+        """``fetch(node)`` returns the node's whole blob, verified, or raises; it may block.
+
+        Files of at most ``min_file`` bytes are left to the small-file batches (smallblobs.py).
+        """
         self._fetch = fetch
         self.depth = depth
         self.max_file = max_file
+        self.min_file = min_file
         self.max_bytes = max_bytes
         self._lookups: OrderedDict[int, tuple[Listing, int]] = OrderedDict()
         self._lock = threading.Lock()
@@ -113,7 +117,7 @@ class SmallFileReadahead:
             for sibling in entries[pos + 1: pos + 1 + self.depth * SCAN_LIMIT]:
                 if len(chosen) >= min(room, self.depth):
                     break
-                if (type(sibling) is FileNode and 0 < sibling.size <= self.max_file
+                if (type(sibling) is FileNode and self.min_file < sibling.size <= self.max_file
                         and sibling.digest not in self._pending and sibling.digest not in self._cache):
                     self._pending.add(sibling.digest)
                     chosen.append(sibling)

@@ -51,6 +51,7 @@ from tvixmount.metrics import (
 from tvixmount.metrics_export import MountCollector
 from tvixmount.poolstate import PoolStats, WorkerStats
 from tvixmount.readahead import ReadaheadStats, TreeAheadStats
+from tvixmount.smallblobs import SmallBlobStats
 from tvixmount.vfs import VfsStats
 
 # -- pure parts -------------------------------------------------------------------------
@@ -147,7 +148,8 @@ def _mount_stats(metrics: FuseMetrics) -> MountStats:
                      state="running", requests=7, restarts=4, failures=1, backlog=5)
     return MountStats(fuse=metrics.snapshot(), vfs=VfsStats(inodes=3), fetcher=pool,
                       readahead=ReadaheadStats(hits=6, joined_or_missed=2),
-                      tree_ahead=TreeAheadStats(fetched=9), open_files=1, open_dirs=2)
+                      tree_ahead=TreeAheadStats(fetched=9), small_blobs=SmallBlobStats(hits=12, capacity=64),
+                      open_files=1, open_dirs=2)
 
 
 # What /metrics promises an operator's dashboards: every family's name and type.
@@ -163,6 +165,9 @@ SCRAPED = {
     "tvixmount_pool_workers_ready": "gauge", "tvixmount_pool_inflight": "gauge",
     **{f"tvixmount_readahead_{k}": "counter" for k in ("scheduled", "fetched", "failed", "hits", "evicted")},
     "tvixmount_readahead_cached_bytes": "gauge", "tvixmount_tree_ahead_fetched": "counter",
+    **{f"tvixmount_small_blobs_{k}": "counter"
+       for k in ("batches", "fetched", "failed", "hits", "waited", "misses", "evicted")},
+    "tvixmount_small_blobs_cached_bytes": "gauge", "tvixmount_small_blobs_capacity": "gauge",
 }
 
 
@@ -181,6 +186,7 @@ def test_scrape_exports_the_declared_fields_under_their_promised_names():
     assert values["tvixmount_pool_inflight"] == 2
     assert values["tvixmount_readahead_hits_total"] == 6
     assert values["tvixmount_tree_ahead_fetched_total"] == 9
+    assert values["tvixmount_small_blobs_hits_total"] == 12
     assert values["tvixmount_vfs_inodes"] == 3
     assert (values["tvixmount_open_files"], values["tvixmount_open_dirs"]) == (1, 2)
     helps = {f.name: f.documentation for f in families}
@@ -191,7 +197,7 @@ def test_scrape_exports_the_declared_fields_under_their_promised_names():
 def test_stats_json_keys_are_the_dataclass_fields():
     shown = json.loads(json.dumps(_mount_stats(FuseMetrics()).as_json(), sort_keys=True))
     assert set(shown) == {"ops", "errors", "read_bytes", "cache", "latency", "vfs", "open_files", "open_dirs",
-                          "fetcher", "readahead", "tree_ahead"}
+                          "fetcher", "readahead", "tree_ahead", "small_blobs"}
     assert shown["fetcher"]["workers"] == {
         "0": {"pid": 11, "ready": True, "inflight": 2, "restarts": 1},
         "1": {"pid": None, "ready": False, "inflight": 0, "restarts": 3}}

@@ -109,6 +109,7 @@ def test_op_results_round_trip_through_their_ops():
         (ops.BLOB_READ, b"data"),
         (ops.HELD_PATH_INFO, link),
         (ops.HELD_PATH_INFO, None),
+        (ops.BLOB_BATCH, b"\1\0\0\0" + b"\xff" * 8),  # packed (protocol/batch.py): one failed blob
     ]
     assert {op.name for op, _ in cases} == set(ops.OPS)
     for op, value in cases:

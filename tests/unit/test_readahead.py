@@ -147,7 +147,7 @@ def _stats(mnt) -> dict:
 
 def test_reading_a_directory_file_by_file_is_served_ahead_and_right(mount, small_files):
     name, expected = small_files
-    m = mount("--readahead-files", "4", "--metrics-listen", "127.0.0.1:0")
+    m = mount("--readahead-files", "4", "--small-batches", "0", "--metrics-listen", "127.0.0.1:0")
     base = m.path(name)
     for rel in sorted(expected):
         assert (base / rel).read_bytes() == expected[rel], rel
@@ -167,7 +167,7 @@ def test_reading_a_directory_file_by_file_is_served_ahead_and_right(mount, small
 
 def test_a_stat_only_walk_fetches_nothing(mount, small_files):
     name, expected = small_files
-    m = mount("--readahead-files", "4")
+    m = mount("--readahead-files", "4", "--small-batches", "0")
     seen = 0
     for dirpath, _dirs, files in os.walk(m.path(name)):
         for f in files:
@@ -181,7 +181,7 @@ def test_a_stat_only_walk_fetches_nothing(mount, small_files):
 
 def test_readahead_off_reads_everything_itself(mount, small_files):
     name, expected = small_files
-    m = mount("--readahead-files", "0")
+    m = mount("--readahead-files", "0", "--small-batches", "0")
     for rel in sorted(expected)[:20]:
         assert (m.path(name) / rel).read_bytes() == expected[rel]
     assert _stats(m.mountpoint)["readahead"]["scheduled"] == 0

@@ -200,8 +200,12 @@ BLOB_READ: Op[bytes] = Op("blob_read", (bytes, int, int, int), _same, _decode_by
 # PATH_INFO (what the store holds now) said None.
 HELD_PATH_INFO: Op[Node | None] = Op("held_path_info", (bytes,), _encode_root, _decode_root)
 
+# (digests concatenated, claimed sizes): many small blobs whole, verified, packed in one reply
+# (protocol/batch.py: batch.decode_reply unpacks it into bytes, or None for each that failed).
+BLOB_BATCH: Op[bytes] = Op("blob_batch", (bytes, list), _same, _decode_bytes)
+
 OPS: dict[str, Op[Any]] = {op.name: op for op in (PING, PATH_INFO, DIRECTORY_TREE, LIST_ROOT, BLOB_READ,
-                                                  HELD_PATH_INFO)}
+                                                  HELD_PATH_INFO, BLOB_BATCH)}
 
 
 # -- who answers them -----------------------------------------------------------------

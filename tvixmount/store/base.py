@@ -21,13 +21,13 @@ Contract for every backend:
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from ..castore.directory import Directory
 from ..castore.nodes import Node, b3_text
 from ..castore.pathinfo import PathInfo
-from ..errors import NotFound
+from ..errors import NotFound, TvixError
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +109,23 @@ class BlobService(abc.ABC):
         blob). It is never trusted over the bytes: the reader's ``size`` and
         data are the store's, verified against the digest.
         """
+
+    def read_many(self, wanted: Sequence[tuple[bytes, int]]) -> list[bytes | TvixError]:
+        """Each blob of ``wanted`` (digest, expected size) whole and verified, or the error it got.
+
+        For batches of small blobs (the mount's ``blob_batch``): one blob's
+        failure is its own answer, never the batch's. The size is a hint as
+        for ``open_read``. Backends with a cheaper bulk path override this
+        (the embedded store: one query; gRPC: several streams at once).
+        """
+        out: list[bytes | TvixError] = []
+        for digest, size in wanted:
+            try:
+                with self.open_read(digest, size) as reader:
+                    out.append(reader.pread(0, reader.size))
+            except TvixError as exc:
+                out.append(exc)
+        return out
 
     @abc.abstractmethod
     def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:

@@ -40,10 +40,10 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from ...castore.nodes import b3_text
-from ...errors import InvalidData, NotFound, Unavailable
+from ...errors import InvalidData, NotFound, TvixError, Unavailable
 from .. import records
 from ..base import BlobReader, BlobService, BlobStat, BlobWriter
 from .blobfile import BlobMeta, EmbeddedBlobReader, EmbeddedBlobWriter
@@ -211,6 +211,11 @@ class EmbeddedBlobService(BlobService):
 
     def open_read(self, digest: bytes, size_hint: int | None = None) -> BlobReader:
         records.check_b3(digest, "blob")
+        meta, fd = self._open_file(digest)
+        return EmbeddedBlobReader(meta, fd, self.handle.where)
+
+    def _open_file(self, digest: bytes) -> tuple[BlobMeta, int]:
+        """The blob's row and its file, open; NotFound without a row, InvalidData without the file."""
         meta = self.meta(digest)
         if meta is None:
             raise NotFound(f"blob {b3_text(digest)} not found in store {self.handle.where}")
@@ -224,7 +229,65 @@ class EmbeddedBlobService(BlobService):
             ) from None
         except OSError as exc:
             raise Unavailable(f"blob {b3_text(digest)}: cannot open {path}: {exc}") from None
-        return EmbeddedBlobReader(meta, fd, self.handle.where)
+        return meta, fd
+
+    def read_many(self, wanted: Sequence[tuple[bytes, int]]) -> list[bytes | TvixError]:
+        """Small blobs whole and verified: their rows in one query, then each file read once.
+
+        Why: a batch of 64 small files cost 64 row look-ups (each a query
+        and a transaction) before; now it costs one ``IN (...)`` query for
+        the rows not cached, and per blob an open, a read and a close. The
+        blob files stay one per blob (a packed format would save the opens
+        but is a store format change; see docs/performance.md).
+        """
+        for digest, _ in wanted:
+            records.check_b3(digest, "blob")
+        self._load_metas([digest for digest, _ in wanted])
+        # Open them all and tell the kernel each is needed whole before reading any: their disk
+        # reads then overlap instead of each waiting for the last (a worker reads one at a time).
+        opened: list[BlobReader | TvixError] = []
+        for digest, _ in wanted:
+            try:
+                meta, fd = self._open_file(digest)
+            except TvixError as exc:
+                opened.append(exc)
+                continue
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(fd, 0, meta.size, os.POSIX_FADV_WILLNEED)
+            opened.append(EmbeddedBlobReader(meta, fd, self.handle.where))
+        out: list[bytes | TvixError] = []
+        try:
+            for reader in opened:
+                if isinstance(reader, TvixError):
+                    out.append(reader)
+                    continue
+                try:
+                    with reader:
+                        out.append(reader.pread(0, reader.size))
+                except TvixError as exc:
+                    out.append(exc)
+        finally:  # a bug above must not leak the files not read yet
+            for reader in opened[len(out) + 1:]:
+                if isinstance(reader, BlobReader):
+                    reader.close()
+        return out
+
+    def _load_metas(self, digests: list[bytes]) -> None:
+        """Put the rows of ``digests`` not cached yet into the row cache, with one query."""
+        with self._lock:
+            missing = list(dict.fromkeys(d for d in digests if d not in self._metas))
+        if not missing:
+            return
+        marks = ",".join("?" * len(missing))
+        sql = f"SELECT digest, size, chunk_size, chunks FROM blobs WHERE digest IN ({marks})"
+        try:
+            rows = self.handle.db.all(f"looking up {len(missing)} blobs", sql, tuple(missing))
+        except TvixError as exc:  # each blob's own look-up will fail and say why
+            log.debug("store %s: batch row look-up failed: %s", self.handle.where, exc)
+            return
+        for row in rows:
+            with contextlib.suppress(InvalidData):  # the blob's own look-up says it, for that blob only
+                self._remember(BlobMeta.from_row(bytes(row[0]), *row[1:]))
 
     def open_write(self, expected_digest: bytes | None = None) -> BlobWriter:
         """A writer; with ``expected_digest`` a commit of other bytes fails and stores nothing."""

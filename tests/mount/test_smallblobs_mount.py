@@ -1,0 +1,164 @@
+"""Small files in batches through real mounts: ``tar`` of a tree of many small files gives the
+source's bytes (embedded store and gRPC daemon), a corrupt blob in a batch is EIO for its file
+only, and a worker killed while it holds batches costs no read."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import blake3
+import pytest
+
+from tests.faults import stats, workers
+from tests.grpc_daemon import Daemon, scratch_dir
+from tests.mounting import FUSE_MISSING, Mount
+from tvixmount.admin.ingest import Ingester
+from tvixmount.store import StoreUrls
+
+pytestmark = [pytest.mark.mount, pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "")]
+
+NAME = "smalls-1.0"
+
+
+def _make_tree(root: Path) -> dict[str, bytes]:
+    """Nested directories of small files (some shared), a few bigger ones and a symlink."""
+    expected: dict[str, bytes] = {}
+    for d in range(4):
+        for sub in ("", "inner/", "inner/deeper/"):
+            where = root / f"d{d}" / sub
+            where.mkdir(parents=True, exist_ok=True)
+            for i in range(40):
+                size = (i * 997 + d * 131) % 20_000 + 1
+                data = os.urandom(size) if i % 10 else b"shared %d\n" % i
+                rel = f"d{d}/{sub}f{i:03d}"
+                (root / rel).write_bytes(data)
+                expected[rel] = data
+    for i in range(3):
+        data = os.urandom(200_000 + i)
+        (root / f"big{i}").write_bytes(data)
+        expected[f"big{i}"] = data
+    (root / "link").symlink_to("d0/f001")
+    return expected
+
+
+def _tar_and_compare(mounted: Path, source: Path, out: Path) -> None:
+    """tar the mounted tree into a pipe, unpack it, and compare every file with the source."""
+    out.mkdir()
+    packed = subprocess.run(["tar", "cf", "-", "-C", str(mounted), "."], capture_output=True, timeout=120)
+    assert packed.returncode == 0, packed.stderr.decode()
+    subprocess.run(["tar", "xf", "-", "-C", str(out)], input=packed.stdout, check=True, timeout=120)
+    found = 0
+    for dirpath, _dirs, files in os.walk(source):
+        for f in files:
+            src = Path(dirpath) / f
+            rel = src.relative_to(source)
+            copy = out / rel
+            if src.is_symlink():
+                assert os.readlink(copy) == os.readlink(src)
+            else:
+                assert copy.read_bytes() == src.read_bytes(), rel
+            found += 1
+    assert found == sum(1 for _ in source.rglob("*") if not _.is_dir())
+
+
+@pytest.fixture
+def tree(tmp_path: Path, local_store) -> tuple[Path, str, dict[str, bytes]]:
+    """(source directory, its store path's basename, file contents by relative path)."""
+    source = tmp_path / "src" / NAME
+    expected = _make_tree(source)
+    imported = Ingester(local_store).import_path(source)
+    return source, os.fsdecode(imported.store_path.basename), expected
+
+
+def test_tar_of_many_small_files_on_the_embedded_store(mount, tree, tmp_path):
+    source, name, _ = tree
+    m = mount("--small-batches", "2")
+    _tar_and_compare(m.path(name), source, tmp_path / "out")
+    small = stats(m.mountpoint)["small_blobs"]
+    files = 4 * 3 * 40
+    assert small["hits"] >= files * 0.9, small
+    assert small["batches"] <= files / 8, small  # many files per request
+    assert small["failed"] == 0 and small["cached_bytes"] <= small["capacity"]
+
+
+def test_tar_over_grpc_from_a_daemon(tree, store_dir, tmp_path):
+    source, name, _ = tree
+    root = scratch_dir("tvx-small-")
+    daemon = Daemon(root, "--read-only", store_urls=StoreUrls.embedded(store_dir)).start()
+    m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
+    try:
+        _tar_and_compare(m.mountpoint / name, source, tmp_path / "out")
+        small = stats(m.mountpoint)["small_blobs"]
+        assert small["hits"] >= 4 * 3 * 40 * 0.9 and small["failed"] == 0, small
+    finally:
+        assert m.stop() == 0
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
+    _source, name, expected = tree
+    victim = "d1/inner/f007"
+    digest = blake3.blake3(expected[victim]).digest()
+    path = store_dir / "blobs" / digest.hex()[:2] / digest.hex()
+    assert path.exists(), path
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(damaged))
+    m = mount("--small-batches", "2", expect_errors=True)
+    base = m.path(name)
+    for rel in sorted(k for k in expected if k.startswith("d1/")):
+        if rel == victim:
+            with pytest.raises(OSError) as failed:
+                (base / rel).read_bytes()
+            assert failed.value.errno == errno.EIO
+        else:
+            assert (base / rel).read_bytes() == expected[rel], rel
+    small = stats(m.mountpoint)["small_blobs"]
+    assert small["failed"] == 1 and small["hits"] >= 100, small
+
+
+def test_a_worker_killed_while_it_holds_batches_costs_no_read(tree, store_dir, tmp_path):
+    """Batches are slow here (the daemon adds 50 ms per call, 8 streams at once); one worker is
+    killed while a reader goes through the tree: every file still reads right."""
+    _source, name, expected = tree
+    root = scratch_dir("tvx-small-kill-")
+    daemon = Daemon(root, "--read-only", "--added-latency", "0.05",
+                    store_urls=StoreUrls.embedded(store_dir)).start()
+    m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
+    try:
+        base = m.mountpoint / name
+        names = sorted(expected)
+        killed = threading.Event()
+
+        def kill_soon() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                now = stats(m.mountpoint)
+                busy = [int(w) for w, s in now["fetcher"]["workers"].items() if s["inflight"] >= 1]
+                if now["small_blobs"]["in_flight"] >= 1 and busy:
+                    os.kill(workers(m)[busy[0]], signal.SIGKILL)  # it holds a batch (or a read)
+                    killed.set()
+                    return
+                time.sleep(0.01)
+
+        killer = threading.Thread(target=kill_soon)
+        killer.start()
+        for rel in names:
+            assert (base / rel).read_bytes() == expected[rel], rel
+        killer.join()
+        assert killed.is_set()
+        pool = stats(m.mountpoint)["fetcher"]
+        assert pool["restarts"] >= 1 and pool["resent"] >= 1 and pool["lost"] == 0, pool
+    finally:
+        assert m.stop() == 0
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,0 +1,227 @@
+"""Small files in batches: the blob_batch codec, and what SmallBlobs queues, caches and serves."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import blake3
+import pytest
+
+from tests.fuse_inprocess import CTX, Fuse, errno_of, fuse_factory
+from tests.fuse_tree import SMALLS, TREE, populate, rot
+from tvixmount.castore.directory import Directory
+from tvixmount.castore.nodes import DirectoryNode, FileNode
+from tvixmount.errors import InvalidArgument
+from tvixmount.protocol import batch
+from tvixmount.protocol.framing import ProtocolError
+from tvixmount.smallblobs import SmallBlobs
+from tvixmount.store import memory
+from tvixmount.vfs import Listing
+
+# -- the codec ------------------------------------------------------------------------------
+
+
+def test_request_round_trips_and_is_bounded():
+    wanted = [(bytes([i]) * 32, 100 * i) for i in range(5)]
+    assert batch.decode_request(*batch.encode_request(wanted)) == wanted
+    with pytest.raises(InvalidArgument, match="digests"):
+        batch.decode_request(b"x" * 31, [1])
+    with pytest.raises(InvalidArgument, match="digests"):
+        batch.decode_request(b"", [])
+    too_many = [(b"d" * 32, 1)] * (batch.MAX_FILES + 1)
+    with pytest.raises(InvalidArgument):
+        batch.decode_request(*batch.encode_request(too_many))
+    with pytest.raises(InvalidArgument, match="sizes"):
+        batch.decode_request(b"d" * 32, [batch.MAX_FILE + 1])
+    with pytest.raises(InvalidArgument, match="sizes"):
+        batch.decode_request(b"d" * 32 * 20, [batch.MAX_FILE] * 20)  # 1.25 MiB together
+    with pytest.raises(InvalidArgument, match="sizes"):
+        batch.decode_request(b"d" * 32, [True])
+
+
+def test_reply_round_trips_with_failed_entries():
+    blobs = [b"abc", None, b"", b"x" * 5000, None]
+    packed = batch.pack_reply(blobs)
+    assert len(packed) == batch.reply_length([3, -1, 0, 5000, -1])
+    assert batch.decode_reply(packed) == blobs
+
+
+@pytest.mark.parametrize("wire", [
+    "text",
+    b"",
+    b"\x01\x00\x00\x00",  # a count and no lengths
+    batch.pack_reply([b"abc"])[:-1],  # one byte short
+    batch.pack_reply([b"abc"]) + b"!",  # one byte too many
+    b"\x01\x00\x00\x00" + (-2).to_bytes(8, "little", signed=True),
+    b"\xff\xff\xff\xff",
+])
+def test_a_reply_that_does_not_add_up_is_a_protocol_error(wire):
+    with pytest.raises(ProtocolError):
+        batch.decode_reply(wire)
+
+
+# -- queueing and the cache -----------------------------------------------------------------
+
+
+def _file(name: bytes, size: int) -> FileNode:
+    return FileNode(name, blake3.blake3(name).digest(), size)
+
+
+class _Tree:
+    """A directory ``top`` holding a, sub/ (s1, s2), b, big, and a second directory ``other``."""
+
+    def __init__(self) -> None:
+        sub = Directory(files=(_file(b"s1", 10), _file(b"s2", 20)))
+        top = Directory(directories=(DirectoryNode(b"m-sub", sub.digest(), 2),),
+                        files=(_file(b"a", 1), _file(b"b", 2), _file(b"big", batch.MAX_FILE + 1),
+                               _file(b"z", 3)))
+        self.listings = {top.digest(): Listing.of(top), sub.digest(): Listing.of(sub)}
+        self.top, self.sub = top.digest(), sub.digest()
+
+    def node(self, digest: bytes, name: bytes) -> FileNode:
+        node = self.listings[digest].child(name)
+        assert isinstance(node, FileNode)
+        return node
+
+
+class _Batches:
+    def __init__(self, broken: frozenset[bytes] = frozenset()) -> None:
+        self.asked: list[list[bytes]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.broken = broken
+
+    def __call__(self, wanted: list[tuple[bytes, int]]) -> list[bytes | None]:
+        self.asked.append([d for d, _ in wanted])
+        assert self.gate.wait(5)
+        return [None if d in self.broken else d[:1] * size for d, size in wanted]
+
+
+def _settle(small: SmallBlobs) -> None:
+    deadline = time.monotonic() + 5
+    while (small.stats().in_flight or small.stats().queued) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def _open(small: SmallBlobs, tree: _Tree, where: bytes, name: bytes, ino: int = 7) -> FileNode:
+    node = tree.node(where, name)
+    small.note_lookup(ino, node, where)
+    small.on_open(ino, node)
+    return node
+
+
+def test_an_open_queues_its_directory_in_tree_order_once_and_reads_take_the_bytes():
+    tree, batches = _Tree(), _Batches()
+    small = SmallBlobs(batches, tree.listings.get, in_flight=1)
+    a = _open(small, tree, tree.top, b"a")
+    _settle(small)
+    # Readdir order (by name): a, b, big (not small), then into m-sub where it appears, then z.
+    names = [b"a", b"b", b"s1", b"s2", b"z"]
+    assert batches.asked == [[tree.node(tree.top if n in (b"a", b"b", b"z") else tree.sub, n).digest
+                              for n in names]]
+    assert small.take(a, 0, 1) == a.digest[:1]
+    assert small.take(a, 0, 1) is None  # served to its end: gone (the page cache has it)
+    _open(small, tree, tree.top, b"b", ino=8)
+    _open(small, tree, tree.sub, b"s1", ino=9)  # queued with top already
+    _settle(small)
+    assert len(batches.asked) == 1
+    stats = small.stats()
+    assert (stats.batches, stats.fetched, stats.hits, stats.cached_files) == (1, 5, 1, 4)
+    small.close()
+
+
+def test_a_blob_the_batch_could_not_bring_is_a_miss_and_the_others_are_served():
+    tree = _Tree()
+    bad = tree.node(tree.sub, b"s1")
+    small = SmallBlobs(_Batches(frozenset({bad.digest})), tree.listings.get, in_flight=2)
+    _open(small, tree, tree.top, b"a")
+    _settle(small)
+    assert small.take(bad, 0, 10) is None
+    s2 = tree.node(tree.sub, b"s2")
+    assert small.take(s2, 0, 20) == s2.digest[:1] * 20
+    assert small.stats().failed == 1
+    small.close()
+
+
+def test_a_read_waits_for_its_batch_in_flight():
+    tree, batches = _Tree(), _Batches()
+    batches.gate.clear()
+    small = SmallBlobs(batches, tree.listings.get, in_flight=1)
+    a = _open(small, tree, tree.top, b"a")
+    event = small.waiter(a)
+    assert event is not None and not event.is_set()
+    batches.gate.set()
+    assert event.wait(5)
+    assert small.take(a, 0, 1) == a.digest[:1]
+    assert small.stats().waited == 1
+    small.close()
+
+
+def test_the_cache_is_bounded_and_fetching_follows_the_reader():
+    files = tuple(_file(b"f%04d" % i, 1000) for i in range(300))
+    top = Directory(files=files)
+    listings = {top.digest(): Listing.of(top)}
+    batches = _Batches()
+    small = SmallBlobs(batches, listings.get, in_flight=2, capacity=40_000)
+    small.note_lookup(1, files[0], top.digest())
+    small.on_open(1, files[0])
+    _settle_in_flight(small)
+    stats = small.stats()
+    # Unread plus coming bytes stay within half the capacity: 20 files, then it waits for the reader.
+    assert (stats.fetched, stats.cached_bytes, stats.queued) == (20, 20_000, 280)
+    most = 0
+    for node in files:
+        event = small.waiter(node)
+        if event is not None:
+            assert event.wait(5)
+        assert small.take(node, 0, 1000) == node.digest[:1] * 1000
+        most = max(most, small.stats().cached_bytes)
+    _settle(small)
+    stats = small.stats()
+    assert stats.hits == 300 and stats.evicted == 0 and stats.batches >= 300 // 20
+    assert most <= 20_000 and stats.cached_bytes == 0
+    small.close()
+
+
+def _settle_in_flight(small: SmallBlobs) -> None:
+    deadline = time.monotonic() + 5
+    while small.stats().in_flight and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_off_queues_nothing():
+    tree, batches = _Tree(), _Batches()
+    small = SmallBlobs(batches, tree.listings.get, in_flight=0)
+    a = _open(small, tree, tree.top, b"a")
+    assert small.take(a, 0, 1) is None and batches.asked == []
+
+
+# -- through the FUSE operations, over memory:// ---------------------------------------------
+
+
+@pytest.fixture
+def fuse(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Fuse]]:
+    populate()
+    yield from fuse_factory(caplog)
+    memory.reset()
+
+
+def test_fuse_reads_come_from_one_batch_and_a_rotten_blob_fails_alone(fuse):
+    """The tree's small files come in one batch; the rotten and the missing blob are EIO, each on
+    its own read (asked alone after the batch left them out), and every other file is right."""
+    rot(True)
+    f = fuse(small_batches=2, expect_errors=True)
+    tree = f.lookup(TREE.basename).st_ino
+    for i, data in enumerate(SMALLS):
+        assert f.read_all(f.ops.lookup(tree, b"s%d" % i, CTX).st_ino) == data
+    for name in (b"rotten", b"gone"):
+        assert errno_of(lambda name=name: f.read_all(f.ops.lookup(tree, name, CTX).st_ino)) == errno.EIO
+    stats = f.ops.stats().small_blobs
+    assert stats.batches == 1 and stats.failed == 3  # rotten, gone, and liar (2 bytes, not 10)
+    assert stats.hits >= len(SMALLS)
+    assert f.fetcher.calls["blob_batch"] == 1
+    assert f.fetcher.calls["blob_read"] == 2  # the rotten and the missing one, asked alone
+    assert f.fetcher.with_lock_held == []

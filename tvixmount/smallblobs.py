@@ -1,0 +1,267 @@
+"""Small files brought to the dispatcher in batches, ahead of their reads, in tree order.
+
+Why: a cold ``tar`` of a closure is tens of thousands of lookup, open, read,
+release sequences, and each read that goes to a worker is a round trip
+(hand-offs, the worker's Python, on the embedded store an open and a row
+look-up) with one file in flight at a time. Here, the first open of a
+small file in a directory queues the small files of that directory and of
+the directories below it whose listings are already known, in the order a
+walk (``tar``, ``cp -r``, a loader) visits them: each listing's entries in
+readdir order, descending into a subdirectory where it appears. The queue
+goes to the workers as ``blob_batch`` requests (protocol/batch.py) of up to
+``MAX_FILES`` blobs, at most ``in_flight`` at once, spread over the workers
+by the pool; each blob is verified against its digest by the worker that
+read it. Their bytes wait in a bounded cache until read; an entry goes once
+its last byte was served (the page cache has it from then on).
+
+Bounds: the cache holds at most ``capacity`` bytes (oldest dropped first),
+new batches are sent only while less than half of it is unread or coming
+(so a walk that stops reading stops the fetching), the queue holds at most
+``QUEUE_LIMIT`` files. Batches in flight count against that half too, so
+a batch never pushes out another's unread files. Stat-only walks (find, ls -l) open nothing and
+fetch nothing.
+
+A read of a file whose batch is in flight waits for that batch, at most
+``wait`` seconds, instead of sending its own request (it would be a second
+round trip for the same bytes). Then, or if the batch failed or left this
+blob out (corrupt, missing, wrong size), the read sends its own request
+and gets the real answer: EIO for that file only. A batch whose worker
+dies is re-sent by the pool (it is idempotent); a hung worker costs the
+waiting reads at most ``wait``.
+
+Thread model: ``note_lookup``, ``on_open``, ``take`` and ``waiter`` are
+called from FUSE handlers under llfuse's lock; batches run on this
+module's threads without it. The cache has its own lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .castore.nodes import DirectoryNode, FileNode, b3_text
+from .metrics import counter, gauge
+from .protocol import batch
+from .vfs import Listing
+
+log = logging.getLogger(__name__)
+
+QUEUE_LIMIT = 16_384  # files queued ahead of a walk, at most
+LOOKUPS_REMEMBERED = 8192  # inode -> the directory it was looked up in, for the open that follows
+DIRS_REMEMBERED = 200_000  # directories whose files were queued (then forgotten, all at once)
+DEFAULT_CAPACITY = 64 << 20
+DEFAULT_WAIT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class SmallBlobStats:
+    batches: int = counter("blob_batch requests sent for small files")
+    fetched: int = counter("small files fetched in batches and kept")
+    failed: int = counter("small files a batch could not bring (their reads asked alone)")
+    hits: int = counter("FUSE reads answered from small files fetched in batches")
+    waited: int = counter("FUSE reads that waited for their file's batch")
+    misses: int = counter("reads of small files not found in the batch cache")
+    evicted: int = counter("small files fetched in batches and dropped unread (cache full)")
+    cached_files: int = 0
+    cached_bytes: int = gauge("bytes of small files fetched in batches, not yet read")
+    capacity: int = gauge("bytes the small-file batch cache may hold")
+    queued: int = 0
+    in_flight: int = 0
+
+
+FetchBatch = Callable[[list[tuple[bytes, int]]], list[bytes | None]]
+
+
+class SmallBlobs:
+    def __init__(self, fetch_batch: FetchBatch, listing_of: Callable[[bytes], Listing | None], *,
+                 in_flight: int, capacity: int = DEFAULT_CAPACITY, max_file: int = batch.MAX_FILE,
+                 wait: float = DEFAULT_WAIT) -> None:
+        """``fetch_batch(wanted)`` answers a ``blob_batch`` (may block); ``listing_of(digest)`` is the
+        Vfs's cached listing (called under llfuse's lock only)."""
+        self._fetch_batch = fetch_batch
+        self._listing_of = listing_of
+        self.in_flight = in_flight
+        self.capacity = capacity
+        self.max_file = min(max_file, batch.MAX_FILE)
+        self.wait = wait
+        self._lookups: OrderedDict[int, bytes] = OrderedDict()
+        self._queued_dirs: set[bytes] = set()
+        self._lock = threading.Lock()
+        self._queue: deque[FileNode] = deque()
+        self._cache: OrderedDict[bytes, bytes] = OrderedDict()
+        self._cached_bytes = 0
+        self._pending: dict[bytes, threading.Event] = {}
+        self._running = 0
+        self._running_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: after the worker pool forked
+        self._closed = False
+        self.counts = dict.fromkeys(("batches", "fetched", "failed", "hits", "waited", "misses",
+                                     "evicted"), 0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.in_flight > 0
+
+    # -- called from FUSE handlers (llfuse's lock held) ------------------------------------
+
+    def note_lookup(self, ino: int, node: FileNode, directory: bytes) -> None:
+        """Remember which directory a small file was found in, for its open."""
+        if not self.enabled or node.size > self.max_file:
+            return
+        lookups = self._lookups
+        lookups[ino] = directory
+        lookups.move_to_end(ino)
+        if len(lookups) > LOOKUPS_REMEMBERED:
+            lookups.popitem(last=False)
+
+    def on_open(self, ino: int, node: FileNode) -> None:
+        """A small file was opened: queue its directory's tree, unless that was done already."""
+        if not self.enabled or node.size > self.max_file:
+            return
+        directory = self._lookups.get(ino)
+        if directory is None or directory in self._queued_dirs:
+            return
+        found = self._tree_order(directory)
+        with self._lock:
+            if self._closed:
+                return
+            # The walk is here now: its files go before whatever an earlier walk left queued.
+            self._queue.extendleft(reversed(found))
+            while len(self._queue) > QUEUE_LIMIT:
+                self._queue.pop()
+            self._pump()
+
+    def take(self, node: FileNode, offset: int, length: int) -> bytes | None:
+        """The bytes of a read from a batch, or None; an entry goes once its end is served."""
+        if node.size > self.max_file:
+            return None
+        with self._lock:
+            data = self._cache.get(node.digest)
+            if data is None:
+                return None
+            self.counts["hits"] += 1
+            if offset + length >= len(data):
+                del self._cache[node.digest]
+                self._cached_bytes -= len(data)
+                self._pump()
+        return data[offset:offset + length]
+
+    def waiter(self, node: FileNode) -> threading.Event | None:
+        """The event set when the batch carrying ``node`` is done, if one is in flight."""
+        with self._lock:
+            event = self._pending.get(node.digest)
+            if event is not None:
+                self.counts["waited"] += 1
+            return event
+
+    def missed(self, node: FileNode) -> None:
+        """A read of a small file found nothing here (it asks a worker alone)."""
+        if self.enabled and node.size <= self.max_file:
+            with self._lock:
+                self.counts["misses"] += 1
+
+    def _tree_order(self, start: bytes) -> list[FileNode]:
+        """Small files of ``start`` and below, as a walk meets them; marks their directories queued."""
+        if len(self._queued_dirs) > DIRS_REMEMBERED:
+            self._queued_dirs.clear()
+        found: list[FileNode] = []
+        stack: list[tuple[bytes, int]] = [(start, 0)]
+        self._queued_dirs.add(start)
+        while stack and len(found) < QUEUE_LIMIT:
+            digest, pos = stack.pop()
+            listing = self._listing_of(digest)
+            if listing is None:
+                continue
+            entries = listing.entries
+            while pos < len(entries):
+                node = entries[pos]
+                pos += 1
+                if type(node) is FileNode:
+                    if 0 < node.size <= self.max_file:
+                        found.append(node)
+                elif type(node) is DirectoryNode and node.digest not in self._queued_dirs:
+                    self._queued_dirs.add(node.digest)
+                    stack.append((digest, pos))
+                    stack.append((node.digest, 0))
+                    break
+        return found
+
+    # -- batches (any thread, self._lock held) ----------------------------------------------
+
+    def _pump(self) -> None:
+        """Send batches while there is room in flight and in the cache."""
+        while self._running < self.in_flight and self._queue and not self._closed:
+            # Unread and coming bytes stay within half the cache, so a batch never evicts
+            # another's unread files (the eviction below is only the last bound).
+            budget = min(batch.MAX_BYTES, self.capacity // 2 - self._cached_bytes - self._running_bytes)
+            wanted: list[tuple[bytes, int]] = []
+            total = 0
+            while self._queue and len(wanted) < batch.MAX_FILES:
+                node = self._queue[0]
+                if node.digest in self._cache or node.digest in self._pending:
+                    self._queue.popleft()
+                    continue
+                if total + node.size > budget:
+                    break
+                self._queue.popleft()
+                wanted.append((node.digest, node.size))
+                total += node.size
+            if not wanted:
+                return
+            event = threading.Event()
+            for digest, _ in wanted:
+                self._pending[digest] = event
+            self._running += 1
+            self._running_bytes += total
+            self.counts["batches"] += 1
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="tvixmount-smallblobs")
+            self._pool.submit(self._run, wanted, event)
+
+    def _run(self, wanted: list[tuple[bytes, int]], event: threading.Event) -> None:
+        try:
+            blobs: list[bytes | None] = self._fetch_batch(wanted)
+        except Exception as exc:  # each reader asks alone and gets the real error
+            log.debug("batch of %d small blobs from %s failed: %s", len(wanted), b3_text(wanted[0][0]), exc)
+            blobs = [None] * len(wanted)
+        with self._lock:
+            self._running -= 1
+            self._running_bytes -= sum(size for _, size in wanted)
+            for (digest, size), data in zip(wanted, blobs, strict=True):
+                self._pending.pop(digest, None)
+                if data is None or len(data) != size:
+                    self.counts["failed"] += 1
+                elif not self._closed and digest not in self._cache:
+                    self.counts["fetched"] += 1
+                    self._cache[digest] = data
+                    self._cached_bytes += len(data)
+            while self._cached_bytes > self.capacity:
+                _, old = self._cache.popitem(last=False)
+                self._cached_bytes -= len(old)
+                self.counts["evicted"] += 1
+            self._pump()
+        event.set()
+
+    def stats(self) -> SmallBlobStats:
+        with self._lock:
+            return SmallBlobStats(**self.counts, cached_files=len(self._cache),
+                                  cached_bytes=self._cached_bytes, capacity=self.capacity,
+                                  queued=len(self._queue), in_flight=self._running)
+
+    def close(self) -> None:
+        """Stop sending batches; those in flight end by their own deadline (bounded)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+            self._queue.clear()
+            self._cache.clear()
+            self._cached_bytes = 0
+            events = list(self._pending.values())
+        for event in events:
+            event.set()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
