@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, flags
+from .segcache import DEFAULT_SIZE as DEFAULT_SEGMENT_CACHE
 
 log = logging.getLogger("tvixmount")
 
@@ -113,6 +114,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               help="after a small file (<= 256 KiB) is opened, fetch up to N of the small files "
                    "after it in its directory in the background, so a reader going through a "
                    "directory finds them ready; 0 turns it off (default: max(4, workers))")
+    flags.add(perf, "--segment-cache", type=_size_or_zero, default=DEFAULT_SEGMENT_CACHE, metavar="SIZE",
+              env="TVIXMOUNT_SEGMENT_CACHE",
+              help="shared memory for 256 KiB segments the workers verified, from which the mount "
+                   "serves reads without asking a worker again (e.g. 64M, 1G); 0 turns it off "
+                   "(default 64M)")
+    flags.add(perf, "--kernel-readahead", type=_size_or_zero, default=1 << 20, metavar="SIZE",
+              env="TVIXMOUNT_KERNEL_READAHEAD",
+              help="the kernel's readahead for this mount (its read_ahead_kb), so a sequential "
+                   "reader has several reads in flight; 0 leaves the kernel's (default 1M)")
     flags.add(perf, "--request-timeout", type=flags.positive_seconds, default=30.0, metavar="SECONDS",
               env="TVIXMOUNT_REQUEST_TIMEOUT",
               help="deadline of one store request, retries included (default 30)")
@@ -132,6 +142,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(p, "--log-level", default="INFO", type=str.upper, env="TVIXMOUNT_LOG_LEVEL",
               choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     p.add_argument("--version", action="version", version=f"tvixmount {__version__}")
+
+
+def _size_or_zero(text: str) -> int:
+    """A size (``64M``), or 0 for off."""
+    from .errors import InvalidArgument
+    from .units import parse_size
+
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen(text: str):  # -> metrics.ListenAddress
@@ -216,6 +239,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         readahead_files=max(4, args.workers) if args.readahead_files is None else args.readahead_files,
         substitute_timeout=args.substitute_timeout,
         substitute_jobs=args.substitute_jobs,
+        segment_cache=args.segment_cache,
+        kernel_readahead_kb=args.kernel_readahead // 1024,
     )
     try:
         return run_mount(config, worker_main)

@@ -29,6 +29,7 @@ from .poolstate import PoolStats
 from .protocol import ops
 from .protocol.framing import pack, unpack
 from .protocol.ops import Handlers, Op
+from .segcache import SegmentCache
 
 R = TypeVar("R")
 
@@ -81,6 +82,10 @@ class Fetcher(ABC):
         hint = -1 if size is None else size
         return self._call(ops.BLOB_READ, digest, offset, length, hint, affinity=affinity)
 
+    def segments(self) -> SegmentCache | None:
+        """The shared arena of verified segments the workers fill, if any (segcache.py)."""
+        return None
+
     @abstractmethod
     def stats(self) -> FetcherStats: ...
 
@@ -96,6 +101,9 @@ class PoolFetcher(Fetcher):
 
     def _call(self, op: Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None) -> R:
         return self.pool.call(op, *args, affinity=affinity, timeout=timeout)
+
+    def segments(self) -> SegmentCache | None:
+        return self.pool.segments
 
     def stats(self) -> PoolStats:
         return self.pool.stats()

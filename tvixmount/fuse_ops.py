@@ -33,6 +33,7 @@ from .fuse_timing import timed
 from .inflight import SingleFlight
 from .metrics import FuseMetrics, MountStats
 from .readahead import SmallFileReadahead, TreeAhead
+from .segcache import SegmentCacheStats
 from .vfs import Listing, Vfs
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ class TvixOperations(llfuse.Operations):
         self.metrics = metrics or FuseMetrics()
         self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files)
         self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
+        self.segments = fetcher.segments()
         self._closing = False
 
     # -- helpers ------------------------------------------------------------
@@ -299,6 +301,10 @@ class TvixOperations(llfuse.Operations):
         ahead = self.readahead.take(node, off, length)
         if ahead is not None:
             return ahead
+        if self.segments is not None:  # verified by a worker before; no round trip
+            kept = self.segments.read(node.digest, off, length)
+            if kept is not None:
+                return kept
         what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
         data = self._fetch(what, ("read", node.digest, off, length), lambda: self.fetcher.blob_read(
             node.digest, off, length, affinity=fh, size=node.size))
@@ -376,6 +382,7 @@ class TvixOperations(llfuse.Operations):
             fetcher=self.fetcher.stats(),
             readahead=self.readahead.stats(),
             tree_ahead=self.tree_ahead.stats(),
+            segment_cache=self.segments.stats() if self.segments is not None else SegmentCacheStats(),
             open_files=len(self._files),
             open_dirs=len(self._dirs),
         )

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .fetcher import FetcherStats
     from .readahead import ReadaheadStats, TreeAheadStats
+    from .segcache import SegmentCacheStats
     from .vfs import VfsStats
 
 # FUSE op latencies: a cached lookup answers in tens of microseconds, a cold
@@ -241,6 +242,7 @@ class MountStats:
     fetcher: FetcherStats
     readahead: ReadaheadStats
     tree_ahead: TreeAheadStats
+    segment_cache: SegmentCacheStats
     open_files: int = gauge("FUSE file handles now open")
     open_dirs: int = gauge("FUSE directory handles now open")
 

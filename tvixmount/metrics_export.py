@@ -91,6 +91,7 @@ class MountCollector(PrometheusCollector):
             yield from _worker_families(stats.fetcher)
         yield from families(stats.readahead, "readahead_")
         yield from families(stats.tree_ahead, "tree_ahead_")
+        yield from families(stats.segment_cache, "segment_cache_")
 
 
 def families(stats: Any, prefix: str) -> Iterator[Metric]:

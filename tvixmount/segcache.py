@@ -122,6 +122,7 @@ class SegmentArena:
         return SegmentCache(self)
 
     def close(self) -> None:
+        self.slots = 0  # both ends see an empty arena from now on
         for view in reversed(self._views):
             view.release()
         self._views.clear()

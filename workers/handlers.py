@@ -35,6 +35,8 @@ from tvixmount.shmring import RingWriter
 from tvixmount.store import BlobReader, Store
 from tvixmount.store.grpc.deadline import patience_until
 
+from .segfill import keep_regions
+
 log = logging.getLogger(__name__)
 
 READER_CACHE_SIZE = 64
@@ -195,8 +197,11 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
         return b""
     length = min(length, reader.size - offset)
     ring = ctx.ring
+    segments = ring.segments if ring is not None else None
     room = ring.reserve(length) if ring is not None and length >= RING_MIN else None
     try:
+        if segments is not None:  # first, so the read below takes the bytes from the verified segment kept
+            keep_regions(segments, reader, digest, offset, length)
         if ring is None or room is None:
             return reader.pread(offset, length)
         start, view = room
