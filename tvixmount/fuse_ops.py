@@ -33,7 +33,8 @@ from .fuse_timing import timed
 from .inflight import SingleFlight
 from .metrics import FuseMetrics, MountStats
 from .readahead import SmallFileReadahead, TreeAhead
-from .segcache import SegmentCacheStats
+from .segahead import SegmentAhead
+from .segcache import REGION, SegmentCacheStats
 from .vfs import Listing, Vfs
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,8 @@ class MountOptions:
     readahead_files: int = 4
     # Store paths (in root listing order) whose trees are fetched ahead of a walk (0: off).
     tree_ahead: int = 2
+    # 256 KiB regions verified into the segment arena ahead of a sequential reader (0: off).
+    segment_ahead: int = 4
 
 
 @dataclass(slots=True)
@@ -86,6 +89,8 @@ class TvixOperations(llfuse.Operations):
         self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files)
         self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
         self.segments = fetcher.segments()
+        self.segment_ahead = None if self.segments is None else SegmentAhead(
+            self.segments, self._fill_region, depth=options.segment_ahead)
         self._closing = False
 
     # -- helpers ------------------------------------------------------------
@@ -302,16 +307,52 @@ class TvixOperations(llfuse.Operations):
         if ahead is not None:
             return ahead
         if self.segments is not None:  # verified by a worker before; no round trip
+            assert self.segment_ahead is not None
+            self.segment_ahead.on_read(fh, node, off, length)
             kept = self.segments.read(node.digest, off, length)
             if kept is not None:
                 return kept
-        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
-        data = self._fetch(what, ("read", node.digest, off, length), lambda: self.fetcher.blob_read(
-            node.digest, off, length, affinity=fh, size=node.size))
+            data = self._read_region(fh, node, off, length)
+        else:
+            data = self._read(fh, node, off, length)
         if len(data) != length:
-            log.error("%s: store returned %d bytes, wanted %d", what, len(data), length)
+            log.error("read of %s [%d+%d] (fh %d): store returned %d bytes, wanted %d",
+                      b3_text(node.digest), off, length, fh, len(data), length)
             raise llfuse.FUSEError(errno.EIO)
         return data
+
+    def _read(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
+        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
+        return self._fetch(what, ("read", node.digest, off, length), lambda: self.fetcher.blob_read(
+            node.digest, off, length, affinity=fh, size=node.size))
+
+    def _read_region(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
+        """A read the arena missed, sharing a worker request with any read of the same region.
+
+        The kernel's readahead sends both halves of a segment at once: the
+        second waits for the first's request (whose worker puts the whole
+        region into the arena) and then takes its bytes from the arena,
+        instead of a second round trip for a segment already verified.
+        """
+        region = off // REGION
+        if (off + length - 1) // REGION != region:
+            return self._read(fh, node, off, length)
+        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
+        got_off, data = self._fetch(what, ("region", node.digest, region), lambda: (
+            off, self.fetcher.blob_read(node.digest, off, length, affinity=fh, size=node.size)))
+        if (got_off, len(data)) == (off, length):
+            return data  # ours (or a read of the very same bytes)
+        if got_off <= off and off + length <= got_off + len(data):
+            return data[off - got_off: off - got_off + length]
+        assert self.segments is not None
+        kept = self.segments.read(node.digest, off, length)  # llfuse's lock is held again
+        return kept if kept is not None else self._read(fh, node, off, length)
+
+    def _fill_region(self, digest: bytes, region: int, fh: int, size: int) -> None:
+        """SegmentAhead's fill (its thread): one byte of the region, keyed like ``_read_region``."""
+        off = region * REGION
+        self._flight.run(("region", digest, region), lambda: (
+            off, self.fetcher.blob_read(digest, off, 1, affinity=fh, size=size)))
 
     def _fetch_whole(self, node: FileNode) -> bytes:
         """A small file's whole blob, for readahead (its own thread, llfuse's lock not held).
@@ -326,12 +367,16 @@ class TvixOperations(llfuse.Operations):
 
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)
+        if self.segment_ahead is not None:
+            self.segment_ahead.forget(fh)
 
     def close(self) -> None:
         """Stop the background fetches (after llfuse.main returned); bounded."""
         self._closing = True
         self.tree_ahead.close()
         self.readahead.close()
+        if self.segment_ahead is not None:
+            self.segment_ahead.close()
 
     @staticmethod
     def _new_handle(table: dict[int, Any], numbers: Iterator[int], value: Any) -> int:

@@ -145,6 +145,16 @@ def _candidates(arena: SegmentArena, digest: bytes, index: int) -> list[int]:
     return found
 
 
+def _holds(arena: SegmentArena, digest: bytes, index: int) -> bool:
+    if arena.slots == 0:
+        return False
+    for slot in _candidates(arena, digest, index):
+        seq = arena.words[slot * (HEADER // 8) + _SEQ]
+        if not seq & 1 and _key_matches(arena, slot, digest, index):
+            return True
+    return False
+
+
 def _key_matches(arena: SegmentArena, slot: int, digest: bytes, index: int) -> bool:
     words = arena.words
     base = slot * (HEADER // 8)
@@ -211,6 +221,10 @@ class SegmentCache:
         arena.refs[slot] = 1
         return data
 
+    def holds(self, digest: bytes, index: int) -> bool:
+        """Whether region ``index`` of the blob is in a valid slot now (no copy, no counting)."""
+        return _holds(self.arena, digest, index)
+
     def _take(self, at: int, length: int) -> bytes:
         """The one copy out of the arena (apart so a test can race a writer against it)."""
         return self.arena.data[at: at + length].tobytes()
@@ -231,14 +245,7 @@ class SegmentWriter:
 
     def has(self, digest: bytes, index: int) -> bool:
         """Whether a valid slot (any worker's) holds the region now."""
-        arena = self.arena
-        if arena.slots == 0:
-            return False
-        for slot in _candidates(arena, digest, index):
-            seq = arena.words[slot * (HEADER // 8) + _SEQ]
-            if not seq & 1 and _key_matches(arena, slot, digest, index):
-                return True
-        return False
+        return _holds(self.arena, digest, index)
 
     def put(self, digest: bytes, index: int, fill: Callable[[memoryview], int]) -> bool:
         """Fill a slot with region ``index`` of ``digest`` through ``fill`` (a verifying reader's
