@@ -247,6 +247,34 @@ class SegmentWriter:
         """Whether a valid slot (any worker's) holds the region now."""
         return _holds(self.arena, digest, index)
 
+    def read_into(self, digest: bytes, offset: int, dest: memoryview) -> bool:
+        """Copy the bytes at ``offset`` into ``dest`` from valid slots (any worker's), under
+        the seqlock; False when a region is missing or was rewritten meanwhile (``dest`` is then
+        partly written: use another source)."""
+        arena = self.arena
+        if arena.slots == 0:
+            return False
+        words = arena.words
+        done, total = 0, len(dest)
+        while done < total:
+            at = offset + done
+            index, start = divmod(at, REGION)
+            take = min(total - done, REGION - start)
+            for slot in _candidates(arena, digest, index):
+                seq_at = slot * (HEADER // 8) + _SEQ
+                before = words[seq_at]
+                if before & 1 or not _key_matches(arena, slot, digest, index) \
+                        or words[seq_at + _LEN] < start + take:
+                    continue
+                base = slot * REGION + start
+                dest[done: done + take] = arena.data[base: base + take]
+                if words[seq_at] == before:
+                    break
+            else:
+                return False
+            done += take
+        return True
+
     def put(self, digest: bytes, index: int, fill: Callable[[memoryview], int]) -> bool:
         """Fill a slot with region ``index`` of ``digest`` through ``fill`` (a verifying reader's
         ``pread_into`` of the region); False when there is no arena.

@@ -21,6 +21,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from tvixmount.castore import nixbase32
 from tvixmount.castore.directory import Directory
@@ -35,7 +36,7 @@ from tvixmount.shmring import RingWriter
 from tvixmount.store import BlobReader, Store
 from tvixmount.store.grpc.deadline import patience_until
 
-from .segfill import keep_regions
+from .segfill import keep_regions, read_kept
 
 log = logging.getLogger(__name__)
 
@@ -200,13 +201,20 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
     segments = ring.segments if ring is not None else None
     room = ring.reserve(length) if ring is not None and length >= RING_MIN else None
     try:
-        if segments is not None:  # first, so the read below takes the bytes from the verified segment kept
-            keep_regions(segments, reader, digest, offset, length)
-        if ring is None or room is None:
+        if segments is not None and keep_regions(segments, reader, digest, offset, length):
+            fill = partial(read_kept, segments, reader, digest, offset)  # the regions are in the arena now
+        elif ring is None or room is None:
             return reader.pread(offset, length)
+        else:
+            fill = partial(reader.pread_into, offset)
+        if ring is None or room is None:
+            out = bytearray(length)
+            with memoryview(out) as view:
+                got = fill(view)
+            return bytes(out[:got])
         start, view = room
         with view:
-            got = reader.pread_into(offset, view)
+            got = fill(view)
         ring.commit(start, got)
         return RingRef(start, got)
     except IntegrityError:

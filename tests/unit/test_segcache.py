@@ -165,3 +165,15 @@ def test_random_regions_always_match_their_key() -> None:
         assert cache.stats().hits > 0
     finally:
         arena.close()
+
+
+def test_a_worker_reads_kept_regions_back_from_any_workers_slots(arena: SegmentArena) -> None:
+    w0, w1 = arena.writer(0), arena.writer(1)
+    w0.put(D1, 0, filler(pattern(D1, 0)))
+    w1.put(D1, 1, filler(pattern(D1, 1)))
+    whole = pattern(D1, 0) + pattern(D1, 1)
+    dest = bytearray(300_000)
+    assert w0.read_into(D1, 100_000, memoryview(dest))
+    assert bytes(dest) == whole[100_000:400_000]
+    assert not w0.read_into(D1, REGION + 10, memoryview(bytearray(REGION)))  # region 2 is not there
+    assert not w1.read_into(D2, 0, memoryview(bytearray(10)))

@@ -63,6 +63,15 @@ class BlobReader(abc.ABC):
         buf[:len(data)] = data
         return len(data)
 
+    def segment_into(self, offset: int, view: memoryview) -> int | None:
+        """The verified segment at ``offset`` read and checked right in ``view``; its length.
+
+        Only for a reader whose segments are ``len(view)`` bytes and start at
+        ``offset``; None when it has no such segments (then use ``pread_into``).
+        Raises as ``pread`` for a bad segment; ``view`` then holds garbage.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the reader holds."""
 

@@ -98,6 +98,15 @@ class EmbeddedBlobReader(BlobReader):
         except BadSegment as bad:
             raise self._failure(bad) from None
 
+    def segment_into(self, offset: int, view: memoryview) -> int | None:
+        step = self._file.outboard.segment_size
+        if step != len(view) or offset % step:
+            return None
+        try:
+            return self._file.segment_into(offset // step, view)
+        except BadSegment as bad:
+            raise self._failure(bad) from None
+
     def _failure(self, bad: BadSegment) -> TvixError:
         digest = b3_text(self._file.outboard.digest)
         if bad.error is not None:
