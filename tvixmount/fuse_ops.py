@@ -33,7 +33,6 @@ from .fuse_timing import timed
 from .inflight import SingleFlight
 from .metrics import FuseMetrics, MountStats
 from .readahead import SmallFileReadahead, TreeAhead
-from .segahead import SegmentAhead
 from .segcache import REGION, SegmentCacheStats
 from .vfs import Listing, Vfs
 
@@ -58,8 +57,6 @@ class MountOptions:
     readahead_files: int = 4
     # Store paths (in root listing order) whose trees are fetched ahead of a walk (0: off).
     tree_ahead: int = 2
-    # 256 KiB regions verified into the segment arena ahead of a sequential reader (0: off).
-    segment_ahead: int = 4
 
 
 @dataclass(slots=True)
@@ -89,8 +86,6 @@ class TvixOperations(llfuse.Operations):
         self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files)
         self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
         self.segments = fetcher.segments()
-        self.segment_ahead = None if self.segments is None else SegmentAhead(
-            self.segments, self._fill_region, depth=options.segment_ahead)
         self._closing = False
 
     # -- helpers ------------------------------------------------------------
@@ -307,8 +302,6 @@ class TvixOperations(llfuse.Operations):
         if ahead is not None:
             return ahead
         if self.segments is not None:  # verified by a worker before; no round trip
-            assert self.segment_ahead is not None
-            self.segment_ahead.on_read(fh, node, off, length)
             kept = self.segments.read(node.digest, off, length)
             if kept is not None:
                 return kept
@@ -348,12 +341,6 @@ class TvixOperations(llfuse.Operations):
         kept = self.segments.read(node.digest, off, length)  # llfuse's lock is held again
         return kept if kept is not None else self._read(fh, node, off, length)
 
-    def _fill_region(self, digest: bytes, region: int, fh: int, size: int) -> None:
-        """SegmentAhead's fill (its thread): one byte of the region, keyed like ``_read_region``."""
-        off = region * REGION
-        self._flight.run(("region", digest, region), lambda: (
-            off, self.fetcher.blob_read(digest, off, 1, affinity=fh, size=size)))
-
     def _fetch_whole(self, node: FileNode) -> bytes:
         """A small file's whole blob, for readahead (its own thread, llfuse's lock not held).
 
@@ -367,16 +354,12 @@ class TvixOperations(llfuse.Operations):
 
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)
-        if self.segment_ahead is not None:
-            self.segment_ahead.forget(fh)
 
     def close(self) -> None:
         """Stop the background fetches (after llfuse.main returned); bounded."""
         self._closing = True
         self.tree_ahead.close()
         self.readahead.close()
-        if self.segment_ahead is not None:
-            self.segment_ahead.close()
 
     @staticmethod
     def _new_handle(table: dict[int, Any], numbers: Iterator[int], value: Any) -> int:

@@ -36,7 +36,7 @@ from tvixmount.shmring import RingWriter
 from tvixmount.store import BlobReader, Store
 from tvixmount.store.grpc.deadline import patience_until
 
-from .segfill import keep_regions, read_kept
+from .segfill import FillAhead, keep_regions, read_kept
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,12 @@ class Context:
     store: Store
     ring: RingWriter | None = None  # a pool worker's shared-memory ring for read replies
     readers: ReaderCache = field(init=False)
+    fill_ahead: FillAhead | None = field(init=False)  # regions verified ahead of in-order reads
 
     def __post_init__(self) -> None:
         self.readers = ReaderCache(self.store.blobs.open_read)
+        segments = self.ring.segments if self.ring is not None else None
+        self.fill_ahead = FillAhead(segments) if segments is not None else None
 
     def close(self) -> None:
         self.readers.clear()
@@ -203,6 +206,8 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
     try:
         if segments is not None and keep_regions(segments, reader, digest, offset, length):
             fill = partial(read_kept, segments, reader, digest, offset)  # the regions are in the arena now
+            if ctx.fill_ahead is not None:
+                ctx.fill_ahead.note(digest, offset, length, reader.size)
         elif ring is None or room is None:
             return reader.pread(offset, length)
         else:
