@@ -6,13 +6,15 @@ touches into the arena, so the dispatcher serves the rest of the region
 without asking a worker again, and the read itself is then copied out of
 the arena. Where the store's segments are the arena's regions (the
 embedded store), the segment is read and hashed right in the slot
-(``BlobReader.segment_into``): no extra copy of 256 KiB per miss. Else the
-region comes from the verifying reader (``pread_into``). Either way every
+(``BlobReader.segment_into``): no extra copy of 256 KiB per miss. Every
 byte in a slot was checked against the blob's digest before the slot is
 marked valid, and a segment that fails leaves the slot empty.
 
-Small blobs stay out: a file read in one FUSE request is read once (the
-page cache keeps it), and its slot would evict a big file's region.
+Only readers with such segments take part: a remote reader (gRPC) would
+turn a 4 KiB read into a 256 KiB fetch and its own readahead into a
+whole-blob stream. Small blobs stay out too: a file read in one FUSE
+request is read once (the page cache keeps it), and its slot would evict
+a big file's region.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     Errors (a bad segment) go to the caller; nothing of them is kept.
     """
     size = reader.size
-    if size <= ONE_FUSE_READ or length <= 0:
+    if size <= ONE_FUSE_READ or length <= 0 or reader.segment_size != REGION:
         return False
     for index in range(offset // REGION, (min(offset + length, size) - 1) // REGION + 1):
         if not writer.has(digest, index):

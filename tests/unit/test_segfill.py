@@ -17,6 +17,8 @@ READ = 128 << 10
 class Reader(BlobReader):
     """Bytes in memory; ``bad`` regions fail like a segment that does not match its digest."""
 
+    segment_size = REGION
+
     def __init__(self, data: bytes, bad: tuple[int, ...] = ()) -> None:
         self.data = data
         self.size = len(data)
@@ -48,6 +50,10 @@ def test_kept_regions_are_served_back_whole(arena: SegmentArena) -> None:
     assert bytes(dest) == data[REGION - 10: REGION + 10]
     assert arena.reader().read(DIGEST, 0, 2 * REGION) == data[: 2 * REGION]
     assert not keep_regions(writer, Reader(b"x" * READ), DIGEST, 0, 10)  # one FUSE read: not kept
+    remote = Reader(data)
+    remote.segment_size = None  # type: ignore[assignment]
+    assert not keep_regions(writer, remote, DIGEST, 3 * REGION, 10)  # no segments of its own: not widened
+    assert not writer.has(DIGEST, 3)
 
 
 def test_a_bad_region_is_not_kept_and_fails_the_read(arena: SegmentArena) -> None:

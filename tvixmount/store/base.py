@@ -48,6 +48,9 @@ class BlobReader(abc.ABC):
     """Random access to one blob's verified bytes; not thread-safe."""
 
     size: int
+    # The size of the segments ``segment_into`` reads and verifies in place; None: it cannot
+    # (a remote reader, whose reads should not be widened to whole segments).
+    segment_size: int | None = None
 
     @abc.abstractmethod
     def pread(self, offset: int, length: int) -> bytes:

@@ -85,6 +85,7 @@ class EmbeddedBlobReader(BlobReader):
         self._file = SegmentFile(meta.outboard, fd)
         self._where = where
         self.size = meta.size
+        self.segment_size = meta.outboard.segment_size
 
     def pread(self, offset: int, length: int) -> bytes:
         try:
