@@ -46,7 +46,7 @@ ROOT = llfuse.ROOT_INODE
 CTX = llfuse.RequestContext()
 MEMORY = StoreUrls.single("memory://")
 # Fetcher methods that ask the store nothing: passed through, not counted.
-_PASS_THROUGH = {"stats", "close"}
+_PASS_THROUGH = {"stats", "close", "segments"}
 
 
 def holds_llfuse_lock() -> bool:

@@ -60,6 +60,7 @@ from benchlib.dataset import BIG_PACKAGE, DatasetSpec, prepare  # noqa: E402
 from benchlib.procs import Registry, is_mounted  # noqa: E402
 from benchlib.targets import Tvixmount  # noqa: E402
 
+ARENA_HIT = "handler total, served from the segment arena"
 T = time.perf_counter_ns  # CLOCK_MONOTONIC: the same clock in every process of the machine
 # req id, request start, end, segment ns, blake3 ns, handler start, handler end, reply written
 WORKER_RECORD = struct.Struct("<Qqqqqqqq")
@@ -116,7 +117,7 @@ class Trace:
 
         def traced_call(pool: Any, op: str, *args: Any, **kw: Any) -> Any:
             rec = getattr(trace.local, "rec", None)
-            if rec is None or op != "blob_read":
+            if rec is None or getattr(op, "name", op) != "blob_read":
                 return call(pool, op, *args, **kw)
             rec[1] = T()
             try:
@@ -262,7 +263,11 @@ class Trace:
         write_starts = [w[0] for w in writes]
         sleeps = sorted(self.select_enter)
         for entry, call_in, call_out, leave, req in self.handlers:
-            if not req or req not in worker or req not in self.took or req not in self.completed:
+            if not req and not call_in:  # no worker request: served from the segment arena
+                rows.setdefault(ARENA_HIT, []).append((leave - entry) / 1e3)
+                continue
+            if not call_in or not req or req not in worker or req not in self.took \
+                    or req not in self.completed:
                 continue
             w_start, w_end, seg, b3, h_start, h_end, w_written = worker[req]
             woke, took_start, took_end = self.took[req]

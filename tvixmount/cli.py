@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__, flags, logsetup
+from .segcache import DEFAULT_SIZE as DEFAULT_SEGMENT_CACHE
 
 log = logging.getLogger("tvixmount")
 
@@ -130,6 +131,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               help="after a small file (<= 64 KiB) is opened, fetch the small files of its directory "
                    "and the directories below it in batches (one worker request per 64 files), N "
                    "batches at once, so a walk like tar finds them ready; 0 turns it off (default: workers)")
+    flags.add(perf, "--segment-cache", type=_size_or_zero, default=DEFAULT_SEGMENT_CACHE, metavar="SIZE",
+              env="TVIXMOUNT_SEGMENT_CACHE",
+              help="shared memory for 256 KiB segments the workers verified, from which the mount "
+                   "serves reads without asking a worker again (e.g. 64M, 1G); 0 turns it off "
+                   "(default 64M)")
+    flags.add(perf, "--kernel-readahead", type=_size_or_zero, default=1 << 20, metavar="SIZE",
+              env="TVIXMOUNT_KERNEL_READAHEAD",
+              help="the kernel's readahead for this mount (its read_ahead_kb), so a sequential "
+                   "reader has several reads in flight; 0 leaves the kernel's (default 1M)")
     flags.add(perf, "--request-timeout", type=flags.positive_seconds, default=30.0, metavar="SECONDS",
               env="TVIXMOUNT_REQUEST_TIMEOUT",
               help="deadline of one store request, retries included (default 30)")
@@ -150,6 +160,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               help="trace, debug, info, warn or error, any case (default: RUST_LOG's level for "
                    "tvixmount, else info); under systemd each line carries its journal priority")
     p.add_argument("--version", action="version", version=f"tvixmount {__version__}")
+
+
+def _size_or_zero(text: str) -> int:
+    """A size (``64M``), or 0 for off."""
+    from .errors import InvalidArgument
+    from .units import parse_size
+
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _listen(text: str):  # -> metrics.ListenAddress
@@ -237,6 +260,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         small_batches=args.workers if args.small_batches is None else args.small_batches,
         substitute_timeout=args.substitute_timeout,
         substitute_jobs=args.substitute_jobs,
+        segment_cache=args.segment_cache,
+        kernel_readahead_kb=args.kernel_readahead // 1024,
     )
     try:
         return run_mount(config, worker_main)

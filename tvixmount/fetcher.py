@@ -29,6 +29,7 @@ from .poolstate import PoolStats
 from .protocol import batch, ops
 from .protocol.framing import pack, unpack
 from .protocol.ops import Handlers, Op
+from .segcache import SegmentCache
 
 R = TypeVar("R")
 
@@ -88,6 +89,10 @@ class Fetcher(ABC):
         """
         return batch.decode_reply(self._call(ops.BLOB_BATCH, *batch.encode_request(wanted)))
 
+    def segments(self) -> SegmentCache | None:
+        """The shared arena of verified segments the workers fill, if any (segcache.py)."""
+        return None
+
     @abstractmethod
     def stats(self) -> FetcherStats: ...
 
@@ -103,6 +108,9 @@ class PoolFetcher(Fetcher):
 
     def _call(self, op: Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None) -> R:
         return self.pool.call(op, *args, affinity=affinity, timeout=timeout)
+
+    def segments(self) -> SegmentCache | None:
+        return self.pool.segments
 
     def stats(self) -> PoolStats:
         return self.pool.stats()

@@ -33,6 +33,7 @@ from .fuse_timing import timed
 from .inflight import SingleFlight
 from .metrics import FuseMetrics, MountStats
 from .readahead import SmallFileReadahead, TreeAhead
+from .segcache import REGION, SegmentCacheStats
 from .smallblobs import SmallBlobs
 from .vfs import Listing, Vfs
 
@@ -92,6 +93,7 @@ class TvixOperations(llfuse.Operations):
         self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files,
                                             min_file=self.small.max_file if self.small.enabled else 0)
         self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
+        self.segments = fetcher.segments()
         self._closing = False
 
     # -- helpers ------------------------------------------------------------
@@ -311,11 +313,16 @@ class TvixOperations(llfuse.Operations):
         ahead = self._from_batches(node, off, length) or self.readahead.take(node, off, length)
         if ahead is not None:
             return ahead
-        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
-        data = self._fetch(what, ("read", node.digest, off, length), lambda: self.fetcher.blob_read(
-            node.digest, off, length, affinity=fh, size=node.size))
+        if self.segments is not None:  # verified by a worker before; no round trip
+            kept = self.segments.read(node.digest, off, length)
+            if kept is not None:
+                return kept
+            data = self._read_region(fh, node, off, length)
+        else:
+            data = self._read(fh, node, off, length)
         if len(data) != length:
-            log.error("%s: store returned %d bytes, wanted %d", what, len(data), length)
+            log.error("read of %s [%d+%d] (fh %d): store returned %d bytes, wanted %d",
+                      b3_text(node.digest), off, length, fh, len(data), length)
             raise llfuse.FUSEError(errno.EIO)
         return data
 
@@ -330,6 +337,33 @@ class TvixOperations(llfuse.Operations):
         if data is None:
             small.missed(node)
         return data
+
+    def _read(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
+        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
+        return self._fetch(what, ("read", node.digest, off, length), lambda: self.fetcher.blob_read(
+            node.digest, off, length, affinity=fh, size=node.size))
+
+    def _read_region(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
+        """A read the arena missed, sharing a worker request with any read of the same region.
+
+        The kernel's readahead sends both halves of a segment at once: the
+        second waits for the first's request (whose worker puts the whole
+        region into the arena) and then takes its bytes from the arena,
+        instead of a second round trip for a segment already verified.
+        """
+        region = off // REGION
+        if (off + length - 1) // REGION != region:
+            return self._read(fh, node, off, length)
+        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
+        got_off, data = self._fetch(what, ("region", node.digest, region), lambda: (
+            off, self.fetcher.blob_read(node.digest, off, length, affinity=fh, size=node.size)))
+        if (got_off, len(data)) == (off, length):
+            return data  # ours (or a read of the very same bytes)
+        if got_off <= off and off + length <= got_off + len(data):
+            return data[off - got_off: off - got_off + length]
+        assert self.segments is not None
+        kept = self.segments.read(node.digest, off, length)  # llfuse's lock is held again
+        return kept if kept is not None else self._read(fh, node, off, length)
 
     def _fetch_whole(self, node: FileNode) -> bytes:
         """A small file's whole blob, for readahead (its own thread, llfuse's lock not held).
@@ -402,6 +436,7 @@ class TvixOperations(llfuse.Operations):
             readahead=self.readahead.stats(),
             small_blobs=self.small.stats(),
             tree_ahead=self.tree_ahead.stats(),
+            segment_cache=self.segments.stats() if self.segments is not None else SegmentCacheStats(),
             open_files=len(self._files),
             open_dirs=len(self._dirs),
         )

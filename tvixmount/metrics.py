@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .fetcher import FetcherStats
     from .readahead import ReadaheadStats, TreeAheadStats
+    from .segcache import SegmentCacheStats
     from .smallblobs import SmallBlobStats
     from .vfs import VfsStats
 
@@ -243,6 +244,7 @@ class MountStats:
     readahead: ReadaheadStats
     tree_ahead: TreeAheadStats
     small_blobs: SmallBlobStats
+    segment_cache: SegmentCacheStats
     open_files: int = gauge("FUSE file handles now open")
     open_dirs: int = gauge("FUSE directory handles now open")
 

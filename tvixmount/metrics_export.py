@@ -92,6 +92,7 @@ class MountCollector(PrometheusCollector):
         yield from families(stats.readahead, "readahead_")
         yield from families(stats.tree_ahead, "tree_ahead_")
         yield from families(stats.small_blobs, "small_blobs_")
+        yield from families(stats.segment_cache, "segment_cache_")
 
 
 def families(stats: Any, prefix: str) -> Iterator[Metric]:

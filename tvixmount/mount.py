@@ -32,11 +32,13 @@ from .deadlines import HANG_FRACTION
 from .errors import TvixError
 from .fetcher import Fetcher, PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
+from .kernelra import set_readahead_when_served
 from .metrics import FuseMetrics, ListenAddress
 from .metrics_export import Exporter
 from .mount_notify import SystemdLink
 from .pool import WorkerPool
 from .protocol import ops
+from .segcache import DEFAULT_SIZE as DEFAULT_SEGMENT_CACHE
 from .store import StoreUrls, describe, urls
 from .substitution import DEFAULT_TIMEOUT as DEFAULT_SUBSTITUTE_TIMEOUT
 from .substitution import SubstitutingFetcher, default_jobs
@@ -73,6 +75,10 @@ class MountConfig:
     # and how many may run at once (None: substitution.default_jobs).
     substitute_timeout: float = DEFAULT_SUBSTITUTE_TIMEOUT
     substitute_jobs: int | None = None
+    # Bytes of the shared arena of verified segments (0: none), and the kernel's readahead
+    # for the mount in KiB (0: the kernel's own).
+    segment_cache: int = DEFAULT_SEGMENT_CACHE
+    kernel_readahead_kb: int = 1024
 
 
 def check_mountpoint(path: Path) -> None:
@@ -163,7 +169,7 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
     ensure_fusectl()
     logging.getLogger("llfuse").addFilter(_AnsweredTooLate())
     pool = WorkerPool(config.urls, config.workers, worker_main, request_timeout=config.request_timeout,
-                      hang_fraction=HANG_FRACTION)
+                      hang_fraction=HANG_FRACTION, segment_cache=config.segment_cache)
     pool.start()
     exporter: Exporter | None = None
     ops: TvixOperations | None = None
@@ -181,6 +187,8 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
             # port then fails the start with nothing mounted.
             exporter = Exporter(config.metrics_listen, metrics, ops.stats)
         llfuse.init(ops, str(config.mountpoint), list(fuse_options(config)))
+        if config.kernel_readahead_kb:
+            set_readahead_when_served(config.mountpoint, config.kernel_readahead_kb)
         systemd = SystemdLink(config.mountpoint, ops.stats, pool.alive)
         stopper = _Stopper(config.mountpoint, config.stop_grace, on_stop=systemd.stopping)
         log.info("mounted %s on %s (%d workers, %d threads, list-root %s)",

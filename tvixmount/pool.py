@@ -44,7 +44,7 @@ import select
 import time
 from typing import Any, TypeVar
 
-from . import shmring, zygote
+from . import segcache, shmring, zygote
 from .collector import Collector
 from .errors import InvalidArgument, Unavailable, from_code
 from .poolstate import Call, PoolState, PoolStats
@@ -70,13 +70,16 @@ class WorkerPool:
 
     def __init__(self, urls: StoreUrls, workers: int, worker_main: WorkerMain, *,
                  request_timeout: float = 30.0, retries: int = 1,
-                 start_timeout: float = DEFAULT_START_TIMEOUT, hang_fraction: float | None = None) -> None:
+                 start_timeout: float = DEFAULT_START_TIMEOUT, hang_fraction: float | None = None,
+                 segment_cache: int = segcache.DEFAULT_SIZE) -> None:
         """``worker_main``: the life of one worker (``workers.loop.serve``; the caller names it, so
         this package needs no import of the workers).
 
         ``hang_fraction``: a worker that answers nothing for this fraction of its oldest call's
         budget is declared hung at once, killed, and its calls re-sent with the time they have
         left; None declares it hung only when a call it holds times out (that call then fails).
+
+        ``segment_cache``: bytes of the shared arena of verified segments (segcache.py); 0: none.
         """
         if workers < 1:
             raise InvalidArgument(f"a worker pool needs at least one worker, not {workers}")
@@ -96,6 +99,8 @@ class WorkerPool:
         self._zygote_pid = 0
         self._collector: Collector | None = None
         self._arena: shmring.Arena | None = None
+        self.segment_cache_size = segment_cache
+        self.segments: segcache.SegmentCache | None = None  # the dispatcher's end, once started
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -112,7 +117,10 @@ class WorkerPool:
                 raise InvalidArgument(f"worker pool already {state.phase}")
             state.phase = "starting"
         try:
-            self._arena = shmring.Arena(self.size)
+            size = self.segment_cache_size
+            segments = segcache.SegmentArena(size, self.size) if size else None
+            self._arena = shmring.Arena(self.size, segments=segments)
+            self.segments = None if segments is None else segments.reader()
             self._zygote, ctl = zygote.start(self.urls, self.worker_main, self._arena)
             self._zygote_pid = self._zygote.pid
             log.debug("zygote pid %d started for %s", self._zygote_pid, describe(self.urls))

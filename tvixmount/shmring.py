@@ -46,6 +46,7 @@ import ctypes
 import mmap
 
 from .errors import TvixError
+from .segcache import SegmentArena, SegmentWriter
 
 HEADER = mmap.PAGESIZE  # keeps each ring's data page-aligned
 DEFAULT_CAPACITY = 4 << 20  # 32 replies of 128 KiB in flight per worker before falling back to the pipe
@@ -60,11 +61,14 @@ class RingError(TvixError):
 class Arena:
     """The shared mapping: one ring per worker slot. Create before forking the zygote."""
 
-    def __init__(self, rings: int, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, rings: int, capacity: int = DEFAULT_CAPACITY,
+                 segments: SegmentArena | None = None) -> None:
+        """``segments``: the verified-segment arena (segcache.py) the workers fill beside their rings."""
         if rings < 1 or capacity < mmap.PAGESIZE or capacity % mmap.PAGESIZE:
             raise ValueError(f"bad arena shape: {rings} rings of {capacity} bytes")
         self.rings = rings
         self.capacity = capacity
+        self.segments = segments
         self._map = mmap.mmap(-1, rings * (HEADER + capacity), flags=mmap.MAP_SHARED)
         self._views: list[memoryview] = []
         self._counters: list[ctypes.c_uint64] = []
@@ -82,7 +86,7 @@ class Arena:
     def writer(self, index: int) -> RingWriter:
         """The producer's end of ring ``index`` (in the worker process that owns the slot)."""
         consumed, data = self._ring(index)
-        return RingWriter(consumed, data)
+        return RingWriter(consumed, data, None if self.segments is None else self.segments.writer(index))
 
     def reader(self, index: int) -> RingReader:
         """The consumer's end of ring ``index`` (in the dispatcher's collector thread)."""
@@ -95,6 +99,8 @@ class Arena:
             view.release()
         self._views.clear()
         self._counters.clear()
+        if self.segments is not None:
+            self.segments.close()
         with contextlib.suppress(BufferError):  # a straggling reference keeps it mapped until collected
             self._map.close()
 
@@ -102,10 +108,12 @@ class Arena:
 class RingWriter:
     """Worker side: reserve room for one reply, fill it, commit it. Single-threaded."""
 
-    def __init__(self, consumed: ctypes.c_uint64, data: memoryview) -> None:
+    def __init__(self, consumed: ctypes.c_uint64, data: memoryview,
+                 segments: SegmentWriter | None = None) -> None:
         self._consumed = consumed
         self._data = data
         self.capacity = len(data)
+        self.segments = segments  # this worker's ways of the verified-segment arena
         self._produced = consumed.value  # a new worker starts where the dispatcher stopped reading
 
     def reserve(self, length: int) -> tuple[int, memoryview] | None:

@@ -25,6 +25,7 @@ from .castore.nodes import Node
 from .errors import InvalidArgument, Timeout
 from .fetcher import Fetcher, FetcherStats
 from .protocol.ops import Op
+from .segcache import SegmentCache
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,9 @@ class SubstitutingFetcher(Fetcher):
         if found is not None and seconds >= SLOW_LOOKUP:
             log.info("lookup of %s took %.2f s (substituted)", found.name.decode(errors="replace"), seconds)
         return found
+
+    def segments(self) -> SegmentCache | None:
+        return self.inner.segments()
 
     def stats(self) -> FetcherStats:
         return self.inner.stats()

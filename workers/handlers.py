@@ -21,6 +21,7 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from tvixmount.castore import nixbase32
 from tvixmount.castore.directory import Directory
@@ -34,6 +35,8 @@ from tvixmount.protocol.ops import MAX_READ, Handlers
 from tvixmount.shmring import RingWriter
 from tvixmount.store import BlobReader, Store
 from tvixmount.store.grpc.deadline import patience_until
+
+from .segfill import FillAhead, keep_regions, read_kept
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +101,12 @@ class Context:
     store: Store
     ring: RingWriter | None = None  # a pool worker's shared-memory ring for read replies
     readers: ReaderCache = field(init=False)
+    fill_ahead: FillAhead | None = field(init=False)  # regions verified ahead of in-order reads
 
     def __post_init__(self) -> None:
         self.readers = ReaderCache(self.store.blobs.open_read)
+        segments = self.ring.segments if self.ring is not None else None
+        self.fill_ahead = FillAhead(segments) if segments is not None else None
 
     def close(self) -> None:
         self.readers.clear()
@@ -195,13 +201,25 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
         return b""
     length = min(length, reader.size - offset)
     ring = ctx.ring
+    segments = ring.segments if ring is not None else None
     room = ring.reserve(length) if ring is not None and length >= RING_MIN else None
     try:
-        if ring is None or room is None:
+        if segments is not None and keep_regions(segments, reader, digest, offset, length):
+            fill = partial(read_kept, segments, reader, digest, offset)  # the regions are in the arena now
+            if ctx.fill_ahead is not None:
+                ctx.fill_ahead.note(digest, offset, length, reader.size)
+        elif ring is None or room is None:
             return reader.pread(offset, length)
+        else:
+            fill = partial(reader.pread_into, offset)
+        if ring is None or room is None:
+            out = bytearray(length)
+            with memoryview(out) as view:
+                got = fill(view)
+            return bytes(out[:got])
         start, view = room
         with view:
-            got = reader.pread_into(offset, view)
+            got = fill(view)
         ring.commit(start, got)
         return RingRef(start, got)
     except IntegrityError:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import time
 
 from tvixmount.errors import InvalidData, Timeout, TvixError
@@ -79,6 +80,9 @@ def _loop(ctx: Context, handlers: Handlers[Context], req_fd: int, rep_fd: int) -
                 return EXIT_PROTOCOL
             if not _try_write(rep_fd, *parts):
                 return EXIT_OK
+        fill = ctx.fill_ahead
+        while fill is not None and fill.pending and not _waiting(req_fd):  # idle: verify ahead of readers
+            fill.step(ctx.readers.get)
 
 
 def handle(ctx: Context, message: object, handlers: Handlers[Context] = HANDLERS) -> tuple[bytes, ...]:
@@ -103,6 +107,11 @@ def handle(ctx: Context, message: object, handlers: Handlers[Context] = HANDLERS
     except Exception as exc:  # a bug or an unexpected library error: answer it, keep serving
         log.exception("worker %d pid %d: %s raised unexpectedly", ctx.worker_id, os.getpid(), name)
         return (messages.encode_error(req_id, exc),)
+
+
+def _waiting(fd: int) -> bool:
+    """Whether a request is there to be read (without blocking)."""
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _try_write(fd: int, *parts: bytes) -> bool:

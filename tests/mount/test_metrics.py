@@ -51,6 +51,7 @@ from tvixmount.metrics import (
 from tvixmount.metrics_export import MountCollector
 from tvixmount.poolstate import PoolStats, WorkerStats
 from tvixmount.readahead import ReadaheadStats, TreeAheadStats
+from tvixmount.segcache import SegmentCacheStats
 from tvixmount.smallblobs import SmallBlobStats
 from tvixmount.vfs import VfsStats
 
@@ -149,7 +150,8 @@ def _mount_stats(metrics: FuseMetrics) -> MountStats:
     return MountStats(fuse=metrics.snapshot(), vfs=VfsStats(inodes=3), fetcher=pool,
                       readahead=ReadaheadStats(hits=6, joined_or_missed=2),
                       tree_ahead=TreeAheadStats(fetched=9), small_blobs=SmallBlobStats(hits=12, capacity=64),
-                      open_files=1, open_dirs=2)
+                      open_files=1, open_dirs=2,
+                      segment_cache=SegmentCacheStats(size=1 << 20, slots=4, hits=5))
 
 
 # What /metrics promises an operator's dashboards: every family's name and type.
@@ -168,6 +170,8 @@ SCRAPED = {
     **{f"tvixmount_small_blobs_{k}": "counter"
        for k in ("batches", "fetched", "failed", "hits", "waited", "misses", "evicted")},
     "tvixmount_small_blobs_cached_bytes": "gauge", "tvixmount_small_blobs_capacity": "gauge",
+    "tvixmount_segment_cache_size": "gauge", "tvixmount_segment_cache_slots": "gauge",
+    **{f"tvixmount_segment_cache_{k}": "counter" for k in ("hits", "misses", "torn")},
 }
 
 
@@ -187,6 +191,7 @@ def test_scrape_exports_the_declared_fields_under_their_promised_names():
     assert values["tvixmount_readahead_hits_total"] == 6
     assert values["tvixmount_tree_ahead_fetched_total"] == 9
     assert values["tvixmount_small_blobs_hits_total"] == 12
+    assert values["tvixmount_segment_cache_hits_total"] == 5
     assert values["tvixmount_vfs_inodes"] == 3
     assert (values["tvixmount_open_files"], values["tvixmount_open_dirs"]) == (1, 2)
     helps = {f.name: f.documentation for f in families}
@@ -197,7 +202,7 @@ def test_scrape_exports_the_declared_fields_under_their_promised_names():
 def test_stats_json_keys_are_the_dataclass_fields():
     shown = json.loads(json.dumps(_mount_stats(FuseMetrics()).as_json(), sort_keys=True))
     assert set(shown) == {"ops", "errors", "read_bytes", "cache", "latency", "vfs", "open_files", "open_dirs",
-                          "fetcher", "readahead", "tree_ahead", "small_blobs"}
+                          "fetcher", "readahead", "tree_ahead", "small_blobs", "segment_cache"}
     assert shown["fetcher"]["workers"] == {
         "0": {"pid": 11, "ready": True, "inflight": 2, "restarts": 1},
         "1": {"pid": None, "ready": False, "inflight": 0, "restarts": 3}}
@@ -206,6 +211,7 @@ def test_stats_json_keys_are_the_dataclass_fields():
     assert shown["readahead"]["joined_or_missed"] == 2 and shown["fetcher"]["failures"] == 1
     assert shown["tree_ahead"] == {"scheduled": 0, "fetched": 9, "failed": 0}
     assert shown["cache"]["listing"] == {"hits": 0, "misses": 0}
+    assert shown["segment_cache"] == {"size": 1 << 20, "slots": 4, "hits": 5, "misses": 0, "torn": 0}
     assert exported(next(f for f in fields(ReadaheadStats) if f.name == "pending")) is None
 
 

@@ -100,3 +100,25 @@ def test_one_segment_blob_is_checked_against_its_own_digest(tmp_path: Path) -> N
     with pytest.raises(BadSegment):
         SegmentFile(wrong, fd).pread(0, 1)
     assert not Outboard(outboard.digest, 2 * SEG, SEG, b"").well_formed()  # two segments need a list
+
+
+def test_segment_into_reads_and_checks_in_place(tmp_path: Path) -> None:
+    data = pattern(3 * SEG + 100)
+    outboard, fd = _file(tmp_path, data)
+    with open(tmp_path / "blob", "r+b") as f:
+        f.seek(SEG + 3)
+        f.write(bytes([data[SEG + 3] ^ 1]))
+    segments = SegmentFile(outboard, fd)
+    slot = bytearray(SEG)
+    assert segments.segment_into(0, memoryview(slot)) == SEG and bytes(slot) == data[:SEG]
+    assert segments.segment_into(3, memoryview(slot)) == 100 and bytes(slot[:100]) == data[3 * SEG:]
+    with pytest.raises(BadSegment) as info:
+        segments.segment_into(1, memoryview(slot))
+    assert (info.value.index, info.value.short) == (1, False)
+    os.truncate(tmp_path / "blob", 2 * SEG + 7)
+    with pytest.raises(BadSegment) as info:
+        segments.segment_into(2, memoryview(slot))
+    assert (info.value.got, info.value.want, info.value.short) == (7, SEG, True)
+    with pytest.raises(InvalidArgument, match="does not fit"):
+        segments.segment_into(0, memoryview(bytearray(SEG - 1)))
+    segments.close()

@@ -48,6 +48,9 @@ class BlobReader(abc.ABC):
     """Random access to one blob's verified bytes; not thread-safe."""
 
     size: int
+    # The size of the segments ``segment_into`` reads and verifies in place; None: it cannot
+    # (a remote reader, whose reads should not be widened to whole segments).
+    segment_size: int | None = None
 
     @abc.abstractmethod
     def pread(self, offset: int, length: int) -> bytes:
@@ -62,6 +65,15 @@ class BlobReader(abc.ABC):
         data = self.pread(offset, len(buf))
         buf[:len(data)] = data
         return len(data)
+
+    def segment_into(self, offset: int, view: memoryview) -> int | None:
+        """The verified segment at ``offset`` read and checked right in ``view``; its length.
+
+        Only for a reader whose segments are ``len(view)`` bytes and start at
+        ``offset``; None when it has no such segments (then use ``pread_into``).
+        Raises as ``pread`` for a bad segment; ``view`` then holds garbage.
+        """
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the reader holds."""

@@ -184,6 +184,37 @@ class SegmentFile:
             done += take
         return done
 
+    def segment_into(self, index: int, view: memoryview) -> int:
+        """Segment ``index`` read straight into ``view`` and matched there; its length.
+
+        For a destination that keeps it (the worker's slot in the shared
+        segment arena): the bytes are read and hashed where they stay, with
+        no copy, and not kept here. BadSegment as ``segment``; ``view`` then
+        holds bytes that must not be used.
+        """
+        outboard = self.outboard
+        if self._fd < 0:
+            raise InvalidArgument(f"blob {b3_text(outboard.digest)}: reader is closed")
+        start = index * outboard.segment_size
+        want = min(outboard.segment_size, outboard.size - start)
+        if want > len(view):
+            raise InvalidArgument(f"segment {index} of {want} bytes does not fit in {len(view)}")
+        target = view[:want]
+        got = 0
+        try:
+            while got < want:
+                n = os.preadv(self._fd, [target[got:]], start + got)
+                if n == 0:
+                    break
+                got += n
+        except OSError as exc:
+            raise BadSegment(index, start, want, got, exc) from None
+        if got < want:
+            raise BadSegment(index, start, want, got)
+        if blake3.blake3(target).digest() != outboard.segment_digest(index):
+            raise BadSegment(index, start, want, want)
+        return want
+
     def segment(self, index: int) -> bytes:
         """Segment ``index``, read whole and matched against its digest (or kept from before)."""
         kept = self._kept.get(index)

@@ -85,6 +85,7 @@ class EmbeddedBlobReader(BlobReader):
         self._file = SegmentFile(meta.outboard, fd)
         self._where = where
         self.size = meta.size
+        self.segment_size = meta.outboard.segment_size
 
     def pread(self, offset: int, length: int) -> bytes:
         try:
@@ -95,6 +96,15 @@ class EmbeddedBlobReader(BlobReader):
     def pread_into(self, offset: int, buf: memoryview) -> int:
         try:
             return self._file.pread_into(offset, buf)
+        except BadSegment as bad:
+            raise self._failure(bad) from None
+
+    def segment_into(self, offset: int, view: memoryview) -> int | None:
+        step = self._file.outboard.segment_size
+        if step != len(view) or offset % step:
+            return None
+        try:
+            return self._file.segment_into(offset // step, view)
         except BadSegment as bad:
             raise self._failure(bad) from None
 

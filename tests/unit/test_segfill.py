@@ -1,0 +1,99 @@
+"""A worker's arena fills: regions kept from verified reads, and filled ahead of in-order reads only."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.store_suite import pattern
+from tvixmount.errors import IntegrityError
+from tvixmount.segcache import REGION, SegmentArena
+from tvixmount.store import BlobReader
+from workers.segfill import FillAhead, keep_regions, read_kept
+
+DIGEST = bytes(range(32))
+READ = 128 << 10
+
+
+class Reader(BlobReader):
+    """Bytes in memory; ``bad`` regions fail like a segment that does not match its digest."""
+
+    segment_size = REGION
+
+    def __init__(self, data: bytes, bad: tuple[int, ...] = ()) -> None:
+        self.data = data
+        self.size = len(data)
+        self.bad = bad
+        self.reads: list[int] = []
+
+    def pread(self, offset: int, length: int) -> bytes:
+        self.reads.append(offset)
+        for index in range(offset // REGION, (offset + max(length, 1) - 1) // REGION + 1):
+            if index in self.bad:
+                raise IntegrityError(f"region {index} does not match its digest")
+        return self.data[offset: offset + length]
+
+
+@pytest.fixture
+def arena():
+    a = SegmentArena(32 * REGION, workers=1)
+    yield a
+    a.close()
+
+
+def test_kept_regions_are_served_back_whole(arena: SegmentArena) -> None:
+    writer, data = arena.writer(0), pattern(5 * REGION + 99)
+    reader = Reader(data)
+    assert keep_regions(writer, reader, DIGEST, REGION - 10, 20)  # touches regions 0 and 1
+    assert writer.has(DIGEST, 0) and writer.has(DIGEST, 1) and not writer.has(DIGEST, 2)
+    dest = bytearray(20)
+    assert read_kept(writer, reader, DIGEST, REGION - 10, memoryview(dest)) == 20
+    assert bytes(dest) == data[REGION - 10: REGION + 10]
+    assert arena.reader().read(DIGEST, 0, 2 * REGION) == data[: 2 * REGION]
+    assert not keep_regions(writer, Reader(b"x" * READ), DIGEST, 0, 10)  # one FUSE read: not kept
+    remote = Reader(data)
+    remote.segment_size = None  # type: ignore[assignment]
+    assert not keep_regions(writer, remote, DIGEST, 3 * REGION, 10)  # no segments of its own: not widened
+    assert not writer.has(DIGEST, 3)
+
+
+def test_a_bad_region_is_not_kept_and_fails_the_read(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    reader = Reader(pattern(4 * REGION), bad=(2,))
+    with pytest.raises(IntegrityError):
+        keep_regions(writer, reader, DIGEST, 2 * REGION + 5, 10)
+    assert not writer.has(DIGEST, 2)
+    assert arena.reader().read(DIGEST, 2 * REGION, 10) is None
+
+
+def test_in_order_misses_fill_ahead_and_a_jump_stops_it(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    data = pattern(40 * REGION)
+    reader = Reader(data)
+    fill = FillAhead(writer, depth=4)
+    fill.note(DIGEST, 0, READ, len(data))
+    assert not fill.pending  # one read says nothing yet
+    fill.note(DIGEST, READ, READ, len(data))
+    assert fill.pending
+    while fill.pending:
+        fill.step(lambda digest, size: reader)
+    assert [writer.has(DIGEST, i) for i in range(1, 6)] == [True] * 4 + [False]
+    assert fill.filled == 4
+    fill.note(DIGEST, 5 * REGION, READ, len(data))  # the reader went through them: the next miss
+    while fill.pending:
+        fill.step(lambda digest, size: reader)
+    assert all(writer.has(DIGEST, i) for i in range(6, 10)) and not writer.has(DIGEST, 10)
+    fill.note(DIGEST, 30 * REGION, READ, len(data))  # a jump: random access
+    assert not fill.pending
+
+
+def test_a_fill_that_fails_is_counted_and_kept_out(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    data = pattern(10 * REGION)
+    reader = Reader(data, bad=(2,))
+    fill = FillAhead(writer, depth=3)
+    fill.note(DIGEST, 0, READ, len(data))
+    fill.note(DIGEST, READ, READ, len(data))
+    while fill.pending:
+        fill.step(lambda digest, size: reader)
+    assert (fill.filled, fill.failed) == (2, 1)
+    assert writer.has(DIGEST, 1) and not writer.has(DIGEST, 2) and writer.has(DIGEST, 3)

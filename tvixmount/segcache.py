@@ -1,0 +1,330 @@
+"""Verified 256 KiB blob regions in shared memory, served by the dispatcher without a round trip.
+
+Why: a 128 KiB read that goes to a worker costs ~390 us of handler time
+(docs/performance.md, "Issue 11"): two pipe writes, three wake-ups, the
+worker's Python and a pread + blake3 of a whole 256 KiB segment. The bytes
+a worker has verified are still verified bytes a moment later; kept in a
+shared mapping, the dispatcher's FUSE thread serves the next read of them
+with a lookup and one copy. A sequential reader finds the other half of a
+segment there, and (``FillAhead``, workers) the segments after it.
+
+What is kept: *regions*, the ``REGION``-aligned pieces of a blob, keyed by
+(blob digest, region index). A worker copies a region into a slot only
+from its store's verifying reader (``BlobReader.pread_into``: every byte
+it writes was checked against the blob's digest, per segment); a read that
+fails verification writes nothing that can be served.
+
+Layout of the one anonymous ``MAP_SHARED`` mapping (made by the pool before
+it forks the zygote, like shmring.py's rings)::
+
+    [tags: 8 bytes per slot][refs: 1 byte per slot][headers: 64 bytes per slot][data: REGION per slot]
+    header: seq u64 | length u64 | region index u64 | stamp u64 | blob digest 32 bytes
+
+Slots form ``sets`` of ``ways`` slots; a region's set is
+``(digest's first 8 bytes + index) % sets``, so the regions of one file
+fall into consecutive sets. Every worker owns ``ways_per_worker`` ways of
+every set, and only the owner ever writes a slot: there is one writer per
+slot, across processes, with no lock (a replacement worker owns what the
+dead one owned). The owner picks its victim among its ways by clock: a
+the oldest write whose reference byte (set by the dispatcher on every hit)
+is clear, else the oldest (and every reference byte of its ways is cleared).
+
+Never a torn slot: each slot has a sequence number (a seqlock). The writer
+makes it odd, clears the slot's tag, writes key, length and bytes, makes it
+even (a new value, the old one plus two), then sets the tag. The reader
+finds a candidate by tag (a ``bytes.find`` over the set's tag row, one
+probe for all ways), reads the sequence (must be even), checks the key,
+copies, and reads the sequence again: the copy counts only if it did not
+change. That holds on x86-64, whose stores are seen in program order and
+whose loads are not reordered with other loads; 8-byte aligned loads and
+stores (a ``memoryview`` cast to ``Q``) are never torn. A worker that dies
+mid-write leaves an odd sequence: never served, and its replacement
+starts from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .metrics import counter, gauge
+
+REGION = 256 << 10  # the store's segment size: a region the worker verified is one segment, hashed once
+DEFAULT_SIZE = 64 << 20
+TAG = 8
+HEADER = 64
+_SEQ, _LEN, _INDEX, _STAMP = 0, 1, 2, 3  # u64 fields of a header
+_DIGEST_AT = 32
+DIGEST_LEN = 32
+_KEY = struct.Struct("<Q")
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCacheStats:
+    """``segment_cache`` in ``user.tvixmount.stats``."""
+
+    size: int = gauge("bytes of the shared verified-segment arena (fixed at mount time)")
+    slots: int = gauge("256 KiB slots in the verified-segment arena")
+    hits: int = counter("FUSE reads served from verified segments in shared memory (no worker)")
+    misses: int = counter("FUSE reads whose bytes were not all in the segment arena")
+    torn: int = counter("segment-arena reads dropped because the slot was rewritten during the copy")
+
+
+def tag_of(digest: bytes, index: int) -> bytes:
+    """A slot's 8-byte hint for (digest, index); never all zeros (the mark of an empty slot)."""
+    value = (int.from_bytes(digest[8:16], "little") ^ (index * 0x9E3779B97F4A7C15)) & ((1 << 64) - 1)
+    return _KEY.pack(value | 1)
+
+
+class SegmentArena:
+    """The shared mapping. Create before forking the zygote; both sides take their end of it."""
+
+    def __init__(self, size: int, workers: int, ways_per_worker: int = 2) -> None:
+        if workers < 1 or ways_per_worker < 1:
+            raise ValueError(f"bad segment arena shape: {workers} workers, {ways_per_worker} ways each")
+        self.ways = workers * ways_per_worker
+        self.ways_per_worker = ways_per_worker
+        self.workers = workers
+        self.sets = max(1, size // (REGION * self.ways)) if size > 0 else 0
+        self.slots = self.sets * self.ways
+        self.size = self.slots * REGION
+        meta = self.slots * (TAG + 1 + HEADER)
+        self._data_at = -(-meta // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._map = mmap.mmap(-1, max(mmap.PAGESIZE, self._data_at + self.size), flags=mmap.MAP_SHARED)
+        whole = memoryview(self._map)
+        self.tags = whole[: self.slots * TAG]
+        self.refs = whole[self.slots * TAG: self.slots * (TAG + 1)]
+        headers_at = self.slots * (TAG + 1)
+        self.headers = whole[headers_at: headers_at + self.slots * HEADER]
+        self.words = self.headers.cast("Q")  # 8 u64 per header: seq, length, index, stamp, digest
+        self.tag_words = self.tags.cast("Q")
+        self.data = whole[self._data_at: self._data_at + self.size]
+        self._views = [self.tags, self.refs, self.headers, self.words, self.tag_words, self.data, whole]
+
+    def set_of(self, digest: bytes, index: int) -> int:
+        return (int.from_bytes(digest[:8], "little") + index) % self.sets
+
+    def slot_data(self, slot: int) -> memoryview:
+        return self.data[slot * REGION: (slot + 1) * REGION]
+
+    def writer(self, worker: int) -> SegmentWriter:
+        """The end of worker slot ``worker`` (its ways of every set), in the worker process."""
+        if not 0 <= worker < self.workers:
+            raise ValueError(f"no worker {worker} in a segment arena of {self.workers}")
+        return SegmentWriter(self, worker)
+
+    def reader(self) -> SegmentCache:
+        """The dispatcher's end: lookups and copies, under llfuse's lock."""
+        return SegmentCache(self)
+
+    def close(self) -> None:
+        self.slots = 0  # both ends see an empty arena from now on
+        for view in reversed(self._views):
+            view.release()
+        self._views.clear()
+        with contextlib.suppress(BufferError):  # a straggling view keeps it mapped until collected
+            self._map.close()
+
+
+def _candidates(arena: SegmentArena, digest: bytes, index: int) -> list[int]:
+    """Slots whose tag matches (digest, index), usually one; the key itself is checked by the caller."""
+    ways = arena.ways
+    first = arena.set_of(digest, index) * ways
+    row = arena.tags[first * TAG: (first + ways) * TAG].tobytes()
+    tag = tag_of(digest, index)
+    found = []
+    at = row.find(tag)
+    while at >= 0:
+        if at % TAG == 0:
+            found.append(first + at // TAG)
+        at = row.find(tag, at + 1)
+    return found
+
+
+def _holds(arena: SegmentArena, digest: bytes, index: int) -> bool:
+    if arena.slots == 0:
+        return False
+    for slot in _candidates(arena, digest, index):
+        seq = arena.words[slot * (HEADER // 8) + _SEQ]
+        if not seq & 1 and _key_matches(arena, slot, digest, index):
+            return True
+    return False
+
+
+def _key_matches(arena: SegmentArena, slot: int, digest: bytes, index: int) -> bool:
+    words = arena.words
+    base = slot * (HEADER // 8)
+    at = slot * HEADER + _DIGEST_AT
+    return words[base + _INDEX] == index and arena.headers[at: at + DIGEST_LEN] == digest
+
+
+class SegmentCache:
+    """Dispatcher side: the verified bytes of a range, if every region of it is in a valid slot.
+
+    One thread at a time (FUSE handlers run under llfuse's lock); workers
+    write meanwhile, which the seqlock makes harmless.
+    """
+
+    def __init__(self, arena: SegmentArena) -> None:
+        self.arena = arena
+        self.hits = 0
+        self.misses = 0
+        self.torn = 0
+
+    def read(self, digest: bytes, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` (clipped to the file's size by the caller), or None."""
+        if self.arena.slots == 0 or length <= 0:
+            return None
+        first, last = offset // REGION, (offset + length - 1) // REGION
+        if first == last:
+            data = self._copy(digest, first, offset - first * REGION, length)
+        else:
+            parts: list[bytes] = []
+            for index in range(first, last + 1):
+                base = index * REGION
+                start = max(offset, base) - base
+                part = self._copy(digest, index, start, min(offset + length, base + REGION) - base - start)
+                if part is None:
+                    parts = []
+                    break
+                parts.append(part)
+            data = b"".join(parts) if parts else None
+        if data is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return data
+
+    def _copy(self, digest: bytes, index: int, start: int, length: int) -> bytes | None:
+        for slot in _candidates(self.arena, digest, index):
+            data = self._copy_slot(slot, digest, index, start, length)
+            if data is not None:
+                return data
+        return None
+
+    def _copy_slot(self, slot: int, digest: bytes, index: int, start: int, length: int) -> bytes | None:
+        arena = self.arena
+        words = arena.words
+        seq_at = slot * (HEADER // 8) + _SEQ
+        before = words[seq_at]
+        if before & 1 or not _key_matches(arena, slot, digest, index) \
+                or words[seq_at + _LEN] < start + length:
+            return None
+        data = self._take(slot * REGION + start, length)
+        if words[seq_at] != before:  # rewritten while we copied: these bytes may be anyone's
+            self.torn += 1
+            return None
+        arena.refs[slot] = 1
+        return data
+
+    def holds(self, digest: bytes, index: int) -> bool:
+        """Whether region ``index`` of the blob is in a valid slot now (no copy, no counting)."""
+        return _holds(self.arena, digest, index)
+
+    def _take(self, at: int, length: int) -> bytes:
+        """The one copy out of the arena (apart so a test can race a writer against it)."""
+        return self.arena.data[at: at + length].tobytes()
+
+    def stats(self) -> SegmentCacheStats:
+        arena = self.arena
+        return SegmentCacheStats(size=arena.size, slots=arena.slots, hits=self.hits, misses=self.misses,
+                                 torn=self.torn)
+
+
+class SegmentWriter:
+    """Worker side: put verified regions into this worker's ways. Single-threaded, like a worker."""
+
+    def __init__(self, arena: SegmentArena, worker: int) -> None:
+        self.arena = arena
+        self._ways = range(worker * arena.ways_per_worker, (worker + 1) * arena.ways_per_worker)
+        self.written = 0
+
+    def has(self, digest: bytes, index: int) -> bool:
+        """Whether a valid slot (any worker's) holds the region now."""
+        return _holds(self.arena, digest, index)
+
+    def read_into(self, digest: bytes, offset: int, dest: memoryview) -> bool:
+        """Copy the bytes at ``offset`` into ``dest`` from valid slots (any worker's), under
+        the seqlock; False when a region is missing or was rewritten meanwhile (``dest`` is then
+        partly written: use another source)."""
+        arena = self.arena
+        if arena.slots == 0:
+            return False
+        words = arena.words
+        done, total = 0, len(dest)
+        while done < total:
+            at = offset + done
+            index, start = divmod(at, REGION)
+            take = min(total - done, REGION - start)
+            for slot in _candidates(arena, digest, index):
+                seq_at = slot * (HEADER // 8) + _SEQ
+                before = words[seq_at]
+                if before & 1 or not _key_matches(arena, slot, digest, index) \
+                        or words[seq_at + _LEN] < start + take:
+                    continue
+                base = slot * REGION + start
+                dest[done: done + take] = arena.data[base: base + take]
+                if words[seq_at] == before:
+                    break
+            else:
+                return False
+            done += take
+        return True
+
+    def put(self, digest: bytes, index: int, fill: Callable[[memoryview], int]) -> bool:
+        """Fill a slot with region ``index`` of ``digest`` through ``fill`` (a verifying reader's
+        ``pread_into`` of the region); False when there is no arena.
+
+        ``fill`` returns how many bytes it wrote (fewer than REGION only for a
+        blob's last region). If it raises, the slot is left empty (never
+        servable) and the exception goes on.
+        """
+        arena = self.arena
+        if arena.slots == 0 or len(digest) != DIGEST_LEN:
+            return False
+        slot = self._victim(arena.set_of(digest, index) * arena.ways)
+        words = arena.words
+        base = slot * (HEADER // 8)
+        seq = words[base + _SEQ] | 1  # odd: being written (a dead writer's odd value stays odd)
+        words[base + _SEQ] = seq
+        arena.tag_words[slot] = 0
+        arena.refs[slot] = 0
+        words[base + _LEN] = 0
+        try:
+            with arena.slot_data(slot) as view:
+                got = fill(view)
+        except BaseException:
+            words[base + _SEQ] = seq + 1  # even, empty: length 0 and no tag
+            raise
+        at = slot * HEADER + _DIGEST_AT
+        arena.headers[at: at + DIGEST_LEN] = digest
+        words[base + _INDEX] = index
+        words[base + _LEN] = got
+        words[base + _STAMP] = time.monotonic_ns()  # machine-wide, so a replacement worker's are newer
+        words[base + _SEQ] = seq + 1  # even and new: readers' earlier copies of the old bytes fail
+        arena.tags[slot * TAG: (slot + 1) * TAG] = tag_of(digest, index)
+        self.written += 1
+        return True
+
+    def _victim(self, set_base: int) -> int:
+        """An empty way of the set, else the oldest write no reader used since the last sweep,
+        else (every way used) the oldest, after clearing the reference bits: LRU-ish, like a clock."""
+        arena = self.arena
+        words = arena.words
+        best, best_stamp, referenced = -1, -1, True
+        for way in self._ways:
+            slot = set_base + way
+            if arena.tag_words[slot] == 0:
+                return slot
+            used = arena.refs[slot] != 0
+            stamp = words[slot * (HEADER // 8) + _STAMP]
+            if (used, stamp) < (referenced, best_stamp) or best < 0:
+                best, best_stamp, referenced = slot, stamp, used
+        if referenced:
+            for way in self._ways:
+                arena.refs[set_base + way] = 0
+        return best

@@ -1,0 +1,128 @@
+"""A worker's half of the verified-segment arena (tvixmount/segcache.py): what it puts there.
+
+A read of a blob bigger than one FUSE read puts every 256 KiB region it
+touches into the arena, so the dispatcher serves the rest of the region
+(the other half of a sequential reader's segment, an O_DIRECT re-read)
+without asking a worker again, and the read itself is then copied out of
+the arena. Where the store's segments are the arena's regions (the
+embedded store), the segment is read and hashed right in the slot
+(``BlobReader.segment_into``): no extra copy of 256 KiB per miss. Every
+byte in a slot was checked against the blob's digest before the slot is
+marked valid, and a segment that fails leaves the slot empty.
+
+Only readers with such segments take part: a remote reader (gRPC) would
+turn a 4 KiB read into a 256 KiB fetch and its own readahead into a
+whole-blob stream. Small blobs stay out too: a file read in one FUSE
+request is read once (the page cache keeps it), and its slot would evict
+a big file's region.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from functools import partial
+
+from tvixmount.castore.nodes import b3_text
+from tvixmount.errors import TvixError
+from tvixmount.segcache import REGION, SegmentWriter
+from tvixmount.store import BlobReader
+
+log = logging.getLogger(__name__)
+
+ONE_FUSE_READ = 128 << 10  # libfuse 2's largest read: a blob this small is read in one request
+DEPTH = 8  # regions (2 MiB) filled ahead of a blob read in order
+BLOBS = 64  # blobs whose read position is remembered
+BEHIND = 4  # regions a miss may lag the last one and still be in order (requests overtake each other)
+
+
+def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offset: int, length: int) -> bool:
+    """Put the regions of ``[offset, offset + length)`` that no slot holds yet; False for a small blob.
+
+    Errors (a bad segment) go to the caller; nothing of them is kept.
+    """
+    size = reader.size
+    if size <= ONE_FUSE_READ or length <= 0 or reader.segment_size != REGION:
+        return False
+    for index in range(offset // REGION, (min(offset + length, size) - 1) // REGION + 1):
+        if not writer.has(digest, index):
+            writer.put(digest, index, partial(_fill, reader, index * REGION))
+    return True
+
+
+def read_kept(writer: SegmentWriter, reader: BlobReader, digest: bytes, offset: int, dest: memoryview) -> int:
+    """``reader.pread_into`` for regions just kept: from the arena, the reader only if a slot moved on."""
+    length = min(len(dest), reader.size - offset)
+    if length > 0 and writer.read_into(digest, offset, dest[:length]):
+        return length
+    return reader.pread_into(offset, dest)
+
+
+def _fill(reader: BlobReader, base: int, view: memoryview) -> int:
+    got = reader.segment_into(base, view)
+    return reader.pread_into(base, view) if got is None else got
+
+
+class FillAhead:
+    """Regions verified into the arena ahead of a blob read in order, while the worker is idle.
+
+    Why here and not in the dispatcher: a fill asked for by the dispatcher
+    costs a whole round trip of its CPU, as much as the read it saves. The
+    worker sees only the reads the arena missed; a miss at or just past the
+    regions it filled ahead means the reader went through them in order, so
+    it fills the next ``depth`` regions, one per idle moment (the loop asks
+    ``step`` only when no request waits). A miss anywhere else is random
+    access: that blob's fill stops. A failing region is skipped (the read
+    of it reports the failure); nothing here ever answers a request.
+    """
+
+    def __init__(self, writer: SegmentWriter, depth: int = DEPTH, blobs: int = BLOBS) -> None:
+        self.writer = writer
+        self.depth = depth
+        self._blobs = blobs
+        # digest -> [first region not asked for yet, last region of the last miss, size hint]
+        self._state: OrderedDict[bytes, list[int]] = OrderedDict()
+        self._todo: deque[tuple[bytes, int]] = deque()
+        self.filled = 0
+        self.failed = 0
+
+    def note(self, digest: bytes, offset: int, length: int, size: int) -> None:
+        """A read the dispatcher could not serve from the arena (blob of ``size`` bytes)."""
+        if self.depth <= 0 or size <= ONE_FUSE_READ or length <= 0:
+            return
+        first, last = offset // REGION, (min(offset + length, size) - 1) // REGION
+        state = self._state.get(digest)
+        if state is None:
+            self._state[digest] = [last + 1, last, size]
+            if len(self._state) > self._blobs:
+                self._state.popitem(last=False)
+            return
+        self._state.move_to_end(digest)
+        ahead, previous, _ = state
+        if not previous - BEHIND <= first <= max(ahead, previous + 1) + 1:
+            state[0], state[1] = last + 1, last  # a jump: random access, stop filling this blob
+            return
+        state[1] = max(previous, last)
+        want = min(last + self.depth, (size - 1) // REGION)
+        for index in range(max(ahead, last + 1), want + 1):
+            self._todo.append((digest, index))
+        state[0] = max(ahead, want + 1)
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._todo)
+
+    def step(self, readers: Callable[[bytes, int | None], BlobReader]) -> None:
+        """Fill one region asked for (``readers(digest, size)``: the worker's open reader)."""
+        digest, index = self._todo.popleft()
+        state = self._state.get(digest)
+        if state is None or index < state[1] or self.writer.has(digest, index):
+            return  # forgotten, passed already, or there
+        try:
+            reader = readers(digest, state[2])
+            self.writer.put(digest, index, partial(_fill, reader, index * REGION))
+            self.filled += 1
+        except TvixError as exc:
+            self.failed += 1
+            log.debug("filling region %d of blob %s ahead failed: %s", index, b3_text(digest), exc)
