@@ -27,7 +27,7 @@ round trip for the same bytes). Then, or if the batch failed or left this
 blob out (corrupt, missing, wrong size), the read sends its own request
 and gets the real answer: EIO for that file only. A batch whose worker
 dies is re-sent by the pool (it is idempotent); a hung worker costs the
-waiting reads at most ``wait``.
+waiting reads at most ``wait`` (one second, the pool's stall time) before they ask alone.
 
 Thread model: ``note_lookup``, ``on_open``, ``take`` and ``waiter`` are
 called from FUSE handlers under llfuse's lock; batches run on this
@@ -54,7 +54,10 @@ QUEUE_LIMIT = 16_384  # files queued ahead of a walk, at most
 LOOKUPS_REMEMBERED = 8192  # inode -> the directory it was looked up in, for the open that follows
 DIRS_REMEMBERED = 200_000  # directories whose files were queued (then forgotten, all at once)
 DEFAULT_CAPACITY = 64 << 20
-DEFAULT_WAIT = 5.0
+# A read waits for its batch no longer than the pool takes to call a silent worker stalled
+# (poolstate.STALLED_AFTER): a batch stuck on a hung worker then costs the read about that,
+# and its own request goes to a worker that answers, as any read's would.
+DEFAULT_WAIT = 1.0
 
 
 @dataclass(frozen=True, slots=True)

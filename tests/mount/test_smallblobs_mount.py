@@ -4,6 +4,7 @@ only, and a worker killed while it holds batches costs no read."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -159,6 +160,53 @@ def test_a_worker_killed_while_it_holds_batches_costs_no_read(tree, store_dir, t
         pool = stats(m.mountpoint)["fetcher"]
         assert pool["restarts"] >= 1 and pool["resent"] >= 1 and pool["lost"] == 0, pool
     finally:
+        assert m.stop() == 0
+        daemon.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_worker_stopped_while_it_holds_a_batch_delays_its_files_one_second_at_most(tree, store_dir,
+                                                                                      tmp_path):
+    """A worker frozen (SIGSTOP) with a batch on it: the reads waiting for that batch give up
+    after the pool's stall time and ask a worker that answers; none waits for the hang kill."""
+    _source, name, expected = tree
+    root = scratch_dir("tvx-small-stop-")
+    daemon = Daemon(root, "--read-only", "--added-latency", "0.05",
+                    store_urls=StoreUrls.embedded(store_dir)).start()
+    m = Mount(tmp_path / "mnt", None, "--small-batches", "2", "--request-timeout", "20",
+              urls=(daemon.url,) * 3).start()
+    frozen: list[int] = []
+    try:
+        base = m.mountpoint / name
+        names = sorted(expected)
+
+        def freeze_soon() -> None:
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                now = stats(m.mountpoint)
+                busy = [int(w) for w, s in now["fetcher"]["workers"].items() if s["inflight"] >= 1]
+                if now["small_blobs"]["in_flight"] >= 1 and busy:
+                    pid = workers(m)[busy[0]]
+                    os.kill(pid, signal.SIGSTOP)  # it holds a batch (or a read)
+                    frozen.append(pid)
+                    return
+                time.sleep(0.005)
+
+        freezer = threading.Thread(target=freeze_soon)
+        freezer.start()
+        slowest = 0.0
+        for rel in names:
+            started = time.monotonic()
+            assert (base / rel).read_bytes() == expected[rel], rel
+            slowest = max(slowest, time.monotonic() - started)
+        freezer.join()
+        assert frozen, "no batch was ever in flight"
+        # the hang kill comes at half the 20 s deadline: a read that waited for it took >= 10 s
+        assert slowest < 4.0, slowest
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
         assert m.stop() == 0
         daemon.stop()
         shutil.rmtree(root, ignore_errors=True)
