@@ -108,7 +108,7 @@ class SystemdLink:
                 return
             if self._stop.is_set():
                 return
-            self.notifier.ready(f"mounted {self.mountpoint}; {status_line(self.stats())}")
+            self.notifier.ready(f"mounted {self.mountpoint}; {self._status()}")
             self.ready.set()
             log.debug("told systemd READY=1 (%s answers)", self.mountpoint)
             self._loop()
@@ -127,9 +127,17 @@ class SystemdLink:
                     self.notifier.watchdog()
             if now >= next_status:
                 next_status = now + self.status_interval
-                self.notifier.status(status_line(self.stats()))
+                self.notifier.status(self._status())
             due = min(next_status, next_ping if self.watchdog is not None else next_status)
             self._stop.wait(max(0.0, due - time.monotonic()))
+
+    def _status(self) -> str:
+        """The STATUS= text; a failure to build it must not stop the watchdog's pings."""
+        try:
+            return status_line(self.stats())
+        except Exception as exc:
+            log.debug("no status line: %s", exc, exc_info=True)
+            return "serving"
 
     def _answers(self, root: bool = False) -> bool:
         """Whether the mount answers through the kernel (blocks while it does not)."""
