@@ -181,6 +181,36 @@ def test_listen_usage_errors_exit_2_before_binding(line: str, message: str) -> N
     shutil.rmtree(work, ignore_errors=True)
 
 
+def test_a_connection_from_accept_yes_is_a_usage_error() -> None:
+    """systemd-socket-activate --accept (Accept=yes) passes a connection, not a listener: exit 2, one line."""
+    work = scratch_dir("tvx-line-")
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
+    env.update(PYTHONPATH=str(ROOT), TVIXMOUNT_STORE_DIR=str(work / "store"))
+    words = ["systemd-socket-activate", "--accept", "-l", str(work / "a.sock"), "tvixstore", "daemon", "-l",
+             "sd-listen"]
+    with NetNs() as ns:
+        # The activator forks a daemon per connection and stays: read its report of the child's exit.
+        proc = subprocess.Popen(ns.wrap(argv_of(words)), env=env, cwd=work, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            _poke(ns, work / "a.sock")
+            assert proc.stderr is not None
+            ours = []
+            for line in proc.stderr:
+                if line.startswith("tvixstore"):
+                    ours.append(line)
+                if line.startswith("Child ") and "died" in line:
+                    break
+        finally:
+            proc.kill()
+            proc.wait(10)
+    assert line.rstrip().endswith("died with code 2"), line
+    assert ours == ["tvixstore: error: listen address 'sd-listen': fd 3 is not a listening stream socket (a "
+                    "connection, as Accept=yes passes, is not supported: use Accept=no)\n"]
+    assert not (work / "store").exists()
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def _poke(ns: NetNs, path: Path) -> None:
     code = f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(path)!r}); s.close()"
     deadline = time.monotonic() + 20
