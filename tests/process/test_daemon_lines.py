@@ -260,3 +260,43 @@ def test_blobs_through_systemds_socket_are_byte_exact(tmp_path: Path) -> None:
     assert "systemd's socket (fd 3, unix socket" in log and "BlobService/Read" in log
     assert [p.name for p in work.iterdir() if p.name.startswith("tvixstore-daemon-")] == []
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_call_in_flight_through_the_relay_finishes_after_sigterm(filled: tuple[Path, str],
+                                                                   tmp_path: Path) -> None:
+    """SIGTERM stops accepting on systemd's socket, but a relayed call already made gets its answer."""
+    store, name = filled
+    work = scratch_dir("tvx-relay-")
+    sock = work / "act.sock"
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TVIXMOUNT_STORE_DIR=str(store),
+               RUNTIME_DIRECTORY=str(work))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log_file:
+        daemon = subprocess.Popen(argv_of(["systemd-socket-activate", "-l", str(sock), "tvixstore", "daemon",
+                                           "-l", "sd-listen", "--added-latency", "2"]),
+                                  env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        client: subprocess.Popen[str] | None = None
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                assert time.monotonic() < deadline and daemon.poll() is None
+                time.sleep(0.05)
+            client = subprocess.Popen([sys.executable, "-c", CLIENT, f"unix:{sock}"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            while "(loopback only)" not in log_path.read_text():  # the daemon the client woke is serving
+                assert time.monotonic() < deadline and daemon.poll() is None, log_path.read_text()
+                time.sleep(0.05)
+            time.sleep(0.5)  # the call is in the daemon's added latency now
+            daemon.terminate()
+            out, err = client.communicate(timeout=30)
+        finally:
+            if daemon.poll() is None and (client is None or client.returncode is None):  # failed early
+                daemon.terminate()
+            status = daemon.wait(30)
+    log = log_path.read_text()
+    assert client is not None and client.returncode == 0, (err, log)
+    assert name in out.split()
+    assert status == 0, log
+    assert "got SIGTERM" in log and "PathInfoService/List 1" in log
+    shutil.rmtree(work, ignore_errors=True)
