@@ -300,3 +300,25 @@ def test_a_call_in_flight_through_the_relay_finishes_after_sigterm(filled: tuple
     assert status == 0, log
     assert "got SIGTERM" in log and "PathInfoService/List 1" in log
     shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_default_with_one_loopback_port_taken_fails_whole(filled: tuple[Path, str]) -> None:
+    """A family that is there but whose port 8000 is taken is an error (exit 1), not half a daemon."""
+    store, _ = filled
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
+    env.update(PYTHONPATH=str(ROOT), TVIXMOUNT_STORE_DIR=str(store))
+    holder = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 8000)); s.listen(); " \
+             "print('held', flush=True); time.sleep(60)"
+    with NetNs() as ns:
+        held = subprocess.Popen(ns.wrap([sys.executable, "-c", holder]), stdout=subprocess.PIPE, text=True)
+        try:
+            assert held.stdout is not None and held.stdout.readline().strip() == "held"
+            done = subprocess.run(ns.wrap(argv_of(["tvixstore", "daemon"])), env=env, capture_output=True,
+                                  text=True, timeout=60)
+            listening = ns.listening()
+        finally:
+            held.kill()
+            held.wait(10)
+    assert done.returncode == 1, done.stderr
+    assert "cannot listen on 127.0.0.1:8000" in done.stderr
+    assert listening == {("127.0.0.1", 8000)}  # the holder's: the daemon left nothing listening
