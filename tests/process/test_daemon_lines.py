@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,7 +102,7 @@ def argv_of(words: list[str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def filled() -> tuple[Path, str]:
+def filled() -> Iterator[tuple[Path, str]]:
     """An embedded store with one imported path: (store directory, the path's name)."""
     root = scratch_dir("tvx-lines-")
     tree = root / "tree"
@@ -115,10 +116,17 @@ def filled() -> tuple[Path, str]:
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def work() -> Iterator[Path]:
+    """A short-named scratch directory (unix socket paths are short), removed whatever the outcome."""
+    path = scratch_dir("tvx-line-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.parametrize("line", LINES, ids=[f"{i}:{line.text}" for i, line in enumerate(LINES)])
-def test_daemon_line_serves(line: Line, filled: tuple[Path, str], tmp_path: Path) -> None:
+def test_daemon_line_serves(line: Line, filled: tuple[Path, str], tmp_path: Path, work: Path) -> None:
     store, name = filled
-    work = scratch_dir("tvx-line-")  # short: unix socket paths
     run_dir = work / "run"
     run_dir.mkdir()
     values = {"dir": str(work), "store": str(store), "tag": str(os.getpid())}
@@ -151,7 +159,6 @@ def test_daemon_line_serves(line: Line, filled: tuple[Path, str], tmp_path: Path
     assert "Traceback" not in log and " ERROR " not in log
     assert "stopped; served" in log
     assert list(run_dir.iterdir()) == []  # the relay's private socket directory is gone
-    shutil.rmtree(work, ignore_errors=True)
 
 
 @pytest.mark.parametrize(("line", "message"), [
@@ -162,8 +169,7 @@ def test_daemon_line_serves(line: Line, filled: tuple[Path, str], tmp_path: Path
     ("systemd-socket-activate -l {dir}/a.sock --fdname=one tvixstore daemon -l sd-listen:two",
      "no socket named 'two' in LISTEN_FDNAMES (one)"),
 ])
-def test_listen_usage_errors_exit_2_before_binding(line: str, message: str) -> None:
-    work = scratch_dir("tvx-line-")
+def test_listen_usage_errors_exit_2_before_binding(line: str, message: str, work: Path) -> None:
     words = shlex.split(line.format(dir=work))
     env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
     env.update(PYTHONPATH=str(ROOT), TVIXMOUNT_STORE_DIR=str(work / "store"))
@@ -178,7 +184,34 @@ def test_listen_usage_errors_exit_2_before_binding(line: str, message: str) -> N
     assert len(lines) == 1 and lines[0].startswith("tvixstore: error: ") and message in lines[0], err
     assert out == ""
     assert not (work / "store").exists()  # nothing started: no store made
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_connection_from_accept_yes_is_a_usage_error(work: Path) -> None:
+    """systemd-socket-activate --accept (Accept=yes) passes a connection, not a listener: exit 2, one line."""
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
+    env.update(PYTHONPATH=str(ROOT), TVIXMOUNT_STORE_DIR=str(work / "store"))
+    words = ["systemd-socket-activate", "--accept", "-l", str(work / "a.sock"), "tvixstore", "daemon", "-l",
+             "sd-listen"]
+    with NetNs() as ns:
+        # The activator forks a daemon per connection and stays: read its report of the child's exit.
+        proc = subprocess.Popen(ns.wrap(argv_of(words)), env=env, cwd=work, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            _poke(ns, work / "a.sock")
+            assert proc.stderr is not None
+            ours = []
+            for line in proc.stderr:
+                if line.startswith("tvixstore"):
+                    ours.append(line)
+                if line.startswith("Child ") and "died" in line:
+                    break
+        finally:
+            proc.kill()
+            proc.wait(10)
+    assert line.rstrip().endswith("died with code 2"), line
+    assert ours == ["tvixstore: error: listen address 'sd-listen': fd 3 is not a listening stream socket (a "
+                    "connection, as Accept=yes passes, is not supported: use Accept=no)\n"]
+    assert not (work / "store").exists()
 
 
 def _poke(ns: NetNs, path: Path) -> None:
@@ -189,9 +222,8 @@ def _poke(ns: NetNs, path: Path) -> None:
         time.sleep(0.1)
 
 
-def test_blobs_through_systemds_socket_are_byte_exact(tmp_path: Path) -> None:
+def test_blobs_through_systemds_socket_are_byte_exact(tmp_path: Path, work: Path) -> None:
     """A 6 MiB file read by four clients at once through the relay, each byte as imported."""
-    work = scratch_dir("tvx-relay-")
     tree = work / "tree"
     tree.mkdir()
     big = os.urandom(6 << 20)
@@ -229,4 +261,63 @@ def test_blobs_through_systemds_socket_are_byte_exact(tmp_path: Path) -> None:
     assert status == 0, log
     assert "systemd's socket (fd 3, unix socket" in log and "BlobService/Read" in log
     assert [p.name for p in work.iterdir() if p.name.startswith("tvixstore-daemon-")] == []
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def test_a_call_in_flight_through_the_relay_finishes_after_sigterm(filled: tuple[Path, str],
+                                                                   tmp_path: Path, work: Path) -> None:
+    """SIGTERM stops accepting on systemd's socket, but a relayed call already made gets its answer."""
+    store, name = filled
+    sock = work / "act.sock"
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", TVIXMOUNT_STORE_DIR=str(store),
+               RUNTIME_DIRECTORY=str(work))
+    log_path = tmp_path / "daemon.log"
+    with open(log_path, "wb") as log_file:
+        daemon = subprocess.Popen(argv_of(["systemd-socket-activate", "-l", str(sock), "tvixstore", "daemon",
+                                           "-l", "sd-listen", "--added-latency", "2"]),
+                                  env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        client: subprocess.Popen[str] | None = None
+        try:
+            deadline = time.monotonic() + 20
+            while not sock.exists():
+                assert time.monotonic() < deadline and daemon.poll() is None
+                time.sleep(0.05)
+            client = subprocess.Popen([sys.executable, "-c", CLIENT, f"unix:{sock}"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            while "(loopback only)" not in log_path.read_text():  # the daemon the client woke is serving
+                assert time.monotonic() < deadline and daemon.poll() is None, log_path.read_text()
+                time.sleep(0.05)
+            time.sleep(0.5)  # the call is in the daemon's added latency now
+            daemon.terminate()
+            out, err = client.communicate(timeout=30)
+        finally:
+            if daemon.poll() is None and (client is None or client.returncode is None):  # failed early
+                daemon.terminate()
+            status = daemon.wait(30)
+    log = log_path.read_text()
+    assert client is not None and client.returncode == 0, (err, log)
+    assert name in out.split()
+    assert status == 0, log
+    assert "got SIGTERM" in log and "PathInfoService/List 1" in log
+
+
+def test_the_default_with_one_loopback_port_taken_fails_whole(filled: tuple[Path, str]) -> None:
+    """A family that is there but whose port 8000 is taken is an error (exit 1), not half a daemon."""
+    store, _ = filled
+    env = {k: v for k, v in os.environ.items() if k not in ENV_NAMES and not k.startswith("LISTEN_")}
+    env.update(PYTHONPATH=str(ROOT), TVIXMOUNT_STORE_DIR=str(store))
+    holder = "import socket, sys, time; s = socket.socket(); s.bind(('127.0.0.1', 8000)); s.listen(); " \
+             "print('held', flush=True); time.sleep(60)"
+    with NetNs() as ns:
+        held = subprocess.Popen(ns.wrap([sys.executable, "-c", holder]), stdout=subprocess.PIPE, text=True)
+        try:
+            assert held.stdout is not None and held.stdout.readline().strip() == "held"
+            done = subprocess.run(ns.wrap(argv_of(["tvixstore", "daemon"])), env=env, capture_output=True,
+                                  text=True, timeout=60)
+            listening = ns.listening()
+        finally:
+            held.kill()
+            held.wait(10)
+    assert done.returncode == 1, done.stderr
+    assert "cannot listen on 127.0.0.1:8000" in done.stderr
+    assert listening == {("127.0.0.1", 8000)}  # the holder's: the daemon left nothing listening

@@ -241,7 +241,19 @@ def passed_fds(environ: Mapping[str, str], text: str = "sd-listen") -> list[int]
             raise InvalidArgument(f"{where}: LISTEN_FDS={count} but fd {fd} is not open") from None
         if not stat.S_ISSOCK(mode):
             raise InvalidArgument(f"{where}: fd {fd} (LISTEN_FDS={count}) is not a socket")
+        if not _listening(fd):
+            raise InvalidArgument(f"{where}: fd {fd} is not a listening stream socket (a connection, as "
+                                  "Accept=yes passes, is not supported: use Accept=no)")
     return fds
+
+
+def _listening(fd: int) -> bool:
+    sock = socket.socket(fileno=os.dup(fd))
+    try:
+        accepting = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        return sock.type == socket.SOCK_STREAM and bool(accepting)
+    finally:
+        sock.close()
 
 
 def inherited_address(fd: int) -> ListenAddress:

@@ -19,8 +19,11 @@ def add_parsers(commands: Subcommands) -> None:
                      "SIGTERM or SIGINT, so tvix tools and remote tvixmount instances can use it.\n"
                      "Logs at info level by default.",
                      run,
-                     "example:\n  tvixstore daemon -l 127.0.0.1:8000\n"
-                     "  tvixmount /mnt --blob-service-addr grpc+http://127.0.0.1:8000 ...",
+                     "examples:\n  tvixstore daemon                  # [::1]:8000 and 127.0.0.1:8000\n"
+                     "  tvixmount /mnt --path-info-service-addr grpc+http://[::1]:8000   # the others: "
+                     "the same default\n"
+                     "  tvixstore daemon -l /run/tvix-store.sock\n"
+                     "  systemd-socket-activate -l 8000 tvixstore daemon -l sd-listen",
                      store=DAEMON)
     if commands.mentioned("daemon"):
         from ...server.daemon import add_arguments
