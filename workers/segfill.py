@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 ONE_FUSE_READ = 128 << 10  # libfuse 2's largest read: a blob this small is read in one request
 DEPTH = 8  # regions (2 MiB) filled ahead of a blob read in order
 BLOBS = 64  # blobs whose read position is remembered
+TODO = 64  # regions waiting to be filled at most
 BEHIND = 4  # regions a miss may lag the last one and still be in order (requests overtake each other)
 
 
@@ -107,6 +108,8 @@ class FillAhead:
         want = min(last + self.depth, (size - 1) // REGION)
         for index in range(max(ahead, last + 1), want + 1):
             self._todo.append((digest, index))
+        while len(self._todo) > TODO:  # a worker never idle: the oldest wishes go (bounded memory)
+            self._todo.popleft()
         state[0] = max(ahead, want + 1)
 
     @property

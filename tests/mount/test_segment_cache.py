@@ -165,3 +165,22 @@ def test_killed_workers_cost_no_read(mounted: tuple[Mount, Path]) -> None:
         assert direct_read(path, offset, 128 << 10) == BIG[offset: offset + (128 << 10)]
     wait_workers(m, 2, exclude=tuple(victims.values()))
     assert set(workers(m).values()).isdisjoint(victims.values())
+
+
+def test_both_off_reads_the_same_bytes_through_the_workers(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
+        store.blobs.put(OTHER)
+        tree = Directory(files=(FileNode(b"other", b3(OTHER), len(OTHER)),))
+        store.directories.put(tree)
+        store.path_infos.put(path_info(DirectoryNode(TREE.basename.encode(), tree.digest(), 1)))
+    with serving(tmp_path / "mnt", store_dir, "--segment-cache", "0", "--kernel-readahead", "0") as m:
+        path = m.path(TREE.basename, "other")
+        with open(path, "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(OTHER).digest()
+        assert direct_read(path, 3 * SEGMENT, 128 << 10) == OTHER[3 * SEGMENT: 3 * SEGMENT + (128 << 10)]
+        assert _cache(m) == {"size": 0, "slots": 0, "hits": 0, "misses": 0, "torn": 0}
+        dev = os.stat(m.mountpoint).st_dev
+        knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+        assert knob.read_text().strip() == "128"
+        assert "kernel readahead of" not in m.log()

@@ -391,3 +391,24 @@ def test_many_processes_opening_a_new_cache_at_once_all_succeed(tmp_path):
         for p in procs:
             p.join(10)
         assert outcomes == ["ok"] * 8
+
+
+def test_segment_into_a_flipped_bit_is_served_right_from_the_store(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """The segment arena reads a cached segment in place (segment_into): the same check and fallback."""
+    data = pattern(3 * SEGMENT + 10, seed=6)
+    service = cache(tmp_path / "c")
+    digest = service.put(data)
+    service.open_read(digest).close()
+    flip_bit(blob_files(tmp_path / "c")[0], SEGMENT + 7)  # in the second segment
+    with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"), \
+            service.open_read(digest) as reader:
+        assert isinstance(reader, CachedBlobReader) and reader.segment_size == SEGMENT
+        slot = bytearray(SEGMENT)
+        assert reader.segment_into(0, memoryview(slot)) == SEGMENT and bytes(slot) == data[:SEGMENT]
+        assert reader.segment_into(SEGMENT, memoryview(slot)) == SEGMENT  # bad on disk: from the store
+        assert bytes(slot) == data[SEGMENT: 2 * SEGMENT]
+        assert reader.segment_into(100, memoryview(slot)) is None  # not a segment's start
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "segment 1" in warnings[0].getMessage()
+    service.close()

@@ -97,3 +97,11 @@ def test_a_fill_that_fails_is_counted_and_kept_out(arena: SegmentArena) -> None:
         fill.step(lambda digest, size: reader)
     assert (fill.filled, fill.failed) == (2, 1)
     assert writer.has(DIGEST, 1) and not writer.has(DIGEST, 2) and writer.has(DIGEST, 3)
+
+
+def test_a_worker_never_idle_keeps_a_bounded_wish_list(arena: SegmentArena) -> None:
+    fill = FillAhead(arena.writer(0), depth=8)
+    size = 10_000 * REGION
+    for region in range(0, 2000):
+        fill.note(DIGEST, region * REGION, READ, size)
+    assert len(fill._todo) <= 64

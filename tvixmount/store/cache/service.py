@@ -372,6 +372,7 @@ class CachedBlobReader(BlobReader):
         self.opened = os.fstat(fd)
         self._file: SegmentFile | None = SegmentFile(entry.outboard, fd)
         self._fallback: BlobReader | None = None
+        self.segment_size = entry.outboard.segment_size
 
     def pread(self, offset: int, length: int) -> bytes:
         if offset < 0 or length < 0:
@@ -380,6 +381,14 @@ class CachedBlobReader(BlobReader):
 
     def pread_into(self, offset: int, buf: memoryview) -> int:
         return self._read(lambda source: source.pread_into(offset, buf))
+
+    def segment_into(self, offset: int, view: memoryview) -> int | None:
+        step = self.segment_size
+        if step != len(view) or offset % step:
+            return None
+        # From the cached file, checked in place; once it proved bad, the store's verified bytes.
+        return self._read(lambda source: source.segment_into(offset // step, view)
+                          if isinstance(source, SegmentFile) else source.pread_into(offset, view))
 
     def _read(self, read: Callable[[SegmentFile | BlobReader], T]) -> T:
         """``read`` from the cached file; from the inner store once that file proved bad."""
