@@ -172,13 +172,13 @@ class SmallBlobs:
         if len(self._queued_dirs) > DIRS_REMEMBERED:
             self._queued_dirs.clear()
         found: list[FileNode] = []
-        stack: list[tuple[bytes, int]] = [(start, 0)]
+        first = self._listing_of(start)
+        if first is None:
+            return found
+        stack: list[tuple[bytes, Listing, int]] = [(start, first, 0)]
         self._queued_dirs.add(start)
         while stack and len(found) < QUEUE_LIMIT:
-            digest, pos = stack.pop()
-            listing = self._listing_of(digest)
-            if listing is None:
-                continue
+            digest, listing, pos = stack.pop()
             entries = listing.entries
             while pos < len(entries):
                 node = entries[pos]
@@ -187,10 +187,15 @@ class SmallBlobs:
                     if 0 < node.size <= self.max_file:
                         found.append(node)
                 elif type(node) is DirectoryNode and node.digest not in self._queued_dirs:
+                    below = self._listing_of(node.digest)
+                    if below is None:  # not listed yet: an open in it will queue it then
+                        continue
                     self._queued_dirs.add(node.digest)
-                    stack.append((digest, pos))
-                    stack.append((node.digest, 0))
+                    stack.append((digest, listing, pos))
+                    stack.append((node.digest, below, 0))
                     break
+        for digest, _, _ in stack:  # cut short by the limit: an open there queues the rest
+            self._queued_dirs.discard(digest)
         return found
 
     # -- batches (any thread, self._lock held) ----------------------------------------------

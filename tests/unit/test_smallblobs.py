@@ -133,6 +133,20 @@ def test_an_open_queues_its_directory_in_tree_order_once_and_reads_take_the_byte
     small.close()
 
 
+def test_a_directory_not_listed_yet_is_queued_by_an_open_in_it_later():
+    tree, batches = _Tree(), _Batches()
+    listed = {tree.top: tree.listings[tree.top]}  # m-sub's listing is not fetched yet
+    small = SmallBlobs(batches, listed.get, in_flight=1)
+    _open(small, tree, tree.top, b"a")
+    _settle(small)
+    assert len(batches.asked) == 1 and len(batches.asked[0]) == 3  # a, b, z
+    listed[tree.sub] = tree.listings[tree.sub]
+    _open(small, tree, tree.sub, b"s2", ino=9)
+    _settle(small)
+    assert batches.asked[1] == [tree.node(tree.sub, b"s1").digest, tree.node(tree.sub, b"s2").digest]
+    small.close()
+
+
 def test_a_blob_the_batch_could_not_bring_is_a_miss_and_the_others_are_served():
     tree = _Tree()
     bad = tree.node(tree.sub, b"s1")
