@@ -140,7 +140,9 @@ class WorkerPool:
         with state.lock:
             if state.phase == "starting":
                 state.phase = "running"
-        log.info("worker pool up: %d workers for %s", self.size, describe(self.urls))
+        log.info("worker pool up: %d workers for %s; segment arena %d MiB in %d slots", self.size,
+                 describe(self.urls), (self.segments.arena.size if self.segments else 0) >> 20,
+                 self.segments.arena.slots if self.segments else 0)
 
     def _wait_until_ready(self) -> None:
         state = self._state
