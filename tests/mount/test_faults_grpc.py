@@ -169,10 +169,11 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, 
     allowed = (r"answered UNAVAILABLE: scripted", r"timed out after 3\.0 s", r"connection lost mid-stream",
                r": worker \d pid \d+ died")  # the second worker stuck in a slow call, killed as hung
     try:
-        # No small-file readahead: each test scripts the faults of the reads it makes itself,
-        # and a fetch ahead would read its files before the faults are set.
+        # No small-file readahead or batches: each test scripts the faults of the reads it makes
+        # itself, and a fetch ahead would read its files before the faults are set.
         with serving(tmp_path_factory.mktemp("scripted") / "mnt", None, "--request-timeout", str(DEADLINE),
-                     "--readahead-files", "0", urls=(fake.url,) * 3, allowed_errors=allowed) as m:
+                     "--readahead-files", "0", "--small-batches", "0", urls=(fake.url,) * 3,
+                     allowed_errors=allowed) as m:
             names = os.listdir(m.path(S_TREE.basename))
             assert len(names) == 2 * S_FILES
             for name in names:
