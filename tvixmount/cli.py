@@ -18,12 +18,33 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__, flags, logsetup
 from .segcache import DEFAULT_SIZE as DEFAULT_SEGMENT_CACHE
 
+if TYPE_CHECKING:
+    from .store import StoreUrls
+
 log = logging.getLogger("tvixmount")
+
+KERNEL_READAHEAD_LOCAL = 1 << 20
+
+
+def default_kernel_readahead(store_urls: StoreUrls) -> int:
+    """1 MiB where the workers read blobs from local disk, else the kernel's own (0).
+
+    Why: with local segments a wider readahead lets the worker fill the
+    segment arena ahead of a sequential reader (embedded cold sequential
+    read 509-612 -> 734-745 MB/s), but a gRPC blob service without
+    --cache-dir has no arena to fill, and 1 MiB of reads in flight per file
+    made its cold sequential read 2.7x slower (95-111 against 249-310 MB/s;
+    docs/bench-issue11-all/readahead/).
+    """
+    from .store import urls
+
+    local = urls.parse(store_urls.blob).scheme == urls.LOCAL or store_urls.blob_cache is not None
+    return KERNEL_READAHEAD_LOCAL if local else 0
 
 EPILOG = """\
 The store: with no --*-service-addr flag (and none of their variables), tvixmount
@@ -136,10 +157,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               help="shared memory for 256 KiB segments the workers verified, from which the mount "
                    "serves reads without asking a worker again (e.g. 64M, 1G); 0 turns it off "
                    "(default 64M)")
-    flags.add(perf, "--kernel-readahead", type=_size_or_zero, default=1 << 20, metavar="SIZE",
+    flags.add(perf, "--kernel-readahead", type=_size_or_zero, metavar="SIZE",
               env="TVIXMOUNT_KERNEL_READAHEAD",
               help="the kernel's readahead for this mount (its read_ahead_kb), so a sequential "
-                   "reader has several reads in flight; 0 leaves the kernel's (default 1M)")
+                   "reader has several reads in flight; 0 leaves the kernel's (default 1M where "
+                   "blobs are on local disk: the embedded store, or --cache-dir; else 0)")
     flags.add(perf, "--request-timeout", type=flags.positive_seconds, default=30.0, metavar="SECONDS",
               env="TVIXMOUNT_REQUEST_TIMEOUT",
               help="deadline of one store request, retries included (default 30)")
@@ -261,7 +283,8 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         substitute_timeout=args.substitute_timeout,
         substitute_jobs=args.substitute_jobs,
         segment_cache=args.segment_cache,
-        kernel_readahead_kb=args.kernel_readahead // 1024,
+        kernel_readahead_kb=(default_kernel_readahead(store.urls) if args.kernel_readahead is None
+                             else args.kernel_readahead) // 1024,
     )
     try:
         return run_mount(config, worker_main)
