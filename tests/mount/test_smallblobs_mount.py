@@ -127,6 +127,18 @@ def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
     assert small["failed"] == 1 and small["hits"] >= 100, small
 
 
+def _worker_holding_a_batch(m: Mount, within: float = 20.0) -> int | None:
+    """The pid of a worker busy while a batch is in flight (it holds the batch, or a read)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        now = stats(m.mountpoint)
+        busy = [int(w) for w, s in now["fetcher"]["workers"].items() if s["inflight"] >= 1]
+        if now["small_blobs"]["in_flight"] >= 1 and busy:
+            return workers(m)[busy[0]]
+        time.sleep(0.005)
+    return None
+
+
 def test_a_worker_killed_while_it_holds_batches_costs_no_read(tree, store_dir, tmp_path):
     """Batches are slow here (the daemon adds 50 ms per call, 8 streams at once); one worker is
     killed while a reader goes through the tree: every file still reads right."""
@@ -141,15 +153,10 @@ def test_a_worker_killed_while_it_holds_batches_costs_no_read(tree, store_dir, t
         killed = threading.Event()
 
         def kill_soon() -> None:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                now = stats(m.mountpoint)
-                busy = [int(w) for w, s in now["fetcher"]["workers"].items() if s["inflight"] >= 1]
-                if now["small_blobs"]["in_flight"] >= 1 and busy:
-                    os.kill(workers(m)[busy[0]], signal.SIGKILL)  # it holds a batch (or a read)
-                    killed.set()
-                    return
-                time.sleep(0.01)
+            pid = _worker_holding_a_batch(m)
+            if pid is not None:
+                os.kill(pid, signal.SIGKILL)
+                killed.set()
 
         killer = threading.Thread(target=kill_soon)
         killer.start()
@@ -181,16 +188,10 @@ def test_a_worker_stopped_while_it_holds_a_batch_delays_its_files_one_second_at_
         names = sorted(expected)
 
         def freeze_soon() -> None:
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                now = stats(m.mountpoint)
-                busy = [int(w) for w, s in now["fetcher"]["workers"].items() if s["inflight"] >= 1]
-                if now["small_blobs"]["in_flight"] >= 1 and busy:
-                    pid = workers(m)[busy[0]]
-                    os.kill(pid, signal.SIGSTOP)  # it holds a batch (or a read)
-                    frozen.append(pid)
-                    return
-                time.sleep(0.005)
+            pid = _worker_holding_a_batch(m)
+            if pid is not None:
+                os.kill(pid, signal.SIGSTOP)
+                frozen.append(pid)
 
         freezer = threading.Thread(target=freeze_soon)
         freezer.start()
