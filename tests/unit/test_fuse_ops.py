@@ -18,7 +18,6 @@ import re
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import llfuse
 import pytest
@@ -34,7 +33,7 @@ from tests.fs_fixtures import (
     SYMLINK_NAME2,
     b3,
 )
-from tests.fuse_inprocess import CTX, ROOT, Fuse, errno_of, fuse_factory, wait_released, warnings_naming
+from tests.fuse_inprocess import CTX, ROOT, errno_of, wait_released, warnings_naming
 from tests.fuse_tree import (
     ABSENT,
     BIG,
@@ -51,7 +50,6 @@ from tests.fuse_tree import (
     TREE,
     add_foreign,
     add_missing,
-    populate,
     rot,
     separate_store_paths,
     tree_entries,
@@ -59,17 +57,8 @@ from tests.fuse_tree import (
 from tvixmount import errors
 from tvixmount.castore.nodes import b3_text
 from tvixmount.readahead import TreeAheadStats
-from tvixmount.store import memory
 
 T = TREE.basename
-
-
-@pytest.fixture
-def fuse(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Fuse]]:
-    """``fuse(expect_errors=False, **MountOptions)`` over the populated memory:// (fuse_inprocess.py)."""
-    populate()
-    yield from fuse_factory(caplog)
-    memory.reset()
 
 
 # -- the root -------------------------------------------------------------------------------------

@@ -5,20 +5,18 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Callable, Iterator
 
 import blake3
 import pytest
 
-from tests.fuse_inprocess import CTX, Fuse, errno_of, fuse_factory
-from tests.fuse_tree import SMALLS, TREE, populate, rot
+from tests.fuse_inprocess import CTX, errno_of
+from tests.fuse_tree import SMALLS, TREE, rot
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode
 from tvixmount.errors import InvalidArgument
 from tvixmount.protocol import batch
 from tvixmount.protocol.framing import ProtocolError
 from tvixmount.smallblobs import SmallBlobs
-from tvixmount.store import memory
 from tvixmount.vfs import Listing
 
 # -- the codec ------------------------------------------------------------------------------
@@ -215,12 +213,6 @@ def test_off_queues_nothing():
 
 # -- through the FUSE operations, over memory:// ---------------------------------------------
 
-
-@pytest.fixture
-def fuse(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Fuse]]:
-    populate()
-    yield from fuse_factory(caplog)
-    memory.reset()
 
 
 def test_fuse_reads_come_from_one_batch_and_a_rotten_blob_fails_alone(fuse):
