@@ -141,14 +141,20 @@ def test_flipped_bit_is_detected_served_right_and_refilled(tmp_path: Path,
     service.close()
 
 
+def _cached_with_segment_1_flipped(directory: Path, data: bytes) -> tuple[CachingBlobService, bytes]:
+    """A cache holding ``data`` (read once, so it is on disk) with a bit of its second segment flipped."""
+    service = cache(directory)
+    digest = service.put(data)
+    service.open_read(digest).close()
+    flip_bit(blob_files(directory)[0], SEGMENT + 7)
+    return service, digest
+
+
 def test_pread_into_a_flipped_bit_is_served_right_from_the_store(tmp_path: Path,
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """Workers read into their shared ring (pread_into): the same check and fallback as pread."""
     data = pattern(3 * SEGMENT, seed=5)
-    service = cache(tmp_path / "c")
-    digest = service.put(data)
-    service.open_read(digest).close()
-    flip_bit(blob_files(tmp_path / "c")[0], SEGMENT + 7)  # in the second segment
+    service, digest = _cached_with_segment_1_flipped(tmp_path / "c", data)
     with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"), \
             service.open_read(digest) as reader:
         assert isinstance(reader, CachedBlobReader)
@@ -397,10 +403,7 @@ def test_segment_into_a_flipped_bit_is_served_right_from_the_store(tmp_path: Pat
                                                                    caplog: pytest.LogCaptureFixture) -> None:
     """The segment arena reads a cached segment in place (segment_into): the same check and fallback."""
     data = pattern(3 * SEGMENT + 10, seed=6)
-    service = cache(tmp_path / "c")
-    digest = service.put(data)
-    service.open_read(digest).close()
-    flip_bit(blob_files(tmp_path / "c")[0], SEGMENT + 7)  # in the second segment
+    service, digest = _cached_with_segment_1_flipped(tmp_path / "c", data)
     with caplog.at_level(logging.WARNING, logger="tvixmount.store.cache"), \
             service.open_read(digest) as reader:
         assert isinstance(reader, CachedBlobReader) and reader.segment_size == SEGMENT
