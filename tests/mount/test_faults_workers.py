@@ -203,8 +203,10 @@ def test_a_hung_worker_does_not_hold_up_the_other_workers_reads(mounted: tuple[M
     after 5 s, so reads issued before that show where they were routed.
     """
     m0, store_dir = mounted
+    # No fetching ahead either (batches, --readahead-files): a file fetched ahead of its read
+    # on the other worker would be served without the routing this test follows.
     with serving(m0.mountpoint.parent / "mnt-routing", store_dir, "--request-timeout", "10",
-                 "--small-batches", "0") as m:
+                 "--small-batches", "0", "--readahead-files", "0") as m:
         paths = _group(m, "threads")
         victim = wait_workers(m, 2)[1]
         cursor = LogCursor(m)
