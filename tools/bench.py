@@ -13,7 +13,9 @@ the same machine in the same state. So this command builds one
 deterministic data set (tools/gen_tree.py), imports it into an embedded
 store, packs the same tree with mksquashfs, and measures:
 
-  targets    native disk, squashfuse, tools/passthrough.py on the tree,
+  targets    native disk, squashfuse, tools/passthrough.py on the tree
+             (and with --verify: the same plus blake3 of every segment it
+             serves, the floor for a filesystem that must verify),
              tvixmount on the embedded store, tvixmount over gRPC (daemon
              on loopback)
   workloads  sequential read of the big files (MB/s), the same on a fresh
@@ -59,7 +61,14 @@ from benchlib.grpcplain import stream_blobs  # noqa: E402
 from benchlib.options import MAIN_READERS, parse_args  # noqa: E402
 from benchlib.procs import GrpcDaemon, Registry, drop_caches  # noqa: E402
 from benchlib.runenv import CacheWatch, PySpy, git_commit, machine  # noqa: E402
-from benchlib.targets import Native, Passthrough, Squashfuse, Target, Tvixmount  # noqa: E402
+from benchlib.targets import (  # noqa: E402
+    Native,
+    Passthrough,
+    Squashfuse,
+    Target,
+    Tvixmount,
+    VerifyingPassthrough,
+)
 
 WALKS = ("seq_read", "find", "stat_walk", "tar")
 # one workload on one target: (cold, warm), or (the one sample, None) for a single-mode workload
@@ -290,6 +299,7 @@ class Bench:
             Native(ds),
             Squashfuse(ds, a.workdir, self.registry),
             Passthrough(ds, a.workdir, self.registry),
+            VerifyingPassthrough(ds, a.workdir, self.registry),
             Tvixmount(ds, a.workdir, self.registry, a.mount_workers),
             Tvixmount(ds, a.workdir, self.registry, a.mount_workers, grpc=True),
         ]

@@ -6,9 +6,11 @@ floor) and the O_DIRECT reader processes.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
+import mmap
 import os
 import signal
 import subprocess
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the interpreter running the tests (tools/bench looks for a .venv next to the checkout: not in a worktree)
 BENCH = [sys.executable, str(ROOT / "tools" / "bench.py")]
 PASSTHROUGH = ROOT / "tools" / "passthrough.py"
-TARGETS = ("native", "squashfuse", "passthrough", "tvix-embedded", "tvix-grpc")
+TARGETS = ("native", "squashfuse", "passthrough", "passthrough-verify", "tvix-embedded", "tvix-grpc")
 WORKLOADS = {"seq_read": "mb_s", "find": "seconds", "stat_walk": "seconds", "tar": "seconds",
              "random_read": "mb_s", "direct_read": "mb_s"}
 
@@ -86,8 +88,9 @@ def test_quick_run_measures_every_workload_on_every_target(workdir):
     assert all(math.isfinite(g["ratio"]) and g["met"] in (True, False) for g in goals), goals
 
     table = (out / "b.md").read_text()
-    assert ("| workload | mode | native | squashfuse | passthrough | tvix-embedded | tvix-grpc "
-            "| embedded / squashfuse | embedded / passthrough |") in table
+    assert ("| workload | mode | native | squashfuse | passthrough | passthrough-verify | tvix-embedded "
+            "| tvix-grpc | embedded / squashfuse | embedded / passthrough "
+            "| embedded / verifying passthrough |") in table
     assert "| sequential read, fresh mount, backing in page cache (MB/s) | cached | n/a |" in table
     assert "| embedded / passthrough |" in table.split("vs reader threads")[1]  # the readers table too
     assert "gRPC +20 ms" in table
@@ -134,23 +137,35 @@ def test_interrupted_run_leaves_no_mount(workdir):
     assert ps.stdout.strip() == "", "a tvixmount or daemon process survived"
 
 
-def test_passthrough_serves_the_tree_read_only(tmp_path):
+@contextlib.contextmanager
+def passthrough(src: Path, mnt: Path, *flags: str):
+    """tools/passthrough.py mounted on ``mnt``; unmounted after, and it must have exited 0."""
     if FUSE_MISSING:
         pytest.skip(FUSE_MISSING)
-    src, mnt = tmp_path / "src", tmp_path / "mnt"
-    (src / "d" / "e").mkdir(parents=True)
-    (src / "d" / "small").write_bytes(b"hello\n")
-    (src / "d" / "e" / "big").write_bytes(os.urandom(3 << 20))
-    (src / "d" / "link").symlink_to("small")
     mnt.mkdir()
-    log = tmp_path / "passthrough.log"
+    log = mnt.parent / f"{mnt.name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(PASSTHROUGH), str(src), str(mnt)], stderr=out)
+        proc = subprocess.Popen([sys.executable, str(PASSTHROUGH), *flags, str(src), str(mnt)], stderr=out)
     try:
         deadline = time.monotonic() + 20
         while not is_mounted(mnt):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.01)
+        yield
+    finally:
+        subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False, capture_output=True)
+        proc.wait(20)
+    assert proc.returncode == 0, log.read_text()
+    assert not is_mounted(mnt)
+
+
+def test_passthrough_serves_the_tree_read_only(tmp_path):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "d" / "small").write_bytes(b"hello\n")
+    (src / "d" / "e" / "big").write_bytes(os.urandom(3 << 20))
+    (src / "d" / "link").symlink_to("small")
+    with passthrough(src, mnt):
         assert sorted(os.listdir(mnt / "d")) == ["e", "link", "small"]
         assert os.readlink(mnt / "d" / "link") == "small"
         assert (mnt / "d" / "link").read_bytes() == b"hello\n"
@@ -162,11 +177,33 @@ def test_passthrough_serves_the_tree_read_only(tmp_path):
         assert err.value.errno == errno.EROFS
         with pytest.raises(FileNotFoundError):
             os.stat(mnt / "d" / "missing")
-    finally:
-        subprocess.run(["fusermount", "-u", "-z", str(mnt)], check=False, capture_output=True)
-        proc.wait(20)
-    assert proc.returncode == 0
-    assert not is_mounted(mnt)
+
+
+def test_verifying_passthrough_serves_only_bytes_that_match_their_segment(tmp_path):
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    data = os.urandom((1 << 20) + 12345)  # four whole segments and a short fifth
+    (src / "big").write_bytes(data)
+    (src / "small").write_bytes(b"hello\n")
+    with passthrough(src, mnt, "--verify"):
+        assert (mnt / "big").read_bytes() == data
+        assert (mnt / "small").read_bytes() == b"hello\n"
+        fd = os.open(mnt / "big", os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 128 * 1024)  # O_DIRECT needs an aligned buffer: every read reaches us
+            for offset in (896 * 1024, 0, 384 * 1024, 1 << 20):
+                n = os.preadv(fd, [buf], offset)
+                assert buf[:n] == data[offset:offset + 128 * 1024], offset
+            with open(src / "big", "r+b") as f:  # a byte of segment 2 changes under the mount
+                f.seek(600 * 1024)
+                f.write(bytes([data[600 * 1024] ^ 1]))
+            with pytest.raises(OSError) as err:
+                os.preadv(fd, [buf], 512 * 1024 + 64 * 1024)
+            assert err.value.errno == errno.EIO
+            assert os.preadv(fd, [buf], 256 * 1024) == 128 * 1024  # segment 1 still verifies
+            assert buf[:] == data[256 * 1024:384 * 1024]
+        finally:
+            os.close(fd)
 
 
 def test_direct_reads_by_processes_report_every_read(tmp_path):

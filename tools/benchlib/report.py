@@ -5,7 +5,9 @@ higher is better (a target says ">= x"), for seconds lower is better (a
 target says "<= x"). Keeping one definition avoids the classic mistake of
 inverting one row of a table and not the next. Every table shows
 tvixmount against squashfuse (the usual way to ship a closure) and
-against the passthrough (what any Python llfuse filesystem pays).
+against the passthrough (what any Python llfuse filesystem pays), and
+against the verifying passthrough (what one that must hash every segment
+it serves pays).
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from typing import Any
 
 from .stats import median
 
-TARGET_ORDER = ("native", "squashfuse", "passthrough", "tvix-embedded", "tvix-grpc")
+TARGET_ORDER = ("native", "squashfuse", "passthrough", "passthrough-verify", "tvix-embedded", "tvix-grpc")
 MODES = ("cold", "warm", "cached")  # cached: a fresh mount whose backing files are in the page cache
 RATIOS = (("embedded / squashfuse", "tvix-embedded", "squashfuse"),
           ("embedded / passthrough", "tvix-embedded", "passthrough"),
+          ("embedded / verifying passthrough", "tvix-embedded", "passthrough-verify"),
           ("embedded / native", "tvix-embedded", "native"),
           ("gRPC / squashfuse", "tvix-grpc", "squashfuse"))
 

@@ -140,6 +140,21 @@ class Passthrough(Squashfuse):
         return [sys.executable, str(PASSTHROUGH), str(self.ds.tree), str(self.mountpoint)]
 
 
+class VerifyingPassthrough(Passthrough):
+    """tools/passthrough.py --verify: the passthrough plus blake3 of every 256 KiB segment it serves."""
+
+    name = "passthrough-verify"
+
+    def __init__(self, ds: Dataset, workdir: Path, registry: Registry) -> None:
+        super().__init__(ds, workdir, registry)
+        self.mountpoint = workdir / "mnt-passthrough-verify"
+        self.description = "tools/passthrough.py --verify (+ blake3 per segment) on the source tree"
+        self.log = workdir / "logs" / "passthrough-verify.log"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(PASSTHROUGH), "--verify", str(self.ds.tree), str(self.mountpoint)]
+
+
 class Tvixmount(Target):
     """tvixmount on the embedded store, or (``grpc``) on a daemon serving that store on loopback."""
 
