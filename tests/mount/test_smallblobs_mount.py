@@ -89,10 +89,13 @@ def test_tar_of_many_small_files_on_the_embedded_store(mount, tree, tmp_path):
     assert small["failed"] == 0 and small["cached_bytes"] <= small["capacity"]
 
 
-def test_tar_over_grpc_from_a_daemon(tree, store_dir, tmp_path):
+@pytest.mark.parametrize("extension", [True, False], ids=["batch-service", "tvix-services-only"])
+def test_tar_over_grpc_from_a_daemon(tree, store_dir, tmp_path, extension):
+    """With our BlobBatchService a batch is one call; without it (as a tvix-store) one Read per blob."""
     source, name, _ = tree
     root = scratch_dir("tvx-small-")
-    daemon = Daemon(root, "--read-only", store_urls=StoreUrls.embedded(store_dir)).start()
+    off = () if extension else ("--no-blob-batch",)
+    daemon = Daemon(root, "--read-only", *off, store_urls=StoreUrls.embedded(store_dir)).start()
     m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
     try:
         _tar_and_compare(m.mountpoint / name, source, tmp_path / "out")
@@ -101,19 +104,61 @@ def test_tar_over_grpc_from_a_daemon(tree, store_dir, tmp_path):
     finally:
         assert m.stop() == 0
         daemon.stop()
+        served = daemon.log()
         shutil.rmtree(root, ignore_errors=True)
+    batch_calls = served.count("batch Read of ")
+    blob_reads = served.count("Read b3:")
+    fallbacks = m.log().count("has no batch read")
+    if extension:
+        assert batch_calls >= 4 and fallbacks == 0, (batch_calls, fallbacks)
+        assert blob_reads < small["batches"], (blob_reads, small)  # the small files came in batches
+    else:
+        assert batch_calls == 0 and blob_reads >= 4 * 3 * 40 * 0.9, (batch_calls, blob_reads)
+        assert 1 <= fallbacks <= 2, m.log()  # once per worker's channel (2 workers)
 
 
-def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
+def test_a_corrupt_blob_over_grpc_fails_its_file_only(tree, store_dir, tmp_path):
+    """The daemon's batch answers a blob its store cannot verify with an error for that blob alone."""
     _source, name, expected = tree
-    victim = "d1/inner/f007"
-    digest = blake3.blake3(expected[victim]).digest()
+    victim = "d2/inner/deeper/f013"
+    _damage(store_dir, expected[victim])
+    root = scratch_dir("tvx-small-bad-")
+    daemon = Daemon(root, "--read-only", store_urls=StoreUrls.embedded(store_dir)).start()
+    m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
+    try:
+        base = m.mountpoint / name
+        for rel in sorted(k for k in expected if k.startswith("d2/")):
+            if rel == victim:
+                with pytest.raises(OSError) as failed:
+                    (base / rel).read_bytes()
+                assert failed.value.errno == errno.EIO
+            else:
+                assert (base / rel).read_bytes() == expected[rel], rel
+        small = stats(m.mountpoint)["small_blobs"]
+        assert small["failed"] == 1 and small["hits"] >= 100, small
+    finally:
+        assert m.stop() == 0
+        daemon.stop()
+        served = daemon.log()
+        shutil.rmtree(root, ignore_errors=True)
+    assert served.count("batch Read of ") >= 2
+
+
+def _damage(store_dir: Path, data: bytes) -> None:
+    """Flip a byte in the middle of the blob file of ``data`` in the embedded store."""
+    digest = blake3.blake3(data).digest()
     path = store_dir / "blobs" / digest.hex()[:2] / digest.hex()
     assert path.exists(), path
     damaged = bytearray(path.read_bytes())
     damaged[len(damaged) // 2] ^= 0xFF
     os.chmod(path, 0o644)
     path.write_bytes(bytes(damaged))
+
+
+def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
+    _source, name, expected = tree
+    victim = "d1/inner/f007"
+    _damage(store_dir, expected[victim])
     m = mount("--small-batches", "2", expect_errors=True)
     base = m.path(name)
     for rel in sorted(k for k in expected if k.startswith("d1/")):
