@@ -89,6 +89,18 @@ def test_a_batch_is_one_call_and_every_blob_comes_verified(stored: tuple[Path, l
     assert got[-1] == blobs[3]  # a digest asked for twice is answered twice
 
 
+def test_more_blobs_than_one_call_may_name_take_several_calls(stored: tuple[Path, list[bytes]]) -> None:
+    _, blobs = stored
+    small = blobs[:40]
+    wanted: Wanted = [(b3(small[i % 40]), len(small[i % 40])) for i in range(1030)]
+    with _daemon(stored, "d5") as d:
+        service = grpc_client.open_blob_service(d.url, FAST)
+        got = service.read_many(wanted)
+        service.close()
+        assert _calls(d, "batch Read of 1024 blobs") == 1 and _calls(d, "batch Read of 6 blobs") == 1
+    assert got == [small[i % 40] for i in range(1030)]
+
+
 def test_a_damaged_blob_in_the_store_fails_alone(tmp_path: Path) -> None:
     blobs = _blobs(6, seed=5)
     root = scratch_dir("tvx-batch-bad-")

@@ -28,14 +28,13 @@ import grpc
 from ..castore.nodes import DIGEST_LEN, b3_text
 from ..errors import IntegrityError, TvixError
 from ..proto import rpc_blobbatch_pb2 as batch_pb
-from ..store.grpc.wire import BLOB_BATCH_SERVICE
+from ..store.grpc.wire import BLOB_BATCH_MAX, BLOB_BATCH_SERVICE
 from .servicers import RpcStatus, _parse, _Rpc, _streaming, status_for
 
 __all__ = ["BLOB_BATCH_SERVICE", "BlobBatchServicer"]
 
 log = logging.getLogger(__name__)
 
-MAX_DIGESTS = 1024  # per call; more is INVALID_ARGUMENT
 MESSAGE = 1024 * 1024  # bytes of blob data per response message (about)
 PIECE = 256 * 1024  # bytes read at a time from a blob read through its own reader
 BULK_HINT = 1024 * 1024  # blobs claimed to be at most this big are read whole, in groups
@@ -103,9 +102,9 @@ class BlobBatchServicer(_Rpc):
     def read(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         req = _parse(batch_pb.ReadBlobsRequest, request, "ReadBlobsRequest")
         digests = list(req.digests)
-        if len(digests) > MAX_DIGESTS:
+        if len(digests) > BLOB_BATCH_MAX:
             raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT,
-                            f"ReadBlobsRequest: {len(digests)} digests, more than {MAX_DIGESTS}")
+                            f"ReadBlobsRequest: {len(digests)} digests, more than {BLOB_BATCH_MAX}")
         for position, digest in enumerate(digests):
             if len(digest) != DIGEST_LEN:
                 raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, f"ReadBlobsRequest: digest {position} "

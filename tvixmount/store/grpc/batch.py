@@ -31,7 +31,7 @@ from ...errors import IntegrityError, InvalidData, NotFound, TvixError, Unavaila
 from ...proto import rpc_blobbatch_pb2 as batch_pb
 from .channel import Endpoint
 from .status import Unimplemented
-from .wire import BLOB_BATCH_READ
+from .wire import BLOB_BATCH_MAX, BLOB_BATCH_READ
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,17 @@ _NOT_FOUND = 5  # grpc.StatusCode.NOT_FOUND's number (this module loads no grpc)
 
 
 def read_batch(endpoint: Endpoint, wanted: Sequence[tuple[bytes, int]]) -> list[bytes | TvixError]:
-    """Each blob of ``wanted`` (digest, expected size), verified, or its error; Unimplemented: no service."""
+    """Each blob of ``wanted`` (digest, expected size), verified, or its error; Unimplemented: no service.
+
+    More than ``BLOB_BATCH_MAX`` blobs are asked for in several calls, one after another.
+    """
+    out: list[bytes | TvixError] = []
+    for start in range(0, len(wanted), BLOB_BATCH_MAX):
+        out += _read_one_call(endpoint, wanted[start : start + BLOB_BATCH_MAX])
+    return out
+
+
+def _read_one_call(endpoint: Endpoint, wanted: Sequence[tuple[bytes, int]]) -> list[bytes | TvixError]:
     request = batch_pb.ReadBlobsRequest(digests=[d for d, _ in wanted], size_hints=[s for _, s in wanted])
     what = f"batch read of {len(wanted)} blobs"
     batch = _Batch(wanted, endpoint.server)

@@ -28,6 +28,7 @@ PATH_INFO_PUT = f"/{PATH_INFO_SERVICE}/Put"
 PATH_INFO_CALCULATE_NAR = f"/{PATH_INFO_SERVICE}/CalculateNAR"
 PATH_INFO_LIST = f"/{PATH_INFO_SERVICE}/List"
 BLOB_BATCH_READ = f"/{BLOB_BATCH_SERVICE}/Read"
+BLOB_BATCH_MAX = 1024  # digests per BlobBatchService/Read; more is INVALID_ARGUMENT
 
 MiB = 1024 * 1024
 # Large enough for a Directory with ~500k entries; tonic's default is 4 MiB.
