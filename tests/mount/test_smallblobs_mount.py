@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -89,25 +90,45 @@ def test_tar_of_many_small_files_on_the_embedded_store(mount, tree, tmp_path):
     assert small["failed"] == 0 and small["cached_bytes"] <= small["capacity"]
 
 
+@contextlib.contextmanager
+def _over_grpc(store_dir: Path, tmp_path: Path, *daemon_args: str) -> Iterator[tuple[Mount, dict[str, str]]]:
+    """A mount of a daemon serving ``store_dir``; the dict gets the daemon's log once both stopped."""
+    root = scratch_dir("tvx-small-")
+    daemon = Daemon(root, "--read-only", *daemon_args, store_urls=StoreUrls.embedded(store_dir)).start()
+    logs: dict[str, str] = {}
+    try:
+        m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
+        try:
+            yield m, logs
+        finally:
+            assert m.stop() == 0
+    finally:
+        daemon.stop()
+        logs["daemon"] = daemon.log()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _read_all_but_one(base: Path, expected: dict[str, bytes], prefix: str, victim: str) -> None:
+    """Every file under ``prefix`` reads as expected, except ``victim``, which is EIO."""
+    for rel in sorted(k for k in expected if k.startswith(prefix)):
+        if rel == victim:
+            with pytest.raises(OSError) as failed:
+                (base / rel).read_bytes()
+            assert failed.value.errno == errno.EIO
+        else:
+            assert (base / rel).read_bytes() == expected[rel], rel
+
+
 @pytest.mark.parametrize("extension", [True, False], ids=["batch-service", "tvix-services-only"])
 def test_tar_over_grpc_from_a_daemon(tree, store_dir, tmp_path, extension):
     """With our BlobBatchService a batch is one call; without it (as a tvix-store) one Read per blob."""
     source, name, _ = tree
-    root = scratch_dir("tvx-small-")
-    off = () if extension else ("--no-blob-batch",)
-    daemon = Daemon(root, "--read-only", *off, store_urls=StoreUrls.embedded(store_dir)).start()
-    m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
-    try:
+    with _over_grpc(store_dir, tmp_path, *(() if extension else ("--no-blob-batch",))) as (m, logs):
         _tar_and_compare(m.mountpoint / name, source, tmp_path / "out")
         small = stats(m.mountpoint)["small_blobs"]
         assert small["hits"] >= 4 * 3 * 40 * 0.9 and small["failed"] == 0, small
-    finally:
-        assert m.stop() == 0
-        daemon.stop()
-        served = daemon.log()
-        shutil.rmtree(root, ignore_errors=True)
-    batch_calls = served.count("batch Read of ")
-    blob_reads = served.count("Read b3:")
+    batch_calls = logs["daemon"].count("batch Read of ")
+    blob_reads = logs["daemon"].count("Read b3:")
     fallbacks = m.log().count("has no batch read")
     if extension:
         assert batch_calls >= 4 and fallbacks == 0, (batch_calls, fallbacks)
@@ -122,26 +143,11 @@ def test_a_corrupt_blob_over_grpc_fails_its_file_only(tree, store_dir, tmp_path)
     _source, name, expected = tree
     victim = "d2/inner/deeper/f013"
     _damage(store_dir, expected[victim])
-    root = scratch_dir("tvx-small-bad-")
-    daemon = Daemon(root, "--read-only", store_urls=StoreUrls.embedded(store_dir)).start()
-    m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
-    try:
-        base = m.mountpoint / name
-        for rel in sorted(k for k in expected if k.startswith("d2/")):
-            if rel == victim:
-                with pytest.raises(OSError) as failed:
-                    (base / rel).read_bytes()
-                assert failed.value.errno == errno.EIO
-            else:
-                assert (base / rel).read_bytes() == expected[rel], rel
+    with _over_grpc(store_dir, tmp_path) as (m, logs):
+        _read_all_but_one(m.mountpoint / name, expected, "d2/", victim)
         small = stats(m.mountpoint)["small_blobs"]
         assert small["failed"] == 1 and small["hits"] >= 100, small
-    finally:
-        assert m.stop() == 0
-        daemon.stop()
-        served = daemon.log()
-        shutil.rmtree(root, ignore_errors=True)
-    assert served.count("batch Read of ") >= 2
+    assert logs["daemon"].count("batch Read of ") >= 2
 
 
 def _damage(store_dir: Path, data: bytes) -> None:
@@ -160,14 +166,7 @@ def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
     victim = "d1/inner/f007"
     _damage(store_dir, expected[victim])
     m = mount("--small-batches", "2", expect_errors=True)
-    base = m.path(name)
-    for rel in sorted(k for k in expected if k.startswith("d1/")):
-        if rel == victim:
-            with pytest.raises(OSError) as failed:
-                (base / rel).read_bytes()
-            assert failed.value.errno == errno.EIO
-        else:
-            assert (base / rel).read_bytes() == expected[rel], rel
+    _read_all_but_one(m.path(name), expected, "d1/", victim)
     small = stats(m.mountpoint)["small_blobs"]
     assert small["failed"] == 1 and small["hits"] >= 100, small
 
