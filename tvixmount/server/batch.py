@@ -9,8 +9,11 @@ store's one row query and overlapped file reads).
 
 What a call does, in request order: blobs of at most ``BULK_HINT`` claimed
 bytes go to ``read_many`` in groups (``GROUP_BLOBS`` blobs, ``GROUP_BYTES``
-claimed), anything else is read through its own reader in ``PIECE`` pieces,
-so a lying size hint costs one group's memory at most. The answers are
+claimed), anything else is read through its own reader in ``PIECE`` pieces.
+The hints are the client's word: ``read_many`` reads each blob whole, so a
+client that claims a big blob is small makes the daemon hold that group's
+real bytes for a moment (as many parallel Reads could; the daemon serves a
+trusted network, see the package doc). The answers are
 packed into messages of about ``MESSAGE`` bytes, sent as each fills, so the
 client verifies one group while the next is read. A blob the store cannot
 give is one error piece (its status code, message and tvixmount error
