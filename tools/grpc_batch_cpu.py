@@ -29,8 +29,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tvixmount.store import StoreUrls, open_store  # noqa: E402
-from tvixmount.store.urls import parse as parse_url  # noqa: E402
+from tvixmount.store import StoreUrls, open_store
+from tvixmount.store.urls import parse as parse_url
 
 BATCH = 64
 
@@ -62,7 +62,8 @@ def _daemon(root: Path, store: Path, batch: bool) -> tuple[subprocess.Popen, str
     return proc, f"grpc+unix://{sock}?wait-connect=1"
 
 
-def _round(store: Path, root: Path, wanted: list[tuple[bytes, int]], batch: bool) -> tuple[float, float, float]:
+def _round(store: Path, root: Path, wanted: list[tuple[bytes, int]],
+           batch: bool) -> tuple[float, float, float]:
     from tvixmount.store.grpc.blobs import GrpcBlobService
     from tvixmount.store.grpc.channel import Endpoint
 
@@ -85,7 +86,8 @@ def _round(store: Path, root: Path, wanted: list[tuple[bytes, int]], batch: bool
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--blobs", type=int, default=2048)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-size", type=int, default=16384)
