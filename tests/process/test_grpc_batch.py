@@ -125,7 +125,8 @@ def test_a_server_without_the_service_gets_one_read_per_blob_and_one_info_line(
         stored: tuple[Path, list[bytes]], caplog: pytest.LogCaptureFixture) -> None:
     _, blobs = stored
     wanted: Wanted = [(b3(data), len(data)) for data in blobs[:10]]
-    with _daemon(stored, "d2", "--no-blob-batch") as d, caplog.at_level(logging.INFO):
+    with _daemon(stored, "d2", "--no-blob-batch") as d, \
+            caplog.at_level(logging.INFO, logger="tvixmount.store.grpc.blobs"):
         service = grpc_client.open_blob_service(d.url, FAST)
         assert service.read_many(wanted) == blobs[:10]
         assert service.read_many(wanted[5:]) == blobs[5:10]
