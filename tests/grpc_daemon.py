@@ -287,6 +287,7 @@ _STREAMING = {
     "/tvix.castore.v1.DirectoryService/Get": "unary_stream",
     "/tvix.castore.v1.DirectoryService/Put": "stream_unary",
     "/tvix.store.v1.PathInfoService/List": "unary_stream",
+    "/tvixmount.castore.v1.BlobBatchService/Read": "unary_stream",
 }
 
 

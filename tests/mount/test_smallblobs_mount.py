@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -89,40 +90,83 @@ def test_tar_of_many_small_files_on_the_embedded_store(mount, tree, tmp_path):
     assert small["failed"] == 0 and small["cached_bytes"] <= small["capacity"]
 
 
-def test_tar_over_grpc_from_a_daemon(tree, store_dir, tmp_path):
-    source, name, _ = tree
+@contextlib.contextmanager
+def _over_grpc(store_dir: Path, tmp_path: Path, *daemon_args: str) -> Iterator[tuple[Mount, dict[str, str]]]:
+    """A mount of a daemon serving ``store_dir``; the dict gets the daemon's log once both stopped."""
     root = scratch_dir("tvx-small-")
-    daemon = Daemon(root, "--read-only", store_urls=StoreUrls.embedded(store_dir)).start()
-    m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
+    daemon = Daemon(root, "--read-only", *daemon_args, store_urls=StoreUrls.embedded(store_dir)).start()
+    logs: dict[str, str] = {}
     try:
-        _tar_and_compare(m.mountpoint / name, source, tmp_path / "out")
-        small = stats(m.mountpoint)["small_blobs"]
-        assert small["hits"] >= 4 * 3 * 40 * 0.9 and small["failed"] == 0, small
+        m = Mount(tmp_path / "mnt", None, "--small-batches", "2", urls=(daemon.url,) * 3).start()
+        try:
+            yield m, logs
+        finally:
+            assert m.stop() == 0
     finally:
-        assert m.stop() == 0
         daemon.stop()
+        logs["daemon"] = daemon.log()
         shutil.rmtree(root, ignore_errors=True)
 
 
-def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
-    _source, name, expected = tree
-    victim = "d1/inner/f007"
-    digest = blake3.blake3(expected[victim]).digest()
-    path = store_dir / "blobs" / digest.hex()[:2] / digest.hex()
-    assert path.exists(), path
-    damaged = bytearray(path.read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    os.chmod(path, 0o644)
-    path.write_bytes(bytes(damaged))
-    m = mount("--small-batches", "2", expect_errors=True)
-    base = m.path(name)
-    for rel in sorted(k for k in expected if k.startswith("d1/")):
+def _read_all_but_one(base: Path, expected: dict[str, bytes], prefix: str, victim: str) -> None:
+    """Every file under ``prefix`` reads as expected, except ``victim``, which is EIO."""
+    for rel in sorted(k for k in expected if k.startswith(prefix)):
         if rel == victim:
             with pytest.raises(OSError) as failed:
                 (base / rel).read_bytes()
             assert failed.value.errno == errno.EIO
         else:
             assert (base / rel).read_bytes() == expected[rel], rel
+
+
+@pytest.mark.parametrize("extension", [True, False], ids=["batch-service", "tvix-services-only"])
+def test_tar_over_grpc_from_a_daemon(tree, store_dir, tmp_path, extension):
+    """With our BlobBatchService a batch is one call; without it (as a tvix-store) one Read per blob."""
+    source, name, _ = tree
+    with _over_grpc(store_dir, tmp_path, *(() if extension else ("--no-blob-batch",))) as (m, logs):
+        _tar_and_compare(m.mountpoint / name, source, tmp_path / "out")
+        small = stats(m.mountpoint)["small_blobs"]
+        assert small["hits"] >= 4 * 3 * 40 * 0.9 and small["failed"] == 0, small
+    batch_calls = logs["daemon"].count("batch Read of ")
+    blob_reads = logs["daemon"].count("Read b3:")
+    fallbacks = m.log().count("has no batch read")
+    if extension:
+        assert batch_calls >= 4 and fallbacks == 0, (batch_calls, fallbacks)
+        assert blob_reads < small["batches"], (blob_reads, small)  # the small files came in batches
+    else:
+        assert batch_calls == 0 and blob_reads >= 4 * 3 * 40 * 0.9, (batch_calls, blob_reads)
+        assert 1 <= fallbacks <= 2, m.log()  # once per worker's channel (2 workers)
+
+
+def test_a_corrupt_blob_over_grpc_fails_its_file_only(tree, store_dir, tmp_path):
+    """The daemon's batch answers a blob its store cannot verify with an error for that blob alone."""
+    _source, name, expected = tree
+    victim = "d2/inner/deeper/f013"
+    _damage(store_dir, expected[victim])
+    with _over_grpc(store_dir, tmp_path) as (m, logs):
+        _read_all_but_one(m.mountpoint / name, expected, "d2/", victim)
+        small = stats(m.mountpoint)["small_blobs"]
+        assert small["failed"] == 1 and small["hits"] >= 100, small
+    assert logs["daemon"].count("batch Read of ") >= 2
+
+
+def _damage(store_dir: Path, data: bytes) -> None:
+    """Flip a byte in the middle of the blob file of ``data`` in the embedded store."""
+    digest = blake3.blake3(data).digest()
+    path = store_dir / "blobs" / digest.hex()[:2] / digest.hex()
+    assert path.exists(), path
+    damaged = bytearray(path.read_bytes())
+    damaged[len(damaged) // 2] ^= 0xFF
+    os.chmod(path, 0o644)
+    path.write_bytes(bytes(damaged))
+
+
+def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
+    _source, name, expected = tree
+    victim = "d1/inner/f007"
+    _damage(store_dir, expected[victim])
+    m = mount("--small-batches", "2", expect_errors=True)
+    _read_all_but_one(m.path(name), expected, "d1/", victim)
     small = stats(m.mountpoint)["small_blobs"]
     assert small["failed"] == 1 and small["hits"] >= 100, small
 

@@ -36,6 +36,7 @@ from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
 from tvixmount.store.grpc import client as grpc_client
 from tvixmount.store.grpc import reader as grpc_reader
 from tvixmount.store.grpc.channel import ClientConfig
+from tvixmount.store.grpc.status import Unimplemented
 from tvixmount.store.grpc.wire import ERROR_CODE_KEY
 
 STAT = "/tvix.castore.v1.BlobService/Stat"
@@ -363,7 +364,7 @@ def aborting(code: grpc.StatusCode, trailer: str | None = None):  # type: ignore
         (grpc.StatusCode.INVALID_ARGUMENT, None, InvalidData),
         (grpc.StatusCode.PERMISSION_DENIED, None, ReadOnly),
         (grpc.StatusCode.INTERNAL, None, TvixError),
-        (grpc.StatusCode.UNIMPLEMENTED, None, TvixError),
+        (grpc.StatusCode.UNIMPLEMENTED, None, Unimplemented),  # a TvixError the batch read falls back on
         (grpc.StatusCode.INTERNAL, "integrity", IntegrityError),  # our daemon's trailer wins
         (grpc.StatusCode.DATA_LOSS, "not_found", NotFound),
     ],

@@ -30,6 +30,7 @@ from ..castore.directory import SizeConvention
 from ..errors import InvalidArgument, Unavailable
 from ..store import Store, StoreUrls, open_store
 from ..store.grpc.wire import MAX_MESSAGE
+from .batch import BLOB_BATCH_SERVICE, BlobBatchServicer
 from .health import Health
 from .listen import DEFAULT_LISTEN_TEXT, ListenAddress, listen_addresses, parse_listen, usable
 from .relay import Relay, private_socket
@@ -144,6 +145,7 @@ def serve(
     max_workers: int = DEFAULT_WORKERS,
     check_dir_sizes: SizeConvention | None = None,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    blob_batch: bool = True,
 ) -> StoreServer:
     """Open the store and serve it on ``listen``; returns the started server.
 
@@ -154,7 +156,9 @@ def serve(
     (to emulate a network hop in tests); ``check_dir_sizes`` makes
     Directory Put check DirectoryNode.size in that convention (default:
     sizes are not checked, docs/protocol.md, 'Directory size');
-    ``interceptors`` see every call (the daemon's metrics, server/metrics.py).
+    ``interceptors`` see every call (the daemon's metrics, server/metrics.py);
+    ``blob_batch`` serves tvixmount's own BlobBatchService beside the tvix
+    services (server/batch.py; off: a server like tvix-store, for tests).
     """
     addresses = listen_addresses(listen) if listen is None or isinstance(listen, str) else tuple(listen)
     if added_latency < 0:
@@ -168,13 +172,15 @@ def serve(
     private_dir = None
     try:
         stats = Stats()
-        health = Health(SERVICES)
+        health = Health((*SERVICES, BLOB_BATCH_SERVICE) if blob_batch else SERVICES)
         options = Options(read_only=read_only, added_latency=added_latency, check_dir_sizes=check_dir_sizes)
         server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc-server"),
             options=_SERVER_OPTIONS, interceptors=list(interceptors),
         )
         server.add_generic_rpc_handlers(handlers(store, options, stats))
+        if blob_batch:
+            server.add_generic_rpc_handlers([BlobBatchServicer(store, options, stats).handler()])
         health.add_to(server)
         endpoints = [(address, _bind(server, address)) for address in addresses if address.fd is None]
         relays = []

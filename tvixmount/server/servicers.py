@@ -251,7 +251,8 @@ class BlobServicer(_Rpc):
     def stat(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         req = _parse(blob_pb.StatBlobRequest, request, "StatBlobRequest")
         digest = _digest(req.digest, DIGEST_LEN, "stat")
-        log.debug("Stat %s from %s", b3_text(digest), context.peer())
+        if log.isEnabledFor(logging.DEBUG):  # the digest's text and the peer cost per call; skip when unused
+            log.debug("Stat %s from %s", b3_text(digest), context.peer())
         found = self.store.blobs.stat(digest)
         response = blob_pb.StatBlobResponse()
         if found is None:
@@ -271,7 +272,8 @@ class BlobServicer(_Rpc):
     def read(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
         req = _parse(blob_pb.ReadBlobRequest, request, "ReadBlobRequest")
         digest = _digest(req.digest, DIGEST_LEN, "read")
-        log.debug("Read %s from %s", b3_text(digest), context.peer())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Read %s from %s", b3_text(digest), context.peer())
         try:
             reader = self.store.blobs.open_read(digest)
         except NotFound:
@@ -343,8 +345,9 @@ class DirectoryServicer(_Rpc):
         if req.WhichOneof("by_what") is None:
             raise RpcStatus(grpc.StatusCode.INVALID_ARGUMENT, "GetDirectoryRequest: by_what is not set")
         digest = _digest(req.digest, DIGEST_LEN, "get directory")
-        log.debug("Get directory %s%s from %s", b3_text(digest), " (recursive)" if req.recursive else "",
-                  context.peer())
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("Get directory %s%s from %s", b3_text(digest), " (recursive)" if req.recursive else "",
+                      context.peer())
         if not req.recursive:
             found = self.store.directories.get(digest)
             if found is None:

@@ -82,12 +82,13 @@ from ...errors import IntegrityError, InvalidArgument, InvalidData, NotFound, Ti
 from ...proto import rpc_blobstore_pb2 as pb
 from .. import records
 from ..base import BlobReader, BlobService, BlobStat, BlobWriter, ChunkMeta
+from .batch import read_batch
 from .channel import Endpoint
 from .copies import LocalCopy, Spool, WholeBlobReader
 from .reader import ChunkedBlobReader
 from .runs import BrokenOff, CutShort, Run, WrongChunkList
-from .status import Absent
-from .wire import BLOB_READ, BLOB_STAT, blob_chunk_data
+from .status import Absent, Unimplemented
+from .wire import BLOB_BATCH_READ, BLOB_READ, BLOB_STAT, blob_chunk_data
 from .writer import GrpcBlobWriter
 
 log = logging.getLogger(__name__)
@@ -96,10 +97,10 @@ T = TypeVar("T")
 EMPTY_DIGEST = blake3.blake3(b"").digest()
 MAX_RUNS = 8  # runs open at once per service (each holds a server thread); beyond: chunk reads
 PREFETCH_THREADS = 4  # per service, shared by its readers
-# Read streams one read_many keeps in flight: a small blob's Read is mostly round trip and
-# per-call Python on both ends, so several at once keep the daemon's threads busy. Measured on
-# loopback (batches of 64 small blobs, 2 CPUs under load): 1 stream 1.4-1.9 ms per blob, 4, 8
-# and 16 streams 0.7-1.4 ms, no clear winner among them (docs/performance.md).
+# Read streams one read_many keeps in flight without the batch service: a small blob's Read is
+# mostly round trip and per-call Python on both ends, so several at once keep the daemon's
+# threads busy. Measured on loopback (batches of 64 small blobs, 2 CPUs under load): 1 stream
+# 1.4-1.9 ms per blob, 4, 8 and 16 streams 0.7-1.4 ms, no clear winner (docs/performance.md).
 BATCH_STREAMS = 8
 CACHED_COPIES = 4  # verified whole-blob copies a service keeps after stat()
 HINTED_WHOLE = 128 * 1024  # blobs up to this size_hint are read whole without a Stat (see the module doc)
@@ -160,9 +161,22 @@ class GrpcBlobService(BlobService):
             return self._pool
 
     def read_many(self, wanted: Sequence[tuple[bytes, int]]) -> list[bytes | TvixError]:
-        """Small blobs, each one ``Read`` verified against its digest, ``BATCH_STREAMS`` in flight."""
+        """Small blobs, each verified against its digest: one batch call, else one ``Read`` each.
+
+        The batch call is tvixmount's own BlobBatchService (batch.py); a
+        server without it (a tvix-store) answers UNIMPLEMENTED once per
+        channel, and from then on each blob is one ``Read``, ``BATCH_STREAMS``
+        in flight.
+        """
         if len(wanted) <= 1:
             return super().read_many(wanted)
+        if not self.endpoint.lacks(BLOB_BATCH_READ):
+            try:
+                return read_batch(self.endpoint, wanted)
+            except Unimplemented as exc:
+                if self.endpoint.lacking(BLOB_BATCH_READ):
+                    log.info("%s has no batch read (%s); reading small blobs one call each",
+                             self.endpoint.server, str(exc).rsplit(": ", 1)[-1] or "UNIMPLEMENTED")
         with self._lock:
             if self._batch_pool is None or self._batch_pid != os.getpid():
                 self._batch_pool = ThreadPoolExecutor(BATCH_STREAMS, thread_name_prefix="grpc-batch")

@@ -56,7 +56,7 @@ from .. import urls
 from ..urls import StoreUrl
 from .deadline import patience_until
 from .status import trailer_code, translate, transport_words
-from .wire import BLOB_SERVICE, DIRECTORY_SERVICE, MAX_MESSAGE, PATH_INFO_SERVICE
+from .wire import BLOB_BATCH_SERVICE, BLOB_SERVICE, DIRECTORY_SERVICE, MAX_MESSAGE, PATH_INFO_SERVICE
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ _READ_METHODS = (
     (PATH_INFO_SERVICE, "Get"),
     (PATH_INFO_SERVICE, "List"),
     (PATH_INFO_SERVICE, "CalculateNAR"),
+    (BLOB_BATCH_SERVICE, "Read"),
 )
 _PATIENT = frozenset(f"/{service}/{method}" for service, method in _READ_METHODS)
 _READY_CHECK = 0.05  # seconds to learn whether the channel is connected right now
@@ -212,6 +213,7 @@ class Endpoint:
         self._channel: grpc.Channel | None = None
         self._pid = -1
         self._methods: dict[tuple[str, str], Callable[..., Any]] = {}
+        self._lacking: set[str] = set()  # methods this channel's server answered UNIMPLEMENTED
         self._closed = False
         # The patience point of the last wait that ran out: other calls with the same point
         # (the same request) do not wait again, so one request waits at most once.
@@ -236,6 +238,7 @@ class Endpoint:
                 self._channel = self._make_channel()
                 self._pid = os.getpid()
                 self._methods = {}
+                self._lacking = set()
                 log.debug("opened a gRPC channel to %s (pid %d)", self.server, self._pid)
             return self._channel
 
@@ -263,6 +266,21 @@ class Endpoint:
                 method = getattr(channel, kind)(path, request_serializer=None, response_deserializer=None)
                 self._methods[(kind, path)] = method
             return method
+
+    def lacks(self, path: str) -> bool:
+        """Whether this channel's server said it has no ``path`` (see ``lacking``)."""
+        with self._lock:
+            return path in self._lacking and self._pid == os.getpid()
+
+    def lacking(self, path: str) -> bool:
+        """Remember that the server answered UNIMPLEMENTED for ``path``; True the first time.
+
+        Kept per channel: a new channel (a forked child's) asks again.
+        """
+        with self._lock:
+            first = path not in self._lacking
+            self._lacking.add(path)
+            return first
 
     def close(self) -> None:
         with self._lock:

@@ -33,6 +33,10 @@ class Absent(NotFound):
     """
 
 
+class Unimplemented(TvixError):
+    """The server does not have the method (UNIMPLEMENTED): a tvix-store asked for our extension."""
+
+
 _UNAVAILABLE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -65,6 +69,8 @@ def translate(exc: grpc.RpcError, what: str, server: str, timed_out: bool = Fals
     message = f"{what}: {server} answered {name}: {details}"
     if code is grpc.StatusCode.NOT_FOUND:
         return Absent(message)
+    if code is grpc.StatusCode.UNIMPLEMENTED:
+        return Unimplemented(message)
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return Timeout(f"{what}: {server} did not answer in time ({details})")
     if code in _UNAVAILABLE:

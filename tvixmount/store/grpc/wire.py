@@ -15,6 +15,8 @@ from ...proto import rpc_blobstore_pb2 as pb
 BLOB_SERVICE = "tvix.castore.v1.BlobService"
 DIRECTORY_SERVICE = "tvix.castore.v1.DirectoryService"
 PATH_INFO_SERVICE = "tvix.store.v1.PathInfoService"
+# tvixmount's own extension (protos/tvixmount/...), served by our daemon only; not tvix's.
+BLOB_BATCH_SERVICE = "tvixmount.castore.v1.BlobBatchService"
 
 BLOB_STAT = f"/{BLOB_SERVICE}/Stat"
 BLOB_READ = f"/{BLOB_SERVICE}/Read"
@@ -25,6 +27,8 @@ PATH_INFO_GET = f"/{PATH_INFO_SERVICE}/Get"
 PATH_INFO_PUT = f"/{PATH_INFO_SERVICE}/Put"
 PATH_INFO_CALCULATE_NAR = f"/{PATH_INFO_SERVICE}/CalculateNAR"
 PATH_INFO_LIST = f"/{PATH_INFO_SERVICE}/List"
+BLOB_BATCH_READ = f"/{BLOB_BATCH_SERVICE}/Read"
+BLOB_BATCH_MAX = 1024  # digests per BlobBatchService/Read; more is INVALID_ARGUMENT
 
 MiB = 1024 * 1024
 # Large enough for a Directory with ~500k entries; tonic's default is 4 MiB.
