@@ -49,7 +49,9 @@ CREATE TABLE IF NOT EXISTS blobs (
     digest     BLOB    NOT NULL PRIMARY KEY,  -- blake3 of the whole contents
     size       INTEGER NOT NULL,
     chunk_size INTEGER NOT NULL,              -- segment length the chunk digests cover
-    chunks     BLOB    NOT NULL               -- 32-byte blake3 per segment; empty for <= 1 segment
+    chunks     BLOB    NOT NULL,              -- 32-byte blake3 per segment; empty for <= 1 segment
+    pack       INTEGER,                       -- packs/<16 hex> holding it; NULL: its own file
+    pack_offset INTEGER                       -- where in that pack it starts
 );
 CREATE TABLE IF NOT EXISTS directories (
     digest BLOB NOT NULL PRIMARY KEY,         -- blake3 of data
@@ -190,6 +192,24 @@ class Database:
                 raise Unavailable(f"store {self.where}: sqlite refused WAL mode (got {mode})")
             sqlite.retry_busy(conn, lambda: sqlite.apply_schema(conn, _SCHEMA), BUSY_TIMEOUT_S)
 
+    def has_pack_columns(self) -> bool:
+        """Whether the blobs table can say where a packed blob is (stores made before packs cannot)."""
+        with self.connection("reading the store schema") as conn:
+            return _has_pack_columns(conn)
+
+    def add_pack_columns(self) -> None:
+        """Give a store made before packs the two columns (idempotent; writers may race here).
+
+        Nullable columns added with ALTER TABLE: rows already there read as
+        NULL, i.e. "own file", so old rows need no rewrite, and a tvixmount
+        that predates packs can still read the table (the format marker is
+        what keeps it away from a store with packs, layout.py).
+        """
+        with self.transaction("adding the pack columns") as conn:
+            if not _has_pack_columns(conn):
+                conn.execute("ALTER TABLE blobs ADD COLUMN pack INTEGER")
+                conn.execute("ALTER TABLE blobs ADD COLUMN pack_offset INTEGER")
+
     def check_schema(self) -> None:
         row = self.one("opening the store", "PRAGMA user_version")
         version = row[0] if row else 0
@@ -224,6 +244,10 @@ class Database:
         self._closed = True
         _ABANDONED.extend(self._all)
         self._idle, self._all = [], []
+
+
+def _has_pack_columns(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "pack_offset" for row in conn.execute("PRAGMA table_info(blobs)"))
 
 
 # Every Database of this process, so a forked child can abandon them all.
