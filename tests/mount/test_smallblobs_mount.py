@@ -17,6 +17,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from tests.embedded_layout import flip_byte, stored_at
 from tests.faults import stats, workers
 from tests.grpc_daemon import Daemon, scratch_dir
 from tests.mounting import FUSE_MISSING, Mount
@@ -108,12 +109,11 @@ def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
     _source, name, expected = tree
     victim = "d1/inner/f007"
     digest = blake3.blake3(expected[victim]).digest()
-    path = store_dir / "blobs" / digest.hex()[:2] / digest.hex()
-    assert path.exists(), path
-    damaged = bytearray(path.read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    os.chmod(path, 0o644)
-    path.write_bytes(bytes(damaged))
+    path, _, size = stored_at(store_dir, digest)
+    # Its neighbours in the batch share its pack, so the damage is next to bytes that must still be served.
+    neighbour = blake3.blake3(expected["d1/inner/f006"]).digest()
+    assert path.parent.name == "packs" and stored_at(store_dir, neighbour)[0] == path
+    flip_byte(store_dir, digest, size // 2)
     m = mount("--small-batches", "2", expect_errors=True)
     base = m.path(name)
     for rel in sorted(k for k in expected if k.startswith("d1/")):
