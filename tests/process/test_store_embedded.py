@@ -152,6 +152,12 @@ def test_corrupt_small_blob(harness: Harness, root: Path) -> None:
             pytest.raises(IntegrityError, match=r"chunk 0.*packed"):
         reader.pread(0, 1)
     assert read_all(harness.store, neighbour) == b"next in the pack"
+    damaged_at = stored_at(root, digest)
+    assert harness.store.blobs.put(b"Hello World!") == digest  # storing it again repairs it...
+    assert stored_at(root, digest) != damaged_at  # ...as a new copy; the damaged bytes stay unreferenced
+    assert read_all(harness.store, digest) == b"Hello World!"
+    assert harness.store.blobs.put(b"next in the pack") == neighbour
+    assert pack_bytes(root) == 2 * 12 + 16  # an intact copy is not stored twice
 
 
 def test_truncated_blob_file(harness: Harness, root: Path) -> None:

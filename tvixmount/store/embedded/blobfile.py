@@ -22,11 +22,12 @@ leaves its row to the batch; the two ways it may do so are here
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ...castore.nodes import b3_text
@@ -201,7 +202,11 @@ class EmbeddedBlobWriter(BlobWriter):
                 if stored is None:
                     return self._commit_packed(meta)
                 if stored.pack is not None:
-                    return self._skip(digest)
+                    if service.packed_copy_intact(stored):
+                        return self._skip(digest)
+                    log.warning("store %s: blob %s: its packed copy is damaged or gone; storing it again",
+                                self._handle.where, b3_text(digest))
+                    return self._commit_packed(meta, replace=True)
                 # Stored as a file before packs: as below (kept if whole, rewritten if not).
             # In a batch, try to place the blob first: a new blob (the common
             # case there) then costs no look-up; a taken name is checked below.
@@ -237,21 +242,24 @@ class EmbeddedBlobWriter(BlobWriter):
         self._service.record(meta)
         return digest
 
-    def _commit_packed(self, meta: BlobMeta) -> bytes:
+    def _commit_packed(self, meta: BlobMeta, replace: bool = False) -> bytes:
         """Append a small blob held in memory to this process's pack (packs.py); row as for a file.
 
         In a batch the row waits for the batch's durability step like a
         file's; outside one, the pack is fdatasynced before the row.
+        ``replace``: the blob's recorded copy is damaged; the new copy is
+        made durable at once and its row replaces the old one (whose bytes
+        are left unreferenced, for verify to report).
         """
         head, self._head = self._head, None
         appender = self._handle.appender()
         pack, offset = appender.append(head if head is not None else b"")
-        meta = replace(meta, pack=pack, offset=offset)
+        meta = dataclasses.replace(meta, pack=pack, offset=offset)
         self._done = True
-        if self._service.add_pending(meta, None):
+        if not replace and self._service.add_pending(meta, None):
             return meta.digest
         appender.sync()
-        self._service.record(meta)
+        self._service.record(meta, replace=replace)
         return meta.digest
 
     def _skip(self, digest: bytes) -> bytes:

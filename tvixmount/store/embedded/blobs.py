@@ -97,10 +97,10 @@ class EmbeddedBlobService(BlobService):
             return "size, chunk_size, chunks, pack, pack_offset"
         return "size, chunk_size, chunks, NULL, NULL"
 
-    def _insert(self, conn: sqlite3.Connection, metas: list[BlobMeta]) -> None:
+    def _insert(self, conn: sqlite3.Connection, metas: list[BlobMeta], conflict: str = "IGNORE") -> None:
         if self.handle.packed_rows:
             conn.executemany(
-                "INSERT OR IGNORE INTO blobs (digest, size, chunk_size, chunks, pack, pack_offset) "
+                f"INSERT OR {conflict} INTO blobs (digest, size, chunk_size, chunks, pack, pack_offset) "
                 "VALUES (?, ?, ?, ?, ?, ?)",
                 [(m.digest, m.size, m.chunk_size, m.chunk_digests, m.pack,
                   None if m.pack is None else m.offset) for m in metas],
@@ -108,7 +108,7 @@ class EmbeddedBlobService(BlobService):
             return
         assert all(m.pack is None for m in metas), "packed blob in a store without pack columns"
         conn.executemany(
-            "INSERT OR IGNORE INTO blobs (digest, size, chunk_size, chunks) VALUES (?, ?, ?, ?)",
+            f"INSERT OR {conflict} INTO blobs (digest, size, chunk_size, chunks) VALUES (?, ?, ?, ?)",
             [(m.digest, m.size, m.chunk_size, m.chunk_digests) for m in metas],
         )
 
@@ -138,11 +138,32 @@ class EmbeddedBlobService(BlobService):
                 _, old = self._metas.popitem(last=False)
                 self._meta_bytes -= len(old.chunk_digests)
 
-    def record(self, meta: BlobMeta) -> None:
-        """Register a blob whose file is in place (idempotent)."""
+    def record(self, meta: BlobMeta, replace: bool = False) -> None:
+        """Register a blob whose bytes are in place (idempotent); ``replace``: over its old row."""
         with self.handle.db.transaction(f"recording blob {b3_text(meta.digest)}") as conn:
-            self._insert(conn, [meta])
+            self._insert(conn, [meta], "REPLACE" if replace else "IGNORE")
+        if replace:
+            with self._lock:
+                old = self._metas.pop(meta.digest, None)
+                if old is not None:
+                    self._meta_bytes -= len(old.chunk_digests)
         self._remember(meta)
+
+    def packed_copy_intact(self, meta: BlobMeta) -> bool:
+        """Whether a packed blob's recorded bytes still hash to its digest (a writer's dedup check).
+
+        Costs one small pread and hash per blob already stored, and lets a
+        re-import repair a damaged packed blob as it repairs a damaged file.
+        """
+        try:
+            fd = os.open(self._path(meta), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                data = _pread_full(fd, meta.size, meta.offset)
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return len(data) == meta.size and blake3.blake3(data).digest() == meta.digest
 
     # -- batches ---------------------------------------------------------------
 
