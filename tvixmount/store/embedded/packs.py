@@ -49,7 +49,6 @@ from .layout import fsync_dir
 
 log = logging.getLogger(__name__)
 
-PACKS_DIR = "packs"
 PACKED_MAX = 64 * 1024
 # A writer starts a new pack past this size: bounds what one damaged or lost
 # file takes with it, and how much one takeover scans for its recorded end.
