@@ -5,7 +5,7 @@ Run from a tree's root (its tvixmount): python readmany.py STORE_DIR. Prints blo
 import sys
 import time
 
-from tvixmount.castore.nodes import DirectoryNode, FileNode
+from tvixmount.castore.nodes import DirectoryNode
 from tvixmount.store import StoreUrls, open_store
 
 store_dir = sys.argv[1]
