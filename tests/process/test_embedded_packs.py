@@ -60,9 +60,13 @@ def verify(store: Path) -> tuple[int, list[str]]:
 
 
 def pack_columns(store: Path) -> bool:
+    """Whether the blobs table has the pack columns and their index."""
     conn = sqlite3.connect(store / "store.sqlite")
     try:
-        return any(row[1] == "pack" for row in conn.execute("PRAGMA table_info(blobs)"))
+        columns = any(row[1] == "pack" for row in conn.execute("PRAGMA table_info(blobs)"))
+        index = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'blobs_by_pack'").fetchone()
+        assert (index is not None) == columns, "the pack columns come with their index"
+        return columns
     finally:
         conn.close()
 

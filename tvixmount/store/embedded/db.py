@@ -42,6 +42,11 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 _MAX_IDLE = 8  # idle connections kept per Database
 
+# A writer taking a pack asks where its last recorded blob ends (packs.py):
+# without this index that is a scan of every row, chunk lists included.
+# Partial: rows of blobs in their own files do not pay for it.
+PACK_INDEX = "CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack, pack_offset) WHERE pack IS NOT NULL;"
+
 # Rowid tables (not WITHOUT ROWID): directory rows and chunk lists can be
 # large, and sqlite keeps large values out of the b-tree only in rowid tables.
 _SCHEMA = f"""
@@ -61,6 +66,7 @@ CREATE TABLE IF NOT EXISTS path_infos (
     digest BLOB NOT NULL PRIMARY KEY,         -- 20-byte store path digest
     data   BLOB NOT NULL                      -- encoded tvix.store.v1.PathInfo
 );
+{PACK_INDEX}
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
@@ -209,6 +215,7 @@ class Database:
             if not _has_pack_columns(conn):
                 conn.execute("ALTER TABLE blobs ADD COLUMN pack INTEGER")
                 conn.execute("ALTER TABLE blobs ADD COLUMN pack_offset INTEGER")
+            conn.execute(PACK_INDEX)
 
     def check_schema(self) -> None:
         row = self.one("opening the store", "PRAGMA user_version")

@@ -176,7 +176,8 @@ class PackAppender:
             os.close(fd)
             return False
         row = self._db.one(f"finding the end of pack {pack_name(pack)}",
-                           "SELECT MAX(pack_offset + size) FROM blobs WHERE pack = ?", (pack,))
+                           "SELECT pack_offset + size FROM blobs WHERE pack = ? "
+                           "ORDER BY pack_offset DESC LIMIT 1", (pack,))
         end = (row[0] if row else None) or 0
         if size > end:
             log.info("store %s: pack %s: cutting back %d unrecorded bytes a crashed writer left",
