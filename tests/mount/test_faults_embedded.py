@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.embedded_layout import flip_byte, stored_at
 from tests.faults import LogCursor, attempt, b3, direct_read, path_info, read_bytes, serving, store_path
 from tests.mounting import FUSE_MISSING, Mount
 from tests.store_suite import pattern
@@ -31,6 +32,7 @@ from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode, b3_text
 from tvixmount.errors import TvixError
 from tvixmount.store import StoreUrls, open_store
+from tvixmount.store.embedded.packs import PACKED_MAX
 
 pytestmark = [pytest.mark.mount, pytest.mark.skipif(bool(FUSE_MISSING), reason=FUSE_MISSING or "")]
 
@@ -40,8 +42,11 @@ REPO = Path(__file__).resolve().parents[2]
 GOOD = b"an undamaged file\n"
 CUT = pattern(2 * SEGMENT + 70_000, seed=21)  # the file ends inside segment 1
 LAST = pattern(3 * SEGMENT + 5_000, seed=22)  # the file lacks its last segment
-GONE = pattern(5_000, seed=23)  # the file is deleted
+GONE = pattern(PACKED_MAX + 5_000, seed=23)  # the file is deleted
 ROW = pattern(2 * SEGMENT + 10, seed=24)  # the row's chunk list is damaged
+FLIP = pattern(3_000, seed=25)  # packed, with a byte flipped; GOOD and NEAR are its neighbours
+NEAR = pattern(4_000, seed=26)
+TAIL = b"appended by a writer that died before recording it"
 TREE = store_path("embedded-damage")
 
 
@@ -57,6 +62,9 @@ def _verify(store_dir: Path) -> tuple[int, list[str]]:
 
 
 def _damage_blobs(store_dir: Path) -> None:
+    flip_byte(store_dir, b3(FLIP), 1234)
+    with open(stored_at(store_dir, b3(FLIP))[0], "ab") as pack:
+        pack.write(TAIL)
     os.truncate(_blob_file(store_dir, CUT), SEGMENT + 1000)
     os.truncate(_blob_file(store_dir, LAST), 3 * SEGMENT)
     os.unlink(_blob_file(store_dir, GONE))
@@ -73,14 +81,15 @@ def damaged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, P
     base = tmp_path_factory.mktemp("embedded")
     store_dir = base / "store"
     with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
-        for data in (GOOD, CUT, LAST, GONE, ROW):
+        for data in (GOOD, FLIP, NEAR, CUT, LAST, GONE, ROW):
             store.blobs.put(data)
         sub = Directory(files=(FileNode(b"inner", b3(GOOD), len(GOOD)),))
         store.directories.put(sub)
         top = Directory(
             directories=(DirectoryNode(b"sub", sub.digest(), 2),),
             files=tuple(FileNode(name, b3(data), len(data)) for name, data in
-                        ((b"cut", CUT), (b"gone", GONE), (b"good", GOOD), (b"last", LAST), (b"row", ROW))),
+                        ((b"cut", CUT), (b"flip", FLIP), (b"gone", GONE), (b"good", GOOD), (b"last", LAST),
+                         (b"near", NEAR), (b"row", ROW))),
         )
         store.directories.put(top)
         store.path_infos.put(path_info(DirectoryNode(TREE.basename.encode(), top.digest(), 14)))
@@ -93,14 +102,21 @@ def test_verify_reports_exactly_the_damaged_blobs(damaged: tuple[Mount, Path]) -
     _, store_dir = damaged
     code, lines = _verify(store_dir)
     assert code == 1
-    problems = {line.split(": ", 1)[0]: line for line in lines[:-1]}
-    assert set(problems) == {f"blob {b3_text(b3(d))}" for d in (CUT, LAST, GONE, ROW)} | {f"path {TREE}"}
+    pack = stored_at(store_dir, b3(FLIP))[0]
+    packs = [line for line in lines if line.startswith("pack ")]
+    assert packs == [f"pack {pack.name}: {len(TAIL)} of {pack.stat().st_size} bytes unreferenced "
+                     "(3 blobs recorded; harmless, see --help)"]
+    problems = {line.split(": ", 1)[0]: line for line in lines[:-1] if line not in packs}
+    damaged = (CUT, LAST, GONE, ROW, FLIP)
+    assert set(problems) == {f"blob {b3_text(b3(d))}" for d in damaged} | {f"path {TREE}"}
+    assert re.search(r"chunk 0 .* \(packed in pack \w+ at \d+\) does not match its digest",
+                     problems[f"blob {b3_text(b3(FLIP))}"])
     assert "is truncated" in problems[f"blob {b3_text(b3(CUT))}"]
     assert "is truncated" in problems[f"blob {b3_text(b3(LAST))}"]
     assert "is missing" in problems[f"blob {b3_text(b3(GONE))}"]
     assert "damaged row" in problems[f"blob {b3_text(b3(ROW))}"]
     assert "tree is broken" in problems[f"path {TREE}"]
-    assert lines[-1].endswith(": 5 problem(s)")
+    assert lines[-1].endswith(": 6 problem(s)")
 
 
 def _eio_then_warning(m: Mount, name: str, data: bytes, why: str) -> str:
@@ -144,6 +160,15 @@ def test_blob_file_deleted(damaged: tuple[Mount, Path]) -> None:
     _eio_then_warning(m, "gone", GONE, r"is recorded in store .* but its file .* is missing")
     _blob_file(store_dir, GONE).write_bytes(GONE)
     assert read_bytes(m.path(TREE.basename, "gone")) == GONE
+
+
+def test_packed_blob_with_a_flipped_byte(damaged: tuple[Mount, Path]) -> None:
+    m, store_dir = damaged
+    _eio_then_warning(m, "flip", FLIP, r"chunk 0 .*packed in pack .* does not match its digest")
+    for name, data in (("near", NEAR), ("good", GOOD)):  # its neighbours in the pack
+        assert read_bytes(m.path(TREE.basename, name)) == data
+    flip_byte(store_dir, b3(FLIP), 1234)  # repaired
+    assert read_bytes(m.path(TREE.basename, "flip")) == FLIP
 
 
 def test_blob_row_with_a_damaged_chunk_list(damaged: tuple[Mount, Path]) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.embedded_layout import stored_at
 from tests.faults import (
     GET_DIR,
     GET_INFO,
@@ -128,8 +129,9 @@ def test_flipped_byte_in_a_one_segment_blob(embedded: tuple[Mount, Path]) -> Non
     m, store_dir = embedded
     cursor = LogCursor(m)
     target = m.path(TREE.basename, "small")
-    blob_file = _blob_file(store_dir, SMALL)
-    _flip(blob_file, 500)
+    blob_file, at, _ = stored_at(store_dir, b3(SMALL))  # packed (store/embedded/packs.py)
+    assert blob_file.parent.name == "packs"
+    _flip(blob_file, at + 500)
     try:
         for _ in range(3):  # every read fails, and the failure is logged once
             code, _ = attempt(lambda: read_bytes(target))
@@ -139,7 +141,7 @@ def test_flipped_byte_in_a_one_segment_blob(embedded: tuple[Mount, Path]) -> Non
         assert len(_warnings_naming(cursor, b3(SMALL))) == 1
         assert read_bytes(m.path(TREE.basename, "good")) == GOOD  # the rest is served
     finally:
-        _flip(blob_file, 500)  # repaired
+        _flip(blob_file, at + 500)  # repaired
     assert read_bytes(target) == SMALL  # nothing of the broken blob was kept
 
 

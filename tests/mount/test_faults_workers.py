@@ -265,11 +265,11 @@ def test_worker_that_cannot_start_backs_off_while_the_other_serves(mounted: tupl
     good = marker.read_text()
     victim = wait_workers(m, 2)[0]
     cursor = LogCursor(m)
-    marker.write_text(good.replace("format=1", "format=99"))  # new workers refuse this store
+    marker.write_text(good.replace("format=2", "format=99"))  # new workers refuse this store
     try:
         os.kill(victim, signal.SIGKILL)
         line = cursor.wait_for(r"WARNING .*worker 0 pid \d+ could not open store local://.*has format 99")
-        assert "this tvixmount reads format 1" in line
+        assert "this tvixmount reads formats 1 and 2" in line
         for i, p in enumerate(paths):  # the other worker serves everything meanwhile
             code, took = attempt(lambda p=p: read_bytes(p))
             assert (code, took < 1.0) == (0, True), (i, code, took)

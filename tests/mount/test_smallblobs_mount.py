@@ -18,6 +18,7 @@ from pathlib import Path
 import blake3
 import pytest
 
+from tests.embedded_layout import flip_byte, stored_at
 from tests.faults import stats, workers
 from tests.grpc_daemon import Daemon, scratch_dir
 from tests.mounting import FUSE_MISSING, Mount
@@ -142,7 +143,7 @@ def test_a_corrupt_blob_over_grpc_fails_its_file_only(tree, store_dir, tmp_path)
     """The daemon's batch answers a blob its store cannot verify with an error for that blob alone."""
     _source, name, expected = tree
     victim = "d2/inner/deeper/f013"
-    _damage(store_dir, expected[victim])
+    _damage(store_dir, expected, victim, "d2/inner/deeper/f012")
     with _over_grpc(store_dir, tmp_path) as (m, logs):
         _read_all_but_one(m.mountpoint / name, expected, "d2/", victim)
         small = stats(m.mountpoint)["small_blobs"]
@@ -150,21 +151,23 @@ def test_a_corrupt_blob_over_grpc_fails_its_file_only(tree, store_dir, tmp_path)
     assert logs["daemon"].count("batch Read of ") >= 2
 
 
-def _damage(store_dir: Path, data: bytes) -> None:
-    """Flip a byte in the middle of the blob file of ``data`` in the embedded store."""
-    digest = blake3.blake3(data).digest()
-    path = store_dir / "blobs" / digest.hex()[:2] / digest.hex()
-    assert path.exists(), path
-    damaged = bytearray(path.read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    os.chmod(path, 0o644)
-    path.write_bytes(bytes(damaged))
+def _damage(store_dir: Path, expected: dict[str, bytes], victim: str, neighbour: str) -> None:
+    """Flip a byte in the middle of ``victim``'s blob, which shares a pack with ``neighbour``'s.
+
+    The neighbours of a damaged blob in its batch share its pack, so the damage
+    sits next to bytes that must still be served.
+    """
+    digest = blake3.blake3(expected[victim]).digest()
+    path, _, size = stored_at(store_dir, digest)
+    beside = blake3.blake3(expected[neighbour]).digest()
+    assert path.parent.name == "packs" and stored_at(store_dir, beside)[0] == path
+    flip_byte(store_dir, digest, size // 2)
 
 
 def test_a_corrupt_blob_in_a_batch_fails_its_file_only(mount, tree, store_dir):
     _source, name, expected = tree
     victim = "d1/inner/f007"
-    _damage(store_dir, expected[victim])
+    _damage(store_dir, expected, victim, "d1/inner/f006")
     m = mount("--small-batches", "2", expect_errors=True)
     _read_all_but_one(m.path(name), expected, "d1/", victim)
     small = stats(m.mountpoint)["small_blobs"]

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.embedded_layout import pack_bytes
 from tvixmount.admin import cli
 from tvixmount.admin.ingest import Ingester
 from tvixmount.castore import storepath
@@ -183,14 +184,16 @@ def test_reimport_stores_no_new_blobs(tmp_path, capsysbinary):
     code, first, _ = run(capsysbinary, *store_args(store), "import", str(tree))
     assert code == 0
     blobs = blob_files(store)
-    # distinct contents: hello, data.bin (twice), big.so, empty, "x", the latin1-named file
-    assert len(blobs) == 6
+    packed = pack_bytes(store)
     with open_store(StoreUrls.embedded(store)) as s:
         dirs = set(s.directories.iter_digests())
+        # distinct contents: hello, data.bin (twice), big.so, empty, "x", the latin1-named file
+        assert len(list(s.blobs.iter_digests())) == 6
+    assert len(blobs) == 1 and packed > 0  # big.so in its own file, the small ones packed
     inodes = {p.name: p.stat().st_ino for p in (store / "blobs").glob("*/*")}
     code, second, _ = run(capsysbinary, *store_args(store), "import", "-j", "0", str(tree))
     assert (code, second) == (0, first)
-    assert blob_files(store) == blobs
+    assert blob_files(store) == blobs and pack_bytes(store) == packed
     assert {p.name: p.stat().st_ino for p in (store / "blobs").glob("*/*")} == inodes  # nothing rewritten
     assert not any((store / "tmp").iterdir())
     with open_store(StoreUrls.embedded(store)) as s:

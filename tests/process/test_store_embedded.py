@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.embedded_layout import flip_byte, pack_bytes, pack_files, stored_at
 from tests.store_suite import (
     CHUNK,
     DIR_A,
@@ -41,6 +42,7 @@ from tvixmount.store import (
 )
 from tvixmount.store.embedded import db as embedded_db
 from tvixmount.store.embedded.layout import DB_FILE, FORMAT_FILE
+from tvixmount.store.embedded.packs import PACKED_MAX
 
 
 def _update(root: Path, table: str, digest: bytes, data: bytes) -> None:
@@ -90,9 +92,14 @@ def blob_files(root: Path) -> list[Path]:
 
 def test_layout(harness: Harness, root: Path) -> None:
     digest = harness.store.blobs.put(b"Hello World!")
-    assert blob_file(root, digest).read_bytes() == b"Hello World!"
+    big = pattern(PACKED_MAX + 1)
+    big_digest = harness.store.blobs.put(big)
+    [pack] = pack_files(root)  # the small one is packed...
+    assert stored_at(root, digest) == (pack, 0, 12) and pack.read_bytes() == b"Hello World!"
+    assert blob_files(root) == [blob_file(root, big_digest)]  # ...the big one has its own file
+    assert blob_file(root, big_digest).read_bytes() == big
     marker = (root / FORMAT_FILE).read_text().splitlines()
-    assert marker[0] == "tvixmount-store" and "format=1" in marker and f"chunk_size={CHUNK}" in marker
+    assert marker[0] == "tvixmount-store" and "format=2" in marker and f"chunk_size={CHUNK}" in marker
     conn = sqlite3.connect(root / DB_FILE)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
@@ -139,9 +146,18 @@ def test_corrupt_byte_fails_only_its_chunk(harness: Harness, root: Path) -> None
 
 def test_corrupt_small_blob(harness: Harness, root: Path) -> None:
     digest = harness.store.blobs.put(b"Hello World!")
-    _flip(blob_file(root, digest), 3)
-    with harness.store.blobs.open_read(digest) as reader, pytest.raises(IntegrityError, match="chunk 0"):
+    neighbour = harness.store.blobs.put(b"next in the pack")
+    flip_byte(root, digest, 3)
+    with harness.store.blobs.open_read(digest) as reader, \
+            pytest.raises(IntegrityError, match=r"chunk 0.*packed"):
         reader.pread(0, 1)
+    assert read_all(harness.store, neighbour) == b"next in the pack"
+    damaged_at = stored_at(root, digest)
+    assert harness.store.blobs.put(b"Hello World!") == digest  # storing it again repairs it...
+    assert stored_at(root, digest) != damaged_at  # ...as a new copy; the damaged bytes stay unreferenced
+    assert read_all(harness.store, digest) == b"Hello World!"
+    assert harness.store.blobs.put(b"next in the pack") == neighbour
+    assert pack_bytes(root) == 2 * 12 + 16  # an intact copy is not stored twice
 
 
 def test_truncated_blob_file(harness: Harness, root: Path) -> None:
@@ -157,12 +173,23 @@ def test_truncated_blob_file(harness: Harness, root: Path) -> None:
 
 
 def test_missing_blob_file_is_invalid_data(harness: Harness, root: Path) -> None:
-    digest = harness.store.blobs.put(b"soon gone")
+    gone = pattern(PACKED_MAX + 10, seed=5)
+    digest = harness.store.blobs.put(gone)
     blob_file(root, digest).unlink()
     with pytest.raises(InvalidData, match="missing"):
         harness.store.blobs.open_read(digest)
-    harness.store.blobs.put(b"soon gone")  # re-importing repairs it
-    assert read_all(harness.store, digest) == b"soon gone"
+    harness.store.blobs.put(gone)  # re-importing repairs it
+    assert read_all(harness.store, digest) == gone
+
+
+def test_missing_pack_is_invalid_data(harness: Harness, root: Path) -> None:
+    digest = harness.store.blobs.put(b"packed, soon gone")
+    [pack] = pack_files(root)
+    pack.unlink()
+    with pytest.raises(InvalidData, match=r"its pack .* is missing"):
+        harness.store.blobs.open_read(digest)
+    [result] = harness.store.blobs.read_many([(digest, 17)])
+    assert isinstance(result, InvalidData) and "missing" in str(result)
 
 
 def test_damaged_blob_row(harness: Harness, root: Path) -> None:
@@ -244,7 +271,7 @@ def test_refuses_to_create_in_a_foreign_directory(tmp_path: Path) -> None:
 def test_unknown_format_version(root: Path) -> None:
     open_store(StoreUrls.embedded(root, create=True)).close()
     marker = root / FORMAT_FILE
-    marker.write_text(marker.read_text().replace("format=1", "format=9"))
+    marker.write_text(marker.read_text().replace("format=2", "format=9"))
     with pytest.raises(InvalidData, match="format 9"):
         open_store(StoreUrls.embedded(root))
 
@@ -463,7 +490,7 @@ def test_batch_rows_invisible_until_the_end(harness: Harness, root: Path) -> Non
     small, big = pattern(1000, seed=1), pattern(2 * CHUNK + 7, seed=2)
     with blobs.batch():
         digests = [blobs.put(small), blobs.put(big)]
-        assert all(blob_file(root, d).is_file() for d in digests)  # bytes in place...
+        assert pack_bytes(root) == len(small) and blob_file(root, digests[1]).is_file()  # bytes in place...
         assert _rows(root) == set()  # ...but no row
         assert [blobs.stat(d) for d in digests] == [None, None]
         with pytest.raises(NotFound):
@@ -502,14 +529,15 @@ def test_batch_exception_leaves_no_rows(harness: Harness, root: Path) -> None:
 def test_batch_stores_each_blob_once(harness: Harness, root: Path) -> None:
     blobs = harness.store.blobs
     kept = blobs.put(b"stored before")
-    inode = blob_file(root, kept).stat().st_ino
     with blobs.batch():
         first = blobs.put(pattern(CHUNK * 2, seed=4))
         assert blobs.put(pattern(CHUNK * 2, seed=4)) == first  # pending: not written again
         blobs.put(b"stored before")
-    assert blob_file(root, kept).stat().st_ino == inode
-    assert _rows(root) == {kept, first}
-    assert len(blob_files(root)) == 2
+        small = blobs.put(b"small, new")
+        assert blobs.put(b"small, new") == small  # pending in the pack: not appended again
+    assert pack_bytes(root) == len(b"stored before") + len(b"small, new")
+    assert _rows(root) == {kept, first, small}
+    assert len(blob_files(root)) == 1
     assert os.listdir(root / "tmp") == []
 
 
@@ -538,9 +566,15 @@ def test_batch_without_syncfs_syncs_each_file(harness: Harness, root: Path,
     real_sync_file = embedded_blobs.sync_file
     monkeypatch.setattr(embedded_blobs, "sync_filesystem", lambda path: False)  # a libc without syncfs
     monkeypatch.setattr(embedded_blobs, "sync_file", lambda p: (synced.append(p), real_sync_file(p)))
+    packs_synced: list[int] = []
+    appender = harness.store.blobs.handle.appender()
+    real_pack_sync = appender.sync
+    monkeypatch.setattr(appender, "sync", lambda: (packs_synced.append(1), real_pack_sync()))
     with harness.store.blobs.batch():
-        digests = [harness.store.blobs.put(pattern(10, seed=i)) for i in range(3)]
-    assert sorted(synced) == sorted(str(blob_file(root, d)) for d in digests)
+        digests = [harness.store.blobs.put(pattern(PACKED_MAX + i, seed=i)) for i in range(1, 4)]
+        digests += [harness.store.blobs.put(pattern(10, seed=i)) for i in range(3)]
+    assert sorted(synced) == sorted(str(blob_file(root, d)) for d in digests[:3])
+    assert packs_synced == [1]  # the three small ones: one fdatasync of their pack
     assert _rows(root) == set(digests)
 
 
@@ -592,10 +626,12 @@ def test_process_dying_in_a_batch_leaves_only_unrecorded_files(root: Path) -> No
     child.join(20)
     assert child.exitcode == 3
     assert _rows(root) == set()
-    assert len(blob_files(root)) == 2  # in place, never recorded
+    assert len(blob_files(root)) == 1 and pack_bytes(root) == len(datas[1])  # in place, never recorded
     with open_store(StoreUrls.embedded(root)) as store:
         assert [store.blobs.stat(b3(d)) for d in datas] == [None, None]
         with store.blobs.batch():
             for data in datas:
                 store.blobs.put(data)
         assert [read_all(store, b3(d)) for d in datas] == datas
+    # The second writer took the dead one's pack and cut its unrecorded tail back first.
+    assert pack_bytes(root) == len(datas[1]) and stored_at(root, b3(datas[1]))[1] == 0

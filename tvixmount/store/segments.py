@@ -139,12 +139,17 @@ class BadSegment(Exception):
 
 
 class SegmentFile:
-    """Verified ranges of one open blob file; owns ``fd``. Not thread-safe, like every reader."""
+    """Verified ranges of one open blob file; owns ``fd``. Not thread-safe, like every reader.
 
-    def __init__(self, outboard: Outboard, fd: int) -> None:
+    ``base``: where the blob starts in the file (non-zero for a blob packed
+    with others, embedded/packs.py); offsets given to the methods are the blob's.
+    """
+
+    def __init__(self, outboard: Outboard, fd: int, base: int = 0) -> None:
         self.outboard = outboard
         self.size = outboard.size
         self._fd = fd
+        self._base = base
         self._kept: OrderedDict[int, bytes] = OrderedDict()
 
     def pread(self, offset: int, length: int) -> bytes:
@@ -203,7 +208,7 @@ class SegmentFile:
         got = 0
         try:
             while got < want:
-                n = os.preadv(self._fd, [target[got:]], start + got)
+                n = os.preadv(self._fd, [target[got:]], self._base + start + got)
                 if n == 0:
                     break
                 got += n
@@ -227,9 +232,9 @@ class SegmentFile:
         start = index * outboard.segment_size
         want = min(outboard.segment_size, outboard.size - start)
         try:
-            data = os.pread(self._fd, want, start)
+            data = os.pread(self._fd, want, self._base + start)
             while len(data) < want:  # only at EOF for a regular file: loop to be sure
-                more = os.pread(self._fd, want - len(data), start + len(data))
+                more = os.pread(self._fd, want - len(data), self._base + start + len(data))
                 if not more:
                     break
                 data += more

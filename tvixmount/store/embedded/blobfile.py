@@ -22,6 +22,7 @@ leaves its row to the batch; the two ways it may do so are here
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -49,6 +50,8 @@ class BlobMeta:
     size: int
     chunk_size: int
     chunk_digests: bytes  # 32 bytes per segment; empty when there is at most one
+    pack: int | None = None  # the pack holding it (packs.py); None: its own file
+    offset: int = 0  # where it starts in that pack
 
     @property
     def outboard(self) -> Outboard:
@@ -67,8 +70,16 @@ class BlobMeta:
         )
 
     @classmethod
-    def from_row(cls, digest: bytes, size: int, chunk_size: int, chunks: bytes) -> BlobMeta:
-        meta = cls(digest, size, chunk_size, bytes(chunks))
+    def from_row(
+        cls, digest: bytes, size: int, chunk_size: int, chunks: bytes, pack: int | None = None,
+        offset: int | None = None,
+    ) -> BlobMeta:
+        meta = cls(digest, size, chunk_size, bytes(chunks), pack, offset or 0)
+        if pack is not None and (offset is None or offset < 0 or size > chunk_size):
+            raise InvalidData(
+                f"stored blob {b3_text(digest)} has a damaged row: packed at offset {offset} "
+                f"with size {size} (a packed blob is one chunk of at most {chunk_size} bytes)"
+            )
         if size < 0 or chunk_size <= 0 or not meta.outboard.well_formed():
             expected = meta.outboard.expected_len if chunk_size > 0 else 0
             raise InvalidData(
@@ -82,8 +93,9 @@ class EmbeddedBlobReader(BlobReader):
     """Verified random access to one blob file (segments.py); its failures named for this store."""
 
     def __init__(self, meta: BlobMeta, fd: int, where: str) -> None:
-        self._file = SegmentFile(meta.outboard, fd)
+        self._file = SegmentFile(meta.outboard, fd, meta.offset)
         self._where = where
+        self._place = "" if meta.pack is None else f" (packed in pack {meta.pack:016x} at {meta.offset})"
         self.size = meta.size
         self.segment_size = meta.outboard.segment_size
 
@@ -111,15 +123,15 @@ class EmbeddedBlobReader(BlobReader):
     def _failure(self, bad: BadSegment) -> TvixError:
         digest = b3_text(self._file.outboard.digest)
         if bad.error is not None:
-            return Unavailable(f"blob {digest} in {self._where}: read failed: {bad.error}")
+            return Unavailable(f"blob {digest} in {self._where}{self._place}: read failed: {bad.error}")
         if bad.short:
             return IntegrityError(
-                f"blob {digest} chunk {bad.index}: file in {self._where} is truncated "
+                f"blob {digest} chunk {bad.index}: file in {self._where}{self._place} is truncated "
                 f"(got {bad.got} of {bad.want} bytes at offset {bad.start})"
             )
         return IntegrityError(
             f"blob {digest} chunk {bad.index} (bytes {bad.start}..{bad.start + bad.want}) "
-            f"in {self._where} does not match its digest"
+            f"in {self._where}{self._place} does not match its digest"
         )
 
     def close(self) -> None:
@@ -185,6 +197,17 @@ class EmbeddedBlobWriter(BlobWriter):
             service = self._service
             if service.is_pending(digest):
                 return self._skip(digest)
+            if self._fd < 0 and size <= service.packed_max:
+                stored = service.meta(digest)
+                if stored is None:
+                    return self._commit_packed(meta)
+                if stored.pack is not None:
+                    if service.packed_copy_intact(stored):
+                        return self._skip(digest)
+                    log.warning("store %s: blob %s: its packed copy is damaged or gone; storing it again",
+                                self._handle.where, b3_text(digest))
+                    return self._commit_packed(meta, replace=True)
+                # Stored as a file before packs: as below (kept if whole, rewritten if not).
             # In a batch, try to place the blob first: a new blob (the common
             # case there) then costs no look-up; a taken name is checked below.
             if service.batching() and (self._link_new(final) if self._fd >= 0 else self._create_new(final)):
@@ -218,6 +241,26 @@ class EmbeddedBlobWriter(BlobWriter):
         self._done = True
         self._service.record(meta)
         return digest
+
+    def _commit_packed(self, meta: BlobMeta, replace: bool = False) -> bytes:
+        """Append a small blob held in memory to this process's pack (packs.py); row as for a file.
+
+        In a batch the row waits for the batch's durability step like a
+        file's; outside one, the pack is fdatasynced before the row.
+        ``replace``: the blob's recorded copy is damaged; the new copy is
+        made durable at once and its row replaces the old one (whose bytes
+        are left unreferenced, for verify to report).
+        """
+        head, self._head = self._head, None
+        appender = self._handle.appender()
+        pack, offset = appender.append(head if head is not None else b"")
+        meta = dataclasses.replace(meta, pack=pack, offset=offset)
+        self._done = True
+        if not replace and self._service.add_pending(meta, None):
+            return meta.digest
+        appender.sync()
+        self._service.record(meta, replace=replace)
+        return meta.digest
 
     def _skip(self, digest: bytes) -> bytes:
         log.debug("blob %s already stored", b3_text(digest))

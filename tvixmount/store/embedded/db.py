@@ -42,6 +42,11 @@ SCHEMA_VERSION = 1
 BUSY_TIMEOUT_S = 30.0
 _MAX_IDLE = 8  # idle connections kept per Database
 
+# A writer taking a pack asks where its last recorded blob ends (packs.py):
+# without this index that is a scan of every row, chunk lists included.
+# Partial: rows of blobs in their own files do not pay for it.
+PACK_INDEX = "CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack, pack_offset) WHERE pack IS NOT NULL;"
+
 # Rowid tables (not WITHOUT ROWID): directory rows and chunk lists can be
 # large, and sqlite keeps large values out of the b-tree only in rowid tables.
 _SCHEMA = f"""
@@ -49,7 +54,9 @@ CREATE TABLE IF NOT EXISTS blobs (
     digest     BLOB    NOT NULL PRIMARY KEY,  -- blake3 of the whole contents
     size       INTEGER NOT NULL,
     chunk_size INTEGER NOT NULL,              -- segment length the chunk digests cover
-    chunks     BLOB    NOT NULL               -- 32-byte blake3 per segment; empty for <= 1 segment
+    chunks     BLOB    NOT NULL,              -- 32-byte blake3 per segment; empty for <= 1 segment
+    pack       INTEGER,                       -- packs/<16 hex> holding it; NULL: its own file
+    pack_offset INTEGER                       -- where in that pack it starts
 );
 CREATE TABLE IF NOT EXISTS directories (
     digest BLOB NOT NULL PRIMARY KEY,         -- blake3 of data
@@ -59,6 +66,7 @@ CREATE TABLE IF NOT EXISTS path_infos (
     digest BLOB NOT NULL PRIMARY KEY,         -- 20-byte store path digest
     data   BLOB NOT NULL                      -- encoded tvix.store.v1.PathInfo
 );
+{PACK_INDEX}
 PRAGMA user_version = {SCHEMA_VERSION};
 """
 
@@ -190,6 +198,25 @@ class Database:
                 raise Unavailable(f"store {self.where}: sqlite refused WAL mode (got {mode})")
             sqlite.retry_busy(conn, lambda: sqlite.apply_schema(conn, _SCHEMA), BUSY_TIMEOUT_S)
 
+    def has_pack_columns(self) -> bool:
+        """Whether the blobs table can say where a packed blob is (stores made before packs cannot)."""
+        with self.connection("reading the store schema") as conn:
+            return _has_pack_columns(conn)
+
+    def add_pack_columns(self) -> None:
+        """Give a store made before packs the two columns (idempotent; writers may race here).
+
+        Nullable columns added with ALTER TABLE: rows already there read as
+        NULL, i.e. "own file", so old rows need no rewrite, and a tvixmount
+        that predates packs can still read the table (the format marker is
+        what keeps it away from a store with packs, layout.py).
+        """
+        with self.transaction("adding the pack columns") as conn:
+            if not _has_pack_columns(conn):
+                conn.execute("ALTER TABLE blobs ADD COLUMN pack INTEGER")
+                conn.execute("ALTER TABLE blobs ADD COLUMN pack_offset INTEGER")
+            conn.execute(PACK_INDEX)
+
     def check_schema(self) -> None:
         row = self.one("opening the store", "PRAGMA user_version")
         version = row[0] if row else 0
@@ -224,6 +251,10 @@ class Database:
         self._closed = True
         _ABANDONED.extend(self._all)
         self._idle, self._all = [], []
+
+
+def _has_pack_columns(conn: sqlite3.Connection) -> bool:
+    return any(row[1] == "pack_offset" for row in conn.execute("PRAGMA table_info(blobs)"))
 
 
 # Every Database of this process, so a forked child can abandon them all.

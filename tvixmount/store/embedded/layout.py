@@ -3,9 +3,10 @@
 ::
 
     <store>/
-      tvixmount-store        format marker: "tvixmount-store", format=1, chunk_size=262144
+      tvixmount-store        format marker: "tvixmount-store", format=2, chunk_size=262144
       store.sqlite (-wal, -shm)   blob metadata, directories, path infos (db.py)
-      blobs/<2 hex>/<64 hex> one file per blob, named by its blake3 digest
+      blobs/<2 hex>/<64 hex> one file per blob bigger than 64 KiB, named by its blake3 digest
+      packs/<16 hex>         small blobs appended one after another (packs.py)
       tmp/                   blobs being written (same filesystem, so rename is atomic)
 
 The marker is written last when a store is created, so a directory with a
@@ -13,10 +14,24 @@ marker always has its tables. Readers never create anything: a missing
 store is a clear error telling the operator to import first. Writers pass
 ``create=True`` (``local:///path?create=1``).
 
+Formats. ``format=1``: every blob is a file under ``blobs/``. ``format=2``:
+blobs may also be packed; the blobs table has the ``pack`` and
+``pack_offset`` columns (NULL for a blob in its own file). This tvixmount
+reads both and creates format 2. A format-1 store stays format 1 until
+a writer first packs a blob: that writer adds the columns, then rewrites
+the marker to ``format=2`` (durably), and only then appends to a pack
+and records the row. A tvixmount from before packs reads only format 1
+and refuses a format-2 store at open with "has format 2; this tvixmount
+reads format 1", so it never meets a packed row it would take for a
+missing file. (One that opened the store while it was still format 1 and
+keeps it open, a long-lived mount, answers EIO for blobs packed later:
+no wrong bytes, and a remount says why.) Big blobs stay one file each in
+every format, so the upgrade rewrites nothing.
+
 All services opened on one directory in one process share one
-``StoreHandle`` (one connection pool, one blob-metadata cache); it is
-reference-counted and closed with the last service. A handle belongs to the
-process that opened it: see db.py on fork.
+``StoreHandle`` (one connection pool, one blob-metadata cache, one pack
+appender); it is reference-counted and closed with the last service. A
+handle belongs to the process that opened it: see db.py on fork.
 """
 
 from __future__ import annotations
@@ -28,39 +43,77 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...errors import InvalidArgument, InvalidData, NotFound, Unavailable
 from ..segments import SEGMENT
 from .db import Database
 
+if TYPE_CHECKING:
+    from .packs import PackAppender
+
 log = logging.getLogger(__name__)
 
 FORMAT_FILE = "tvixmount-store"
 FORMAT_MAGIC = "tvixmount-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this tvixmount creates (and upgrades a store to when it packs)
+READ_FORMATS = (1, 2)
 DB_FILE = "store.sqlite"
 BLOBS_DIR = "blobs"
 TMP_DIR = "tmp"
+PACKS_DIR = "packs"
 # New stores; a store keeps the size its marker names (why 256 KiB: segments.py).
 DEFAULT_CHUNK_SIZE = SEGMENT
-_OUR_NAMES = {FORMAT_FILE, BLOBS_DIR, TMP_DIR, DB_FILE, *(DB_FILE + s for s in ("-wal", "-shm", "-journal"))}
+_OUR_NAMES = {
+    FORMAT_FILE, BLOBS_DIR, TMP_DIR, PACKS_DIR, DB_FILE, *(DB_FILE + s for s in ("-wal", "-shm", "-journal"))
+}
 _HINT = "run `tvixstore import` first, or open it for writing with local://<dir>?create=1"
 
 
 class StoreHandle:
     """One open embedded store: its paths, database and settings."""
 
-    def __init__(self, root: Path, chunk_size: int) -> None:
+    def __init__(self, root: Path, chunk_size: int, version: int) -> None:
         self.root = root
         self.where = str(root)
         self.chunk_size = chunk_size
+        self.version = version
         self.blobs_dir = root / BLOBS_DIR
         self.tmp_dir = root / TMP_DIR
+        self.packs_dir = f"{root}/{PACKS_DIR}"
         self.db = Database(root / DB_FILE, self.where)
         self.pid = os.getpid()
         self.refs = 0
         self.temp_swept = False
+        self.packed_rows = False  # whether the blobs table has the pack columns (set at open)
+        self._appender: PackAppender | None = None
+        self._appender_lock = threading.Lock()
+
+    def appender(self) -> PackAppender:
+        """This process's ``packs.PackAppender`` for the store, made on first use."""
+        with self._appender_lock:
+            if self._appender is None:
+                from .packs import PackAppender  # packs.py imports this module
+
+                self._appender = PackAppender(self.packs_dir, self.db, self.where, self._enable_packs)
+            return self._appender
+
+    def _enable_packs(self) -> None:
+        """Before the first pack: the columns, then the marker says format 2 (the module doc)."""
+        self.db.add_pack_columns()
+        self.packed_rows = True
+        os.makedirs(self.packs_dir, exist_ok=True)
+        if self.version < FORMAT_VERSION:
+            log.info("store %s: upgrading to format %d (small blobs in packs)", self.where, FORMAT_VERSION)
+            fsync_dir(self.root)
+            _write_marker(self.root, self.chunk_size)
+            self.version = FORMAT_VERSION
+
+    def refresh_packed_rows(self) -> bool:
+        """Whether another process added the pack columns since open (then read them from now on)."""
+        if not self.packed_rows and self.db.has_pack_columns():
+            self.packed_rows = True
+        return self.packed_rows
 
     def blob_path(self, digest: bytes) -> str:
         """``blobs/<2 hex>/<64 hex>`` (a str: pathlib costs ~5 us a call, per blob, on hot paths)."""
@@ -83,6 +136,8 @@ class StoreHandle:
                 return
             if _registry.get(self.root) is self:
                 del _registry[self.root]
+        if self._appender is not None:
+            self._appender.close()
         self.db.close()
 
 
@@ -139,12 +194,13 @@ def _open(root: Path, create: bool) -> StoreHandle:
                     f"store directory {root} holds no tvixmount store ({FORMAT_FILE} missing); {_HINT}"
                 )
             _initialise(root)
-        chunk_size = _read_marker(marker)
+        version, chunk_size = _read_marker(marker)
     except OSError as exc:
         raise Unavailable(f"store {root}: cannot open: {exc}") from None
-    handle = StoreHandle(root, chunk_size)
+    handle = StoreHandle(root, chunk_size, version)
     try:
         handle.db.check_schema()
+        handle.packed_rows = handle.db.has_pack_columns()
     except BaseException:
         handle.db.close()
         raise
@@ -152,7 +208,7 @@ def _open(root: Path, create: bool) -> StoreHandle:
     return handle
 
 
-def _read_marker(marker: Path) -> int:
+def _read_marker(marker: Path) -> tuple[int, int]:
     lines = marker.read_text(encoding="utf-8", errors="replace").splitlines()
     if not lines or lines[0].strip() != FORMAT_MAGIC:
         raise InvalidData(
@@ -164,15 +220,16 @@ def _read_marker(marker: Path) -> int:
         chunk_size = int(fields.get("chunk_size", ""))
     except ValueError:
         raise InvalidData(f"store marker {marker} lacks a numeric format= or chunk_size= line") from None
-    if version != FORMAT_VERSION:
+    if version not in READ_FORMATS:
         raise InvalidData(
-            f"store {marker.parent} has format {version}; this tvixmount reads format {FORMAT_VERSION}"
+            f"store {marker.parent} has format {version}; this tvixmount reads formats "
+            f"{' and '.join(map(str, READ_FORMATS))}"
         )
     if not 4096 <= chunk_size <= 64 * 1024 * 1024 or chunk_size % 4096:
         raise InvalidData(
             f"store marker {marker}: chunk_size {chunk_size} is not a multiple of 4096 in range"
         )
-    return chunk_size
+    return version, chunk_size
 
 
 def _initialise(root: Path) -> None:
@@ -192,14 +249,21 @@ def _initialise(root: Path) -> None:
     for prefix in range(256):
         (blobs / f"{prefix:02x}").mkdir(exist_ok=True)
     (root / TMP_DIR).mkdir(exist_ok=True)
+    (root / PACKS_DIR).mkdir(exist_ok=True)
     db = Database(root / DB_FILE, str(root), create=True)
     try:
         db.create_schema()
     finally:
         db.close()
     fsync_dir(blobs)  # makes the 256 new entries durable
-    text = f"{FORMAT_MAGIC}\nformat={FORMAT_VERSION}\nchunk_size={DEFAULT_CHUNK_SIZE}\n"
-    temp = root / f".{FORMAT_FILE}.{os.getpid()}.tmp"
+    fsync_dir(root)
+    _write_marker(root, DEFAULT_CHUNK_SIZE)
+
+
+def _write_marker(root: Path, chunk_size: int) -> None:
+    """Write (or replace) the marker durably, saying this tvixmount's format."""
+    text = f"{FORMAT_MAGIC}\nformat={FORMAT_VERSION}\nchunk_size={chunk_size}\n"
+    temp = root / f".{FORMAT_FILE}.{os.getpid()}.{threading.get_ident()}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         os.write(fd, text.encode())
