@@ -13,7 +13,6 @@ order each fail the blobs concerned only, within the stream gap.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -24,6 +23,7 @@ import blake3
 import grpc
 import pytest
 
+from tests.embedded_layout import flip_byte
 from tests.grpc_daemon import Daemon, FakeServer, scratch_dir
 from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
@@ -108,11 +108,7 @@ def test_a_damaged_blob_in_the_store_fails_alone(tmp_path: Path) -> None:
         for data in blobs:
             store.blobs.put(data)
     victim = b3(blobs[2])
-    path = root / "store" / "blobs" / victim.hex()[:2] / victim.hex()
-    damaged = bytearray(path.read_bytes())
-    damaged[len(damaged) // 2] ^= 0xFF
-    os.chmod(path, 0o644)
-    path.write_bytes(bytes(damaged))
+    flip_byte(root / "store", victim, len(blobs[2]) // 2)  # a file or a range of a pack: the row says
     with Daemon(root, "--read-only") as d:
         service = grpc_client.open_blob_service(d.url, FAST)
         got = service.read_many([(b3(data), len(data)) for data in blobs])
