@@ -34,6 +34,12 @@ WHOLE_RUN = 4 * 1024 * 1024  # chunked blobs up to this size are streamed whole 
 RUN_SKIP = 1024 * 1024  # an in-order read starting within this many bytes of the start streams the blob
 RUN_REACH = 64  # chunks a run is pulled forward to reach a read ahead of it (else: that chunk alone)
 READAHEAD = 2  # chunks a reader fetches ahead while reads go in order
+# While a run streams the blob, the reader hands out whole pieces of this size cheaply
+# (``segment_size``; the embedded store's segment, which is the worker arena's region), and a
+# read in order is worth RUN_FILL of them at once (workers/segfill.py; docs/performance.md,
+# "gRPC: a sequential reader streams": 1 MiB measured better than 256 KiB and 2 MiB).
+RUN_SEGMENT = 256 * 1024
+RUN_FILL = 4
 
 
 class ChunkedBlobReader(BlobReader):
@@ -164,6 +170,7 @@ class ChunkedBlobReader(BlobReader):
     def _start_run(self) -> Run:
         self._drop_ahead()  # the run brings those chunks
         self._run = Run(self._service, self._digest, self._chunks)
+        self.segment_size, self.segments_per_fill = RUN_SEGMENT, RUN_FILL
         return self._run
 
     def _from_run(self, run: Run, index: int) -> bytes | memoryview | None:
@@ -208,6 +215,7 @@ class ChunkedBlobReader(BlobReader):
 
     def _drop_run(self) -> None:
         run, self._run = self._run, None
+        self.segment_size, self.segments_per_fill = None, 1
         if run is not None:
             run.close()
             self._service.run_ended(self)
