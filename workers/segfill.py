@@ -30,7 +30,7 @@ from collections.abc import Callable
 from functools import partial
 
 from tvixmount.castore.nodes import b3_text
-from tvixmount.errors import TvixError
+from tvixmount.errors import IntegrityError, TvixError
 from tvixmount.segcache import REGION, SegmentWriter
 from tvixmount.store import BlobReader
 
@@ -45,22 +45,40 @@ BEHIND = 4  # regions a miss may lag the last one and still be in order (request
 
 def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offset: int, length: int,
                  fill_ahead: FillAhead | None = None) -> bool:
-    """Put the regions of ``[offset, offset + length)`` that no slot holds yet; False for a small blob.
+    """Put the regions of ``[offset, offset + length)`` that no slot holds yet; False: the reader serves it.
 
-    With ``fill_ahead``, the read is noted there as a miss, and a read in
-    order also puts the regions after it up to the reader's
-    ``segments_per_fill``. Errors (a bad segment) go to the caller; nothing
-    of them is kept (regions put before it stay: each was verified).
+    False for a small blob or a reader without regions, and when a region
+    the read touches does not verify: a remote reader verifies chunks
+    smaller than a region, so the read's own bytes may be good, and if they
+    are not, the reader fails the read itself. With ``fill_ahead``, the
+    read is noted there as a miss, and a read in order also puts the
+    regions after it up to the reader's ``segments_per_fill``; one of those
+    that fails ends that (the region stays empty) without failing the read.
+    A region that fails for another reason (the server is away) goes to
+    the caller. Nothing that failed is ever kept.
     """
     size = reader.size
     if size <= ONE_FUSE_READ or length <= 0 or reader.segment_size != REGION:
         return False
-    last = (min(offset + length, size) - 1) // REGION
+    touched = (min(offset + length, size) - 1) // REGION
+    last = touched
     if fill_ahead is not None and fill_ahead.note(digest, offset, length, size):
-        last = min(last + reader.segments_per_fill - 1, (size - 1) // REGION)
+        last = min(touched + reader.segments_per_fill - 1, (size - 1) // REGION)
     for index in range(offset // REGION, last + 1):
-        if not writer.has(digest, index):
+        if index > touched and reader.segment_size != REGION:
+            break  # the reader stopped streaming: filling more would fetch for nobody
+        if writer.has(digest, index):
+            continue
+        try:
             writer.put(digest, index, partial(_fill, reader, index * REGION))
+        except IntegrityError as exc:
+            log.debug("region %d of blob %s not kept: %s", index, b3_text(digest), exc)
+            return index > touched
+        except TvixError as exc:
+            if index <= touched:
+                raise
+            log.debug("region %d of blob %s not filled ahead: %s", index, b3_text(digest), exc)
+            break
     return True
 
 
