@@ -7,6 +7,13 @@ other reads fetch just the chunks they cover, one ``Read(chunk digest)``
 each, fetching ``READAHEAD`` chunks ahead while reads go in order. Any run
 that goes wrong hands over to chunk reads, and a server that stops serving
 chunks to the whole blob (blobs.py explains why each of these exists).
+
+While a run streams, the reader offers whole 256 KiB regions
+(``segment_size``) and ``RUN_FILL`` of them per read in order: the worker
+puts them, verified chunk by chunk, into the shared segment arena ahead of
+the reads (workers/segfill.py), so the dispatcher serves most of a
+sequential reader's requests without a worker. A reader fetching chunk by
+chunk offers none: a region would widen a small read into more fetches.
 """
 
 from __future__ import annotations
