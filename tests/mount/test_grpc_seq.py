@@ -51,10 +51,9 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, 
     top = Directory(files=tuple(sorted(files, key=lambda f: f.name)))
     fake.add_directory(top)
     fake.add_root(DirectoryNode(TREE.basename.encode(), top.digest(), top.size()))
-    allowed = (r"do not match the chunk digest",)  # the bad chunk's reads (EIO, on purpose)
     try:
         with serving(tmp_path_factory.mktemp("grpc-seq") / "mnt", None, "--readahead-files", "0",
-                     "--small-batches", "0", urls=(fake.url,) * 3, allowed_errors=allowed) as m:
+                     "--small-batches", "0", urls=(fake.url,) * 3) as m:
             for name in NAMES:
                 os.stat(m.path(TREE.basename, name))
             yield m, fake
@@ -130,7 +129,9 @@ def test_a_bad_chunk_fails_only_the_reads_of_its_bytes(scripted: tuple[Mount, Sc
             os.close(fd)
         touching = [o for o in range(0, SIZE, BLOCK) if o < (bad + 1) * CHUNK and o + BLOCK > bad * CHUNK]
         assert failed == touching == [22 * BLOCK]  # the read after it, in the same region, is served
-        cursor.wait_for(rf"WARNING .*{re.escape(b3_text(whole))}.*reading its chunks one by one")
+        cursor.wait_for(rf"WARNING .*read of {re.escape(b3_text(whole))} \[{22 * BLOCK}\+{BLOCK}\].*"
+                        rf"chunk {bad} \({re.escape(b3_text(bad_chunk))}\)")  # names the chunk
+        assert cursor.lines("ERROR") == []
     finally:
         fake.faults.clear()
     assert read_bytes(_file(m, "bad")) == data  # the mount works on, and the file is whole again
