@@ -204,10 +204,8 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
     segments = ring.segments if ring is not None else None
     room = ring.reserve(length) if ring is not None and length >= RING_MIN else None
     try:
-        if segments is not None and keep_regions(segments, reader, digest, offset, length):
+        if segments is not None and keep_regions(segments, reader, digest, offset, length, ctx.fill_ahead):
             fill = partial(read_kept, segments, reader, digest, offset)  # the regions are in the arena now
-            if ctx.fill_ahead is not None:
-                ctx.fill_ahead.note(digest, offset, length, reader.size)
         elif ring is None or room is None:
             return reader.pread(offset, length)
         else:

@@ -10,9 +10,14 @@ embedded store), the segment is read and hashed right in the slot
 byte in a slot was checked against the blob's digest before the slot is
 marked valid, and a segment that fails leaves the slot empty.
 
-Only readers with such segments take part: a remote reader (gRPC) would
-turn a 4 KiB read into a 256 KiB fetch and its own readahead into a
-whole-blob stream. Small blobs stay out too: a file read in one FUSE
+Only readers with such segments take part: a remote reader fetching
+chunk by chunk would turn a 4 KiB read into a 256 KiB fetch. A gRPC reader
+takes part while it streams the blob (a run, store/grpc/reader.py): the
+regions are arriving anyway, each chunk verified before it is copied. Such
+a reader says a read in order is worth several regions at once
+(``segments_per_fill``): a reader that has caught up with the stream then
+waits for one worker answer per MiB instead of one per region, and finds
+the rest in the arena. Small blobs stay out too: a file read in one FUSE
 request is read once (the page cache keeps it), and its slot would evict
 a big file's region.
 """
@@ -25,7 +30,7 @@ from collections.abc import Callable
 from functools import partial
 
 from tvixmount.castore.nodes import b3_text
-from tvixmount.errors import TvixError
+from tvixmount.errors import IntegrityError, TvixError
 from tvixmount.segcache import REGION, SegmentWriter
 from tvixmount.store import BlobReader
 
@@ -38,17 +43,42 @@ TODO = 64  # regions waiting to be filled at most
 BEHIND = 4  # regions a miss may lag the last one and still be in order (requests overtake each other)
 
 
-def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offset: int, length: int) -> bool:
-    """Put the regions of ``[offset, offset + length)`` that no slot holds yet; False for a small blob.
+def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offset: int, length: int,
+                 fill_ahead: FillAhead | None = None) -> bool:
+    """Put the regions of ``[offset, offset + length)`` that no slot holds yet; False: the reader serves it.
 
-    Errors (a bad segment) go to the caller; nothing of them is kept.
+    False for a small blob or a reader without regions, and when a region
+    the read touches does not verify: a remote reader verifies chunks
+    smaller than a region, so the read's own bytes may be good, and if they
+    are not, the reader fails the read itself. With ``fill_ahead``, the
+    read is noted there as a miss, and a read in order also puts the
+    regions after it up to the reader's ``segments_per_fill``; one of those
+    that fails ends that (the region stays empty) without failing the read.
+    A region that fails for another reason (the server is away) goes to
+    the caller. Nothing that failed is ever kept.
     """
     size = reader.size
     if size <= ONE_FUSE_READ or length <= 0 or reader.segment_size != REGION:
         return False
-    for index in range(offset // REGION, (min(offset + length, size) - 1) // REGION + 1):
-        if not writer.has(digest, index):
+    touched = (min(offset + length, size) - 1) // REGION
+    last = touched
+    if fill_ahead is not None and fill_ahead.note(digest, offset, length, size):
+        last = min(touched + reader.segments_per_fill - 1, (size - 1) // REGION)
+    for index in range(offset // REGION, last + 1):
+        if index > touched and reader.segment_size != REGION:
+            break  # the reader stopped streaming: filling more would fetch for nobody
+        if writer.has(digest, index):
+            continue
+        try:
             writer.put(digest, index, partial(_fill, reader, index * REGION))
+        except IntegrityError as exc:
+            log.debug("region %d of blob %s not kept: %s", index, b3_text(digest), exc)
+            return index > touched
+        except TvixError as exc:
+            if index <= touched:
+                raise
+            log.debug("region %d of blob %s not filled ahead: %s", index, b3_text(digest), exc)
+            break
     return True
 
 
@@ -88,22 +118,22 @@ class FillAhead:
         self.filled = 0
         self.failed = 0
 
-    def note(self, digest: bytes, offset: int, length: int, size: int) -> None:
-        """A read the dispatcher could not serve from the arena (blob of ``size`` bytes)."""
+    def note(self, digest: bytes, offset: int, length: int, size: int) -> bool:
+        """A read the dispatcher could not serve from the arena (blob of ``size`` bytes); True: in order."""
         if self.depth <= 0 or size <= ONE_FUSE_READ or length <= 0:
-            return
+            return False
         first, last = offset // REGION, (min(offset + length, size) - 1) // REGION
         state = self._state.get(digest)
         if state is None:
             self._state[digest] = [last + 1, last, size]
             if len(self._state) > self._blobs:
                 self._state.popitem(last=False)
-            return
+            return False
         self._state.move_to_end(digest)
         ahead, previous, _ = state
         if not previous - BEHIND <= first <= max(ahead, previous + 1) + 1:
             state[0], state[1] = last + 1, last  # a jump: random access, stop filling this blob
-            return
+            return False
         state[1] = max(previous, last)
         want = min(last + self.depth, (size - 1) // REGION)
         for index in range(max(ahead, last + 1), want + 1):
@@ -111,6 +141,7 @@ class FillAhead:
         while len(self._todo) > TODO:  # a worker never idle: the oldest wishes go (bounded memory)
             self._todo.popleft()
         state[0] = max(ahead, want + 1)
+        return True
 
     @property
     def pending(self) -> bool:
@@ -124,6 +155,8 @@ class FillAhead:
             return  # forgotten, passed already, or there
         try:
             reader = readers(digest, state[2])
+            if reader.segment_size != REGION:
+                return  # a remote reader that stopped streaming: a fill would be a chunk fetch of its own
             self.writer.put(digest, index, partial(_fill, reader, index * REGION))
             self.filled += 1
         except TvixError as exc:

@@ -62,6 +62,9 @@ D_SMALL = b"served by a daemon that comes and goes\n"
 # Twenty 256 KiB chunks on the daemon: bigger than the client fetches whole (grpc/reader.py WHOLE_RUN),
 # so a read at random fetches only its chunk and a later read elsewhere needs the daemon.
 D_BIG = pattern(5_000_000, seed=11)
+# The same, read only by the test that kills the daemon: a file read in order before (D_BIG) has
+# its verified regions in the mount's segment arena, served on without the daemon.
+D_BIG2 = pattern(5_000_000, seed=12)
 D_TREE = store_path("daemon-tree")
 D_LATER = store_path("daemon-later")
 
@@ -70,12 +73,12 @@ D_LATER = store_path("daemon-later")
 def daemon_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, Daemon]]:
     root = scratch_dir("tvx-faults-")
     with open_store(StoreUrls.embedded(root / "store", create=True)) as store:
-        for data in (D_SMALL, D_BIG):
+        for data in (D_SMALL, D_BIG, D_BIG2):
             store.blobs.put(data)
-        top = Directory(files=(FileNode(b"big", b3(D_BIG), len(D_BIG)), FileNode(b"small", b3(D_SMALL),
-                                                                                  len(D_SMALL))))
+        top = Directory(files=tuple(FileNode(name, b3(data), len(data)) for name, data in
+                                    ((b"big", D_BIG), (b"big2", D_BIG2), (b"small", D_SMALL))))
         store.directories.put(top)
-        store.path_infos.put(path_info(DirectoryNode(D_TREE.basename.encode(), top.digest(), 4)))
+        store.path_infos.put(path_info(DirectoryNode(D_TREE.basename.encode(), top.digest(), top.size())))
         store.path_infos.put(path_info(FileNode(D_LATER.basename.encode(), b3(D_SMALL), len(D_SMALL))))
     daemon = Daemon(root, "--read-only")  # not started: the mount comes first
     allowed = (r"answered UNAVAILABLE", r"failed: .*(UNAVAILABLE|Connection refused|connect)")
@@ -112,7 +115,7 @@ def test_daemon_down_at_start_then_up(daemon_mount: tuple[Mount, Daemon]) -> Non
     assert "UNAVAILABLE" in line
     daemon.start()
     listing, took = _until_served(lambda: sorted(os.listdir(top)))
-    assert listing == ["big", "small"]
+    assert listing == ["big", "big2", "small"]
     assert took < 5  # reconnecting backs off to at most 2 s
     assert read_bytes(top / "big") == D_BIG
 
@@ -121,20 +124,20 @@ def test_daemon_killed_mid_read_then_restarted(daemon_mount: tuple[Mount, Daemon
     m, daemon = daemon_mount
     if daemon.proc is None or daemon.proc.poll() is not None:
         daemon.start()
-    big = m.path(D_TREE.basename, "big")
+    big = m.path(D_TREE.basename, "big2")
     _until_served(lambda: os.stat(big))
     cursor = LogCursor(m)
     with open(big, "rb", buffering=0) as f:
-        assert os.pread(f.fileno(), 65536, 65536) == D_BIG[65536:131072]  # not in order: one chunk
+        assert os.pread(f.fileno(), 65536, 65536) == D_BIG2[65536:131072]  # not in order: one chunk
         daemon.stop(signal.SIGKILL)  # gone without a goodbye
         code, took = attempt(lambda: direct_read(big, 1_000_000, 65536))
         assert code == errno.EIO and took < DEADLINE
-        cursor.wait_for(rf"ERROR .*read of {re.escape(b3_text(b3(D_BIG)))} .*failed: .*UNAVAILABLE")
+        cursor.wait_for(rf"ERROR .*read of {re.escape(b3_text(b3(D_BIG2)))} .*failed: .*UNAVAILABLE")
         assert attempt(lambda: os.stat(m.path(D_LATER.basename)))[0] == errno.EIO  # every kind of call
         daemon.start()
         data, took = _until_served(lambda: direct_read(big, 1_000_000, 65536))
-        assert data == D_BIG[1_000_000:1_065_536] and took < 5
-        assert os.pread(f.fileno(), 100_000, 1_900_000) == D_BIG[1_900_000:2_000_000]  # the file works on
+        assert data == D_BIG2[1_000_000:1_065_536] and took < 5
+        assert os.pread(f.fileno(), 100_000, 1_900_000) == D_BIG2[1_900_000:2_000_000]  # the file works on
     data, took = _until_served(lambda: read_bytes(m.path(D_LATER.basename)))  # each channel reconnects
     assert data == D_SMALL and took < 5
     assert stats(m.mountpoint)["fetcher"]["killed"] == 0  # workers were never the problem

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.store_suite import pattern
-from tvixmount.errors import IntegrityError
+from tvixmount.errors import IntegrityError, Unavailable
 from tvixmount.segcache import REGION, SegmentArena
 from tvixmount.store import BlobReader
 from workers.segfill import FillAhead, keep_regions, read_kept
@@ -24,12 +24,18 @@ class Reader(BlobReader):
         self.size = len(data)
         self.bad = bad
         self.reads: list[int] = []
+        self.away_from: int | None = None  # reads reaching this region fail: the server went away
+        self.stop_after: int | None = None  # from this region on, no more regions (a stream that ended)
 
     def pread(self, offset: int, length: int) -> bytes:
         self.reads.append(offset)
+        if self.away_from is not None and (offset + max(length, 1) - 1) // REGION >= self.away_from:
+            raise Unavailable("the server is away")
         for index in range(offset // REGION, (offset + max(length, 1) - 1) // REGION + 1):
             if index in self.bad:
                 raise IntegrityError(f"region {index} does not match its digest")
+        if self.stop_after is not None and offset // REGION >= self.stop_after:
+            self.segment_size = None  # type: ignore[assignment]
         return self.data[offset: offset + length]
 
 
@@ -56,13 +62,77 @@ def test_kept_regions_are_served_back_whole(arena: SegmentArena) -> None:
     assert not writer.has(DIGEST, 3)
 
 
-def test_a_bad_region_is_not_kept_and_fails_the_read(arena: SegmentArena) -> None:
+def test_a_bad_region_is_not_kept_and_the_read_is_left_to_the_reader(arena: SegmentArena) -> None:
     writer = arena.writer(0)
     reader = Reader(pattern(4 * REGION), bad=(2,))
-    with pytest.raises(IntegrityError):
-        keep_regions(writer, reader, DIGEST, 2 * REGION + 5, 10)
+    assert not keep_regions(writer, reader, DIGEST, 2 * REGION + 5, 10)  # the reader answers (and fails) it
     assert not writer.has(DIGEST, 2)
     assert arena.reader().read(DIGEST, 2 * REGION, 10) is None
+    with pytest.raises(IntegrityError):
+        reader.pread(2 * REGION + 5, 10)
+
+
+def test_a_reader_away_fails_the_read_it_touches(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    reader = Reader(pattern(4 * REGION))
+    reader.away_from = 0
+    with pytest.raises(Unavailable):
+        keep_regions(writer, reader, DIGEST, 2 * REGION + 5, 10)
+    assert not writer.has(DIGEST, 2)
+
+
+def test_a_streamed_reader_fills_several_regions_on_a_read_in_order(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    data = pattern(40 * REGION)
+    reader = Reader(data)
+    reader.segments_per_fill = 4
+    fill = FillAhead(writer, depth=8)
+    assert keep_regions(writer, reader, DIGEST, 0, READ, fill)  # the first read: not yet "in order"
+    assert [writer.has(DIGEST, i) for i in range(2)] == [True, False]
+    assert keep_regions(writer, reader, DIGEST, REGION, READ, fill)  # in order: regions 1-4 at once
+    assert [writer.has(DIGEST, i) for i in range(1, 6)] == [True] * 4 + [False]
+    assert arena.reader().read(DIGEST, 0, 5 * REGION) == data[: 5 * REGION]
+    assert keep_regions(writer, reader, DIGEST, 30 * REGION, READ, fill)  # a jump: that region alone
+    assert writer.has(DIGEST, 30) and not writer.has(DIGEST, 31)
+    plain = Reader(data)  # segments_per_fill 1 (a store's own segments): the read's regions only
+    other = bytes(range(1, 33))
+    for offset in (0, REGION):
+        assert keep_regions(writer, plain, other, offset, READ, fill)
+    assert writer.has(other, 1) and not writer.has(other, 2)
+
+
+def test_a_bad_region_past_the_read_ends_the_filling_not_the_read(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    data = pattern(10 * REGION)
+    reader = Reader(data, bad=(3,))
+    reader.segments_per_fill = 4
+    fill = FillAhead(writer, depth=8)
+    keep_regions(writer, reader, DIGEST, 0, READ, fill)
+    assert keep_regions(writer, reader, DIGEST, REGION, READ, fill)  # regions 1-4 wanted, 3 is bad
+    assert [writer.has(DIGEST, i) for i in range(1, 5)] == [True, True, False, False]
+    dest = bytearray(READ)
+    assert read_kept(writer, reader, DIGEST, REGION, memoryview(dest)) == READ
+    assert bytes(dest) == data[REGION: REGION + READ]
+    other = bytes(range(2, 34))
+    reader.away_from = 2  # the server goes away before region 2, filled past the read: the read is served
+    for offset in (0, REGION):
+        assert keep_regions(writer, reader, other, offset, READ, fill)
+    assert [writer.has(other, i) for i in range(1, 4)] == [True, False, False]
+
+
+def test_a_reader_that_stops_streaming_is_not_filled_further(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    data = pattern(10 * REGION)
+    reader = Reader(data)
+    reader.segments_per_fill = 4
+    fill = FillAhead(writer, depth=8)
+    keep_regions(writer, reader, DIGEST, 0, READ, fill)
+    reader.stop_after = 1  # it reads region 1, then its stream ends: chunk by chunk from there
+    assert keep_regions(writer, reader, DIGEST, REGION, READ, fill)
+    assert writer.has(DIGEST, 1) and not writer.has(DIGEST, 2)
+    while fill.pending:
+        fill.step(lambda digest, size: reader)
+    assert not writer.has(DIGEST, 2)  # nor ahead of the reads
 
 
 def test_in_order_misses_fill_ahead_and_a_jump_stops_it(arena: SegmentArena) -> None:

@@ -48,9 +48,13 @@ class BlobReader(abc.ABC):
     """Random access to one blob's verified bytes; not thread-safe."""
 
     size: int
-    # The size of the segments ``segment_into`` reads and verifies in place; None: it cannot
-    # (a remote reader, whose reads should not be widened to whole segments).
+    # The size of the segments ``segment_into`` reads and verifies in place, or (a remote reader
+    # streaming the blob, whose ``pread_into`` of a segment costs no extra fetch) that it hands out
+    # whole segments cheaply; None: neither (reads should not be widened to whole segments).
     segment_size: int | None = None
+    # Segments worth filling at once for a read in order: more than one where the next ones are
+    # arriving anyway (a stream), so a reader waits for them once instead of once per segment.
+    segments_per_fill: int = 1
 
     @abc.abstractmethod
     def pread(self, offset: int, length: int) -> bytes:

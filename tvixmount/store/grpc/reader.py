@@ -7,6 +7,13 @@ other reads fetch just the chunks they cover, one ``Read(chunk digest)``
 each, fetching ``READAHEAD`` chunks ahead while reads go in order. Any run
 that goes wrong hands over to chunk reads, and a server that stops serving
 chunks to the whole blob (blobs.py explains why each of these exists).
+
+While a run streams, the reader offers whole 256 KiB regions
+(``segment_size``) and ``RUN_FILL`` of them per read in order: the worker
+puts them, verified chunk by chunk, into the shared segment arena ahead of
+the reads (workers/segfill.py), so the dispatcher serves most of a
+sequential reader's requests without a worker. A reader fetching chunk by
+chunk offers none: a region would widen a small read into more fetches.
 """
 
 from __future__ import annotations
@@ -34,6 +41,12 @@ WHOLE_RUN = 4 * 1024 * 1024  # chunked blobs up to this size are streamed whole 
 RUN_SKIP = 1024 * 1024  # an in-order read starting within this many bytes of the start streams the blob
 RUN_REACH = 64  # chunks a run is pulled forward to reach a read ahead of it (else: that chunk alone)
 READAHEAD = 2  # chunks a reader fetches ahead while reads go in order
+# While a run streams the blob, the reader hands out whole pieces of this size cheaply
+# (``segment_size``; the embedded store's segment, which is the worker arena's region), and a
+# read in order is worth RUN_FILL of them at once (workers/segfill.py; docs/performance.md,
+# "gRPC: a sequential reader streams": 1 MiB measured better than 256 KiB and 2 MiB).
+RUN_SEGMENT = 256 * 1024
+RUN_FILL = 4
 
 
 class ChunkedBlobReader(BlobReader):
@@ -164,6 +177,7 @@ class ChunkedBlobReader(BlobReader):
     def _start_run(self) -> Run:
         self._drop_ahead()  # the run brings those chunks
         self._run = Run(self._service, self._digest, self._chunks)
+        self.segment_size, self.segments_per_fill = RUN_SEGMENT, RUN_FILL
         return self._run
 
     def _from_run(self, run: Run, index: int) -> bytes | memoryview | None:
@@ -208,6 +222,7 @@ class ChunkedBlobReader(BlobReader):
 
     def _drop_run(self) -> None:
         run, self._run = self._run, None
+        self.segment_size, self.segments_per_fill = None, 1
         if run is not None:
             run.close()
             self._service.run_ended(self)
