@@ -56,6 +56,7 @@ class Collector:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._stopping = False
+        self._timers_stale = True  # _next_timer must run again before the next wait
         self._thread = threading.Thread(target=self._run, name="tvixmount-pool-collector", daemon=True)
 
     def start(self) -> None:
@@ -89,32 +90,47 @@ class Collector:
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         sel.register(self.ctl.fileno(), selectors.EVENT_READ, self.ctl)
+        due: float | None = None
         try:
             while not self._stopping:
                 try:
-                    for key, _ in sel.select(self._next_timer()):
+                    if self._timers_stale:
+                        self._timers_stale = False
+                        due = self._next_timer()
+                    timeout = None if due is None else max(0.0, due - time.monotonic())
+                    for key, _ in sel.select(timeout):
                         if key.data is None:
                             os.read(self._wake_r, 4096)
+                            self._timers_stale = True
                         elif key.data is self.ctl:
                             self._on_control(sel)
+                            self._timers_stale = True
                         else:
                             self._on_replies(sel, key.data)
-                    self._run_timers()
+                    if due is not None and time.monotonic() >= due:
+                        self._run_timers()
+                        self._timers_stale = True
                 except Exception:  # a bug here must not stop every reply from arriving
                     log.exception("worker pool collector failed; continuing")
+                    self._timers_stale = True
                     time.sleep(0.1)
         finally:
             sel.close()
 
     def _next_timer(self) -> float | None:
-        """Seconds until a respawn is due, a starting worker runs out of time, or a hang check."""
+        """When (monotonic) a respawn is due, a starting worker runs out of time, or a hang check.
+
+        Computed again only after something that moves a timer (a control
+        message, a worker retired, the timers run), not after every reply:
+        replies are the hot path, and a stale time only runs the timers early.
+        """
         with self.state.lock:
             times = [s.respawn_at for s in self.state.slots if s.respawn_at is not None]
             times += [w.started + self.start_timeout
                       for w in self.state.workers() if not w.ready and not w.doomed]
         if self.hang_fraction is not None:  # calls reach idle workers without waking this thread
             times.append(time.monotonic() + HANG_TICK)
-        return None if not times else max(0.0, min(times) - time.monotonic())
+        return min(times) if times else None
 
     def _run_timers(self) -> None:
         state = self.state
@@ -222,6 +238,7 @@ class Collector:
 
     def _retire(self, sel: selectors.BaseSelector, worker: Worker) -> None:
         """Forget a dead (or killed) worker: re-send or fail its calls, schedule its replacement."""
+        self._timers_stale = True
         sel.unregister(worker.rep_fd)
         state = self.state
         with state.lock:

@@ -29,6 +29,11 @@ Invariants:
 * A dead worker re-sends only its own idempotent calls, each at most
   ``retries`` more times and never past its deadline; the rest fail with
   WorkerLost and a WARNING naming the op, its arguments and the worker.
+* A calling thread waits on its own latch, reused from call to call: it is
+  released exactly once per call (``PoolState.complete``) and acquired
+  exactly once per call, also after a timeout, so a late reply to a call
+  that timed out wakes nobody's next call. A thread whose wait was
+  interrupted (an exception in ``acquire``) drops its latch for a new one.
 * Every wait is bounded: calls by their deadline, start-up by
   ``start_timeout``, close() by a few seconds. Every log line about a
   worker names its id and pid.
@@ -41,6 +46,7 @@ import itertools
 import logging
 import os
 import select
+import threading
 import time
 from typing import Any, TypeVar
 
@@ -95,6 +101,7 @@ class WorkerPool:
         self.hang_fraction = hang_fraction
         self._state = PoolState(workers, retries)
         self._ids = itertools.count(1)
+        self._latches = threading.local()  # each calling thread's latch (see Call), locked between calls
         self._zygote: Any = None  # multiprocessing.Process
         self._zygote_pid = 0
         self._collector: Collector | None = None
@@ -235,8 +242,12 @@ class WorkerPool:
         WorkerLost, or Unavailable when the pool is down. Thread-safe.
         Calls with the same ``affinity`` go to the same worker while it lives.
         """
-        call = Call(next(self._ids), op.name, args, self.request_timeout if timeout is None else timeout,
-                    affinity, idempotent)
+        latch: threading.Lock | None = getattr(self._latches, "latch", None)
+        if latch is None:
+            latch = self._latches.latch = threading.Lock()
+            latch.acquire()
+        call = Call(next(self._ids), op, args, self.request_timeout if timeout is None else timeout,
+                    affinity, idempotent, latch)
         if len(call.frame) > select.PIPE_BUF:
             raise InvalidArgument(f"{call.what()}: request of {len(call.frame)} bytes is too large")
         state = self._state
@@ -245,9 +256,15 @@ class WorkerPool:
                 raise Unavailable(f"{call.what()}: worker pool is {state.phase}")
             state.counts["requests"] += 1
             state.route(call)
-        if not call.done.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
-            with state.lock:
-                state.expire(call)
+        try:
+            if not latch.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
+                with state.lock:
+                    state.expire(call)  # completes the call unless its reply did: released either way
+                if not latch.acquire(timeout=CLOSE_TIMEOUT):  # once per call: immediate, since released
+                    self._latches.latch = None  # never expected; a new latch rather than a wrong wake-up
+        except BaseException:
+            self._latches.latch = None  # its state is unknown now; the next call takes a new one
+            raise
         if call.ok:
             return op.decode(call.value)
         code, message = call.value

@@ -39,8 +39,10 @@ from .castore import nixbase32
 from .castore.nodes import b3_text
 from .deadlines import HANG_FRACTION
 from .metrics import counter, gauge
+from .protocol import readwire
 from .protocol.framing import FrameReader
 from .protocol.messages import encode_request
+from .protocol.ops import Op
 from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
@@ -51,30 +53,42 @@ Outcome = tuple[str, str]  # (error code, message) of a failed call
 
 
 class Call:
-    """One request as its caller sees it; ``done`` is a latch, released exactly once."""
+    """One request as its caller sees it; ``done`` is its caller's latch, released exactly once for it.
+
+    The latch is the calling thread's own, reused from call to call (pool.py):
+    it is locked while the thread is not waiting, ``complete`` releases it
+    once per call (``finished`` under the state lock), and the caller
+    acquires it once per call, also after a timeout (``expire`` or the late
+    reply released it), so it is locked again before the thread's next call.
+    """
 
     __slots__ = ("affinity", "args", "created", "deadline", "done", "finished", "frame", "id", "idempotent",
                  "ok", "op", "sends", "sent_at", "timeout", "value", "worker")
 
-    def __init__(self, req_id: int, op: str, args: tuple[Any, ...], timeout: float,
-                 affinity: int | None, idempotent: bool) -> None:
+    def __init__(self, req_id: int, op: Op[Any], args: tuple[Any, ...], timeout: float,
+                 affinity: int | None, idempotent: bool, done: threading.Lock | None = None) -> None:
+        """``done``: the caller's latch, locked (a fresh one when None)."""
         self.id = req_id
-        self.op = op
+        self.op = op.name
         self.args = args
         self.timeout = timeout
         self.created = time.monotonic()
         self.deadline = self.created + timeout
         self.affinity = affinity
         self.idempotent = idempotent
-        self.frame = encode_request(req_id, op, args, self.deadline)  # re-sent as is
+        # Re-sent as is. InvalidArgument (before anything was sent) for arguments a fixed frame cannot hold.
+        self.frame = (op.fixed(req_id, self.deadline, *args) if op.fixed is not None
+                      else encode_request(req_id, op.name, args, self.deadline))
         self.sends = 0
         self.sent_at = 0.0
         self.worker: Worker | None = None
         self.finished = False
         self.ok = False
         self.value: Any = None  # the wire result, or an Outcome
-        self.done = threading.Lock()
-        self.done.acquire()
+        if done is None:
+            done = threading.Lock()
+            done.acquire()
+        self.done = done
 
     def what(self) -> str:
         """The call for log lines and error messages: ``op(arguments)``."""
@@ -93,7 +107,7 @@ class Worker:
         self.pid = pid
         self.req_fd = req_fd  # non-blocking; requests are shorter than PIPE_BUF, so writes are atomic
         self.rep_fd = rep_fd
-        self.reader = FrameReader(rep_fd)
+        self.reader = FrameReader(rep_fd, fixed=readwire.decode_reply)
         self.ring = ring  # its slot's shared-memory ring, where read replies put their bytes
         self.inflight: dict[int, Call] = {}
         self.ready = False  # its store opened and it said hello
