@@ -447,3 +447,29 @@ def test_a_busy_affinity_worker_hands_other_files_calls_to_an_idle_one(pool):
             assert held.result(5)[0] == 0 and same.result(5)[0] == 0
     finally:
         os.kill(victim, signal.SIGCONT)
+
+
+def test_a_late_reply_to_a_timed_out_call_wakes_nobody(pool, monkeypatch):
+    """A calling thread reuses its latch: the reply to its call that timed out must not end its next call.
+
+    The worker is stopped behind an earlier call of another thread, so the
+    timed-out call does not get it killed; its reply comes once it runs on.
+    """
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            earlier = executor.submit(pool.call, ops.DIRECTORY_TREE, ROOT.digest(), 1, affinity=0)
+            assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+            with pytest.raises(Timeout):
+                pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0, timeout=0.3)
+            assert pool.stats().killed == 0
+            os.kill(victim, signal.SIGCONT)
+            assert earlier.result(timeout=10) == [(ROOT.digest(), ROOT)]
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    for offset in (0, 4096, 131072):  # each its own bytes, none ended early by the stale reply
+        got = pool.call(ops.BLOB_READ, b3(BIG), offset, 4096, len(BIG), affinity=0)
+        assert got == BIG[offset:offset + 4096]
+    assert pool.pids()[0] == victim and pool.stats().timeouts == 1

@@ -64,7 +64,7 @@ def encode_request(req_id: int, deadline: float, digest: object, offset: object,
     types (a bool is no offset) and a 32-byte digest, since ``32s`` would
     pad or cut any other length silently.
     """
-    if type(digest) is not bytes or type(offset) is not int or type(length) is not int or type(size) is not int:
+    if type(digest) is not bytes or not type(offset) is type(length) is type(size) is int:
         raise InvalidArgument(f"op 'blob_read' takes (bytes, int, int, int), got ({type(digest).__name__}, "
                               f"{type(offset).__name__}, {type(length).__name__}, {type(size).__name__})")
     if len(digest) != DIGEST:
