@@ -21,9 +21,17 @@ Invariants:
 * An unanswered call is in exactly one place: one worker's in-flight
   table or the backlog (no worker ready). Whoever takes it out completes
   it, exactly once, or places it again.
-* Only the collector reads reply pipes and retires workers. A caller that
-  finds a worker hung only SIGKILLs it; the EOF that follows is handled
-  like any other death.
+* A reply pipe has one reader at a time (``Worker.reading``, changed under
+  the state lock): the collector, or a caller that sent a call to a worker
+  whose pipe nobody read, until its own call is answered, its deadline
+  passes or the pipe ends; then it gives the pipe back to the collector,
+  whose epoll reports whatever is left. Whoever reads completes the calls
+  its replies answer, so replies and ring bytes are taken in order and
+  each call is completed once.
+* Only the collector retires workers (a caller leading a pipe that ends
+  gives it back; the collector sees the end). A caller that finds a worker
+  hung only SIGKILLs it; the EOF that follows is handled like any other
+  death.
 * EOF on a reply pipe means the worker is gone: the zygote keeps no copy
   of a worker's fds, and workers inherit none of each other's.
 * A dead worker re-sends only its own idempotent calls, each at most
@@ -198,8 +206,12 @@ class WorkerPool:
                 self._zygote.join(1.0)
             with contextlib.suppress(ValueError):
                 self._zygote.close()
+        with state.changed:  # callers reading their replies give the pipes back at EOF (or their deadline)
+            state.changed.wait_for(lambda: not any(type(w.reading) is Call for w in workers), CLOSE_TIMEOUT)
+            leased = [w for w in workers if type(w.reading) is Call]
         for worker in workers:
-            _close_quietly(worker.rep_fd)
+            if worker not in leased:  # never close an fd a caller may still poll
+                _close_quietly(worker.rep_fd)
         with state.lock:
             for slot in state.slots:
                 slot.worker = None
@@ -256,7 +268,10 @@ class WorkerPool:
                 raise Unavailable(f"{call.what()}: worker pool is {state.phase}")
             state.counts["requests"] += 1
             state.route(call)
+            leading = self._collector.claim(call) if self._collector is not None else None
         try:
+            if leading is not None:  # nobody reads that worker's replies: this thread does, until its own
+                self._collector.lead(call, leading)  # type: ignore[union-attr]  # claimed through it
             if not latch.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
                 with state.lock:
                     state.expire(call)  # completes the call unless its reply did: released either way

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -98,8 +99,8 @@ class Call:
 class Worker:
     """One worker process as the dispatcher sees it."""
 
-    __slots__ = ("doomed", "fatal", "id", "inflight", "last_reply", "pid", "reader", "ready", "rep_fd",
-                 "req_fd", "ring", "started")
+    __slots__ = ("doomed", "fatal", "id", "inflight", "last_reply", "pid", "poller", "reader", "reading",
+                 "ready", "rep_fd", "req_fd", "ring", "started")
 
     def __init__(self, worker_id: int, pid: int, req_fd: int, rep_fd: int,
                  ring: RingReader | None = None) -> None:
@@ -108,6 +109,11 @@ class Worker:
         self.req_fd = req_fd  # non-blocking; requests are shorter than PIPE_BUF, so writes are atomic
         self.rep_fd = rep_fd
         self.reader = FrameReader(rep_fd, fixed=readwire.decode_reply)
+        # Who reads the reply pipe now (reader, ring): None, the collector, or the Call whose caller
+        # leads it (collector.py). Changed under the state lock; only the owner touches the reader.
+        self.reading: object | None = None
+        self.poller = select.poll()  # the owner's wait for replies (a caller leading the pipe)
+        self.poller.register(rep_fd, select.POLLIN)
         self.ring = ring  # its slot's shared-memory ring, where read replies put their bytes
         self.inflight: dict[int, Call] = {}
         self.ready = False  # its store opened and it said hello
@@ -158,7 +164,7 @@ class PoolState:
         self.zygote_gone = False
         self.counts = dict.fromkeys(
             ("requests", "errors", "timeouts", "lost", "resent", "restarts", "killed", "ring_replies",
-             "ring_bytes"), 0)
+             "ring_bytes", "own_replies"), 0)
         self._rotor = 0
 
     @property
@@ -360,6 +366,7 @@ class PoolStats:
     killed: int = counter("workers killed as hung")
     ring_replies: int = counter("read replies whose bytes came through the shared-memory ring")
     ring_bytes: int = counter("bytes that came through the shared-memory ring")
+    own_replies: int = counter("store requests whose caller read the reply itself (no collector hop)")
     restarts: int = counter("worker processes restarted after dying", name="worker_restarts")
     failures: int = 0  # errors + timeouts + lost
     backlog: int = gauge("store requests waiting for a ready worker")

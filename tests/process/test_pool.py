@@ -473,3 +473,90 @@ def test_a_late_reply_to_a_timed_out_call_wakes_nobody(pool, monkeypatch):
         got = pool.call(ops.BLOB_READ, b3(BIG), offset, 4096, len(BIG), affinity=0)
         assert got == BIG[offset:offset + 4096]
     assert pool.pids()[0] == victim and pool.stats().timeouts == 1
+
+
+def test_a_lone_caller_reads_its_own_replies(pool):
+    """No collector hop: with nobody else reading a worker's pipe, the caller takes its reply itself."""
+    before = pool.stats()
+    for offset in range(0, len(BIG), 16384):
+        got = pool.call(ops.BLOB_READ, b3(BIG), offset, 16384, len(BIG), affinity=offset % 2)
+        assert got == BIG[offset:offset + 16384]
+    after = pool.stats()
+    calls = after.requests - before.requests
+    assert calls == len(range(0, len(BIG), 16384))
+    assert after.own_replies - before.own_replies == calls
+
+
+def test_a_caller_reading_its_pipe_when_the_worker_dies_gets_its_call_resent(pool, monkeypatch):
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as executor:
+        future = executor.submit(pool.call, ops.BLOB_READ, b3(BIG), 4096, 8192, len(BIG), affinity=0)
+        assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+        time.sleep(0.1)  # the caller is polling the stopped worker's pipe
+        os.kill(victim, signal.SIGKILL)
+        assert future.result(timeout=10) == BIG[4096:4096 + 8192]
+    stats = pool.stats()
+    assert stats.resent == 1 and stats.lost == 0
+    assert wait_until(lambda: replaced(pool, 0, victim), 15)
+    assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL
+
+
+def test_a_caller_reading_its_pipe_delivers_the_replies_of_others_in_order(pool, monkeypatch):
+    """Several callers on one worker: whoever reads the pipe completes each call with its own bytes."""
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    offsets = [i * 4096 for i in range(12)]
+    try:
+        with ThreadPoolExecutor(12) as executor:
+            futures = [executor.submit(pool.call, ops.BLOB_READ, b3(BIG), off, 4096, len(BIG), affinity=0)
+                       for off in offsets]
+            assert wait_until(lambda: pool.stats().workers[0].inflight == 12, 5)
+            os.kill(victim, signal.SIGCONT)
+            results = [f.result(timeout=10) for f in futures]
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert results == [BIG[off:off + 4096] for off in offsets]
+    assert pool.stats().killed == 0 and pool.stats().timeouts == 0
+
+
+def test_after_callers_read_their_own_replies_the_collector_still_stops_at_once(tree):
+    """The collector may act on readiness a caller used up meanwhile: it must not block in that read.
+
+    It did once (a blocking read of an empty pipe), and then noticed nothing,
+    deaths and its own stop included, until the idle worker wrote again.
+    """
+    pool = WorkerPool(MEMORY, 2, serve, request_timeout=10)
+    pool.start()
+    try:
+        def reads(seed: int) -> None:
+            for i in range(150):
+                offset = (seed * 7919 + i * 4096) % (len(BIG) - 4096)
+                got = pool.call(ops.BLOB_READ, b3(BIG), offset, 4096, len(BIG), affinity=(seed + i) % 3)
+                assert got == BIG[offset:offset + 4096]
+
+        with ThreadPoolExecutor(8) as executor:
+            for future in [executor.submit(reads, seed) for seed in range(8)]:
+                future.result(timeout=60)
+        assert pool.stats().own_replies > 0
+        victim = pool.pids()[1]
+        os.kill(victim, signal.SIGKILL)  # noticed by the collector alone: nobody calls
+        assert wait_until(lambda: replaced(pool, 1, victim), 5)
+    finally:
+        started = time.monotonic()
+        pool.close()
+        assert time.monotonic() - started < 3
+
+
+def test_the_collector_acting_on_used_up_readiness_does_not_block(pool):
+    """The race behind the test above, made certain: the collector reads a pipe a caller emptied."""
+    assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL  # its caller read the reply
+    worker = pool._state.slots[0].worker
+    stale = threading.Thread(target=pool._collector._on_replies, args=(worker,), daemon=True)
+    stale.start()
+    stale.join(2)
+    assert not stale.is_alive()
+    assert worker.reading is None and not worker.doomed  # given back, the worker still serving
+    assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL
