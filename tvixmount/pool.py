@@ -12,6 +12,9 @@ Data flow (the protocol package has the wire side)::
 
     collector ──"spawn"──> zygote (zygote.py) ──"spawned" + fds──> collector     (start, and restarts)
 
+    When nobody reads the worker's reply pipe, the caller takes it and reads its reply itself
+    (collector.py: claim, lead), waking on the reply instead of on the collector's latch release.
+
 Three modules share the work: this one (the public API and the caller's
 side), collector.py (the one thread that reads, and worker deaths and
 births), poolstate.py (the bookkeeping both change, under one lock).
