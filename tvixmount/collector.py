@@ -76,6 +76,9 @@ class Collector:
         # Every live worker's reply pipe; callers change a pipe's events (claim, lead) under the state lock.
         self._replies = select.epoll()
         self._by_fd: dict[int, Worker] = {}  # collector thread only
+        # Readable from stop() on, never drained: wakes every caller still reading a pipe (lead), whose
+        # call close() failed, instead of leaving it to wait for its worker or its deadline.
+        self._closing_r, self._closing_w = os.pipe()
         self._stopping = False
         self._timers_stale = True  # _next_timer must run again before the next wait
         self._thread = threading.Thread(target=self._run, name="tvixmount-pool-collector", daemon=True)
@@ -86,6 +89,7 @@ class Collector:
     def stop(self, timeout: float) -> None:
         """End the thread (bounded) and release its wake-up pipe; workers' fds stay open."""
         self._stopping = True
+        os.write(self._closing_w, b"x")
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         self._thread.join(timeout)
@@ -94,6 +98,12 @@ class Collector:
                 os.close(fd)
         with self.state.lock:  # a caller giving a pipe back now finds the epoll closed (lead)
             self._replies.close()
+
+    def release(self) -> None:
+        """Close what callers reading a pipe may still poll; once none does (pool.close)."""
+        for fd in (self._closing_r, self._closing_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def request_spawn(self, slot: Slot) -> None:
         """Ask the zygote for a worker in ``slot``. State lock held."""
@@ -292,6 +302,8 @@ class Collector:
                 remaining = call.deadline - time.monotonic()
                 if remaining <= 0 or not worker.poller.poll(remaining * 1000 + 1):
                     break  # the caller's deadline: pool.call expires the call
+                if self._stopping:
+                    break  # the pool is closing (close() failed the call)
                 if not self.deliver(worker):
                     break  # the pipe ended, or the worker was killed: the collector retires it
         finally:
@@ -417,6 +429,7 @@ class Collector:
         # Non-blocking: the collector may act on readiness a caller that owned the pipe meanwhile used up.
         os.set_blocking(rep_fd, False)
         worker = Worker(worker_id, pid, req_fd, rep_fd, None if self.rings is None else self.rings[worker_id])
+        worker.poller.register(self._closing_r, select.POLLIN)  # a leading caller wakes when the pool closes
         with self.state.lock:
             slot = self.state.slots[worker_id]
             slot.spawning = False

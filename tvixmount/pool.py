@@ -215,6 +215,8 @@ class WorkerPool:
         for worker in workers:
             if worker not in leased:  # never close an fd a caller may still poll
                 _close_quietly(worker.rep_fd)
+        if self._collector is not None and not leased:
+            self._collector.release()
         with state.lock:
             for slot in state.slots:
                 slot.worker = None

@@ -3,6 +3,7 @@ failures, clean shutdown, and worker log records reaching the dispatcher's handl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -145,8 +146,10 @@ def test_sigkill_with_requests_in_flight_resends_them(pool, caplog, monkeypatch)
     os.kill(victim, signal.SIGSTOP)  # let calls pile up on it, then kill it
     assert wait_until(lambda: _stopped(victim), 2)
     with ThreadPoolExecutor(8) as executor:
-        futures = [executor.submit(f.directory_tree, ROOT.digest() if i % 2 else LEAF.digest(), 1)
-                   for i in range(8)]
+        # All with affinity 0, so they stay on the stopped worker: without it, least-loaded routing
+        # sends most of them to the other worker whenever it is idle (it answers fast).
+        futures = [executor.submit(pool.call, ops.DIRECTORY_TREE, (ROOT if i % 2 else LEAF).digest(), 1,
+                                   affinity=0) for i in range(8)]
         futures += [executor.submit(f.blob_read, b3(BIG), 0, 4096, 0) for _ in range(4)]  # affinity 0
         assert wait_until(lambda: pool.stats().workers[0].inflight >= 4, 15)
         os.kill(victim, signal.SIGKILL)
@@ -560,3 +563,32 @@ def test_the_collector_acting_on_used_up_readiness_does_not_block(pool):
     assert not stale.is_alive()
     assert worker.reading is None and not worker.doomed  # given back, the worker still serving
     assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL
+
+
+def test_close_ends_a_caller_reading_its_own_reply_at_once(tree):
+    """close() fails pending calls; a caller polling its stopped worker's pipe must hear it too."""
+    pool = WorkerPool(MEMORY, 1, serve, request_timeout=30)
+    pool.start()
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    ended: list[float] = []
+
+    def call() -> None:
+        try:
+            pool.call(ops.BLOB_READ, *SMALL_READ)
+        except Unavailable:
+            ended.append(time.monotonic())
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+        time.sleep(0.1)  # it is polling the pipe
+        started = time.monotonic()
+        pool.close()  # the stopped worker keeps it a while (the zygote waits for it)
+        caller.join(5)
+        assert ended and ended[0] - started < 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed at close, as a rule
+            os.kill(victim, signal.SIGCONT)
+        pool.close()
