@@ -16,8 +16,9 @@ Data flow (the protocol package has the wire side)::
     (collector.py: claim, lead), waking on the reply instead of on the collector's latch release.
 
 Three modules share the work: this one (the public API and the caller's
-side), collector.py (the one thread that reads, and worker deaths and
-births), poolstate.py (the bookkeeping both change, under one lock).
+side), collector.py (the thread that reads the pipes no caller reads, a
+caller's own reading of its reply, and worker deaths and births),
+poolstate.py (the bookkeeping both change, under one lock).
 
 Invariants:
 
@@ -45,7 +46,9 @@ Invariants:
   exactly once per call, also after a timeout, so a late reply to a call
   that timed out wakes nobody's next call. A thread whose wait was
   interrupted (an exception in ``acquire``) drops its latch for a new one.
-* Every wait is bounded: calls by their deadline, start-up by
+* Every wait is bounded: calls by their deadline (a caller reading its
+  own reply polls its worker's pipe no longer, and close() wakes it at
+  once), start-up by
   ``start_timeout``, close() by a few seconds. Every log line about a
   worker names its id and pid.
 """
