@@ -185,6 +185,13 @@ class Trace:
         poolstate.PoolState._send = traced_send
         collector._take_ring_bytes = traced_take
         poolstate.PoolState.complete = traced_complete
+        deliver = collector.Collector.deliver
+
+        def traced_deliver(owner: Any, worker: Any) -> bool:
+            trace.local.woke = T()  # the reader (the collector, or a caller reading its own reply) woke
+            return deliver(owner, worker)
+
+        collector.Collector.deliver = traced_deliver
 
         # the worker's side: its request loop, the segment read and blake3
         handle, segment = loop.handle, segments.SegmentFile.segment
@@ -222,7 +229,8 @@ class Trace:
             spent[0] = spent[1] = 0
             start = T()
             parts = handle(ctx, message, *rest)
-            if type(message) is list and message and message[1] == "blob_read":
+            if (type(message) is list and message and message[1] == "blob_read") \
+                    or type(message).__name__ == "ReadRequest":  # the lean wire's fixed request
                 pending[:] = [message[0], start, T(), *spent]
             return parts
 
@@ -291,10 +299,10 @@ class Trace:
                 "  of which segment (pread + blake3)": seg, "  of which blake3": b3,
                 "worker: reply encoding": w_end - h_end,
                 "worker: reply write": w_written - w_end,
-                "collector wake (reply written -> epoll returned)": woke - w_written,
-                "collector: read + unpack frames": took_start - woke,
-                "collector: ring take (copy out)": took_end - took_start,
-                "collector: complete (state lock, latch release)": done - took_end,
+                "reader wake (reply written -> the collector or the caller reads)": woke - w_written,
+                "reader: read + unpack frames": took_start - woke,
+                "reader: ring take (copy out)": took_end - took_start,
+                "reader: complete (state lock, latch release)": done - took_end,
                 "collector: after complete until it sleeps again": slept - done,
                 "caller wake (latch released -> pool.call returns)": call_out - done,
                 "handler out (decode, lock re-acquired)": leave - call_out,

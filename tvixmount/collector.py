@@ -1,10 +1,24 @@
-"""The collector thread: the one reader of every reply pipe and of the zygote's socket.
+"""The collector thread: the owner of every reply pipe nobody else reads, and of the zygote's socket.
 
 It completes calls as their replies arrive, notices a worker's death at once
 (EOF on its reply pipe, since nobody else holds the write end), re-sends or
 fails that worker's calls, and asks the zygote for a replacement, backing
 off with jitter while replacements keep dying young. It is also the only
 thread that registers fds in its selector and closes a dead worker's fds.
+
+A caller may read its own reply (``claim`` and ``lead``): a thread that
+sent a call to a worker whose pipe nobody reads takes the pipe, reads its
+replies itself (completing the calls they answer, its own among them)
+until its own call is answered, its deadline passes or the pipe ends, and
+gives the pipe back. Why: the reply then wakes the thread that waits for
+it, instead of the collector, which woke the caller in turn: one wake-up
+and the collector's read, unpack and GIL hand-off less per read
+(docs/performance.md, "The miss path: lean wire"). One owner per pipe at a
+time (``Worker.reading``, under the state lock), so replies and ring bytes
+are still taken in order, each call completed once. While a caller owns a
+pipe, the collector's epoll watches it for nothing but its end, once
+(``EPOLLONESHOT`` with no events); when the caller gives it back, it
+watches for replies again, and a death seen meanwhile is reported then.
 
     reply pipe ──> read frames ──> decode_reply ──> state.complete(call)   (or hello: worker ready)
               └──> EOF / garbage ──> retire: resend_or_fail, schedule a respawn, close fds
@@ -21,12 +35,13 @@ import contextlib
 import logging
 import os
 import random
+import select
 import selectors
 import socket
 import threading
 import time
 
-from .poolstate import PoolState, Slot, Worker
+from .poolstate import Call, PoolState, Slot, Worker
 from .protocol.framing import ProtocolError, RingRef
 from .protocol.messages import HELLO_ID, decode_control, decode_hello, decode_reply, encode_control
 from .shmring import Arena, RingError
@@ -37,6 +52,9 @@ FAST_DEATH = 1.0  # a worker dying sooner than this after its start counts towar
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 10.0
 HANG_TICK = 0.25  # with hang detection on, look at silent workers at least this often
+_WATCH = select.EPOLLIN  # a pipe the collector reads
+_LEASED = select.EPOLLONESHOT  # a pipe a caller reads: only its end (HUP/ERR) is reported, once
+_REPLIES = object()  # the selector's key for the epoll of the reply pipes
 
 
 class Collector:
@@ -55,7 +73,14 @@ class Collector:
         self.hang_fraction = hang_fraction
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
+        # Every live worker's reply pipe; callers change a pipe's events (claim, lead) under the state lock.
+        self._replies = select.epoll()
+        self._by_fd: dict[int, Worker] = {}  # collector thread only
+        # Readable from stop() on, never drained: wakes every caller still reading a pipe (lead), whose
+        # call close() failed, instead of leaving it to wait for its worker or its deadline.
+        self._closing_r, self._closing_w = os.pipe()
         self._stopping = False
+        self._timers_stale = True  # _next_timer must run again before the next wait
         self._thread = threading.Thread(target=self._run, name="tvixmount-pool-collector", daemon=True)
 
     def start(self) -> None:
@@ -64,10 +89,19 @@ class Collector:
     def stop(self, timeout: float) -> None:
         """End the thread (bounded) and release its wake-up pipe; workers' fds stay open."""
         self._stopping = True
+        os.write(self._closing_w, b"x")
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         self._thread.join(timeout)
         for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        with self.state.lock:  # a caller giving a pipe back now finds the epoll closed (lead)
+            self._replies.close()
+
+    def release(self) -> None:
+        """Close what callers reading a pipe may still poll; once none does (pool.close)."""
+        for fd in (self._closing_r, self._closing_w):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
@@ -89,32 +123,51 @@ class Collector:
         sel = selectors.DefaultSelector()
         sel.register(self._wake_r, selectors.EVENT_READ, None)
         sel.register(self.ctl.fileno(), selectors.EVENT_READ, self.ctl)
+        sel.register(self._replies.fileno(), selectors.EVENT_READ, _REPLIES)
+        due: float | None = None
         try:
             while not self._stopping:
                 try:
-                    for key, _ in sel.select(self._next_timer()):
+                    if self._timers_stale:
+                        self._timers_stale = False
+                        due = self._next_timer()
+                    timeout = None if due is None else max(0.0, due - time.monotonic())
+                    for key, _ in sel.select(timeout):
                         if key.data is None:
                             os.read(self._wake_r, 4096)
+                            self._timers_stale = True
                         elif key.data is self.ctl:
                             self._on_control(sel)
+                            self._timers_stale = True
                         else:
-                            self._on_replies(sel, key.data)
-                    self._run_timers()
+                            for fd, _ in self._replies.poll(0):
+                                worker = self._by_fd.get(fd)
+                                if worker is not None:
+                                    self._on_replies(worker)
+                    if due is not None and time.monotonic() >= due:
+                        self._run_timers()
+                        self._timers_stale = True
                 except Exception:  # a bug here must not stop every reply from arriving
                     log.exception("worker pool collector failed; continuing")
+                    self._timers_stale = True
                     time.sleep(0.1)
         finally:
             sel.close()
 
     def _next_timer(self) -> float | None:
-        """Seconds until a respawn is due, a starting worker runs out of time, or a hang check."""
+        """When (monotonic) a respawn is due, a starting worker runs out of time, or a hang check.
+
+        Computed again only after something that moves a timer (a control
+        message, a worker retired, the timers run), not after every reply:
+        replies are the hot path, and a stale time only runs the timers early.
+        """
         with self.state.lock:
             times = [s.respawn_at for s in self.state.slots if s.respawn_at is not None]
             times += [w.started + self.start_timeout
                       for w in self.state.workers() if not w.ready and not w.doomed]
         if self.hang_fraction is not None:  # calls reach idle workers without waking this thread
             times.append(time.monotonic() + HANG_TICK)
-        return None if not times else max(0.0, min(times) - time.monotonic())
+        return min(times) if times else None
 
     def _run_timers(self) -> None:
         state = self.state
@@ -153,28 +206,47 @@ class Collector:
 
     # -- replies ----------------------------------------------------------------------------
 
-    def _on_replies(self, sel: selectors.BaseSelector, worker: Worker) -> None:
+    def _on_replies(self, worker: Worker) -> None:
+        """Read what a worker sent, unless a caller reads its pipe now; retire it when it is gone."""
+        state = self.state
+        with state.lock:
+            if worker.reading is not None:
+                return  # a caller reads it (its epoll entry reports nothing more until given back)
+            worker.reading = self
+        alive = self.deliver(worker)
+        if not alive or worker.doomed:
+            self._retire(worker)  # keeps the pipe: nobody reads a retired worker's fds again
+            return
+        with state.lock:
+            worker.reading = None
+
+    def deliver(self, worker: Worker) -> bool:
+        """One read of ``worker``'s reply pipe: complete the calls answered; False when the pipe ended.
+
+        Only the pipe's owner calls it (``Worker.reading``): the collector, or
+        a caller leading it. A malformed frame or reply kills the worker (its
+        death is handled when the collector sees the pipe end).
+        """
         state = self.state
         try:
             messages = worker.reader.read()
+        except BlockingIOError:
+            return True  # readiness seen before another owner read the pipe dry: nothing now
         except (ProtocolError, OSError) as exc:
             with state.lock:
                 if isinstance(exc, ProtocolError):
                     state.kill(worker, f"sent a malformed frame ({exc})")
                 else:
                     worker.doomed = worker.doomed or f"reading its replies failed ({exc})"
-            self._retire(sel, worker)
-            return
+            return False
         if messages is None:
-            self._retire(sel, worker)
-            return
+            return False
         try:
             ring_replies, ring_bytes = _take_ring_bytes(worker, messages)
         except (ProtocolError, RingError) as exc:
             with state.lock:
                 state.kill(worker, f"sent a bad reply ({exc})")
-            self._retire(sel, worker)
-            return
+            return False
         with state.lock:
             state.counts["ring_replies"] += ring_replies
             state.counts["ring_bytes"] += ring_bytes
@@ -187,7 +259,7 @@ class Collector:
                         continue
                 except ProtocolError as exc:
                     state.kill(worker, f"sent a malformed message ({exc})")
-                    break
+                    return False
                 worker.last_reply = now
                 call = worker.inflight.pop(req_id, None)
                 if call is None:
@@ -197,8 +269,51 @@ class Collector:
                 state.complete(call, ok, value)
             if state.backlog:
                 state.drain_backlog()
-        if worker.doomed:
-            self._retire(sel, worker)
+        return True
+
+    # -- a caller reading its own reply --------------------------------------------------------
+
+    def claim(self, call: Call) -> Worker | None:
+        """The worker ``call`` was just sent to, now read by its caller; None if someone reads it.
+
+        State lock held. The caller must ``lead`` at once and give the pipe
+        back there, whatever happens.
+        """
+        worker = call.worker
+        if worker is None or worker.reading is not None or worker.doomed or not self.state.serving:
+            return None
+        try:
+            self._replies.modify(worker.rep_fd, _LEASED)
+        except (OSError, ValueError):  # the epoll is closed: the pool is closing
+            return None
+        worker.reading = call
+        return worker
+
+    def lead(self, call: Call, worker: Worker) -> None:
+        """Read ``worker``'s replies until ``call`` is answered, its deadline passes or the pipe ends.
+
+        Whatever else it reads is delivered too (replies come in the order
+        the worker took its requests). Then the pipe goes back to the
+        collector, which sees anything left: replies for later calls, or the
+        pipe's end, which only the collector handles (retire).
+        """
+        try:
+            while not call.finished:
+                remaining = call.deadline - time.monotonic()
+                if remaining <= 0 or not worker.poller.poll(remaining * 1000 + 1):
+                    break  # the caller's deadline: pool.call expires the call
+                if self._stopping:
+                    break  # the pool is closing (close() failed the call)
+                if not self.deliver(worker):
+                    break  # the pipe ended, or the worker was killed: the collector retires it
+        finally:
+            with self.state.lock:
+                if call.finished:
+                    self.state.counts["own_replies"] += 1
+                worker.reading = None
+                with contextlib.suppress(OSError, ValueError):  # ValueError: closed (pool closing)
+                    self._replies.modify(worker.rep_fd, _WATCH)
+                self.state.changed.notify_all()  # close() waits for the pipes to be given back
 
     def _on_hello(self, worker: Worker, ok: bool, value: object) -> None:
         """State lock held."""
@@ -220,11 +335,18 @@ class Collector:
 
     # -- deaths and births ------------------------------------------------------------------
 
-    def _retire(self, sel: selectors.BaseSelector, worker: Worker) -> None:
-        """Forget a dead (or killed) worker: re-send or fail its calls, schedule its replacement."""
-        sel.unregister(worker.rep_fd)
+    def _retire(self, worker: Worker) -> None:
+        """Forget a dead (or killed) worker: re-send or fail its calls, schedule its replacement.
+
+        The collector owns its pipe (``reading``), and keeps it: no caller
+        claims a retired worker's pipe.
+        """
+        self._timers_stale = True
+        self._replies.unregister(worker.rep_fd)
+        del self._by_fd[worker.rep_fd]
         state = self.state
         with state.lock:
+            worker.doomed = worker.doomed or "its reply pipe closed"
             slot = state.slots[worker.id]
             if slot.worker is worker:
                 slot.worker = None
@@ -281,7 +403,7 @@ class Collector:
             _close_all(fds)
             return
         if message[0] == "spawned":
-            self._on_spawned(sel, message[1], message[2], fds)
+            self._on_spawned(message[1], message[2], fds)
             return
         _close_all(fds)
         if message[0] == "spawn_failed":
@@ -295,7 +417,7 @@ class Collector:
             quiet = self.state.phase != "running" or how == "exited with status 0"
             log.log(logging.DEBUG if quiet else logging.INFO, "worker %d pid %d %s", worker_id, pid, how)
 
-    def _on_spawned(self, sel: selectors.BaseSelector, worker_id: int, pid: int, fds: list[int]) -> None:
+    def _on_spawned(self, worker_id: int, pid: int, fds: list[int]) -> None:
         if len(fds) != 2 or not 0 <= worker_id < self.state.size:
             log.error("zygote sent a bad spawn reply (worker %d pid %d, %d fds)", worker_id, pid, len(fds))
             _close_all(fds)
@@ -304,7 +426,10 @@ class Collector:
             os.set_inheritable(fd, False)  # SCM_RIGHTS fds arrive without close-on-exec
         req_fd, rep_fd = fds
         os.set_blocking(req_fd, False)
+        # Non-blocking: the collector may act on readiness a caller that owned the pipe meanwhile used up.
+        os.set_blocking(rep_fd, False)
         worker = Worker(worker_id, pid, req_fd, rep_fd, None if self.rings is None else self.rings[worker_id])
+        worker.poller.register(self._closing_r, select.POLLIN)  # a leading caller wakes when the pool closes
         with self.state.lock:
             slot = self.state.slots[worker_id]
             slot.spawning = False
@@ -312,7 +437,8 @@ class Collector:
                 _close_all(fds)  # the worker sees EOF and exits
                 return
             slot.worker = worker
-        sel.register(rep_fd, selectors.EVENT_READ, worker)
+        self._by_fd[rep_fd] = worker
+        self._replies.register(rep_fd, _WATCH)
         log.debug("worker %d started as pid %d", worker_id, pid)
 
     def _on_zygote_gone(self, sel: selectors.BaseSelector, fds: list[int]) -> None:

@@ -19,7 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import blake3
 import llfuse
@@ -107,10 +107,15 @@ class TvixOperations(llfuse.Operations):
         try:
             with llfuse.lock_released:
                 return self._flight.run(key, fn)
-        except NotFound as exc:
+        except TvixError as exc:
+            self._fetch_failed(what, key, exc)
+
+    def _fetch_failed(self, what: str, key: Any, exc: TvixError) -> NoReturn:
+        """The one log line and the errno of a fetch that failed (``_fetch``, the read path)."""
+        if isinstance(exc, NotFound):
             log.error("%s: referenced object is missing: %s", what, exc)
             raise llfuse.FUSEError(errno.EIO) from None
-        except InvalidData as exc:
+        if isinstance(exc, InvalidData):
             digest = key[1] if isinstance(key, tuple) and len(key) > 1 else None
             # A path info that failed to verify may be fetched again (a binary cache: nothing
             # was stored), and each new failure is worth its line; the same one is said once.
@@ -119,9 +124,8 @@ class TvixOperations(llfuse.Operations):
                 self._broken_reported.add(seen)
                 log.warning("%s: %s", what, exc)
             raise llfuse.FUSEError(errno.EIO) from None
-        except TvixError as exc:
-            log.error("%s failed: %s", what, exc)
-            raise llfuse.FUSEError(errno_for(exc)) from None
+        log.error("%s failed: %s", what, exc)
+        raise llfuse.FUSEError(errno_for(exc)) from None
 
     def _entry(self, node: Node) -> llfuse.EntryAttributes:
         ino = self.vfs.ref(node)
@@ -310,9 +314,10 @@ class TvixOperations(llfuse.Operations):
         if off >= node.size or size <= 0:
             return b""
         length = min(size, node.size - off)
-        ahead = self._from_batches(node, off, length) or self.readahead.take(node, off, length)
-        if ahead is not None:
-            return ahead
+        if node.size <= self.readahead.max_file:  # big files: no batch or readahead look-up (two locks)
+            ahead = self._from_batches(node, off, length) or self.readahead.take(node, off, length)
+            if ahead is not None:
+                return ahead
         if self.segments is not None:  # verified by a worker before; no round trip
             kept = self.segments.read(node.digest, off, length)
             if kept is not None:
@@ -341,9 +346,19 @@ class TvixOperations(llfuse.Operations):
         return data
 
     def _read(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
-        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
-        return self._fetch(what, ("read", node.digest, off, length), lambda: self.fetcher.blob_read(
-            node.digest, off, length, affinity=fh, size=node.size))
+        """A read that shares no request: two reads share one only in a region (``_read_region``).
+
+        The log line's text is made only when the read failed.
+        """
+        try:
+            with llfuse.lock_released:
+                return self.fetcher.blob_read(node.digest, off, length, affinity=fh, size=node.size)
+        except TvixError as exc:
+            self._fetch_failed(self._what_read(fh, node, off, length), ("read", node.digest), exc)
+
+    @staticmethod
+    def _what_read(fh: int, node: FileNode, off: int, length: int) -> str:
+        return f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
 
     def _read_region(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
         """A read the arena missed, sharing a worker request with any read of the same region.
@@ -356,9 +371,12 @@ class TvixOperations(llfuse.Operations):
         region = off // REGION
         if (off + length - 1) // REGION != region:
             return self._read(fh, node, off, length)
-        what = f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
-        got_off, data = self._fetch(what, ("region", node.digest, region), lambda: (
-            off, self.fetcher.blob_read(node.digest, off, length, affinity=fh, size=node.size)))
+        try:
+            with llfuse.lock_released:
+                got_off, data = self._flight.run(("region", node.digest, region), lambda: (
+                    off, self.fetcher.blob_read(node.digest, off, length, affinity=fh, size=node.size)))
+        except TvixError as exc:
+            self._fetch_failed(self._what_read(fh, node, off, length), ("region", node.digest), exc)
         if (got_off, len(data)) == (off, length):
             return data  # ours (or a read of the very same bytes)
         if got_off <= off and off + length <= got_off + len(data):

@@ -12,24 +12,43 @@ Data flow (the protocol package has the wire side)::
 
     collector ──"spawn"──> zygote (zygote.py) ──"spawned" + fds──> collector     (start, and restarts)
 
+    When nobody reads the worker's reply pipe, the caller takes it and reads its reply itself
+    (collector.py: claim, lead), waking on the reply instead of on the collector's latch release.
+
 Three modules share the work: this one (the public API and the caller's
-side), collector.py (the one thread that reads, and worker deaths and
-births), poolstate.py (the bookkeeping both change, under one lock).
+side), collector.py (the thread that reads the pipes no caller reads, a
+caller's own reading of its reply, and worker deaths and births),
+poolstate.py (the bookkeeping both change, under one lock).
 
 Invariants:
 
 * An unanswered call is in exactly one place: one worker's in-flight
   table or the backlog (no worker ready). Whoever takes it out completes
   it, exactly once, or places it again.
-* Only the collector reads reply pipes and retires workers. A caller that
-  finds a worker hung only SIGKILLs it; the EOF that follows is handled
-  like any other death.
+* A reply pipe has one reader at a time (``Worker.reading``, changed under
+  the state lock): the collector, or a caller that sent a call to a worker
+  whose pipe nobody read, until its own call is answered, its deadline
+  passes or the pipe ends; then it gives the pipe back to the collector,
+  whose epoll reports whatever is left. Whoever reads completes the calls
+  its replies answer, so replies and ring bytes are taken in order and
+  each call is completed once.
+* Only the collector retires workers (a caller leading a pipe that ends
+  gives it back; the collector sees the end). A caller that finds a worker
+  hung only SIGKILLs it; the EOF that follows is handled like any other
+  death.
 * EOF on a reply pipe means the worker is gone: the zygote keeps no copy
   of a worker's fds, and workers inherit none of each other's.
 * A dead worker re-sends only its own idempotent calls, each at most
   ``retries`` more times and never past its deadline; the rest fail with
   WorkerLost and a WARNING naming the op, its arguments and the worker.
-* Every wait is bounded: calls by their deadline, start-up by
+* A calling thread waits on its own latch, reused from call to call: it is
+  released exactly once per call (``PoolState.complete``) and acquired
+  exactly once per call, also after a timeout, so a late reply to a call
+  that timed out wakes nobody's next call. A thread whose wait was
+  interrupted (an exception in ``acquire``) drops its latch for a new one.
+* Every wait is bounded: calls by their deadline (a caller reading its
+  own reply polls its worker's pipe no longer, and close() wakes it at
+  once), start-up by
   ``start_timeout``, close() by a few seconds. Every log line about a
   worker names its id and pid.
 """
@@ -41,6 +60,7 @@ import itertools
 import logging
 import os
 import select
+import threading
 import time
 from typing import Any, TypeVar
 
@@ -95,6 +115,7 @@ class WorkerPool:
         self.hang_fraction = hang_fraction
         self._state = PoolState(workers, retries)
         self._ids = itertools.count(1)
+        self._latches = threading.local()  # each calling thread's latch (see Call), locked between calls
         self._zygote: Any = None  # multiprocessing.Process
         self._zygote_pid = 0
         self._collector: Collector | None = None
@@ -191,8 +212,14 @@ class WorkerPool:
                 self._zygote.join(1.0)
             with contextlib.suppress(ValueError):
                 self._zygote.close()
+        with state.changed:  # callers reading their replies give the pipes back at EOF (or their deadline)
+            state.changed.wait_for(lambda: not any(type(w.reading) is Call for w in workers), CLOSE_TIMEOUT)
+            leased = [w for w in workers if type(w.reading) is Call]
         for worker in workers:
-            _close_quietly(worker.rep_fd)
+            if worker not in leased:  # never close an fd a caller may still poll
+                _close_quietly(worker.rep_fd)
+        if self._collector is not None and not leased:
+            self._collector.release()
         with state.lock:
             for slot in state.slots:
                 slot.worker = None
@@ -235,8 +262,12 @@ class WorkerPool:
         WorkerLost, or Unavailable when the pool is down. Thread-safe.
         Calls with the same ``affinity`` go to the same worker while it lives.
         """
-        call = Call(next(self._ids), op.name, args, self.request_timeout if timeout is None else timeout,
-                    affinity, idempotent)
+        latch: threading.Lock | None = getattr(self._latches, "latch", None)
+        if latch is None:
+            latch = self._latches.latch = threading.Lock()
+            latch.acquire()
+        call = Call(next(self._ids), op, args, self.request_timeout if timeout is None else timeout,
+                    affinity, idempotent, latch)
         if len(call.frame) > select.PIPE_BUF:
             raise InvalidArgument(f"{call.what()}: request of {len(call.frame)} bytes is too large")
         state = self._state
@@ -245,9 +276,18 @@ class WorkerPool:
                 raise Unavailable(f"{call.what()}: worker pool is {state.phase}")
             state.counts["requests"] += 1
             state.route(call)
-        if not call.done.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
-            with state.lock:
-                state.expire(call)
+            leading = self._collector.claim(call) if self._collector is not None else None
+        try:
+            if leading is not None:  # nobody reads that worker's replies: this thread does, until its own
+                self._collector.lead(call, leading)  # type: ignore[union-attr]  # claimed through it
+            if not latch.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
+                with state.lock:
+                    state.expire(call)  # completes the call unless its reply did: released either way
+                if not latch.acquire(timeout=CLOSE_TIMEOUT):  # once per call: immediate, since released
+                    self._latches.latch = None  # never expected; a new latch rather than a wrong wake-up
+        except BaseException:
+            self._latches.latch = None  # its state is unknown now; the next call takes a new one
+            raise
         if call.ok:
             return op.decode(call.value)
         code, message = call.value

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import signal
 import threading
 import time
@@ -39,8 +40,10 @@ from .castore import nixbase32
 from .castore.nodes import b3_text
 from .deadlines import HANG_FRACTION
 from .metrics import counter, gauge
+from .protocol import readwire
 from .protocol.framing import FrameReader
 from .protocol.messages import encode_request
+from .protocol.ops import Op
 from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
@@ -51,30 +54,42 @@ Outcome = tuple[str, str]  # (error code, message) of a failed call
 
 
 class Call:
-    """One request as its caller sees it; ``done`` is a latch, released exactly once."""
+    """One request as its caller sees it; ``done`` is its caller's latch, released exactly once for it.
+
+    The latch is the calling thread's own, reused from call to call (pool.py):
+    it is locked while the thread is not waiting, ``complete`` releases it
+    once per call (``finished`` under the state lock), and the caller
+    acquires it once per call, also after a timeout (``expire`` or the late
+    reply released it), so it is locked again before the thread's next call.
+    """
 
     __slots__ = ("affinity", "args", "created", "deadline", "done", "finished", "frame", "id", "idempotent",
                  "ok", "op", "sends", "sent_at", "timeout", "value", "worker")
 
-    def __init__(self, req_id: int, op: str, args: tuple[Any, ...], timeout: float,
-                 affinity: int | None, idempotent: bool) -> None:
+    def __init__(self, req_id: int, op: Op[Any], args: tuple[Any, ...], timeout: float,
+                 affinity: int | None, idempotent: bool, done: threading.Lock | None = None) -> None:
+        """``done``: the caller's latch, locked (a fresh one when None)."""
         self.id = req_id
-        self.op = op
+        self.op = op.name
         self.args = args
         self.timeout = timeout
         self.created = time.monotonic()
         self.deadline = self.created + timeout
         self.affinity = affinity
         self.idempotent = idempotent
-        self.frame = encode_request(req_id, op, args, self.deadline)  # re-sent as is
+        # Re-sent as is. InvalidArgument (before anything was sent) for arguments a fixed frame cannot hold.
+        self.frame = (op.fixed(req_id, self.deadline, *args) if op.fixed is not None
+                      else encode_request(req_id, op.name, args, self.deadline))
         self.sends = 0
         self.sent_at = 0.0
         self.worker: Worker | None = None
         self.finished = False
         self.ok = False
         self.value: Any = None  # the wire result, or an Outcome
-        self.done = threading.Lock()
-        self.done.acquire()
+        if done is None:
+            done = threading.Lock()
+            done.acquire()
+        self.done = done
 
     def what(self) -> str:
         """The call for log lines and error messages: ``op(arguments)``."""
@@ -84,8 +99,8 @@ class Call:
 class Worker:
     """One worker process as the dispatcher sees it."""
 
-    __slots__ = ("doomed", "fatal", "id", "inflight", "last_reply", "pid", "reader", "ready", "rep_fd",
-                 "req_fd", "ring", "started")
+    __slots__ = ("doomed", "fatal", "id", "inflight", "last_reply", "pid", "poller", "reader", "reading",
+                 "ready", "rep_fd", "req_fd", "ring", "started")
 
     def __init__(self, worker_id: int, pid: int, req_fd: int, rep_fd: int,
                  ring: RingReader | None = None) -> None:
@@ -93,7 +108,12 @@ class Worker:
         self.pid = pid
         self.req_fd = req_fd  # non-blocking; requests are shorter than PIPE_BUF, so writes are atomic
         self.rep_fd = rep_fd
-        self.reader = FrameReader(rep_fd)
+        self.reader = FrameReader(rep_fd, fixed=readwire.decode_reply)
+        # Who reads the reply pipe now (reader, ring): None, the collector, or the Call whose caller
+        # leads it (collector.py). Changed under the state lock; only the owner touches the reader.
+        self.reading: object | None = None
+        self.poller = select.poll()  # the owner's wait for replies (a caller leading the pipe)
+        self.poller.register(rep_fd, select.POLLIN)
         self.ring = ring  # its slot's shared-memory ring, where read replies put their bytes
         self.inflight: dict[int, Call] = {}
         self.ready = False  # its store opened and it said hello
@@ -144,7 +164,7 @@ class PoolState:
         self.zygote_gone = False
         self.counts = dict.fromkeys(
             ("requests", "errors", "timeouts", "lost", "resent", "restarts", "killed", "ring_replies",
-             "ring_bytes"), 0)
+             "ring_bytes", "own_replies"), 0)
         self._rotor = 0
 
     @property
@@ -346,6 +366,7 @@ class PoolStats:
     killed: int = counter("workers killed as hung")
     ring_replies: int = counter("read replies whose bytes came through the shared-memory ring")
     ring_bytes: int = counter("bytes that came through the shared-memory ring")
+    own_replies: int = counter("store requests whose caller read the reply itself (no collector hop)")
     restarts: int = counter("worker processes restarted after dying", name="worker_restarts")
     failures: int = 0  # errors + timeouts + lost
     backlog: int = gauge("store requests waiting for a ready worker")

@@ -20,9 +20,10 @@ import select
 import time
 
 from tvixmount.errors import InvalidData, Timeout, TvixError
-from tvixmount.protocol import framing, messages
-from tvixmount.protocol.framing import FrameReader, ProtocolError, write_frame
+from tvixmount.protocol import framing, messages, ops, readwire
+from tvixmount.protocol.framing import FrameReader, ProtocolError, RingRef, write_frame
 from tvixmount.protocol.ops import Handlers
+from tvixmount.protocol.readwire import ReadRequest
 from tvixmount.shmring import RingWriter
 from tvixmount.store import StoreUrls, describe, open_store
 from tvixmount.store.grpc.deadline import request_deadline
@@ -62,7 +63,7 @@ def serve(worker_id: int, urls: StoreUrls, req_fd: int, rep_fd: int, ring: RingW
 
 
 def _loop(ctx: Context, handlers: Handlers[Context], req_fd: int, rep_fd: int) -> int:
-    reader = FrameReader(req_fd, 64 << 10)
+    reader = FrameReader(req_fd, 64 << 10, fixed=readwire.decode_request)
     while True:
         try:
             requests = reader.read()
@@ -87,6 +88,8 @@ def _loop(ctx: Context, handlers: Handlers[Context], req_fd: int, rep_fd: int) -
 
 def handle(ctx: Context, message: object, handlers: Handlers[Context] = HANDLERS) -> tuple[bytes, ...]:
     """The reply body (as parts for write_frame) for one decoded request; raises only ProtocolError."""
+    if type(message) is ReadRequest:
+        return _handle_read(ctx, message, handlers)
     req_id, name, args, deadline = messages.decode_request(message)
     if time.monotonic() > deadline:
         return (messages.encode_error(
@@ -107,6 +110,30 @@ def handle(ctx: Context, message: object, handlers: Handlers[Context] = HANDLERS
     except Exception as exc:  # a bug or an unexpected library error: answer it, keep serving
         log.exception("worker %d pid %d: %s raised unexpectedly", ctx.worker_id, os.getpid(), name)
         return (messages.encode_error(req_id, exc),)
+
+
+def _handle_read(ctx: Context, request: ReadRequest, handlers: Handlers[Context]) -> tuple[bytes, ...]:
+    """``handle`` for a fixed ``blob_read`` request (readwire.py): its struct typed the arguments.
+
+    A reply through the ring is a fixed frame too; an inline or error reply
+    is msgpack, as for every op. Nothing is formatted unless it failed.
+    """
+    req_id, deadline, digest, offset, length, size = request
+    if time.monotonic() > deadline:
+        return (messages.encode_error(
+            req_id, Timeout(f"blob_read: deadline passed before worker {ctx.worker_id} took it up")),)
+    try:
+        with request_deadline(deadline):
+            result = handlers.handler(ops.BLOB_READ)(ctx, digest, offset, length, size)
+    except TvixError as exc:
+        log.debug("worker %d: blob_read failed: %s", ctx.worker_id, exc)
+        return (messages.encode_error(req_id, exc),)
+    except Exception as exc:  # a bug or an unexpected library error: answer it, keep serving
+        log.exception("worker %d pid %d: blob_read raised unexpectedly", ctx.worker_id, os.getpid())
+        return (messages.encode_error(req_id, exc),)
+    if type(result) is RingRef:
+        return (readwire.encode_ring_reply(req_id, result),)
+    return messages.encode_reply_parts(req_id, result)  # inline: at most MAX_READ bytes, under MAX_FRAME
 
 
 def _waiting(fd: int) -> bool:

@@ -3,6 +3,7 @@ failures, clean shutdown, and worker log records reaching the dispatcher's handl
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -145,8 +146,10 @@ def test_sigkill_with_requests_in_flight_resends_them(pool, caplog, monkeypatch)
     os.kill(victim, signal.SIGSTOP)  # let calls pile up on it, then kill it
     assert wait_until(lambda: _stopped(victim), 2)
     with ThreadPoolExecutor(8) as executor:
-        futures = [executor.submit(f.directory_tree, ROOT.digest() if i % 2 else LEAF.digest(), 1)
-                   for i in range(8)]
+        # All with affinity 0, so they stay on the stopped worker: without it, least-loaded routing
+        # sends most of them to the other worker whenever it is idle (it answers fast).
+        futures = [executor.submit(pool.call, ops.DIRECTORY_TREE, (ROOT if i % 2 else LEAF).digest(), 1,
+                                   affinity=0) for i in range(8)]
         futures += [executor.submit(f.blob_read, b3(BIG), 0, 4096, 0) for _ in range(4)]  # affinity 0
         assert wait_until(lambda: pool.stats().workers[0].inflight >= 4, 15)
         os.kill(victim, signal.SIGKILL)
@@ -447,3 +450,145 @@ def test_a_busy_affinity_worker_hands_other_files_calls_to_an_idle_one(pool):
             assert held.result(5)[0] == 0 and same.result(5)[0] == 0
     finally:
         os.kill(victim, signal.SIGCONT)
+
+
+def test_a_late_reply_to_a_timed_out_call_wakes_nobody(pool, monkeypatch):
+    """A calling thread reuses its latch: the reply to its call that timed out must not end its next call.
+
+    The worker is stopped behind an earlier call of another thread, so the
+    timed-out call does not get it killed; its reply comes once it runs on.
+    """
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            earlier = executor.submit(pool.call, ops.DIRECTORY_TREE, ROOT.digest(), 1, affinity=0)
+            assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+            with pytest.raises(Timeout):
+                pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0, timeout=0.3)
+            assert pool.stats().killed == 0
+            os.kill(victim, signal.SIGCONT)
+            assert earlier.result(timeout=10) == [(ROOT.digest(), ROOT)]
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    for offset in (0, 4096, 131072):  # each its own bytes, none ended early by the stale reply
+        got = pool.call(ops.BLOB_READ, b3(BIG), offset, 4096, len(BIG), affinity=0)
+        assert got == BIG[offset:offset + 4096]
+    assert pool.pids()[0] == victim and pool.stats().timeouts == 1
+
+
+def test_a_lone_caller_reads_its_own_replies(pool):
+    """No collector hop: with nobody else reading a worker's pipe, the caller takes its reply itself."""
+    before = pool.stats()
+    for offset in range(0, len(BIG), 16384):
+        got = pool.call(ops.BLOB_READ, b3(BIG), offset, 16384, len(BIG), affinity=offset % 2)
+        assert got == BIG[offset:offset + 16384]
+    after = pool.stats()
+    calls = after.requests - before.requests
+    assert calls == len(range(0, len(BIG), 16384))
+    assert after.own_replies - before.own_replies == calls
+
+
+def test_a_caller_reading_its_pipe_when_the_worker_dies_gets_its_call_resent(pool, monkeypatch):
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    with ThreadPoolExecutor(1) as executor:
+        future = executor.submit(pool.call, ops.BLOB_READ, b3(BIG), 4096, 8192, len(BIG), affinity=0)
+        assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+        time.sleep(0.1)  # the caller is polling the stopped worker's pipe
+        os.kill(victim, signal.SIGKILL)
+        assert future.result(timeout=10) == BIG[4096:4096 + 8192]
+    stats = pool.stats()
+    assert stats.resent == 1 and stats.lost == 0
+    assert wait_until(lambda: replaced(pool, 0, victim), 15)
+    assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL
+
+
+def test_a_caller_reading_its_pipe_delivers_the_replies_of_others_in_order(pool, monkeypatch):
+    """Several callers on one worker: whoever reads the pipe completes each call with its own bytes."""
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    offsets = [i * 4096 for i in range(12)]
+    try:
+        with ThreadPoolExecutor(12) as executor:
+            futures = [executor.submit(pool.call, ops.BLOB_READ, b3(BIG), off, 4096, len(BIG), affinity=0)
+                       for off in offsets]
+            assert wait_until(lambda: pool.stats().workers[0].inflight == 12, 5)
+            os.kill(victim, signal.SIGCONT)
+            results = [f.result(timeout=10) for f in futures]
+    finally:
+        os.kill(victim, signal.SIGCONT)
+    assert results == [BIG[off:off + 4096] for off in offsets]
+    assert pool.stats().killed == 0 and pool.stats().timeouts == 0
+
+
+def test_after_callers_read_their_own_replies_the_collector_still_stops_at_once(tree):
+    """The collector may act on readiness a caller used up meanwhile: it must not block in that read.
+
+    It did once (a blocking read of an empty pipe), and then noticed nothing,
+    deaths and its own stop included, until the idle worker wrote again.
+    """
+    pool = WorkerPool(MEMORY, 2, serve, request_timeout=10)
+    pool.start()
+    try:
+        def reads(seed: int) -> None:
+            for i in range(150):
+                offset = (seed * 7919 + i * 4096) % (len(BIG) - 4096)
+                got = pool.call(ops.BLOB_READ, b3(BIG), offset, 4096, len(BIG), affinity=(seed + i) % 3)
+                assert got == BIG[offset:offset + 4096]
+
+        with ThreadPoolExecutor(8) as executor:
+            for future in [executor.submit(reads, seed) for seed in range(8)]:
+                future.result(timeout=60)
+        assert pool.stats().own_replies > 0
+        victim = pool.pids()[1]
+        os.kill(victim, signal.SIGKILL)  # noticed by the collector alone: nobody calls
+        assert wait_until(lambda: replaced(pool, 1, victim), 5)
+    finally:
+        started = time.monotonic()
+        pool.close()
+        assert time.monotonic() - started < 3
+
+
+def test_the_collector_acting_on_used_up_readiness_does_not_block(pool):
+    """The race behind the test above, made certain: the collector reads a pipe a caller emptied."""
+    assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL  # its caller read the reply
+    worker = pool._state.slots[0].worker
+    stale = threading.Thread(target=pool._collector._on_replies, args=(worker,), daemon=True)
+    stale.start()
+    stale.join(2)
+    assert not stale.is_alive()
+    assert worker.reading is None and not worker.doomed  # given back, the worker still serving
+    assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL
+
+
+def test_close_ends_a_caller_reading_its_own_reply_at_once(tree):
+    """close() fails pending calls; a caller polling its stopped worker's pipe must hear it too."""
+    pool = WorkerPool(MEMORY, 1, serve, request_timeout=30)
+    pool.start()
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    ended: list[float] = []
+
+    def call() -> None:
+        try:
+            pool.call(ops.BLOB_READ, *SMALL_READ)
+        except Unavailable:
+            ended.append(time.monotonic())
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+        time.sleep(0.1)  # it is polling the pipe
+        started = time.monotonic()
+        pool.close()  # the stopped worker keeps it a while (the zygote waits for it)
+        caller.join(5)
+        assert ended and ended[0] - started < 2
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed at close, as a rule
+            os.kill(victim, signal.SIGCONT)
+        pool.close()

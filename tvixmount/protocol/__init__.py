@@ -7,7 +7,10 @@ One module per concern:
 * ``messages`` what travels in a frame: requests, replies, the worker's
   hello, and the pool <-> zygote control datagrams;
 * ``ops``      each op declared once (``Op[R]``: name, argument types,
-  result codec) and the table of handlers that answer them.
+  result codec) and the table of handlers that answer them;
+* ``batch``    ``blob_batch``'s request and packed reply;
+* ``readwire`` ``blob_read``'s request and ring reply as fixed structs (the
+  read path's lean wire), told from msgpack frames by their first byte.
 
 One request, end to end::
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import msgpack
 from ..errors import TvixError
 
 HEADER_LEN = 4
+FIXED_MARK = 0xC1  # "never used" in msgpack: a body starting with it is a fixed struct (readwire.py)
 MAX_FRAME = 64 << 20  # a whole --list-root listing must fit; anything larger is garbage
 
 _EXT_RING = 1
@@ -107,10 +109,17 @@ class FrameReader:
     a blocking fd) and returns the decoded values of every frame completed
     by it; ``None`` means EOF. Decoding happens while the bytes sit in the
     buffer, so a frame is copied once, into the objects msgpack builds.
+
+    ``fixed`` decodes the bodies that start with ``FIXED_MARK`` (readwire.py's
+    structs) instead of msgpack; without it such a body is undecodable like
+    any other garbage.
     """
 
-    def __init__(self, fd: int, size: int = 1 << 20) -> None:
+    def __init__(self, fd: int, size: int = 1 << 20,
+                 fixed: Callable[[memoryview], Any] | None = None) -> None:
         self.fd = fd
+        self._fixed = fixed
+        self._mark = FIXED_MARK if fixed is not None else -1
         self._buf = bytearray(size)
         self._start = 0  # first byte not yet consumed
         self._end = 0  # one past the last byte read
@@ -156,7 +165,10 @@ class FrameReader:
                 if self._end - body_start < length:
                     break
                 with view[body_start:body_start + length] as body:
-                    out.append(unpack(body))
+                    if length and buf[body_start] == self._mark:
+                        out.append(self._fixed(body))  # type: ignore[misc]  # set with the mark
+                    else:
+                        out.append(unpack(body))
                 self._start = body_start + length
         if self._start == self._end:
             self._start = self._end = 0

@@ -31,6 +31,7 @@ from typing import Any, Concatenate, Generic, ParamSpec, TypeVar
 from ..castore.directory import Directory
 from ..castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode
 from ..errors import InvalidArgument
+from . import readwire
 from .framing import ProtocolError, RingRef, preview
 from .messages import decode_hello
 
@@ -54,6 +55,9 @@ class Op(Generic[R]):
     arg_types: tuple[type, ...]
     encode: Callable[[R], Any]
     decode: Callable[[Any], R]
+    # The whole request frame as a fixed struct, (id, deadline, *args) -> bytes, for an op sent so
+    # often that msgpack's cost shows (readwire.py); None: a msgpack request (messages.py).
+    fixed: Callable[..., bytes] | None = None
 
     def check_args(self, args: Sequence[Any]) -> None:
         """InvalidArgument unless ``args`` are exactly the declared types (a bool is no offset)."""
@@ -193,7 +197,8 @@ DIRECTORY_TREE: Op[list[tuple[bytes, Directory]]] = Op("directory_tree", (bytes,
 # Every root node, in the store's order.
 LIST_ROOT: Op[list[Node]] = Op("list_root", (), _encode_nodes, _decode_nodes)
 # (digest, offset, length, size hint or -1): verified bytes, short only at EOF.
-BLOB_READ: Op[bytes] = Op("blob_read", (bytes, int, int, int), _same, _decode_bytes)
+# Its request travels as a fixed struct, and its ring reply too (readwire.py).
+BLOB_READ: Op[bytes] = Op("blob_read", (bytes, int, int, int), _same, _decode_bytes, readwire.encode_request)
 
 # The root node under a store path digest, fetched into the store first when the path-info
 # service substitutes (a binary cache): sent with the long --substitute-timeout, only after
@@ -242,6 +247,10 @@ class Handlers(Generic[C]):
         missing = sorted(set(OPS) - set(self._by_name))
         if missing:
             raise RuntimeError(f"no handler for op {', '.join(missing)}")
+
+    def handler(self, op: Op[Any]) -> Callable[..., Any]:
+        """The handler of ``op`` (for a request whose arguments a fixed struct typed already)."""
+        return self._by_name[op.name][1]
 
     def items(self) -> list[tuple[Op[Any], Callable[..., Any]]]:
         return list(self._by_name.values())
