@@ -12,7 +12,10 @@ connection, which gRPC's few long-lived connections make cheap.
 
 Stopping: ``stop_accepting`` first (new connections are refused, as
 grpc's own stop does), then, once grpc has finished its calls and closed
-its ends, ``close`` drops whatever connection is left.
+its ends, ``close`` lets the relay hand on what grpc wrote last and drops
+whatever connection is left. grpc's stop returns once its last reply is in
+its socket, not in the client's: a relay that dropped its connections at
+that moment would cut the end off an answer that grpc counted as served.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import threading
 log = logging.getLogger(__name__)
 
 _CHUNK = 256 * 1024
+DRAIN_S = 5.0  # how long ``close`` waits for grpc's last bytes to reach slow clients
 
 
 def private_socket() -> tuple[str, str]:
@@ -49,6 +53,8 @@ class Relay:
         self._target = target_path
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
+        self._to_clients = 0  # pumps still copying grpc's bytes to a client
+        self._drained = threading.Condition(self._lock)
         self._accepting = True
         self.connections = 0
         self._thread = threading.Thread(target=self._accept_loop, name=f"relay-fd{listener_fd}", daemon=True)
@@ -79,6 +85,7 @@ class Relay:
     def _pair(self, client: socket.socket, upstream: socket.socket) -> None:
         with self._lock:
             self._open.update((client, upstream))
+            self._to_clients += 1
         remaining = [2]
 
         def pump(src: socket.socket, dst: socket.socket) -> None:
@@ -92,6 +99,9 @@ class Relay:
             with contextlib.suppress(OSError):
                 dst.shutdown(socket.SHUT_WR)  # the other side sees EOF, as with a direct connection
             with self._lock:
+                if src is upstream:
+                    self._to_clients -= 1
+                    self._drained.notify_all()
                 remaining[0] -= 1
                 last = remaining[0] == 0
                 if last:
@@ -115,10 +125,18 @@ class Relay:
         self._listener.close()
         self._thread.join(5)
 
-    def close(self) -> None:
-        """Drop every relayed connection left (after grpc closed its ends: none, normally)."""
+    def close(self, drain: float = DRAIN_S) -> None:
+        """Hand on grpc's last bytes (up to ``drain`` s), then drop every relayed connection left.
+
+        Called after grpc closed its ends: each pump towards a client then
+        reads grpc's last bytes and its EOF, and ends once the client has
+        taken them. A client that stopped reading is dropped after ``drain``.
+        """
         self.stop_accepting()
         with self._lock:
+            if not self._drained.wait_for(lambda: self._to_clients == 0, timeout=drain):
+                log.warning("relay: %d connection(s) still had bytes for their client after %g s; dropped",
+                            self._to_clients, drain)
             left = list(self._open)
             self._open.clear()
         for sock in left:
