@@ -22,6 +22,13 @@ if ((${#missing[@]})); then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
+# nix-bin makes its store on first use; the tests that build with real Nix want a
+# writable /nix/store from the start, not only after another test has used Nix.
+if [[ $EUID -eq 0 && ! -d /nix/store ]] && command -v nix-store >/dev/null; then
+    echo "setup: initialising the Nix store in /nix/store" >&2
+    nix-store --init
+fi
+
 PYTHON=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
     echo "setup: creating .venv with $($PYTHON --version)" >&2
