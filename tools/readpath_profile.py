@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """tools/readpath_profile.py: where the time of a 128 KiB FUSE read goes, per process and thread.
 
-    tools/readpath_profile.py [--workdir DIR] [--target tvix-embedded|passthrough|squashfuse]
+    tools/readpath_profile.py [--workdir DIR]
+                              [--target tvix-embedded|passthrough|passthrough-verify|squashfuse]
                               [--workers N] [--load direct|seq] [--readers 8] [--duration 10]
                               [--py-spy DIR] [--perf DIR] [--micro]
 
@@ -40,7 +41,7 @@ from benchlib import perf_summary  # noqa: E402
 from benchlib import workloads as wl  # noqa: E402
 from benchlib.dataset import DatasetSpec, prepare  # noqa: E402
 from benchlib.procs import Registry  # noqa: E402
-from benchlib.targets import Passthrough, Squashfuse, Target, Tvixmount  # noqa: E402
+from benchlib.targets import Passthrough, Squashfuse, Target, Tvixmount, VerifyingPassthrough  # noqa: E402
 
 FUSE_READ = 128 * 1024  # llfuse (libfuse 2): at most 128 KiB per FUSE read request
 
@@ -267,7 +268,7 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/tvixmount-bench"))
     p.add_argument("--target", default="tvix-embedded",
-                   choices=("tvix-embedded", "passthrough", "squashfuse"))
+                   choices=("tvix-embedded", "passthrough", "passthrough-verify", "squashfuse"))
     p.add_argument("--workers", type=int, default=2, help="tvixmount --workers (default 2)")
     p.add_argument("--load", default="direct", choices=("direct", "seq"),
                    help="direct: O_DIRECT random 128 KiB reads by --readers processes for --duration s; "
@@ -290,6 +291,8 @@ def main() -> int:
         target = Tvixmount(ds, args.workdir, registry, args.workers)
     elif args.target == "passthrough":
         target = Passthrough(ds, args.workdir, registry)
+    elif args.target == "passthrough-verify":
+        target = VerifyingPassthrough(ds, args.workdir, registry)
     else:
         target = Squashfuse(ds, args.workdir, registry)
     report: dict[str, object] = {"target": args.target, "load": args.load, "loadavg": os.getloadavg()}
