@@ -25,6 +25,12 @@ from tvixmount.admin.nixcopy import ClosureEntry, read_closure, references_first
 from tvixmount.castore import nixbase32, storepath
 from tvixmount.errors import InvalidData
 
+# Every builder script ends with the builtin ":". Nix 2.8 (Debian 12) kills
+# the builder once its log pipe reaches EOF; a shell that execs a last
+# coreutils command (cp, chmod) hands that EOF to a program that closes
+# stdout and stderr before it exits, and the build then fails now and then
+# "due to signal 9", under load nearly always. The shell, waiting instead,
+# holds the pipe until it has exited.
 CLOSURE_NIX = r"""
 let
   dep = builtins.toFile "tvixmount-copy-dep.txt" "the dependency\n";
@@ -37,17 +43,18 @@ let
       /bin/ln -s ${dep} $out/share/dep
       printf '#!/bin/sh\necho lib\n' > $out/bin/lib; /bin/chmod +x $out/bin/lib
       /bin/head -c 300000 /dev/zero | /usr/bin/tr '\0' x > $out/share/doc/big
+      :
     '' ];
   };
   app = derivation {
     name = "tvixmount-copy-app"; system = builtins.currentSystem; builder = "/bin/sh";
-    args = [ "-c" "printf '#!/bin/sh\\nexec ${lib}/bin/lib\\n' > $out; /bin/chmod +x $out" ];
+    args = [ "-c" "printf '#!/bin/sh\\nexec ${lib}/bin/lib\\n' > $out; /bin/chmod +x $out; :" ];
   };
 in derivation {
   name = "tvixmount-copy-closure"; system = builtins.currentSystem; builder = "/bin/bash";
   __structuredAttrs = true;
   exportReferencesGraph.closure = [ app ];
-  args = [ "-c" "source .attrs.sh; /bin/cp \"$NIX_ATTRS_JSON_FILE\" \"\${outputs[out]}\"" ];
+  args = [ "-c" "source .attrs.sh; /bin/cp \"$NIX_ATTRS_JSON_FILE\" \"\${outputs[out]}\"; :" ];
 }
 """
 
