@@ -241,6 +241,7 @@ class SegmentWriter:
     def __init__(self, arena: SegmentArena, worker: int) -> None:
         self.arena = arena
         self._ways = range(worker * arena.ways_per_worker, (worker + 1) * arena.ways_per_worker)
+        self.slots = arena.sets * arena.ways_per_worker  # the slots only this worker writes
         self.written = 0
 
     def has(self, digest: bytes, index: int) -> bool:

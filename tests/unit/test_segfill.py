@@ -175,3 +175,50 @@ def test_a_worker_never_idle_keeps_a_bounded_wish_list(arena: SegmentArena) -> N
     for region in range(0, 2000):
         fill.note(DIGEST, region * REGION, READ, size)
     assert len(fill._todo) <= 64
+
+
+@pytest.mark.parametrize(("size", "workers", "depth"), [
+    (64 << 20, 2, 32),  # the default arena on 2 workers: 128 slots each, up to 8 MiB ahead
+    (64 << 20, 8, 8),  # 32 slots each: a quarter of them
+    (4 << 20, 2, 2),  # a small arena: 8 slots each
+])
+def test_the_default_fill_reaches_at_most_a_quarter_of_the_workers_slots(size: int, workers: int,
+                                                                         depth: int) -> None:
+    """A fill ahead never claims more than its share of the slots other readers' regions live in."""
+    arena = SegmentArena(size, workers)
+    try:
+        fill = FillAhead(arena.writer(0))
+        assert fill.depth == depth and fill.first_depth == min(8, depth)
+    finally:
+        arena.close()
+
+
+def _wished(fill: FillAhead) -> list[int]:
+    wished = [index for _, index in fill._todo]
+    fill._todo.clear()  # as if the worker had filled them
+    return wished
+
+
+def test_the_fill_deepens_while_the_reader_goes_through_it_and_not_for_runs_of_misses() -> None:
+    """Past a whole fill without a miss: twice as far, up to ``depth``; adjacent misses: as far as before."""
+    arena = SegmentArena(64 << 20, 2)
+    try:
+        fill = FillAhead(arena.writer(0))
+        size = 1000 * REGION
+        fill.note(DIGEST, 0, READ, size)
+        fill.note(DIGEST, REGION, READ, size)  # in order, adjacent: the first 8
+        assert _wished(fill) == list(range(2, 10))
+        for region in (2, 3):  # the kernel's readahead: more adjacent misses, no deeper
+            fill.note(DIGEST, region * REGION, READ, size)
+        assert _wished(fill) == [10, 11]
+        fill.note(DIGEST, 12 * REGION, READ, size)  # went through 4..11 from the arena
+        assert _wished(fill) == list(range(13, 12 + 16 + 1))  # twice as far
+        fill.note(DIGEST, 29 * REGION, READ, size)
+        assert _wished(fill) == list(range(30, 29 + 32 + 1))
+        fill.note(DIGEST, 62 * REGION, READ, size)
+        assert _wished(fill) == list(range(63, 62 + 32 + 1))  # at most depth
+        fill.note(DIGEST, 500 * REGION, READ, size)  # a jump: back to the first depth
+        fill.note(DIGEST, 501 * REGION, READ, size)
+        assert _wished(fill) == list(range(502, 510))
+    finally:
+        arena.close()
