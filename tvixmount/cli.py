@@ -46,6 +46,7 @@ def default_kernel_readahead(store_urls: StoreUrls) -> int:
     local = urls.parse(store_urls.blob).scheme == urls.LOCAL or store_urls.blob_cache is not None
     return KERNEL_READAHEAD_LOCAL if local else 0
 
+
 def default_threads(workers: int) -> int:
     """FUSE request threads: one per request a worker can have in flight, plus two.
 
