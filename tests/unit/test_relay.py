@@ -7,6 +7,7 @@ import hashlib
 import os
 import socket
 import threading
+import time
 from pathlib import Path
 
 from tvixmount.server.relay import Relay
@@ -30,20 +31,27 @@ def _server(path: Path, accepted: threading.Event) -> socket.socket:
     return listener
 
 
-def test_close_right_after_the_server_stopped_loses_no_byte(tmp_path: Path) -> None:
-    """grpc's stop returns once its last reply is in its own socket; ``close`` must not cut that off."""
+def _relayed(tmp_path: Path) -> tuple[Relay, socket.socket, socket.socket]:
+    """(relay, the stand-in server's listener, a client the relay has connected to that server)."""
     accepted = threading.Event()
     listener = _server(tmp_path / "grpc.sock", accepted)
-    front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # as systemd would pass it
     front.bind(str(tmp_path / "front.sock"))
     front.listen(1)
     relay = Relay(os.dup(front.fileno()), str(tmp_path / "grpc.sock"))
     front.close()
     relay.start()
-    got = hashlib.sha256()
-    received = [0]
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     client.connect(str(tmp_path / "front.sock"))
+    assert accepted.wait(10)
+    return relay, listener, client
+
+
+def test_close_right_after_the_server_stopped_loses_no_byte(tmp_path: Path) -> None:
+    """grpc's stop returns once its last reply is in its own socket; ``close`` must not cut that off."""
+    relay, listener, client = _relayed(tmp_path)
+    got = hashlib.sha256()
+    received = [0]
 
     def read_all() -> None:
         while chunk := client.recv(64 << 10):
@@ -52,9 +60,10 @@ def test_close_right_after_the_server_stopped_loses_no_byte(tmp_path: Path) -> N
 
     reader = threading.Thread(target=read_all, daemon=True)
     reader.start()
-    assert accepted.wait(10)
+    deadline = time.monotonic() + 10
     while received[0] == 0:  # the answer is on its way through the relay
-        threading.Event().wait(0.001)
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
     # The server thread's sendall returns while most of ANSWER still sits in
     # the relay's sockets; stopping now is the race a SIGTERM under load hits.
     listener.close()
@@ -67,17 +76,7 @@ def test_close_right_after_the_server_stopped_loses_no_byte(tmp_path: Path) -> N
 
 def test_close_drops_a_client_that_stopped_reading_after_the_drain(tmp_path: Path) -> None:
     """A client that takes nothing holds ``close`` for ``drain`` seconds, not forever."""
-    accepted = threading.Event()
-    listener = _server(tmp_path / "grpc.sock", accepted)
-    front = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    front.bind(str(tmp_path / "front.sock"))
-    front.listen(1)
-    relay = Relay(os.dup(front.fileno()), str(tmp_path / "grpc.sock"))
-    front.close()
-    relay.start()
-    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    client.connect(str(tmp_path / "front.sock"))
-    assert accepted.wait(10)
+    relay, listener, client = _relayed(tmp_path)
     done = threading.Event()
     closer = threading.Thread(target=lambda: (relay.close(drain=0.5), done.set()), daemon=True)
     closer.start()
