@@ -180,7 +180,13 @@ class Daemon:
         self._log_file = None
 
     def launch(self) -> Daemon:
-        """Start the process without waiting for it."""
+        """Start the process without waiting for it; refused while one it started still runs.
+
+        A second start would drop the first process, which then outlives the
+        suite (``with Daemon(...).start()`` did exactly that).
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            raise RuntimeError(f"daemon {self.listen} already runs (pid {self.proc.pid}); stop it first")
         if self.forker is not None:
             self.proc = self.forker.spawn(self.argv, self.log_path)
             return self

@@ -64,8 +64,9 @@ def stored() -> Iterator[tuple[Path, list[bytes]]]:
 
 
 def _daemon(stored: tuple[Path, list[bytes]], name: str, *args: str) -> Daemon:
+    """A daemon not yet started: each test's ``with`` starts and stops it."""
     root, _ = stored
-    return Daemon(root / name, "--read-only", *args, store_urls=StoreUrls.embedded(root / "store")).start()
+    return Daemon(root / name, "--read-only", *args, store_urls=StoreUrls.embedded(root / "store"))
 
 
 def _calls(d: Daemon, what: str) -> int:
