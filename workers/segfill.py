@@ -54,8 +54,10 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     smaller than a region, so the read's own bytes may be good, and if they
     are not, the reader fails the read itself. With ``fill_ahead``, the
     read is noted there as a miss, and a read in order also puts the
-    regions after it up to the reader's ``segments_per_fill``; one of those
-    that fails ends that (the region stays empty) without failing the read.
+    regions after it up to the reader's ``segments_per_fill``, as does any
+    read of a reader that holds its blob whole (a copy costs no fetch); one
+    of those that fails ends that (the region stays empty) without failing
+    the read.
     A region that fails for another reason (the server is away) goes to
     the caller. Nothing that failed is ever kept.
     """
@@ -64,7 +66,8 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
         return False
     touched = (min(offset + length, size) - 1) // REGION
     last = touched
-    if fill_ahead is not None and fill_ahead.note(digest, offset, length, size):
+    in_order = fill_ahead is not None and fill_ahead.note(digest, offset, length, size)
+    if in_order or reader.holds_whole:
         last = min(touched + reader.segments_per_fill - 1, (size - 1) // REGION)
     for index in range(offset // REGION, last + 1):
         if index > touched and reader.segment_size != REGION:

@@ -34,7 +34,10 @@ from tvixmount.store.grpc import blobs as grpc_blobs
 from tvixmount.store.grpc import client as grpc_client
 from tvixmount.store.grpc import copies as grpc_copies
 from tvixmount.store.grpc import reader as grpc_reader
+from tvixmount.segcache import REGION, SegmentArena
 from tvixmount.store.grpc.channel import ClientConfig
+from tvixmount.store.grpc.copies import WHOLE_FILL
+from workers.segfill import keep_regions
 
 STAT = "/tvix.castore.v1.BlobService/Stat"
 READ = "/tvix.castore.v1.BlobService/Read"
@@ -279,6 +282,30 @@ def test_size_hint_reads_a_small_blob_without_stat(blobs: Blobs) -> None:
         with pytest.raises(IntegrityError, match=re.escape(b3_text(digest))):
             service.open_read(digest, size_hint=len(data))
         service.close()
+
+
+def test_a_blob_held_whole_offers_its_regions_to_the_arena_and_a_chunk_reader_does_not(
+        blobs: Blobs, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = pattern(3 * REGION + 777, seed=12)
+    digest = blobs.add_chunked(data)
+    arena = SegmentArena(16 * REGION, workers=1)
+    writer = arena.writer(0)
+    with blobs.server() as server:
+        service = grpc_client.open_blob_service(server.url, FAST)
+        with service.open_read(digest) as reader:
+            assert not reader.holds_whole and reader.segment_size is None  # nothing fetched yet
+            assert reader.pread(0, 10) == data[:10]  # the first read streams it whole
+            assert reader.holds_whole and reader.segment_size == REGION and reader.segments_per_fill == WHOLE_FILL
+            assert keep_regions(writer, reader, digest, REGION + 5, 10)  # a miss anywhere: its region and more
+            assert arena.reader().read(digest, REGION, len(data) - REGION) == data[REGION:]
+        assert blobs.reads == [digest]  # the regions came from the local copy
+        monkeypatch.setattr(grpc_reader, "WHOLE_RUN", 0)
+        with service.open_read(digest) as reader:
+            assert reader.pread(2 * REGION, 10) == data[2 * REGION: 2 * REGION + 10]  # out of order: a chunk
+            assert not reader.holds_whole and reader.segment_size is None
+            assert not keep_regions(writer, reader, bytes(32), 2 * REGION, 10)  # not widened to a region
+        service.close()
+    arena.close()
 
 
 @pytest.mark.parametrize("kind", ["run", "chunks", "small copy", "copy on disk"])

@@ -101,6 +101,19 @@ def test_a_streamed_reader_fills_several_regions_on_a_read_in_order(arena: Segme
     assert writer.has(other, 1) and not writer.has(other, 2)
 
 
+def test_a_reader_holding_its_blob_whole_fills_several_regions_on_any_miss(arena: SegmentArena) -> None:
+    writer = arena.writer(0)
+    data = pattern(10 * REGION + 5)
+    reader = Reader(data)
+    reader.holds_whole, reader.segments_per_fill = True, 4
+    fill = FillAhead(writer, depth=8)
+    assert keep_regions(writer, reader, DIGEST, 0, READ, fill)  # the first read already: regions 0-3
+    assert [writer.has(DIGEST, i) for i in range(5)] == [True] * 4 + [False]
+    assert arena.reader().read(DIGEST, 0, 4 * REGION) == data[: 4 * REGION]
+    assert keep_regions(writer, reader, DIGEST, 9 * REGION, READ, fill)  # a jump: from there to the end
+    assert writer.has(DIGEST, 9) and writer.has(DIGEST, 10) and not writer.has(DIGEST, 8)
+
+
 def test_a_bad_region_past_the_read_ends_the_filling_not_the_read(arena: SegmentArena) -> None:
     writer = arena.writer(0)
     data = pattern(10 * REGION)

@@ -55,6 +55,9 @@ class BlobReader(abc.ABC):
     # Segments worth filling at once for a read in order: more than one where the next ones are
     # arriving anyway (a stream), so a reader waits for them once instead of once per segment.
     segments_per_fill: int = 1
+    # The whole blob is here, verified (a local copy): its segments cost a memory copy each, so
+    # even a blob's first read is worth ``segments_per_fill`` of them, not a round trip per read.
+    holds_whole: bool = False
 
     @abc.abstractmethod
     def pread(self, offset: int, length: int) -> bytes:

@@ -18,6 +18,12 @@ from ...errors import InvalidArgument, InvalidData
 from ..base import BlobReader
 
 MEMORY_COPY = 1024 * 1024  # whole-blob copies up to this size stay in memory
+# A reader that holds a blob whole hands out pieces of this size (the embedded store's segment,
+# the worker arena's region: tvixmount/segcache.py) and WHOLE_FILL of them per read the arena
+# missed: the worker copies them into the arena, and the dispatcher serves the reads after it
+# without a round trip each (docs/performance.md, "gRPC: blobs held whole go to the arena").
+SEGMENT = 256 * 1024
+WHOLE_FILL = 4
 
 
 class LocalCopy:
@@ -116,6 +122,10 @@ class Spool:
 
 class WholeBlobReader(BlobReader):
     """Serves ranges of one verified local copy."""
+
+    holds_whole = True
+    segment_size = SEGMENT
+    segments_per_fill = WHOLE_FILL
 
     def __init__(self, copy: LocalCopy) -> None:
         self._copy: LocalCopy | None = copy

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from ...castore.nodes import b3_text
 from ...errors import IntegrityError, InvalidArgument, Timeout, TvixError, Unavailable
 from ..base import BlobReader, ChunkMeta
-from .copies import LocalCopy, check_range
+from .copies import SEGMENT, WHOLE_FILL, LocalCopy, check_range
 from .runs import BrokenOff, Run, WrongChunkList
 from .status import Absent
 
@@ -45,7 +45,7 @@ READAHEAD = 2  # chunks a reader fetches ahead while reads go in order
 # (``segment_size``; the embedded store's segment, which is the worker arena's region), and a
 # read in order is worth RUN_FILL of them at once (workers/segfill.py; docs/performance.md,
 # "gRPC: a sequential reader streams": 1 MiB measured better than 256 KiB and 2 MiB).
-RUN_SEGMENT = 256 * 1024
+RUN_SEGMENT = SEGMENT
 RUN_FILL = 4
 
 
@@ -143,7 +143,7 @@ class ChunkedBlobReader(BlobReader):
                         index, b3_text(chunk.digest), b3_text(self._digest), self._service.endpoint.server)
             self._drop_ahead()
             self._drop_run()
-            self._whole = self._service.fetch_whole(self._digest, self.size)
+            self._hold(self._service.fetch_whole(self._digest, self.size))
             self._cache.clear()
             return None
         self._remember(index, data)
@@ -161,7 +161,7 @@ class ChunkedBlobReader(BlobReader):
     def _fetch_small(self) -> None:
         """A blob of at most WHOLE_RUN bytes: one Read into a local copy, verified chunk by chunk."""
         try:
-            self._whole = self._service.fetch_by_chunks(self._digest, self._chunks)
+            self._hold(self._service.fetch_by_chunks(self._digest, self._chunks))
         except WrongChunkList as exc:
             self._broken = exc  # the chunk list lies: no chunk read could be trusted either
             raise
@@ -169,6 +169,11 @@ class ChunkedBlobReader(BlobReader):
             self._run_failed(exc)  # the server serves no whole blob: chunk reads
         except (IntegrityError, BrokenOff, Timeout) as exc:
             self._run_failed(exc)  # bad, or fetched again and again to no avail: chunk reads decide
+
+    def _hold(self, copy: LocalCopy) -> None:
+        """Serve the blob from a verified local copy from now on (WholeBlobReader explains the rest)."""
+        self._whole = copy
+        self.holds_whole, self.segment_size, self.segments_per_fill = True, SEGMENT, WHOLE_FILL
 
     def _wants_run(self, index: int) -> bool:
         """Stream the whole blob: reads in order near its start."""
@@ -275,4 +280,5 @@ class ChunkedBlobReader(BlobReader):
         self._drop_run()
         self._cache.clear()
         self._whole = None
+        self.holds_whole = False
 
