@@ -315,7 +315,7 @@ class TvixOperations(llfuse.Operations):
             return b""
         length = min(size, node.size - off)
         if node.size <= self.readahead.max_file:  # big files: no batch or readahead look-up (two locks)
-            ahead = self._from_batches(node, off, length) or self.readahead.take(node, off, length)
+            ahead = self._from_batches(node, off, length) or self._from_readahead(node, off, length)
             if ahead is not None:
                 return ahead
         if self.segments is not None:  # verified by a worker before; no round trip
@@ -343,6 +343,16 @@ class TvixOperations(llfuse.Operations):
             data = small.take(node, off, length)
         if data is None:
             small.missed(node)
+        return data
+
+    def _from_readahead(self, node: FileNode, off: int, length: int) -> bytes | None:
+        """A file's bytes fetched ahead, waiting (lock released, bounded) for its fetch in flight."""
+        ahead = self.readahead
+        data = ahead.take(node, off, length)
+        if data is None and (event := ahead.waiter(node)) is not None:
+            with llfuse.lock_released:
+                event.wait(ahead.wait)
+            data = ahead.take(node, off, length)
         return data
 
     def _read(self, fh: int, node: FileNode, off: int, length: int) -> bytes:

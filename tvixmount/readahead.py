@@ -14,13 +14,17 @@ What does not trigger it: walks that only stat (find, ls -l, a build tool
 checking timestamps) open nothing, so they fetch nothing. Files bigger
 than ``max_file`` are left to the kernel's own readahead.
 
-Thread model: ``note_lookup``, ``on_open`` and ``take`` are called from
-FUSE handlers (under llfuse's lock); the fetches run on this module's own
-threads, without that lock. A read of a file still being fetched ahead
-does not wait for that fetch (it may sit on a worker that just hung, and
-the read would inherit the hang); it sends its own request, so readahead
-can cost a duplicate request but never slows a read. The cache has its
-own lock.
+A read of a file still being fetched ahead waits for that fetch, at most
+``wait`` seconds (the pool's stall time, as for a batch: smallblobs.py),
+and then, or if the fetch failed, sends its own request and gets the real
+answer. Not waiting cost a second request for the same bytes: over gRPC,
+with fetches slower than the reader, 409 of a cold ``tar``'s 2,633 such
+reads went to the workers twice (docs/performance.md, "gRPC: blobs held
+whole go to the arena").
+
+Thread model: ``note_lookup``, ``on_open``, ``take`` and ``waiter`` are
+called from FUSE handlers (under llfuse's lock); the fetches run on this
+module's own threads, without that lock. The cache has its own lock.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from dataclasses import dataclass
 
 from .castore.nodes import FileNode, b3_text
 from .metrics import counter, gauge
+from .smallblobs import DEFAULT_WAIT
 from .vfs import Listing
 
 log = logging.getLogger(__name__)
@@ -49,7 +54,7 @@ class ReadaheadStats:
     fetched: int = counter("small files fetched ahead and kept")
     failed: int = counter("fetches ahead that failed (the reader's own read reports why)")
     hits: int = counter("FUSE reads answered from the files fetched ahead")
-    joined_or_missed: int = 0  # reads of a file still being fetched ahead (they sent their own request)
+    waited: int = counter("FUSE reads that waited for their file's fetch ahead")
     evicted: int = counter("files fetched ahead and dropped unread (cache full)")
     cached_files: int = 0
     cached_bytes: int = gauge("bytes fetched ahead, not yet read")
@@ -65,7 +70,7 @@ class TreeAheadStats:
 
 class SmallFileReadahead:
     def __init__(self, fetch: Callable[[FileNode], bytes], *, depth: int, max_file: int = 256 << 10,
-                 max_bytes: int = 64 << 20, min_file: int = 0) -> None:
+                 max_bytes: int = 64 << 20, min_file: int = 0, wait: float = DEFAULT_WAIT) -> None:
         """``fetch(node)`` returns the node's whole blob, verified, or raises; it may block.
 
         Files of at most ``min_file`` bytes are left to the small-file batches (smallblobs.py).
@@ -75,15 +80,15 @@ class SmallFileReadahead:
         self.max_file = max_file
         self.min_file = min_file
         self.max_bytes = max_bytes
+        self.wait = wait
         self._lookups: OrderedDict[int, tuple[Listing, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cached_bytes = 0
-        self._pending: set[bytes] = set()
+        self._pending: dict[bytes, threading.Event] = {}  # set once the fetch ended, either way
         self._pool: ThreadPoolExecutor | None = None  # made on first use: after the worker pool forked
         self._closed = False
-        self.counts = dict.fromkeys(("scheduled", "fetched", "failed", "hits", "joined_or_missed",
-                                     "evicted"), 0)
+        self.counts = dict.fromkeys(("scheduled", "fetched", "failed", "hits", "waited", "evicted"), 0)
 
     # -- called from FUSE handlers ------------------------------------------------------
 
@@ -119,7 +124,7 @@ class SmallFileReadahead:
                     break
                 if (type(sibling) is FileNode and self.min_file < sibling.size <= self.max_file
                         and sibling.digest not in self._pending and sibling.digest not in self._cache):
-                    self._pending.add(sibling.digest)
+                    self._pending[sibling.digest] = threading.Event()
                     chosen.append(sibling)
             if not chosen:
                 return
@@ -135,14 +140,20 @@ class SmallFileReadahead:
         with self._lock:
             data = self._cache.get(node.digest)
             if data is None:
-                if node.digest in self._pending:
-                    self.counts["joined_or_missed"] += 1
                 return None
             self.counts["hits"] += 1
             if offset + length >= len(data):
                 del self._cache[node.digest]
                 self._cached_bytes -= len(data)
         return data[offset:offset + length]
+
+    def waiter(self, node: FileNode) -> threading.Event | None:
+        """The event set when the fetch of ``node`` ends, if one is in flight."""
+        with self._lock:
+            event = self._pending.get(node.digest)
+            if event is not None:
+                self.counts["waited"] += 1
+            return event
 
     # -- background ---------------------------------------------------------------------
 
@@ -152,11 +163,11 @@ class SmallFileReadahead:
         except Exception as exc:  # the reader's own read will fail and say why, with an errno
             log.debug("readahead of %s failed: %s", b3_text(node.digest), exc)
             with self._lock:
-                self._pending.discard(node.digest)
+                self._ended(node.digest)
                 self.counts["failed"] += 1
             return
         with self._lock:
-            self._pending.discard(node.digest)
+            self._ended(node.digest)
             if self._closed or len(data) != node.size or node.digest in self._cache:
                 return
             self.counts["fetched"] += 1
@@ -166,6 +177,13 @@ class SmallFileReadahead:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= len(old)
                 self.counts["evicted"] += 1
+
+    def _ended(self, digest: bytes) -> None:
+        """The fetch of ``digest`` is over: wake the reads waiting for it (under ``_lock``, so a read
+        woken now finds the bytes cached, or nothing)."""
+        event = self._pending.pop(digest, None)
+        if event is not None:
+            event.set()
 
     def stats(self) -> ReadaheadStats:
         with self._lock:
@@ -179,6 +197,8 @@ class SmallFileReadahead:
             pool, self._pool = self._pool, None
             self._cache.clear()
             self._cached_bytes = 0
+            for digest in list(self._pending):  # cancelled fetches never end: nobody waits for them
+                self._ended(digest)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
 

@@ -110,6 +110,49 @@ def test_a_failed_fetch_is_forgotten_and_not_served():
     ra.close()
 
 
+def test_a_read_of_a_file_in_flight_gets_a_waiter_that_its_fetch_ends_either_way():
+    fetches = _Fetches()  # gate closed: the fetches hang until released
+    ra = SmallFileReadahead(fetches, depth=2)
+    listing = _listing()
+    ra.note_lookup(1, listing, b"f000")
+    ra.on_open(1, listing.child(b"f000"))
+    f1, f2 = listing.child(b"f001"), listing.child(b"f002")
+    time.sleep(0.05)
+    event = ra.waiter(f1)
+    assert event is not None and not event.is_set() and ra.take(f1, 0, 10) is None
+    assert ra.waiter(listing.child(b"f010")) is None  # not fetched ahead: nothing to wait for
+    fetches.gate.set()
+    assert event.wait(5)
+    assert ra.take(f1, 0, 10) == b"x" * 10  # woken with the bytes already cached
+    _settle(ra)
+    assert ra.take(f2, 0, 4096) == b"x" * f2.size and ra.waiter(f2) is None
+    assert ra.stats().waited == 1
+    ra.close()
+
+
+def test_waiters_wake_when_the_fetch_fails_or_the_readahead_closes():
+    def broken(node: FileNode) -> bytes:
+        raise OSError("store is down")
+
+    failing = SmallFileReadahead(broken, depth=1)
+    listing = _listing()
+    failing.note_lookup(1, listing, b"f000")
+    failing.on_open(1, listing.child(b"f000"))
+    _settle(failing)
+    assert failing.waiter(listing.child(b"f001")) is None  # ended: the read asks a worker itself
+    failing.close()
+
+    fetches = _Fetches()  # never released before the close
+    hanging = SmallFileReadahead(fetches, depth=1)
+    hanging.note_lookup(1, listing, b"f000")
+    hanging.on_open(1, listing.child(b"f000"))
+    event = hanging.waiter(listing.child(b"f001"))
+    assert event is not None and not event.is_set()
+    hanging.close()
+    assert event.is_set()
+    fetches.gate.set()
+
+
 def test_the_cache_is_bounded():
     fetches = _Fetches()
     fetches.gate.set()
