@@ -161,7 +161,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(perf, "--threads", type=flags.positive, metavar="N", env="THREADS",
               help="FUSE request threads (default: workers + 2, at least 4)")
     flags.add(perf, "--readahead-files", type=flags.natural, metavar="N", env="TVIXMOUNT_READAHEAD_FILES",
-              help="after a small file (<= 256 KiB) is opened, fetch up to N of the small files "
+              help="after a small file (<= 1 MiB) is opened, fetch up to N of the small files "
                    "after it in its directory in the background, so a reader going through a "
                    "directory finds them ready; 0 turns it off (default: max(4, workers))")
     flags.add(perf, "--small-batches", type=flags.natural, metavar="N", env="TVIXMOUNT_SMALL_BATCHES",

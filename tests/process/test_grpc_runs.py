@@ -29,12 +29,12 @@ from tests.store_suite import pattern
 from tvixmount.castore.nodes import b3_text
 from tvixmount.errors import IntegrityError, Unavailable
 from tvixmount.proto import rpc_blobstore_pb2 as blob_pb
+from tvixmount.segcache import REGION, SegmentArena
 from tvixmount.store import StoreUrls, open_store
 from tvixmount.store.grpc import blobs as grpc_blobs
 from tvixmount.store.grpc import client as grpc_client
 from tvixmount.store.grpc import copies as grpc_copies
 from tvixmount.store.grpc import reader as grpc_reader
-from tvixmount.segcache import REGION, SegmentArena
 from tvixmount.store.grpc.channel import ClientConfig
 from tvixmount.store.grpc.copies import WHOLE_FILL
 from workers.segfill import keep_regions
@@ -295,8 +295,9 @@ def test_a_blob_held_whole_offers_its_regions_to_the_arena_and_a_chunk_reader_do
         with service.open_read(digest) as reader:
             assert not reader.holds_whole and reader.segment_size is None  # nothing fetched yet
             assert reader.pread(0, 10) == data[:10]  # the first read streams it whole
-            assert reader.holds_whole and reader.segment_size == REGION and reader.segments_per_fill == WHOLE_FILL
-            assert keep_regions(writer, reader, digest, REGION + 5, 10)  # a miss anywhere: its region and more
+            assert reader.holds_whole
+            assert (reader.segment_size, reader.segments_per_fill) == (REGION, WHOLE_FILL)
+            assert keep_regions(writer, reader, digest, REGION + 5, 10)  # any miss: its region and more
             assert arena.reader().read(digest, REGION, len(data) - REGION) == data[REGION:]
         assert blobs.reads == [digest]  # the regions came from the local copy
         monkeypatch.setattr(grpc_reader, "WHOLE_RUN", 0)
