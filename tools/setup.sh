@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(fuse3 libfuse-dev pkg-config gcc python3-dev python3-venv attr
-              squashfs-tools squashfuse nix-bin)
+              squashfs-tools squashfuse nix-bin strace)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

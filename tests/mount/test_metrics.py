@@ -148,7 +148,7 @@ def _mount_stats(metrics: FuseMetrics) -> MountStats:
                               1: WorkerStats(pid=None, ready=False, inflight=0, restarts=3)},
                      state="running", requests=7, restarts=4, failures=1, backlog=5)
     return MountStats(fuse=metrics.snapshot(), vfs=VfsStats(inodes=3), fetcher=pool,
-                      readahead=ReadaheadStats(hits=6, joined_or_missed=2),
+                      readahead=ReadaheadStats(hits=6, waited=3, pending=2),
                       tree_ahead=TreeAheadStats(fetched=9), small_blobs=SmallBlobStats(hits=12, capacity=64),
                       open_files=1, open_dirs=2,
                       segment_cache=SegmentCacheStats(size=1 << 20, slots=4, hits=5))
@@ -166,7 +166,8 @@ SCRAPED = {
                  "own_replies")},
     "tvixmount_worker_restarts": "counter", "tvixmount_pool_backlog": "gauge",
     "tvixmount_pool_workers_ready": "gauge", "tvixmount_pool_inflight": "gauge",
-    **{f"tvixmount_readahead_{k}": "counter" for k in ("scheduled", "fetched", "failed", "hits", "evicted")},
+    **{f"tvixmount_readahead_{k}": "counter"
+       for k in ("scheduled", "fetched", "failed", "hits", "waited", "evicted")},
     "tvixmount_readahead_cached_bytes": "gauge", "tvixmount_tree_ahead_fetched": "counter",
     **{f"tvixmount_small_blobs_{k}": "counter"
        for k in ("batches", "fetched", "failed", "hits", "waited", "misses", "evicted")},
@@ -209,7 +210,7 @@ def test_stats_json_keys_are_the_dataclass_fields():
         "1": {"pid": None, "ready": False, "inflight": 0, "restarts": 3}}
     assert shown["fetcher"]["restarts"] == 4 and shown["fetcher"]["state"] == "running"
     # Fields /metrics leaves out are still in the xattr.
-    assert shown["readahead"]["joined_or_missed"] == 2 and shown["fetcher"]["failures"] == 1
+    assert shown["readahead"]["pending"] == 2 and shown["fetcher"]["failures"] == 1
     assert shown["tree_ahead"] == {"scheduled": 0, "fetched": 9, "failed": 0}
     assert shown["cache"]["listing"] == {"hits": 0, "misses": 0}
     assert shown["segment_cache"] == {"size": 1 << 20, "slots": 4, "hits": 5, "misses": 0, "torn": 0}

@@ -12,6 +12,7 @@ import json
 import math
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,4 +257,33 @@ def test_readpath_tools_account_for_every_read(tmp_path):
     groups = {"dispatcher: fuse threads", "dispatcher: collector threads", "worker 0", "worker 1"}
     assert groups <= set(per_read), per_read
     assert all(group["cpu_us"] >= 0 for group in per_read.values())
+    assert mounts_under(tmp_path) == []
+
+
+def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp_path):
+    """tools/tar_cold.py on a tiny data set, both mounts: a line per run with the counters behind its time."""
+    if FUSE_MISSING:
+        pytest.skip(FUSE_MISSING)
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from benchlib.dataset import DatasetSpec, prepare
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    prepare(tmp_path, DatasetSpec(20, 2, 1 << 20, 1), lambda text: None)
+    tool = ROOT / "tools" / "tar_cold.py"
+    run = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--rounds", "1"],
+                         capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert [line.split(": ")[0].split()[-1] for line in lines] == ["grpc", "embedded"]
+    for line in lines:
+        counters = json.loads(line.split(": ", 1)[1])
+        assert counters["seconds"] > 0 and counters["requests"] > 0 and counters["read_handler_s"] >= 0
+    if shutil.which("strace"):
+        traced = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--strace",
+                                 "--targets", "embedded"], capture_output=True, text=True, timeout=180)
+        assert traced.returncode == 0, traced.stdout[-3000:] + traced.stderr[-3000:]
+        spent = json.loads(traced.stdout.strip().split(": ", 1)[1])
+        assert set(spent) == {"<=4K", "4K-64K", "64K-256K", "256K-1M", ">1M", "getdents64", "file_reads"}
+        assert spent["file_reads"] >= 20  # every file of the data set read at least once
     assert mounts_under(tmp_path) == []
