@@ -172,7 +172,8 @@ class Fuse:
 
 
 @contextmanager
-def in_process(options: MountOptions | None = None) -> Iterator[Fuse]:
+def in_process(options: MountOptions | None = None,
+               on_first_open: Callable[[], None] | None = None) -> Iterator[Fuse]:
     """TvixOperations over ``memory://`` (filled by the caller), with llfuse's lock held by this thread.
 
     On exit the operations are closed (background fetches stopped) before
@@ -181,7 +182,7 @@ def in_process(options: MountOptions | None = None) -> Iterator[Fuse]:
     local = LocalFetcher(HANDLERS, Context(-1, open_store(MEMORY)), wire=True, owns_store=True)
     fetcher = RecordingFetcher(local)
     vfs = Vfs()
-    ops = TvixOperations(vfs, fetcher, options or MountOptions())
+    ops = TvixOperations(vfs, fetcher, options or MountOptions(), on_first_open=on_first_open)
     llfuse.lock.acquire()
     try:
         yield Fuse(ops, fetcher, vfs)
@@ -192,7 +193,7 @@ def in_process(options: MountOptions | None = None) -> Iterator[Fuse]:
 
 
 def fuse_factory(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Fuse]]:
-    """A fixture's body: ``make(expect_errors=False, **MountOptions)``, once per test.
+    """A fixture's body: ``make(expect_errors=False, on_first_open=None, **MountOptions)``, once per test.
 
     Background fetches are off unless a test turns them on (they would
     make request counts race). As with real mounts, an ERROR logged by
@@ -201,11 +202,12 @@ def fuse_factory(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Fus
     with ExitStack() as stack:
         made: list[bool] = []
 
-        def make(expect_errors: bool = False, **options: Any) -> Fuse:
+        def make(expect_errors: bool = False, on_first_open: Callable[[], None] | None = None,
+                 **options: Any) -> Fuse:
             assert not made, "one Fuse per test: the test thread holds llfuse's lock"
             made.append(expect_errors)
             settings = {"readahead_files": 0, "tree_ahead": 0, **options}
-            return stack.enter_context(in_process(MountOptions(**settings)))
+            return stack.enter_context(in_process(MountOptions(**settings), on_first_open))
 
         yield make
     errors = [r.getMessage() for r in caplog.records

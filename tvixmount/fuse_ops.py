@@ -73,8 +73,10 @@ class _RootListing:
 
 class TvixOperations(llfuse.Operations):
     def __init__(self, vfs: Vfs, fetcher: Fetcher, options: MountOptions,
-                 metrics: FuseMetrics | None = None) -> None:
+                 metrics: FuseMetrics | None = None, on_first_open: Callable[[], None] | None = None) -> None:
+        """``on_first_open`` runs in the first open, before its reply (kernelra.KernelReadahead)."""
         super().__init__()
+        self._on_first_open = on_first_open
         self.vfs = vfs
         self.fetcher = fetcher
         self.options = options
@@ -300,6 +302,9 @@ class TvixOperations(llfuse.Operations):
             log.warning("file %s (inode %d) claims size 0 but not the empty blob's digest",
                         b3_text(node.digest), inode)
             raise llfuse.FUSEError(errno.EIO)
+        if self._on_first_open is not None:  # under llfuse's lock: runs once
+            hook, self._on_first_open = self._on_first_open, None
+            hook()
         # The blob is not looked at here: a missing or broken blob fails the
         # first read with EIO, which saves a worker round trip per open.
         self.small.on_open(inode, node)

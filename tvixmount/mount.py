@@ -32,7 +32,7 @@ from .deadlines import HANG_FRACTION
 from .errors import TvixError
 from .fetcher import Fetcher, PoolFetcher
 from .fuse_ops import MountOptions, TvixOperations
-from .kernelra import set_readahead_when_served
+from .kernelra import KernelReadahead
 from .metrics import FuseMetrics, ListenAddress
 from .metrics_export import Exporter
 from .mount_notify import SystemdLink
@@ -181,14 +181,17 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
         metrics = FuseMetrics()
         options = MountOptions(config.list_root, config.show_xattr, readahead_files=config.readahead_files,
                                small_batches=config.small_batches)
-        ops = TvixOperations(Vfs(), fetcher, options, metrics)
+        kernel_readahead = (KernelReadahead(config.mountpoint, config.kernel_readahead_kb)
+                            if config.kernel_readahead_kb else None)
+        ops = TvixOperations(Vfs(), fetcher, options, metrics,
+                             on_first_open=kernel_readahead.apply if kernel_readahead else None)
         if config.metrics_listen is not None:
             # Its thread starts after the pool's fork and before llfuse.init: a busy
             # port then fails the start with nothing mounted.
             exporter = Exporter(config.metrics_listen, metrics, ops.stats)
         llfuse.init(ops, str(config.mountpoint), list(fuse_options(config)))
-        if config.kernel_readahead_kb:
-            set_readahead_when_served(config.mountpoint, config.kernel_readahead_kb)
+        if kernel_readahead is not None:
+            kernel_readahead.apply_when_served()
         systemd = SystemdLink(config.mountpoint, ops.stats, pool.alive)
         stopper = _Stopper(config.mountpoint, config.stop_grace, on_stop=systemd.stopping)
         log.info("mounted %s on %s (%d workers, %d threads, list-root %s)",

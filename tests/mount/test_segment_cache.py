@@ -95,6 +95,23 @@ def test_kernel_readahead_is_raised_to_1_mib(mounted: tuple[Mount, Path]) -> Non
     assert knob.read_text().strip() == "1024"
 
 
+def test_a_file_opened_at_once_on_a_fresh_mount_finds_the_readahead_raised(tmp_path: Path) -> None:
+    store_dir = tmp_path / "store"
+    with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
+        store.blobs.put(OTHER)
+        tree = Directory(files=(FileNode(b"other", b3(OTHER), len(OTHER)),))
+        store.directories.put(tree)
+        store.path_infos.put(path_info(DirectoryNode(TREE.basename.encode(), tree.digest(), 1)))
+    with serving(tmp_path / "mnt", store_dir) as m:
+        with open(m.path(TREE.basename, "other"), "rb") as f:  # the kernel sizes its readahead now
+            dev = os.fstat(f.fileno()).st_dev
+            knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
+            assert knob.read_text().strip() == "1024"  # set before the open was answered, at the latest
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(OTHER).digest()
+        assert wait_until(lambda: "kernel readahead of" in m.log(), 5)
+        assert m.log().count("kernel readahead of") == 1  # the open or the thread, not both
+
+
 def test_sequential_read_is_the_file_and_served_mostly_from_the_arena(mounted: tuple[Mount, Path]) -> None:
     m, _ = mounted
     _drop_page_cache()
