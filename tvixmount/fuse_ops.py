@@ -337,27 +337,29 @@ class TvixOperations(llfuse.Operations):
         return data
 
     def _from_batches(self, node: FileNode, off: int, length: int) -> bytes | None:
-        """A small file's bytes from its batch, waiting (lock released, bounded) for one in flight."""
+        """A small file's bytes from its batch (``_take_or_wait``); a miss is counted there."""
         small = self.small
         if node.size > small.max_file or not small.enabled:  # big files: no lock taken per read
             return None
-        data = small.take(node, off, length)
-        if data is None and (event := small.waiter(node)) is not None:
-            with llfuse.lock_released:
-                event.wait(small.wait)
-            data = small.take(node, off, length)
+        data = self._take_or_wait(small, node, off, length)
         if data is None:
             small.missed(node)
         return data
 
     def _from_readahead(self, node: FileNode, off: int, length: int) -> bytes | None:
-        """A file's bytes fetched ahead, waiting (lock released, bounded) for its fetch in flight."""
-        ahead = self.readahead
-        data = ahead.take(node, off, length)
-        if data is None and (event := ahead.waiter(node)) is not None:
+        """A file's bytes fetched ahead whole (``_take_or_wait``)."""
+        return self._take_or_wait(self.readahead, node, off, length)
+
+    @staticmethod
+    def _take_or_wait(source: SmallBlobs | SmallFileReadahead, node: FileNode, off: int,
+                      length: int) -> bytes | None:
+        """The bytes ``source`` fetched ahead, waiting (lock released, at most ``source.wait``) for a
+        fetch of them in flight; None: the read asks a worker itself."""
+        data = source.take(node, off, length)
+        if data is None and (event := source.waiter(node)) is not None:
             with llfuse.lock_released:
-                event.wait(ahead.wait)
-            data = ahead.take(node, off, length)
+                event.wait(source.wait)
+            data = source.take(node, off, length)
         return data
 
     def _read(self, fh: int, node: FileNode, off: int, length: int) -> bytes:

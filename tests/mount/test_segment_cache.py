@@ -95,13 +95,18 @@ def test_kernel_readahead_is_raised_to_1_mib(mounted: tuple[Mount, Path]) -> Non
     assert knob.read_text().strip() == "1024"
 
 
-def test_a_file_opened_at_once_on_a_fresh_mount_finds_the_readahead_raised(tmp_path: Path) -> None:
-    store_dir = tmp_path / "store"
+def _store_of_other(store_dir: Path) -> Path:
+    """A fresh embedded store whose one store path holds OTHER as ``other``."""
     with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
         store.blobs.put(OTHER)
         tree = Directory(files=(FileNode(b"other", b3(OTHER), len(OTHER)),))
         store.directories.put(tree)
         store.path_infos.put(path_info(DirectoryNode(TREE.basename.encode(), tree.digest(), 1)))
+    return store_dir
+
+
+def test_a_file_opened_at_once_on_a_fresh_mount_finds_the_readahead_raised(tmp_path: Path) -> None:
+    store_dir = _store_of_other(tmp_path / "store")
     with serving(tmp_path / "mnt", store_dir) as m:
         with open(m.path(TREE.basename, "other"), "rb") as f:  # the kernel sizes its readahead now
             dev = os.fstat(f.fileno()).st_dev
@@ -185,12 +190,7 @@ def test_killed_workers_cost_no_read(mounted: tuple[Mount, Path]) -> None:
 
 
 def test_both_off_reads_the_same_bytes_through_the_workers(tmp_path: Path) -> None:
-    store_dir = tmp_path / "store"
-    with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
-        store.blobs.put(OTHER)
-        tree = Directory(files=(FileNode(b"other", b3(OTHER), len(OTHER)),))
-        store.directories.put(tree)
-        store.path_infos.put(path_info(DirectoryNode(TREE.basename.encode(), tree.digest(), 1)))
+    store_dir = _store_of_other(tmp_path / "store")
     with serving(tmp_path / "mnt", store_dir, "--segment-cache", "0", "--kernel-readahead", "0") as m:
         path = m.path(TREE.basename, "other")
         with open(path, "rb") as f:

@@ -225,16 +225,21 @@ def test_direct_reads_by_processes_report_every_read(tmp_path):
     assert children(os.getpid()) == []
 
 
-def test_readpath_tools_account_for_every_read(tmp_path):
-    """The profiling tools of issue 11 on a tiny data set: every read traced, every thread charged."""
-    if FUSE_MISSING:
-        pytest.skip(FUSE_MISSING)
+def _tiny_dataset(workdir: Path) -> None:
+    """tools/bench's data set at its smallest (20 files, 2 x 1 MiB big ones) in ``workdir``."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from benchlib.dataset import DatasetSpec, prepare
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    prepare(tmp_path, DatasetSpec(20, 2, 1 << 20, 1), lambda text: None)
+    prepare(workdir, DatasetSpec(20, 2, 1 << 20, 1), lambda text: None)
+
+
+def test_readpath_tools_account_for_every_read(tmp_path):
+    """The profiling tools of issue 11 on a tiny data set: every read traced, every thread charged."""
+    if FUSE_MISSING:
+        pytest.skip(FUSE_MISSING)
+    _tiny_dataset(tmp_path)
     tools = ROOT / "tools"
     trace = subprocess.run([sys.executable, str(tools / "readpath_trace.py"), "--workdir", str(tmp_path),
                             "--duration", "0.5", "--json", str(tmp_path / "trace.json")],
@@ -264,12 +269,7 @@ def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp
     """tools/tar_cold.py on a tiny data set, both mounts: a line per run with the counters behind its time."""
     if FUSE_MISSING:
         pytest.skip(FUSE_MISSING)
-    sys.path.insert(0, str(ROOT / "tools"))
-    try:
-        from benchlib.dataset import DatasetSpec, prepare
-    finally:
-        sys.path.remove(str(ROOT / "tools"))
-    prepare(tmp_path, DatasetSpec(20, 2, 1 << 20, 1), lambda text: None)
+    _tiny_dataset(tmp_path)
     tool = ROOT / "tools" / "tar_cold.py"
     run = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--rounds", "1"],
                          capture_output=True, text=True, timeout=180)

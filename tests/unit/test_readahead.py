@@ -96,11 +96,12 @@ def test_no_lookup_no_readahead_and_depth_zero_is_off():
     off.close()
 
 
-def test_a_failed_fetch_is_forgotten_and_not_served():
-    def broken(node: FileNode) -> bytes:
-        raise OSError("store is down")
+def _broken(node: FileNode) -> bytes:
+    raise OSError("store is down")
 
-    ra = SmallFileReadahead(broken, depth=2)
+
+def test_a_failed_fetch_is_forgotten_and_not_served():
+    ra = SmallFileReadahead(_broken, depth=2)
     listing = _listing()
     ra.note_lookup(1, listing, b"f000")
     ra.on_open(1, listing.child(b"f000"))
@@ -131,10 +132,7 @@ def test_a_read_of_a_file_in_flight_gets_a_waiter_that_its_fetch_ends_either_way
 
 
 def test_waiters_wake_when_the_fetch_fails_or_the_readahead_closes():
-    def broken(node: FileNode) -> bytes:
-        raise OSError("store is down")
-
-    failing = SmallFileReadahead(broken, depth=1)
+    failing = SmallFileReadahead(_broken, depth=1)
     listing = _listing()
     failing.note_lookup(1, listing, b"f000")
     failing.on_open(1, listing.child(b"f000"))
