@@ -15,7 +15,9 @@ store, packs the same tree with mksquashfs, and measures:
 
   targets    native disk, squashfuse, tools/passthrough.py on the tree
              (and with --verify: the same plus blake3 of every segment it
-             serves, the floor for a filesystem that must verify),
+             serves, the floor for a filesystem that must verify; and with
+             --verify --hop: that work in worker processes, the floor of
+             tvixmount's own shape),
              tvixmount on the embedded store, tvixmount over gRPC (daemon
              on loopback)
   workloads  sequential read of the big files (MB/s), the same on a fresh
@@ -62,6 +64,7 @@ from benchlib.options import MAIN_READERS, parse_args  # noqa: E402
 from benchlib.procs import GrpcDaemon, Registry, drop_caches  # noqa: E402
 from benchlib.runenv import CacheWatch, PySpy, git_commit, machine  # noqa: E402
 from benchlib.targets import (  # noqa: E402
+    HopPassthrough,
     Native,
     Passthrough,
     Squashfuse,
@@ -300,6 +303,7 @@ class Bench:
             Squashfuse(ds, a.workdir, self.registry),
             Passthrough(ds, a.workdir, self.registry),
             VerifyingPassthrough(ds, a.workdir, self.registry),
+            HopPassthrough(ds, a.workdir, self.registry, a.mount_workers),
             Tvixmount(ds, a.workdir, self.registry, a.mount_workers),
             Tvixmount(ds, a.workdir, self.registry, a.mount_workers, grpc=True),
         ]

@@ -15,11 +15,24 @@ source byte afterwards is EIO. Each open file keeps its last verified
 segment, as a tvixmount reader does, so an in-order reader hashes each
 segment once and a random reader about once per read: the floor of a
 verifying Python filesystem with no cache beyond that.
+
+``--verify --hop N`` moves that work where tvixmount's shape puts it: the
+FUSE threads (``--threads``, default 4 as tvixmount's on 2 CPUs) open no
+file and read nothing; each read goes over a pipe to one of N worker
+processes, chosen by segment (so each segment's digest and the kept
+segment live in one process), which preads and verifies and puts the
+bytes in a shared buffer for the thread to copy out. One request, one
+reply, two wake-ups per read and nothing else: the floor of a verifying
+Python filesystem built as the card says, against which tvixmount's own
+round trip is measured.
 """
 
 import argparse
 import errno
+import mmap
 import os
+import struct
+import threading
 
 import llfuse
 from blake3 import blake3
@@ -78,13 +91,37 @@ class Passthrough(llfuse.Operations):
         os.close(fh)
 
 
+class Segments:
+    """Verified segments of files read by ``pread``: the first hash of a segment is its digest."""
+
+    def __init__(self) -> None:
+        self.digests: dict[tuple[object, int], bytes] = {}  # (file, segment index) -> digest
+        self.kept: dict[int, tuple[int, bytes]] = {}  # open fd -> (segment index, its verified bytes)
+
+    def read(self, fd: int, file: object, off: int, size: int) -> bytes:
+        first, last = off // SEGMENT, (off + size - 1) // SEGMENT
+        data = b"".join(self._segment(fd, file, i) for i in range(first, last + 1))
+        start = off - first * SEGMENT
+        return data[start:start + size]
+
+    def _segment(self, fd: int, file: object, index: int) -> bytes:
+        kept = self.kept.get(fd)
+        if kept is not None and kept[0] == index:
+            return kept[1]
+        data = os.pread(fd, SEGMENT, index * SEGMENT)
+        digest = blake3(data).digest()
+        if digest != self.digests.setdefault((file, index), digest):
+            raise OSError(errno.EIO, "segment does not match its digest")
+        self.kept[fd] = (index, data)
+        return data
+
+
 class VerifyingPassthrough(Passthrough):
     """Serves only bytes of segments whose blake3 digest matched; see the module's docstring."""
 
     def __init__(self, source: bytes) -> None:
         super().__init__(source)
-        self.digests: dict[tuple[int, int], bytes] = {}  # (st_ino, segment index) -> digest
-        self.kept: dict[int, tuple[int, bytes]] = {}  # fh -> (segment index, its verified bytes)
+        self.segments = Segments()
         self.inodes: dict[int, int] = {}  # fh -> st_ino
 
     def open(self, inode: int, flags: int, ctx=None) -> int:
@@ -93,39 +130,131 @@ class VerifyingPassthrough(Passthrough):
         return fh
 
     def read(self, fh: int, off: int, size: int) -> bytes:
-        first, last = off // SEGMENT, (off + size - 1) // SEGMENT
-        data = b"".join(self._segment(fh, i) for i in range(first, last + 1))
-        start = off - first * SEGMENT
-        return data[start:start + size]
-
-    def _segment(self, fh: int, index: int) -> bytes:
-        kept = self.kept.get(fh)
-        if kept is not None and kept[0] == index:
-            return kept[1]
-        data = os.pread(fh, SEGMENT, index * SEGMENT)
-        digest = blake3(data).digest()
-        known = self.digests.setdefault((self.inodes[fh], index), digest)
-        if digest != known:
-            raise llfuse.FUSEError(errno.EIO)
-        self.kept[fh] = (index, data)
-        return data
+        try:
+            return self.segments.read(fh, self.inodes[fh], off, size)
+        except OSError as exc:
+            raise llfuse.FUSEError(exc.errno or errno.EIO) from None
 
     def release(self, fh: int) -> None:
-        self.kept.pop(fh, None)
+        self.segments.kept.pop(fh, None)
         self.inodes.pop(fh, None)
         super().release(fh)
+
+
+REQUEST = struct.Struct("<QII")  # offset, size, length of the path that follows
+REPLY = struct.Struct("<q")  # bytes put in the shared buffer, or -errno
+LARGEST_READ = 128 * 1024  # libfuse 2's largest read
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    out = b""
+    while len(out) < n:
+        got = os.read(fd, n - len(out))
+        if not got:
+            return out
+        out += got
+    return out
+
+
+def _serve(requests: int, replies: int, shared: mmap.mmap) -> None:
+    """A worker process: verified reads for the FUSE threads until its request pipe ends."""
+    segments, files = Segments(), {}
+    while True:
+        head = _read_exact(requests, REQUEST.size)
+        if len(head) < REQUEST.size:
+            return
+        off, size, length = REQUEST.unpack(head)
+        path = _read_exact(requests, length)
+        try:
+            if path not in files:
+                files[path] = os.open(path, os.O_RDONLY)
+            data = segments.read(files[path], path, off, size)
+            shared[:len(data)] = data
+            os.write(replies, REPLY.pack(len(data)))
+        except OSError as exc:
+            os.write(replies, REPLY.pack(-(exc.errno or errno.EIO)))
+
+
+class Worker:
+    """One worker process, as the FUSE threads see it: its pipes, its shared buffer, its lock."""
+
+    def __init__(self, inherited: list[int]) -> None:
+        self.shared = mmap.mmap(-1, LARGEST_READ + SEGMENT)  # MAP_SHARED: the child's writes are seen
+        child_requests, self.requests = os.pipe()
+        self.replies, child_replies = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            for fd in (*inherited, self.requests, self.replies):  # other workers' pipes: theirs to end
+                os.close(fd)
+            try:
+                _serve(child_requests, child_replies, self.shared)
+            finally:
+                os._exit(0)
+        os.close(child_requests)
+        os.close(child_replies)
+        self.lock = threading.Lock()
+
+    def read(self, path: bytes, off: int, size: int) -> bytes:
+        with self.lock:
+            os.write(self.requests, REQUEST.pack(off, size, len(path)) + path)
+            reply = _read_exact(self.replies, REPLY.size)
+            if len(reply) < REPLY.size:
+                raise llfuse.FUSEError(errno.EIO)  # the worker died
+            (got,) = REPLY.unpack(reply)
+            if got < 0:
+                raise llfuse.FUSEError(-got)
+            return self.shared[:got]
+
+
+class HopPassthrough(Passthrough):
+    """The verifying passthrough with its reads in worker processes; see the module's docstring."""
+
+    def __init__(self, source: bytes, workers: int) -> None:
+        super().__init__(source)
+        self.workers: list[Worker] = []
+        for _ in range(workers):
+            inherited = [fd for w in self.workers for fd in (w.requests, w.replies)]
+            self.workers.append(Worker(inherited))
+        self.handles: dict[int, bytes] = {}  # fh -> path; the dispatcher opens nothing
+        self.next_fh = 0
+
+    def open(self, inode: int, flags: int, ctx=None) -> int:
+        if flags & (os.O_WRONLY | os.O_RDWR):
+            raise llfuse.FUSEError(errno.EROFS)
+        self.next_fh += 1
+        self.handles[self.next_fh] = self.paths[inode]
+        return self.next_fh
+
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        path = self.handles[fh]
+        worker = self.workers[(hash(path) + off // SEGMENT) % len(self.workers)]
+        with llfuse.lock_released:
+            return worker.read(path, off, size)
+
+    def release(self, fh: int) -> None:
+        self.handles.pop(fh, None)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     parser.add_argument("--verify", action="store_true",
                         help="serve only blake3-verified 256 KiB segments, as tvixmount must")
+    parser.add_argument("--hop", type=int, default=0, metavar="N",
+                        help="with --verify: read and verify in N worker processes, not in the FUSE threads")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="llfuse worker threads (default 1; 4 with --hop)")
     parser.add_argument("source")
     parser.add_argument("mountpoint")
     args = parser.parse_args()
-    ops = (VerifyingPassthrough if args.verify else Passthrough)(os.fsencode(os.path.abspath(args.source)))
+    if args.hop and not args.verify:
+        parser.error("--hop is a way to --verify")
+    source = os.fsencode(os.path.abspath(args.source))
+    if args.hop:
+        ops: Passthrough = HopPassthrough(source, args.hop)  # forks before llfuse starts a thread
+    else:
+        ops = (VerifyingPassthrough if args.verify else Passthrough)(source)
     llfuse.init(ops, args.mountpoint, ["fsname=passthrough", "subtype=passthrough", "ro", "nodev", "nosuid"])
     try:
-        llfuse.main(workers=1)
+        llfuse.main(workers=args.threads or (4 if args.hop else 1))
     finally:
         llfuse.close()

@@ -2,7 +2,8 @@
 """tools/readpath_profile.py: where the time of a 128 KiB FUSE read goes, per process and thread.
 
     tools/readpath_profile.py [--workdir DIR]
-                              [--target tvix-embedded|passthrough|passthrough-verify|squashfuse]
+                              [--target tvix-embedded|passthrough|passthrough-verify|
+                                        passthrough-hop|squashfuse]
                               [--workers N] [--load direct|seq] [--readers 8] [--duration 10]
                               [--py-spy DIR] [--perf DIR] [--micro]
 
@@ -41,7 +42,14 @@ from benchlib import perf_summary  # noqa: E402
 from benchlib import workloads as wl  # noqa: E402
 from benchlib.dataset import DatasetSpec, prepare  # noqa: E402
 from benchlib.procs import Registry  # noqa: E402
-from benchlib.targets import Passthrough, Squashfuse, Target, Tvixmount, VerifyingPassthrough  # noqa: E402
+from benchlib.targets import (  # noqa: E402
+    HopPassthrough,
+    Passthrough,
+    Squashfuse,
+    Target,
+    Tvixmount,
+    VerifyingPassthrough,
+)
 
 FUSE_READ = 128 * 1024  # llfuse (libfuse 2): at most 128 KiB per FUSE read request
 
@@ -111,9 +119,11 @@ def account(target: Target, run: Callable[[], dict[str, float]], reads_of: Calla
     pids = tree_pids(dispatcher)
     kinds = classify_threads(dispatcher)
     names = {dispatcher: "dispatcher"}
-    if len(pids) > 2:  # tvixmount: the zygote, then its workers
+    if target.name.startswith("tvix") and len(pids) > 2:  # tvixmount: the zygote, then its workers
         names[pids[1]] = "zygote"
         names.update({p: f"worker {i}" for i, p in enumerate(pids[2:])})
+    else:  # the hop passthrough: its workers are its children
+        names.update({p: f"worker {i}" for i, p in enumerate(pids[1:])})
     spies = []
     if spy_dir is not None:
         spy_dir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +278,8 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/var/tmp/tvixmount-bench"))
     p.add_argument("--target", default="tvix-embedded",
-                   choices=("tvix-embedded", "passthrough", "passthrough-verify", "squashfuse"))
+                   choices=("tvix-embedded", "passthrough", "passthrough-verify", "passthrough-hop",
+                            "squashfuse"))
     p.add_argument("--workers", type=int, default=2, help="tvixmount --workers (default 2)")
     p.add_argument("--load", default="direct", choices=("direct", "seq"),
                    help="direct: O_DIRECT random 128 KiB reads by --readers processes for --duration s; "
@@ -293,6 +304,8 @@ def main() -> int:
         target = Passthrough(ds, args.workdir, registry)
     elif args.target == "passthrough-verify":
         target = VerifyingPassthrough(ds, args.workdir, registry)
+    elif args.target == "passthrough-hop":
+        target = HopPassthrough(ds, args.workdir, registry, args.workers)
     else:
         target = Squashfuse(ds, args.workdir, registry)
     report: dict[str, object] = {"target": args.target, "load": args.load, "loadavg": os.getloadavg()}

@@ -27,7 +27,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # the interpreter running the tests (tools/bench looks for a .venv next to the checkout: not in a worktree)
 BENCH = [sys.executable, str(ROOT / "tools" / "bench.py")]
 PASSTHROUGH = ROOT / "tools" / "passthrough.py"
-TARGETS = ("native", "squashfuse", "passthrough", "passthrough-verify", "tvix-embedded", "tvix-grpc")
+TARGETS = ("native", "squashfuse", "passthrough", "passthrough-verify", "passthrough-hop", "tvix-embedded",
+           "tvix-grpc")
 WORKLOADS = {"seq_read": "mb_s", "find": "seconds", "stat_walk": "seconds", "tar": "seconds",
              "random_read": "mb_s", "direct_read": "mb_s"}
 
@@ -89,9 +90,9 @@ def test_quick_run_measures_every_workload_on_every_target(workdir):
     assert all(math.isfinite(g["ratio"]) and g["met"] in (True, False) for g in goals), goals
 
     table = (out / "b.md").read_text()
-    assert ("| workload | mode | native | squashfuse | passthrough | passthrough-verify | tvix-embedded "
-            "| tvix-grpc | embedded / squashfuse | embedded / passthrough "
-            "| embedded / verifying passthrough |") in table
+    assert ("| workload | mode | native | squashfuse | passthrough | passthrough-verify | passthrough-hop "
+            "| tvix-embedded | tvix-grpc | embedded / squashfuse | embedded / passthrough "
+            "| embedded / verifying passthrough | embedded / hop passthrough |") in table
     assert "| sequential read, fresh mount, backing in page cache (MB/s) | cached | n/a |" in table
     assert "| embedded / passthrough |" in table.split("vs reader threads")[1]  # the readers table too
     assert "gRPC +20 ms" in table
@@ -180,13 +181,14 @@ def test_passthrough_serves_the_tree_read_only(tmp_path):
             os.stat(mnt / "d" / "missing")
 
 
-def test_verifying_passthrough_serves_only_bytes_that_match_their_segment(tmp_path):
+@pytest.mark.parametrize("flags", [("--verify",), ("--verify", "--hop", "2")], ids=["in-thread", "hop"])
+def test_verifying_passthrough_serves_only_bytes_that_match_their_segment(tmp_path, flags):
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
     data = os.urandom((1 << 20) + 12345)  # four whole segments and a short fifth
     (src / "big").write_bytes(data)
     (src / "small").write_bytes(b"hello\n")
-    with passthrough(src, mnt, "--verify"):
+    with passthrough(src, mnt, *flags):
         assert (mnt / "big").read_bytes() == data
         assert (mnt / "small").read_bytes() == b"hello\n"
         fd = os.open(mnt / "big", os.O_RDONLY | os.O_DIRECT)
@@ -205,6 +207,31 @@ def test_verifying_passthrough_serves_only_bytes_that_match_their_segment(tmp_pa
             assert buf[:] == data[256 * 1024:384 * 1024]
         finally:
             os.close(fd)
+
+
+def test_hop_passthrough_reads_nothing_in_the_fuse_process(tmp_path):
+    """--hop: the mount's own process holds no file of the tree; its workers do, and end with it."""
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    data = os.urandom(3 << 20)
+    (src / "big").write_bytes(data)
+    with passthrough(src, mnt, "--verify", "--hop", "3"):
+        with open(mnt / "big", "rb") as f:
+            assert f.read() == data
+            mount_pid = int(subprocess.run(["pgrep", "-f", f"passthrough.py .*{mnt}$", "-o"],
+                                           capture_output=True, text=True).stdout)
+            workers = children(mount_pid)
+            assert len(workers) == 3
+
+            def open_files(pid: int) -> set[str]:
+                return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+
+            assert str(src / "big") not in open_files(mount_pid)
+            assert any(str(src / "big") in open_files(pid) for pid in workers)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "a worker outlived its mount"
+        time.sleep(0.05)
 
 
 def test_direct_reads_by_processes_report_every_read(tmp_path):

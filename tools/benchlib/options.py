@@ -20,7 +20,8 @@ QUICK = {"files": 500, "big": 2, "big_size": "4M", "repeat": 1, "readers": "8", 
 MAIN_READERS = 8
 DEFAULT_WORKDIR = Path("/var/tmp/tvixmount-bench")
 ALL_WORKLOADS = ("seq_read", "seq_cached", "find", "stat_walk", "tar", "random_read", "direct_read", "sweeps")
-ALL_TARGETS = ("native", "squashfuse", "passthrough", "passthrough-verify", "tvix-embedded", "tvix-grpc")
+ALL_TARGETS = ("native", "squashfuse", "passthrough", "passthrough-verify", "passthrough-hop",
+               "tvix-embedded", "tvix-grpc")
 
 
 def parse_list(text: str) -> list[int]:

@@ -7,7 +7,8 @@ inverting one row of a table and not the next. Every table shows
 tvixmount against squashfuse (the usual way to ship a closure) and
 against the passthrough (what any Python llfuse filesystem pays), and
 against the verifying passthrough (what one that must hash every segment
-it serves pays).
+it serves pays), and against the hop passthrough (what one that must also
+leave every file read to worker processes, as tvixmount's shape does, pays).
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Any
 
 from .stats import median
 
-TARGET_ORDER = ("native", "squashfuse", "passthrough", "passthrough-verify", "tvix-embedded", "tvix-grpc")
+TARGET_ORDER = ("native", "squashfuse", "passthrough", "passthrough-verify", "passthrough-hop",
+                "tvix-embedded", "tvix-grpc")
 MODES = ("cold", "warm", "cached")  # cached: a fresh mount whose backing files are in the page cache
 RATIOS = (("embedded / squashfuse", "tvix-embedded", "squashfuse"),
           ("embedded / passthrough", "tvix-embedded", "passthrough"),
           ("embedded / verifying passthrough", "tvix-embedded", "passthrough-verify"),
+          ("embedded / hop passthrough", "tvix-embedded", "passthrough-hop"),
           ("embedded / native", "tvix-embedded", "native"),
           ("gRPC / squashfuse", "tvix-grpc", "squashfuse"))
 

@@ -155,6 +155,29 @@ class VerifyingPassthrough(Passthrough):
         return [sys.executable, str(PASSTHROUGH), "--verify", str(self.ds.tree), str(self.mountpoint)]
 
 
+class HopPassthrough(Passthrough):
+    """tools/passthrough.py --verify --hop N: the verifying passthrough reading in N worker processes.
+
+    The floor of tvixmount's own shape: the FUSE threads do no file I/O and
+    each read is one round trip to a worker that preads and verifies. What
+    tvixmount spends above it on a read that misses the arena is its own.
+    """
+
+    name = "passthrough-hop"
+
+    def __init__(self, ds: Dataset, workdir: Path, registry: Registry, workers: int) -> None:
+        super().__init__(ds, workdir, registry)
+        self.workers = workers
+        self.mountpoint = workdir / "mnt-passthrough-hop"
+        self.description = (f"tools/passthrough.py --verify --hop {workers} (blake3 per segment in "
+                            f"{workers} worker processes, 4 FUSE threads) on the source tree")
+        self.log = workdir / "logs" / "passthrough-hop.log"
+
+    def command(self) -> list[str]:
+        return [sys.executable, str(PASSTHROUGH), "--verify", "--hop", str(self.workers), str(self.ds.tree),
+                str(self.mountpoint)]
+
+
 class Tvixmount(Target):
     """tvixmount on the embedded store, or (``grpc``) on a daemon serving that store on loopback."""
 
