@@ -240,7 +240,11 @@ def metric(samples: dict, name: str, **labels: str) -> float:
 
 
 def metrics_url(m: Mount) -> str:
-    found = METRICS_AT.search(m.log())
+    """The endpoint the mount logged. Waits for the line: log records reach the file through
+    multiprocessing-logging's queue, so the mount can be up before its earlier lines are written."""
+    deadline = time.monotonic() + 10
+    while (found := METRICS_AT.search(m.log())) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert found, f"no 'metrics on' line in the log:\n{m.log()[-2000:]}"
     return f"http://{found.group(1)}/metrics"
 
