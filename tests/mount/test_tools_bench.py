@@ -215,19 +215,17 @@ def test_hop_passthrough_reads_nothing_in_the_fuse_process(tmp_path):
     src.mkdir()
     data = os.urandom(3 << 20)
     (src / "big").write_bytes(data)
-    with passthrough(src, mnt, "--verify", "--hop", "3"):
-        with open(mnt / "big", "rb") as f:
-            assert f.read() == data
-            mount_pid = int(subprocess.run(["pgrep", "-f", f"passthrough.py .*{mnt}$", "-o"],
-                                           capture_output=True, text=True).stdout)
-            workers = children(mount_pid)
-            assert len(workers) == 3
+    def open_files(pid: int) -> set[str]:
+        return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
 
-            def open_files(pid: int) -> set[str]:
-                return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-
-            assert str(src / "big") not in open_files(mount_pid)
-            assert any(str(src / "big") in open_files(pid) for pid in workers)
+    with passthrough(src, mnt, "--verify", "--hop", "3"), open(mnt / "big", "rb") as f:
+        assert f.read() == data
+        mount_pid = int(subprocess.run(["pgrep", "-f", f"passthrough.py .*{mnt}$", "-o"],
+                                       capture_output=True, text=True).stdout)
+        workers = children(mount_pid)
+        assert len(workers) == 3
+        assert str(src / "big") not in open_files(mount_pid)
+        assert any(str(src / "big") in open_files(pid) for pid in workers)
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in workers):
         assert time.monotonic() < deadline, "a worker outlived its mount"
