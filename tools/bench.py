@@ -48,6 +48,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -74,6 +75,16 @@ from benchlib.targets import (  # noqa: E402
 )
 
 WALKS = ("seq_read", "find", "stat_walk", "tar")
+# Set by SIGINT/SIGTERM before the handler raises KeyboardInterrupt. A KeyboardInterrupt raised
+# while the main thread runs a finaliser or a library's callback is printed and dropped, not
+# propagated, and a run that missed one would go on to the end and exit 0; every workload
+# checks this first, so a stop request ends the run at the next workload at the latest.
+STOP = threading.Event()
+
+
+def _stop_requested() -> None:
+    if STOP.is_set():
+        raise KeyboardInterrupt
 # one workload on one target: (cold, warm), or (the one sample, None) for a single-mode workload
 Measure = Callable[[Target], tuple[dict[str, float], dict[str, float] | None]]
 STATS_XATTR = "user.tvixmount.stats"
@@ -197,6 +208,7 @@ class Bench:
         """
         result = None
         for target in targets:
+            _stop_requested()
             try:
                 result = cold, warm = fn(target)
                 mode = "cold" if warm is not None else "cached"
@@ -207,6 +219,7 @@ class Bench:
                 text = f"{mode} {_show(cold)}" + (f"   warm {_show(warm)}" if warm is not None else "")
                 self.say(f"run {rep_index + 1}/{self.args.repeat} {target.name:<13} {label:<15} {text}")
             except Exception as exc:
+                _stop_requested()  # a stop that surfaced as this workload's error
                 result = None
                 self.errors.append(f"{target.name} {label}: {type(exc).__name__}: {exc}")
                 self.say(f"ERROR {target.name} {label}: {exc}")
@@ -228,6 +241,7 @@ class Bench:
         return wl.seq_read(target.big_files())
 
     def grpc_baseline(self, ds: Dataset, rep_index: int) -> None:
+        _stop_requested()
         daemon = None
         try:
             self.caches_dropped = drop_caches() and self.caches_dropped
@@ -241,6 +255,7 @@ class Bench:
             self.say(f"run {rep_index + 1}/{self.args.repeat} plain gRPC client  "
                      f"cold {_show(cold)}   warm {_show(warm)}")
         except Exception as exc:
+            _stop_requested()
             self.errors.append(f"plain gRPC client: {type(exc).__name__}: {exc}")
             self.say(f"ERROR plain gRPC client: {exc}")
         finally:
@@ -265,6 +280,7 @@ class Bench:
                     self.errors.append(f"{name}: {type(exc).__name__}: {exc}")
                     continue
             for workers in a.workers:
+                _stop_requested()
                 target = Tvixmount(ds, a.workdir, self.registry, workers, grpc=grpc, added_latency=latency,
                                    name=f"sweep-{'grpc' if grpc else 'embedded'}", daemon=daemon)
                 try:
@@ -274,6 +290,7 @@ class Bench:
                     self.workers_sweep.setdefault(name, {}).setdefault(str(workers), []).append(result)
                     self.say(f"run {rep_index + 1}/{a.repeat} {name} --workers {workers:<2} {_show(result)}")
                 except Exception as exc:
+                    _stop_requested()
                     self.errors.append(f"{name} --workers {workers}: {type(exc).__name__}: {exc}")
                     self.say(f"ERROR {name} --workers {workers}: {exc}")
                 finally:
@@ -314,6 +331,7 @@ class Bench:
                 if "tvix-grpc" in a.target_names:
                     self.grpc_baseline(ds, i)
                 self.workers_sweeps(ds, i)
+        _stop_requested()
         report = self.report(ds, targets)
         print()
         print(rep.markdown(report), end="")
@@ -409,10 +427,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     registry = Registry()
 
-    def on_term(signum: int, frame: object) -> None:
+    def on_stop(signum: int, frame: object) -> None:
+        STOP.set()
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGTERM, on_stop)
     bench = Bench(args, registry)
     try:
         return bench.run()
