@@ -7,7 +7,7 @@ for r in 1 2; do
       --direct-duration 5 --readers 8 --random-reads 2048 --latency-duration 3 --mount-workers $w \
       --targets squashfuse,tvix-embedded,tvix-grpc \
       --workloads seq_read,seq_cached,find,stat_walk,tar,random_read,direct_read \
-      --json /var/tmp/wab/w$w-r$r.json --markdown /var/tmp/wab/w$w-r$r.md > /var/tmp/wab/w$w-r$r.log 2>&1
+      --json docs/bench-workers-2-vs-4/w$w-r$r.json --markdown docs/bench-workers-2-vs-4/w$w-r$r.md > docs/bench-workers-2-vs-4/w$w-r$r.log 2>&1
   done
 done
-echo done > /var/tmp/wab/done
+echo done > docs/bench-workers-2-vs-4/done
