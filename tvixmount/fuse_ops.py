@@ -320,7 +320,8 @@ class TvixOperations(llfuse.Operations):
             return b""
         length = min(size, node.size - off)
         if node.size <= self.readahead.max_file:  # big files: no batch or readahead look-up (two locks)
-            ahead = self._from_batches(node, off, length) or self._from_readahead(node, off, length)
+            ahead = (self._from_batches(node, off, length)
+                     or self._take_or_wait(self.readahead, node, off, length))
             if ahead is not None:
                 return ahead
         if self.segments is not None:  # verified by a worker before; no round trip
@@ -345,10 +346,6 @@ class TvixOperations(llfuse.Operations):
         if data is None:
             small.missed(node)
         return data
-
-    def _from_readahead(self, node: FileNode, off: int, length: int) -> bytes | None:
-        """A file's bytes fetched ahead whole (``_take_or_wait``)."""
-        return self._take_or_wait(self.readahead, node, off, length)
 
     @staticmethod
     def _take_or_wait(source: SmallBlobs | SmallFileReadahead, node: FileNode, off: int,
