@@ -82,6 +82,10 @@ class Passthrough(llfuse.Operations):
     def open(self, inode: int, flags: int, ctx=None) -> int:
         if flags & (os.O_WRONLY | os.O_RDWR):
             raise llfuse.FUSEError(errno.EROFS)
+        return self._handle(inode)
+
+    def _handle(self, inode: int) -> int:
+        """The file handle of an open for reading: here, an fd of the source file."""
         return os.open(self.paths[inode], os.O_RDONLY)
 
     def read(self, fh: int, off: int, size: int) -> bytes:
@@ -218,9 +222,7 @@ class HopPassthrough(Passthrough):
         self.handles: dict[int, bytes] = {}  # fh -> path; the dispatcher opens nothing
         self.next_fh = 0
 
-    def open(self, inode: int, flags: int, ctx=None) -> int:
-        if flags & (os.O_WRONLY | os.O_RDWR):
-            raise llfuse.FUSEError(errno.EROFS)
+    def _handle(self, inode: int) -> int:
         self.next_fh += 1
         self.handles[self.next_fh] = self.paths[inode]
         return self.next_fh
