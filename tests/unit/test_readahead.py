@@ -43,6 +43,12 @@ class _Fetches:
         return b"x" * node.size
 
 
+def _open_first(ra: SmallFileReadahead, listing: Listing) -> None:
+    """Look up and open f000 of ``listing`` as inode 1: the fetches ahead of it start."""
+    ra.note_lookup(1, listing, b"f000")
+    ra.on_open(1, listing.child(b"f000"))
+
+
 def _settle(ra: SmallFileReadahead) -> None:
     deadline = time.monotonic() + 5
     while ra.stats().pending and time.monotonic() < deadline:
@@ -103,8 +109,7 @@ def _broken(node: FileNode) -> bytes:
 def test_a_failed_fetch_is_forgotten_and_not_served():
     ra = SmallFileReadahead(_broken, depth=2)
     listing = _listing()
-    ra.note_lookup(1, listing, b"f000")
-    ra.on_open(1, listing.child(b"f000"))
+    _open_first(ra, listing)
     _settle(ra)
     assert ra.stats().failed == 2
     assert ra.take(listing.child(b"f001"), 0, 4096) is None
@@ -115,8 +120,7 @@ def test_a_read_of_a_file_in_flight_gets_a_waiter_that_its_fetch_ends_either_way
     fetches = _Fetches()  # gate closed: the fetches hang until released
     ra = SmallFileReadahead(fetches, depth=2)
     listing = _listing()
-    ra.note_lookup(1, listing, b"f000")
-    ra.on_open(1, listing.child(b"f000"))
+    _open_first(ra, listing)
     f1, f2 = listing.child(b"f001"), listing.child(b"f002")
     time.sleep(0.05)
     event = ra.waiter(f1)
@@ -134,16 +138,14 @@ def test_a_read_of_a_file_in_flight_gets_a_waiter_that_its_fetch_ends_either_way
 def test_waiters_wake_when_the_fetch_fails_or_the_readahead_closes():
     failing = SmallFileReadahead(_broken, depth=1)
     listing = _listing()
-    failing.note_lookup(1, listing, b"f000")
-    failing.on_open(1, listing.child(b"f000"))
+    _open_first(failing, listing)
     _settle(failing)
     assert failing.waiter(listing.child(b"f001")) is None  # ended: the read asks a worker itself
     failing.close()
 
     fetches = _Fetches()  # never released before the close
     hanging = SmallFileReadahead(fetches, depth=1)
-    hanging.note_lookup(1, listing, b"f000")
-    hanging.on_open(1, listing.child(b"f000"))
+    _open_first(hanging, listing)
     event = hanging.waiter(listing.child(b"f001"))
     assert event is not None and not event.is_set()
     hanging.close()
@@ -156,8 +158,7 @@ def test_the_cache_is_bounded():
     fetches.gate.set()
     ra = SmallFileReadahead(fetches, depth=8, max_bytes=300)
     listing = _listing()
-    ra.note_lookup(1, listing, b"f000")
-    ra.on_open(1, listing.child(b"f000"))
+    _open_first(ra, listing)
     _settle(ra)
     stats = ra.stats()
     assert stats.cached_bytes <= 300 and stats.evicted >= 1
