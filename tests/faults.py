@@ -155,7 +155,9 @@ def reply_pipe_writer(worker_pid: int, dispatcher_pid: int) -> int:
 
     The reply pipe is the one pipe the worker holds write-only whose other
     end only the dispatcher holds, read-only (the logging queue's write end
-    is in the dispatcher too, so it cannot be confused with it).
+    is in the dispatcher too, so it cannot be confused with it), and which
+    its zygote does not hold (every lane's pipe looks the same from here,
+    but the zygote and every worker hold its write end).
     """
     def pipes(pid: int) -> dict[str, set[str]]:
         out: dict[str, set[str]] = {}
@@ -169,10 +171,12 @@ def reply_pipe_writer(worker_pid: int, dispatcher_pid: int) -> int:
                     out.setdefault(target, set()).add(mode + ":" + fd)
         return out
 
-    mine, theirs = pipes(worker_pid), pipes(dispatcher_pid)
+    with open(f"/proc/{worker_pid}/stat") as stat:
+        zygote = int(stat.read().rsplit(")", 1)[1].split()[1])
+    mine, theirs, shared = pipes(worker_pid), pipes(dispatcher_pid), pipes(zygote)
     for target, modes in mine.items():
         ends = {m.split(":")[0] for m in theirs.get(target, set())}
-        if {m.split(":")[0] for m in modes} == {"w"} and ends == {"r"}:
+        if {m.split(":")[0] for m in modes} == {"w"} and ends == {"r"} and target not in shared:
             fd = next(m.split(":")[1] for m in modes)
             return os.open(f"/proc/{worker_pid}/fd/{fd}", os.O_WRONLY)
     raise AssertionError(f"no reply pipe found for worker pid {worker_pid}")

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +104,33 @@ def wait_until(predicate, timeout: float, interval: float = 0.01) -> bool:
             return True
         time.sleep(interval)
     return predicate()
+
+
+@contextlib.contextmanager
+def stopped_behind_an_earlier_call(pool: WorkerPool, slot: int = 0) -> Iterator[None]:
+    """Worker ``slot`` SIGSTOPped while it holds another thread's earlier call.
+
+    A call that times out behind it then does not get it killed (it was busy
+    with the earlier call, which still has time). On leaving, the worker runs
+    on and the earlier call is answered; its late replies to the calls that
+    timed out come after. Set poolstate.STALLED_AFTER high: a worker silent
+    that long gets no new calls.
+    """
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tvixmount.protocol import ops
+
+    victim = pool.pids()[slot]
+    assert victim is not None
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            earlier = executor.submit(pool.call, ops.DIRECTORY_TREE, ROOT.digest(), 1, affinity=slot)
+            assert wait_until(lambda: pool.stats().workers[slot].inflight == 1, 5)
+            yield
+            assert pool.stats().killed == 0
+            os.kill(victim, signal.SIGCONT)
+            assert earlier.result(timeout=10) == [(ROOT.digest(), ROOT)]
+    finally:
+        os.kill(victim, signal.SIGCONT)

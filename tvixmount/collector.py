@@ -86,6 +86,15 @@ class Collector:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def closing_fd(self) -> int:
+        """Readable once the pool is closing: a caller waiting for a reply polls it too."""
+        return self._closing_r
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
     def stop(self, timeout: float) -> None:
         """End the thread (bounded) and release its wake-up pipe; workers' fds stay open."""
         self._stopping = True

@@ -157,6 +157,13 @@ class _AnsweredTooLate(logging.Filter):
         return True
 
 
+def lane_count(config: MountConfig) -> int:
+    """Lanes for the threads that send reads (lanes.py): every FUSE thread and file readahead
+    thread, twice over, so each may give one up after a read that timed out and keep its own.
+    128 KiB of shared memory each: 2.5 MiB with the default 4 threads and 4 readahead files."""
+    return 2 * (config.threads + config.readahead_files) + 4
+
+
 def run(config: MountConfig, worker_main: WorkerMain) -> int:
     """Mount, serve until stopped, tear down in order; return the exit status.
 
@@ -169,7 +176,8 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
     ensure_fusectl()
     logging.getLogger("llfuse").addFilter(_AnsweredTooLate())
     pool = WorkerPool(config.urls, config.workers, worker_main, request_timeout=config.request_timeout,
-                      hang_fraction=HANG_FRACTION, segment_cache=config.segment_cache)
+                      hang_fraction=HANG_FRACTION, segment_cache=config.segment_cache,
+                      lanes=lane_count(config))
     pool.start()
     exporter: Exporter | None = None
     ops: TvixOperations | None = None

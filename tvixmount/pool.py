@@ -15,6 +15,11 @@ Data flow (the protocol package has the wire side)::
     When nobody reads the worker's reply pipe, the caller takes it and reads its reply itself
     (collector.py: claim, lead), waking on the reply instead of on the collector's latch release.
 
+    A blob_read of a thread with a lane (lanes.py) names the lane in its request: the worker
+    puts the bytes in the lane's buffer and answers on the lane's pipe, which only that thread
+    reads (_await_lane). The call is on the worker's books like any other (routing, hang
+    detection, re-sends); only its answer takes another way.
+
 Three modules share the work: this one (the public API and the caller's
 side), collector.py (the thread that reads the pipes no caller reads, a
 caller's own reading of its reply, and worker deaths and births),
@@ -32,6 +37,12 @@ Invariants:
   whose epoll reports whatever is left. Whoever reads completes the calls
   its replies answer, so replies and ring bytes are taken in order and
   each call is completed once.
+* A lane carries one call at a time, and its thread takes an answer only
+  from the process that holds the call now (a killed worker's answer,
+  written before its call was re-sent, is ignored). A call that ends on a
+  lane without its answer once it was sent (a timeout, a failure, close)
+  gives the lane up for good: its request may still be queued at a live
+  worker, which would write the lane's buffer later.
 * Only the collector retires workers (a caller leading a pipe that ends
   gives it back; the collector sees the end). A caller that finds a worker
   hung only SIGKILLs it; the EOF that follows is handled like any other
@@ -67,8 +78,12 @@ from typing import Any, TypeVar
 from . import segcache, shmring, zygote
 from .collector import Collector
 from .errors import InvalidArgument, Unavailable, from_code
-from .poolstate import Call, PoolState, PoolStats
+from .lanes import Lane, Lanes
+from .poolstate import Call, PoolState, PoolStats, Worker
 from .protocol import ops
+from .protocol.framing import ProtocolError
+from .protocol.messages import decode_error_value
+from .protocol.readwire import LaneReply
 from .store import StoreUrls, describe
 from .zygote import WorkerMain
 
@@ -76,6 +91,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_START_TIMEOUT = 30.0
 CLOSE_TIMEOUT = 5.0
+LANE_TICK = 0.05  # a caller waiting on its lane looks this often whether another thread ended its call
 
 R = TypeVar("R")
 
@@ -91,7 +107,7 @@ class WorkerPool:
     def __init__(self, urls: StoreUrls, workers: int, worker_main: WorkerMain, *,
                  request_timeout: float = 30.0, retries: int = 1,
                  start_timeout: float = DEFAULT_START_TIMEOUT, hang_fraction: float | None = None,
-                 segment_cache: int = segcache.DEFAULT_SIZE) -> None:
+                 segment_cache: int = segcache.DEFAULT_SIZE, lanes: int = 0) -> None:
         """``worker_main``: the life of one worker (``workers.loop.serve``; the caller names it, so
         this package needs no import of the workers).
 
@@ -100,13 +116,17 @@ class WorkerPool:
         left; None declares it hung only when a call it holds times out (that call then fails).
 
         ``segment_cache``: bytes of the shared arena of verified segments (segcache.py); 0: none.
+
+        ``lanes``: how many calling threads may have a lane of their own for ``blob_read`` (lanes.py;
+        128 KiB of shared memory each); 0: every reply comes on the worker's reply pipe.
         """
         if workers < 1:
             raise InvalidArgument(f"a worker pool needs at least one worker, not {workers}")
         if (request_timeout <= 0 or retries < 0 or start_timeout <= 0
-                or (hang_fraction is not None and not 0 < hang_fraction < 1)):
+                or (hang_fraction is not None and not 0 < hang_fraction < 1) or lanes < 0):
             raise InvalidArgument(f"bad pool settings: request_timeout {request_timeout}, retries {retries}, "
-                                  f"start_timeout {start_timeout}, hang_fraction {hang_fraction}")
+                                  f"start_timeout {start_timeout}, hang_fraction {hang_fraction}, "
+                                  f"lanes {lanes}")
         self.urls = urls
         self.size = workers
         self.worker_main = worker_main
@@ -115,13 +135,16 @@ class WorkerPool:
         self.hang_fraction = hang_fraction
         self._state = PoolState(workers, retries)
         self._ids = itertools.count(1)
-        self._latches = threading.local()  # each calling thread's latch (see Call), locked between calls
+        self._latches = threading.local()  # each calling thread's latch (see Call), locked between calls,
+        # and its lane (False: none left for it)
         self._zygote: Any = None  # multiprocessing.Process
         self._zygote_pid = 0
         self._collector: Collector | None = None
         self._arena: shmring.Arena | None = None
         self.segment_cache_size = segment_cache
         self.segments: segcache.SegmentCache | None = None  # the dispatcher's end, once started
+        self.lane_count = lanes
+        self._lanes: Lanes | None = None
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -140,9 +163,13 @@ class WorkerPool:
         try:
             size = self.segment_cache_size
             segments = segcache.SegmentArena(size, self.size) if size else None
-            self._arena = shmring.Arena(self.size, segments=segments)
+            lanes = Lanes(self.lane_count) if self.lane_count else None
+            self._arena = shmring.Arena(self.size, segments=segments, lanes=lanes)
             self.segments = None if segments is None else segments.reader()
             self._zygote, ctl = zygote.start(self.urls, self.worker_main, self._arena)
+            if lanes is not None:
+                lanes.forked()  # the zygote and its workers hold the write ends; this process never writes
+                self._lanes = lanes
             self._zygote_pid = self._zygote.pid
             log.debug("zygote pid %d started for %s", self._zygote_pid, describe(self.urls))
             self._collector = Collector(state, ctl, self._zygote_pid, describe(self.urls), self.start_timeout,
@@ -161,9 +188,10 @@ class WorkerPool:
         with state.lock:
             if state.phase == "starting":
                 state.phase = "running"
-        log.info("worker pool up: %d workers for %s; segment arena %d MiB in %d slots", self.size,
+        log.info("worker pool up: %d workers for %s; segment arena %d MiB in %d slots; %d lanes",
+                 self.size,
                  describe(self.urls), (self.segments.arena.size if self.segments else 0) >> 20,
-                 self.segments.arena.slots if self.segments else 0)
+                 self.segments.arena.slots if self.segments else 0, self.lane_count)
 
     def _wait_until_ready(self) -> None:
         state = self._state
@@ -213,8 +241,10 @@ class WorkerPool:
             with contextlib.suppress(ValueError):
                 self._zygote.close()
         with state.changed:  # callers reading their replies give the pipes back at EOF (or their deadline)
-            state.changed.wait_for(lambda: not any(type(w.reading) is Call for w in workers), CLOSE_TIMEOUT)
+            state.changed.wait_for(lambda: not any(type(w.reading) is Call for w in workers)
+                                   and not state.lane_waiters, CLOSE_TIMEOUT)
             leased = [w for w in workers if type(w.reading) is Call]
+            lanes_busy = state.lane_waiters > 0  # never close a lane a caller may still poll
         for worker in workers:
             if worker not in leased:  # never close an fd a caller may still poll
                 _close_quietly(worker.rep_fd)
@@ -224,7 +254,7 @@ class WorkerPool:
             for slot in state.slots:
                 slot.worker = None
             state.phase = "closed"
-        if self._arena is not None:
+        if self._arena is not None and not lanes_busy:
             self._arena.close()
         log.debug("worker pool closed")
 
@@ -266,8 +296,10 @@ class WorkerPool:
         if latch is None:
             latch = self._latches.latch = threading.Lock()
             latch.acquire()
+        lanes = self._lanes
+        lane = self._lane() if op is ops.BLOB_READ and lanes is not None and args[2] <= lanes.size else None
         call = Call(next(self._ids), op, args, self.request_timeout if timeout is None else timeout,
-                    affinity, idempotent, latch)
+                    affinity, idempotent, latch, None if lane is None else lane.index)
         if len(call.frame) > select.PIPE_BUF:
             raise InvalidArgument(f"{call.what()}: request of {len(call.frame)} bytes is too large")
         state = self._state
@@ -276,9 +308,15 @@ class WorkerPool:
                 raise Unavailable(f"{call.what()}: worker pool is {state.phase}")
             state.counts["requests"] += 1
             state.route(call)
-            leading = self._collector.claim(call) if self._collector is not None else None
+            if lane is not None:
+                state.lane_waiters += 1
+                leading = None
+            else:
+                leading = self._collector.claim(call) if self._collector is not None else None
         try:
-            if leading is not None:  # nobody reads that worker's replies: this thread does, until its own
+            if lane is not None:  # the reply comes on this thread's own lane
+                self._await_lane(call, lane)
+            elif leading is not None:  # nobody reads that worker's replies: this thread does, until its own
                 self._collector.lead(call, leading)  # type: ignore[union-attr]  # claimed through it
             if not latch.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
                 with state.lock:
@@ -292,6 +330,99 @@ class WorkerPool:
             return op.decode(call.value)
         code, message = call.value
         raise from_code(code, message)
+
+    # -- lanes ---------------------------------------------------------------------------
+
+    def _lane(self) -> Lane | None:
+        """The calling thread's lane: kept from call to call, a new one after it gave its own up."""
+        lane: Lane | bool | None = getattr(self._latches, "lane", None)
+        if lane is False:
+            return None  # none was left for this thread, and lanes are never returned
+        if lane is None or lane.given_up:  # type: ignore[union-attr]
+            assert self._lanes is not None and self._collector is not None
+            lane = self._lanes.take()
+            if lane is not None:
+                lane.poller.register(self._collector.closing_fd)  # close() wakes it at once
+            self._latches.lane = lane if lane is not None else False
+        return lane  # type: ignore[return-value]
+
+    def _await_lane(self, call: Call, lane: Lane) -> None:
+        """Wait on ``lane`` for ``call``'s reply, until it comes, the call ends otherwise, its
+        deadline passes or the pool closes; complete the call with the reply.
+
+        An answer counts only from the process that holds the call now
+        (lanes.py, the rules). The bytes are copied out before the state lock,
+        and the call taken off its worker's books under it only if that
+        worker still holds it: if it was re-sent meanwhile, the copy is
+        dropped and the wait goes on for the new worker's answer. A call that
+        ends without its answer after it was sent gives the lane up.
+        """
+        state = self._state
+        answered = False
+        try:
+            while not call.finished:
+                remaining = call.deadline - time.monotonic()
+                if remaining <= 0:
+                    break  # pool.call expires it
+                if not lane.poller.poll(min(remaining, LANE_TICK) * 1000 + 1):
+                    continue  # look again whether another thread ended the call (a failure, close)
+                if self._collector is None or self._collector.stopping:
+                    break  # the pool is closing (close() failed the call)
+                replies = lane.replies()
+                if replies is None:
+                    break  # every writer is gone (the zygote and its workers): nothing more can come
+                for reply in replies:
+                    if type(reply) is not LaneReply:
+                        raise ProtocolError(f"a msgpack frame on lane {lane.index}")
+                    if reply.req_id == call.id and self._take_lane_reply(call, lane, reply):
+                        answered = True
+        except ProtocolError as exc:  # bytes no worker of ours writes: whoever holds the call is broken
+            with state.lock:
+                worker = call.worker
+                if worker is not None:
+                    if not worker.doomed:
+                        state.kill(worker, f"sent a malformed reply on lane {lane.index} ({exc})")
+                    worker.inflight.pop(call.id, None)  # not re-sent: its answer would go to this lane
+                elif call in state.backlog:
+                    state.backlog.remove(call)
+                state.complete(call, False, ("unavailable", f"{call.what()}: a malformed reply on lane "
+                                                            f"{lane.index} ({exc})"))
+        finally:
+            if not answered:  # (an answer counted this thread out of lane_waiters with the call)
+                with state.lock:
+                    state.lane_waiters -= 1
+                    if call.sends:
+                        state.counts["lanes_given_up"] += 1
+                        self._lanes.give_up(lane)  # type: ignore[union-attr]  # a lane implies lanes
+                    if state.phase == "closing":
+                        state.changed.notify_all()
+
+    def _take_lane_reply(self, call: Call, lane: Lane, reply: LaneReply) -> bool:
+        """Complete ``call`` from ``reply`` if it came from the worker holding the call; True if it did
+        (the caller no longer counts among the lane waiters then)."""
+        if reply.length > len(lane.buffer):
+            raise ProtocolError(f"a lane reply of {reply.length} bytes, more than lane {lane.index} holds")
+        worker: Worker | None = call.worker  # looked at again under the lock before anything counts
+        if worker is None or worker.pid != reply.pid:
+            return False  # a dead worker's answer, written before its call was re-sent
+        data = lane.copy(reply.length)
+        value: object = data if reply.ok else decode_error_value(data)
+        state = self._state
+        with state.lock:
+            if call.finished or call.worker is not worker or worker.inflight.get(call.id) is not call:
+                return False
+            del worker.inflight[call.id]
+            worker.last_reply = time.monotonic()
+            state.counts["lane_replies"] += 1
+            if not reply.ok:
+                state.counts["errors"] += 1
+            state.complete(call, reply.ok, value)
+            state.lane_waiters -= 1
+            if state.backlog:
+                state.drain_backlog()
+            if state.phase == "closing":
+                state.changed.notify_all()
+        return True
 
 
 def _close_quietly(fd: int) -> None:

@@ -67,8 +67,10 @@ class Call:
                  "ok", "op", "sends", "sent_at", "timeout", "value", "worker")
 
     def __init__(self, req_id: int, op: Op[Any], args: tuple[Any, ...], timeout: float,
-                 affinity: int | None, idempotent: bool, done: threading.Lock | None = None) -> None:
-        """``done``: the caller's latch, locked (a fresh one when None)."""
+                 affinity: int | None, idempotent: bool, done: threading.Lock | None = None,
+                 lane: int | None = None) -> None:
+        """``done``: the caller's latch, locked (a fresh one when None); ``lane``: the caller's lane
+        (lanes.py), for an op with a fixed frame, whose worker then answers there."""
         self.id = req_id
         self.op = op.name
         self.args = args
@@ -78,8 +80,12 @@ class Call:
         self.affinity = affinity
         self.idempotent = idempotent
         # Re-sent as is. InvalidArgument (before anything was sent) for arguments a fixed frame cannot hold.
-        self.frame = (op.fixed(req_id, self.deadline, *args) if op.fixed is not None
-                      else encode_request(req_id, op.name, args, self.deadline))
+        if op.fixed is None:
+            self.frame = encode_request(req_id, op.name, args, self.deadline)
+        elif lane is None:
+            self.frame = op.fixed(req_id, self.deadline, *args)
+        else:
+            self.frame = op.fixed(req_id, self.deadline, *args, lane=lane)
         self.sends = 0
         self.sent_at = 0.0
         self.worker: Worker | None = None
@@ -164,7 +170,8 @@ class PoolState:
         self.zygote_gone = False
         self.counts = dict.fromkeys(
             ("requests", "errors", "timeouts", "lost", "resent", "restarts", "killed", "ring_replies",
-             "ring_bytes", "own_replies"), 0)
+             "ring_bytes", "own_replies", "lane_replies", "lanes_given_up"), 0)
+        self.lane_waiters = 0  # callers waiting on their lane now (close() waits for them)
         self._rotor = 0
 
     @property
@@ -367,6 +374,8 @@ class PoolStats:
     ring_replies: int = counter("read replies whose bytes came through the shared-memory ring")
     ring_bytes: int = counter("bytes that came through the shared-memory ring")
     own_replies: int = counter("store requests whose caller read the reply itself (no collector hop)")
+    lane_replies: int = counter("reads answered on their caller's own lane (no shared reply pipe)")
+    lanes_given_up: int = counter("lanes given up after a read on them ended without its reply")
     restarts: int = counter("worker processes restarted after dying", name="worker_restarts")
     failures: int = 0  # errors + timeouts + lost
     backlog: int = gauge("store requests waiting for a ready worker")

@@ -46,6 +46,7 @@ import ctypes
 import mmap
 
 from .errors import TvixError
+from .lanes import Lanes, LaneWriter
 from .segcache import SegmentArena, SegmentWriter
 
 HEADER = mmap.PAGESIZE  # keeps each ring's data page-aligned
@@ -62,13 +63,15 @@ class Arena:
     """The shared mapping: one ring per worker slot. Create before forking the zygote."""
 
     def __init__(self, rings: int, capacity: int = DEFAULT_CAPACITY,
-                 segments: SegmentArena | None = None) -> None:
-        """``segments``: the verified-segment arena (segcache.py) the workers fill beside their rings."""
+                 segments: SegmentArena | None = None, lanes: Lanes | None = None) -> None:
+        """``segments``: the verified-segment arena (segcache.py) the workers fill beside their rings;
+        ``lanes``: the callers' own reply channels for reads (lanes.py)."""
         if rings < 1 or capacity < mmap.PAGESIZE or capacity % mmap.PAGESIZE:
             raise ValueError(f"bad arena shape: {rings} rings of {capacity} bytes")
         self.rings = rings
         self.capacity = capacity
         self.segments = segments
+        self.lanes = lanes
         self._map = mmap.mmap(-1, rings * (HEADER + capacity), flags=mmap.MAP_SHARED)
         self._views: list[memoryview] = []
         self._counters: list[ctypes.c_uint64] = []
@@ -86,7 +89,8 @@ class Arena:
     def writer(self, index: int) -> RingWriter:
         """The producer's end of ring ``index`` (in the worker process that owns the slot)."""
         consumed, data = self._ring(index)
-        return RingWriter(consumed, data, None if self.segments is None else self.segments.writer(index))
+        return RingWriter(consumed, data, None if self.segments is None else self.segments.writer(index),
+                          None if self.lanes is None else self.lanes.writer())
 
     def reader(self, index: int) -> RingReader:
         """The consumer's end of ring ``index`` (in the dispatcher's collector thread)."""
@@ -101,6 +105,8 @@ class Arena:
         self._counters.clear()
         if self.segments is not None:
             self.segments.close()
+        if self.lanes is not None:
+            self.lanes.close()
         with contextlib.suppress(BufferError):  # a straggling reference keeps it mapped until collected
             self._map.close()
 
@@ -109,11 +115,12 @@ class RingWriter:
     """Worker side: reserve room for one reply, fill it, commit it. Single-threaded."""
 
     def __init__(self, consumed: ctypes.c_uint64, data: memoryview,
-                 segments: SegmentWriter | None = None) -> None:
+                 segments: SegmentWriter | None = None, lanes: LaneWriter | None = None) -> None:
         self._consumed = consumed
         self._data = data
         self.capacity = len(data)
         self.segments = segments  # this worker's ways of the verified-segment arena
+        self.lanes = lanes  # every lane's buffer and pipe, for reads that came on a lane
         self._produced = consumed.value  # a new worker starts where the dispatcher stopped reading
 
     def reserve(self, length: int) -> tuple[int, memoryview] | None:

@@ -30,7 +30,9 @@ Invariants:
 * At start the zygote points every inherited fd it does not need at
   /dev/null (the numbers stay taken, so a stale inherited object can never
   close a number that was reused): no worker inherits /dev/fuse, another
-  pool's pipes, or the dispatcher's sockets.
+  pool's pipes, or the dispatcher's sockets. It keeps the write ends of its
+  pool's lanes (lanes.py), which every worker shares by design; their read
+  ends are the dispatcher's alone.
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ def _main(sock: socket.socket, urls: StoreUrls, worker_main: WorkerMain, arena: 
     logging.disable(logging.CRITICAL)
     _reset_signals()
     _set_name("tvix-zygote")
-    _neutralise_fds({0, 1, 2, sock.fileno()} | _logging_fds())
+    lanes = set(arena.lanes.write_fds()) if arena is not None and arena.lanes is not None else set()
+    _neutralise_fds({0, 1, 2, sock.fileno()} | _logging_fds() | lanes)
     gc.freeze()  # inherited objects are never collected here or in workers (no stale finalizers)
     _Zygote(sock, urls, worker_main, arena).run()
 

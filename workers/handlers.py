@@ -102,11 +102,29 @@ class Context:
     ring: RingWriter | None = None  # a pool worker's shared-memory ring for read replies
     readers: ReaderCache = field(init=False)
     fill_ahead: FillAhead | None = field(init=False)  # regions verified ahead of in-order reads
+    # While the loop answers a read of a lane (tvixmount/lanes.py): that lane's buffer, where the
+    # read's bytes go instead of the ring.
+    lane_buffer: memoryview | None = field(init=False, default=None)
+    pid: int = field(init=False)  # this process's, made after the fork: lane replies name it
 
     def __post_init__(self) -> None:
+        self.pid = os.getpid()
         self.readers = ReaderCache(self.store.blobs.open_read)
         segments = self.ring.segments if self.ring is not None else None
         self.fill_ahead = FillAhead(segments) if segments is not None else None
+
+    def reserve(self, length: int) -> tuple[int, memoryview] | None:
+        """Room for a read's ``length`` bytes: the lane's buffer, else the ring's; None: go inline."""
+        if self.lane_buffer is not None:
+            return (0, self.lane_buffer[:length]) if length <= len(self.lane_buffer) else None
+        ring = self.ring
+        return ring.reserve(length) if ring is not None and length >= RING_MIN else None
+
+    def commit(self, start: int, length: int) -> None:
+        """The reserved bytes are written (a lane's buffer needs no bookkeeping)."""
+        if self.lane_buffer is None:
+            assert self.ring is not None
+            self.ring.commit(start, length)
 
     def close(self) -> None:
         self.readers.clear()
@@ -186,9 +204,10 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
     ``size`` is the file's size as its FileNode says, or -1: a hint for the
     store (see BlobService.open_read), never trusted over the blob itself.
 
-    In a pool worker the bytes go into the worker's shared-memory ring and
-    the reply names them (a RingRef; the dispatcher turns it back into
-    bytes); inline bytes when there is no ring or no room in it.
+    In a pool worker the bytes go into the worker's shared-memory ring, or
+    the buffer of the lane the read came on, and the reply names them (a
+    RingRef; the dispatcher turns it back into bytes); inline bytes when
+    there is neither, or no room.
     """
     _check_len(digest, DIGEST_LEN, "blob digest")
     if offset < 0 or length < 0 or length > MAX_READ:
@@ -202,15 +221,15 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
     length = min(length, reader.size - offset)
     ring = ctx.ring
     segments = ring.segments if ring is not None else None
-    room = ring.reserve(length) if ring is not None and length >= RING_MIN else None
+    room = ctx.reserve(length)
     try:
         if segments is not None and keep_regions(segments, reader, digest, offset, length, ctx.fill_ahead):
             fill = partial(read_kept, segments, reader, digest, offset)  # the regions are in the arena now
-        elif ring is None or room is None:
+        elif room is None:
             return reader.pread(offset, length)
         else:
             fill = partial(reader.pread_into, offset)
-        if ring is None or room is None:
+        if room is None:
             out = bytearray(length)
             with memoryview(out) as view:
                 got = fill(view)
@@ -218,7 +237,7 @@ def blob_read(ctx: Context, digest: bytes, offset: int, length: int, size: int) 
         start, view = room
         with view:
             got = fill(view)
-        ring.commit(start, got)
+        ctx.commit(start, got)
         return RingRef(start, got)
     except IntegrityError:
         ctx.readers.drop(digest)  # nothing of a broken blob stays cached

@@ -79,7 +79,7 @@ def _loop(ctx: Context, handlers: Handlers[Context], req_fd: int, rep_fd: int) -
             except ProtocolError as exc:
                 log.error("worker %d pid %d: %s", ctx.worker_id, os.getpid(), exc)
                 return EXIT_PROTOCOL
-            if not _try_write(rep_fd, *parts):
+            if parts and not _try_write(rep_fd, *parts):
                 return EXIT_OK
         fill = ctx.fill_ahead
         while fill is not None and fill.pending and not _waiting(req_fd):  # idle: verify ahead of readers
@@ -116,24 +116,76 @@ def _handle_read(ctx: Context, request: ReadRequest, handlers: Handlers[Context]
     """``handle`` for a fixed ``blob_read`` request (readwire.py): its struct typed the arguments.
 
     A reply through the ring is a fixed frame too; an inline or error reply
-    is msgpack, as for every op. Nothing is formatted unless it failed.
+    is msgpack, as for every op. A request that came on a lane is answered
+    on that lane (``_answer_on_lane``; nothing for the reply pipe). Nothing
+    is formatted unless it failed.
     """
-    req_id, deadline, digest, offset, length, size = request
+    if request.lane != readwire.NO_LANE:
+        _answer_on_lane(ctx, request, handlers)
+        return ()
+    result = _run_read(ctx, request, handlers)
+    if isinstance(result, BaseException):
+        return (messages.encode_error(request.req_id, result),)
+    if type(result) is RingRef:
+        return (readwire.encode_ring_reply(request.req_id, result),)
+    return messages.encode_reply_parts(request.req_id, result)  # inline: at most MAX_READ, under MAX_FRAME
+
+
+def _run_read(ctx: Context, request: ReadRequest, handlers: Handlers[Context]) -> bytes | RingRef | Exception:
+    """The read's result, or the error to answer with."""
+    _, deadline, digest, offset, length, size, _ = request
     if time.monotonic() > deadline:
-        return (messages.encode_error(
-            req_id, Timeout(f"blob_read: deadline passed before worker {ctx.worker_id} took it up")),)
+        return Timeout(f"blob_read: deadline passed before worker {ctx.worker_id} took it up")
     try:
         with request_deadline(deadline):
-            result = handlers.handler(ops.BLOB_READ)(ctx, digest, offset, length, size)
+            result: bytes | RingRef = handlers.handler(ops.BLOB_READ)(ctx, digest, offset, length, size)
+            return result
     except TvixError as exc:
         log.debug("worker %d: blob_read failed: %s", ctx.worker_id, exc)
-        return (messages.encode_error(req_id, exc),)
+        return exc
     except Exception as exc:  # a bug or an unexpected library error: answer it, keep serving
         log.exception("worker %d pid %d: blob_read raised unexpectedly", ctx.worker_id, os.getpid())
-        return (messages.encode_error(req_id, exc),)
+        return exc
+
+
+def _answer_on_lane(ctx: Context, request: ReadRequest, handlers: Handlers[Context]) -> None:
+    """Read into the lane's buffer and answer on the lane's pipe (tvixmount/lanes.py).
+
+    The bytes (or the error) are in the buffer before the reply is written,
+    and the reply names this process, so the dispatcher takes an answer only
+    from the worker that holds the call. A reply the lane's pipe cannot take
+    has nobody waiting for it (the dispatcher gave the lane up): it is dropped.
+    """
+    lanes = ctx.ring.lanes if ctx.ring is not None else None
+    if lanes is None or not 0 <= request.lane < len(lanes):
+        raise ProtocolError(f"a read on lane {request.lane}, which this worker does not have")
+    buffer = lanes.buffer(request.lane)
+    ctx.lane_buffer = buffer
+    try:
+        result = _run_read(ctx, request, handlers)
+    finally:
+        ctx.lane_buffer = None
+    if type(result) is bytes and len(result) <= len(buffer):  # an empty read at EOF, or a handler's own bytes
+        buffer[:len(result)] = result
+        result = RingRef(0, len(result))
+    if type(result) is RingRef and result.start == 0 and 0 <= result.length <= len(buffer):
+        body = readwire.encode_lane_reply(request.req_id, ctx.pid, result.length)
+    else:
+        if not isinstance(result, BaseException):
+            result = InvalidData(f"blob_read: an answer of {_describe(result)} does not fit lane "
+                                 f"{request.lane} ({len(buffer)} bytes)")
+        error = messages.encode_error_value(result, len(buffer))
+        buffer[:len(error)] = error
+        body = readwire.encode_lane_reply(request.req_id, ctx.pid, len(error), ok=False)
+    if not lanes.send(request.lane, body):
+        log.warning("worker %d pid %d: lane %d is full; the reply to request %d is dropped", ctx.worker_id,
+                    ctx.pid, request.lane, request.req_id)
+
+
+def _describe(result: object) -> str:
     if type(result) is RingRef:
-        return (readwire.encode_ring_reply(req_id, result),)
-    return messages.encode_reply_parts(req_id, result)  # inline: at most MAX_READ bytes, under MAX_FRAME
+        return f"ring bytes [{result.start}+{result.length}]"
+    return f"{len(result)} bytes" if isinstance(result, bytes) else type(result).__name__
 
 
 def _waiting(fd: int) -> bool:

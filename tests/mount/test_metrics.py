@@ -163,7 +163,7 @@ SCRAPED = {
     **{f"tvixmount_vfs_{k}": "gauge" for k in ("inodes", "listings", "listed_entries", "root_names")},
     **{f"tvixmount_pool_{k}": "counter"
        for k in ("requests", "errors", "timeouts", "lost", "resent", "killed", "ring_replies", "ring_bytes",
-                 "own_replies")},
+                 "own_replies", "lane_replies", "lanes_given_up")},
     "tvixmount_worker_restarts": "counter", "tvixmount_pool_backlog": "gauge",
     "tvixmount_pool_workers_ready": "gauge", "tvixmount_pool_inflight": "gauge",
     **{f"tvixmount_readahead_{k}": "counter"

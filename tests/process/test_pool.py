@@ -26,6 +26,7 @@ from tests.worker_fixtures import (
     populate,
     process_exists,
     replaced,
+    stopped_behind_an_earlier_call,
     wait_until,
 )
 from tvixmount import poolstate
@@ -33,19 +34,11 @@ from tvixmount.errors import NotFound, Timeout, Unavailable, WorkerLost
 from tvixmount.fetcher import PoolFetcher
 from tvixmount.pool import WorkerPool
 from tvixmount.protocol import ops
-from tvixmount.store import StoreUrls, memory, open_store
+from tvixmount.store import StoreUrls, open_store
 from workers.loop import serve
 
 MEMORY = StoreUrls.single("memory://")
 SMALL_READ = (b3(SMALL), 0, 100, -1)  # blob_read arguments: digest, offset, length, size hint
-
-
-@pytest.fixture
-def tree():
-    memory.reset()
-    with open_store(MEMORY) as store:
-        yield populate(store)
-    memory.reset()
 
 
 @pytest.fixture
@@ -460,18 +453,8 @@ def test_a_late_reply_to_a_timed_out_call_wakes_nobody(pool, monkeypatch):
     """
     monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
     victim = pool.pids()[0]
-    os.kill(victim, signal.SIGSTOP)
-    try:
-        with ThreadPoolExecutor(1) as executor:
-            earlier = executor.submit(pool.call, ops.DIRECTORY_TREE, ROOT.digest(), 1, affinity=0)
-            assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
-            with pytest.raises(Timeout):
-                pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0, timeout=0.3)
-            assert pool.stats().killed == 0
-            os.kill(victim, signal.SIGCONT)
-            assert earlier.result(timeout=10) == [(ROOT.digest(), ROOT)]
-    finally:
-        os.kill(victim, signal.SIGCONT)
+    with stopped_behind_an_earlier_call(pool), pytest.raises(Timeout):
+        pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0, timeout=0.3)
     for offset in (0, 4096, 131072):  # each its own bytes, none ended early by the stale reply
         got = pool.call(ops.BLOB_READ, b3(BIG), offset, 4096, len(BIG), affinity=0)
         assert got == BIG[offset:offset + 4096]
@@ -565,9 +548,11 @@ def test_the_collector_acting_on_used_up_readiness_does_not_block(pool):
     assert pool.call(ops.BLOB_READ, *SMALL_READ, affinity=0) == SMALL
 
 
-def test_close_ends_a_caller_reading_its_own_reply_at_once(tree):
-    """close() fails pending calls; a caller polling its stopped worker's pipe must hear it too."""
-    pool = WorkerPool(MEMORY, 1, serve, request_timeout=30)
+@pytest.mark.parametrize("lanes", [0, 2], ids=["pipe", "lane"])
+def test_close_ends_a_caller_reading_its_own_reply_at_once(tree, lanes):
+    """close() fails pending calls; a caller polling its stopped worker's pipe, or its own lane
+    (lanes.py), must hear it too."""
+    pool = WorkerPool(MEMORY, 1, serve, request_timeout=30, lanes=lanes)
     pool.start()
     victim = pool.pids()[0]
     os.kill(victim, signal.SIGSTOP)
@@ -583,7 +568,7 @@ def test_close_ends_a_caller_reading_its_own_reply_at_once(tree):
     caller.start()
     try:
         assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
-        time.sleep(0.1)  # it is polling the pipe
+        time.sleep(0.1)  # it is polling the pipe (or its lane)
         started = time.monotonic()
         pool.close()  # the stopped worker keeps it a while (the zygote waits for it)
         caller.join(5)

@@ -1,5 +1,6 @@
 """blob_read's fixed frames (protocol/readwire.py): round trips through a FrameReader beside msgpack
-frames, the worker's handling of one, and every malformed frame rejected as ProtocolError."""
+frames, the worker's handling of one (on the reply pipe and on a lane), and every malformed frame
+rejected as ProtocolError."""
 
 from __future__ import annotations
 
@@ -38,12 +39,24 @@ def _read_all(data: bytes, fixed=None) -> list:
             os.close(w)
 
 
-@given(ids, st.floats(allow_nan=False), st.binary(min_size=32, max_size=32), i64, i64, i64)
-def test_request_round_trip(req_id, deadline, digest, offset, length, size):
-    frame = readwire.encode_request(req_id, deadline, digest, offset, length, size)
+@given(ids, st.floats(allow_nan=False), st.binary(min_size=32, max_size=32), i64, i64, i64,
+       st.integers(0, readwire.NO_LANE))
+def test_request_round_trip(req_id, deadline, digest, offset, length, size, lane):
+    frame = readwire.encode_request(req_id, deadline, digest, offset, length, size, lane=lane)
     assert int.from_bytes(frame[:framing.HEADER_LEN], "big") == len(frame) - framing.HEADER_LEN
     assert readwire.decode_request(frame[framing.HEADER_LEN:]) == (req_id, deadline, digest, offset, length,
-                                                                   size)
+                                                                   size, lane)
+
+
+def test_a_request_without_a_lane_names_none():
+    frame = readwire.encode_request(7, 1.0, DIGEST, 0, 1, -1)
+    assert readwire.decode_request(frame[framing.HEADER_LEN:]).lane == readwire.NO_LANE
+
+
+@given(ids, st.integers(1, (1 << 32) - 1), st.integers(0, (1 << 64) - 1), st.booleans())
+def test_lane_reply_round_trip(req_id, pid, length, ok):
+    body = readwire.encode_lane_reply(req_id, pid, length, ok=ok)
+    assert readwire.decode_lane_reply(body) == (req_id, pid, length, ok)
 
 
 @given(ids, st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1))
@@ -101,6 +114,21 @@ def test_malformed_fixed_replies_are_protocol_errors(body):
         _read_all(_frame(body), fixed=readwire.decode_reply)
 
 
+LANE_REPLY = readwire.encode_lane_reply(7, 1234, 10)
+
+
+@pytest.mark.parametrize("body", [
+    LANE_REPLY[:-1],
+    LANE_REPLY + b"\0",
+    bytes([readwire.MARK, readwire.RING]) + LANE_REPLY[2:],
+    LANE_REPLY[:2] + bytes(8) + LANE_REPLY[10:],
+    LANE_REPLY[:10] + bytes(4) + LANE_REPLY[14:],  # pid 0: no process
+], ids=["short", "long", "ring-kind", "id-0", "pid-0"])
+def test_malformed_lane_replies_are_protocol_errors(body):
+    with pytest.raises(ProtocolError, match="fixed lane reply"):
+        _read_all(_frame(body), fixed=readwire.decode_lane_reply)
+
+
 @pytest.mark.parametrize("args, match", [
     ((DIGEST[:31], 0, 1, -1), "blob digest is 31 bytes"),
     ((DIGEST + b"x", 0, 1, -1), "blob digest is 33 bytes"),
@@ -109,6 +137,7 @@ def test_malformed_fixed_replies_are_protocol_errors(body):
     ((DIGEST, 0, 1.0, -1), r"got \(bytes, int, float"),
     ((DIGEST, 1 << 63, 1, -1), "out of range"),
     ((DIGEST, 0, 1, -(1 << 63) - 1), "out of range"),
+    ((DIGEST, 0, 1, -1, 1 << 16), "lane 65536 out of range"),
 ])
 def test_arguments_a_fixed_request_cannot_hold_are_invalid(args, match):
     with pytest.raises(InvalidArgument, match=match):
@@ -123,7 +152,7 @@ def test_blob_read_is_the_op_with_a_fixed_request():
 def test_the_mark_starts_no_msgpack_value():
     with pytest.raises(ProtocolError):
         framing.unpack(bytes([readwire.MARK]))
-    assert struct.calcsize(">BBQd32sqqq") == readwire.REQUEST_BODY
+    assert struct.calcsize(">BBQd32sqqqH") == readwire.REQUEST_BODY
 
 
 @pytest.fixture
@@ -163,3 +192,66 @@ def test_a_worker_answers_a_bad_or_late_fixed_request_with_an_error(worker_conte
     assert _reply(handle(worker_context, ReadRequest(4, 1e12, bytes(32), 0, 10, -1)))[2][0] == "not_found"
     code, message = _reply(handle(worker_context, ReadRequest(5, 1.0, b3(BIG), 0, 10, -1)))[2]
     assert code == "timeout" and "deadline passed before worker 0 took it up" in message
+
+
+@pytest.fixture
+def lane_context(worker_context):
+    """The worker context with a ring and two lanes, and the dispatcher's end of lane 1."""
+    from tvixmount.lanes import Lanes
+    from tvixmount.shmring import Arena
+    from workers.handlers import Context
+
+    arena = Arena(1, 1 << 20, lanes=Lanes(2))
+    ctx = Context(0, worker_context.store, arena.writer(0))
+    assert arena.lanes is not None
+    arena.lanes.take()
+    lane = arena.lanes.take()
+    yield ctx, lane
+    arena.close()
+
+
+def test_a_worker_answers_a_lane_request_in_the_lanes_buffer_naming_itself(lane_context):
+    from tests.worker_fixtures import BIG, b3
+    from workers.loop import handle
+
+    ctx, lane = lane_context
+    assert handle(ctx, ReadRequest(9, 1e12, b3(BIG), 1000, 131072, len(BIG), 1)) == ()  # nothing on the pipe
+    (reply,) = lane.replies()
+    assert reply == readwire.LaneReply(9, os.getpid(), 131072, True)
+    assert lane.copy(reply.length) == BIG[1000:1000 + 131072]
+    assert lane.replies() == []  # one reply per request
+    assert handle(ctx, ReadRequest(10, 1e12, b3(BIG), len(BIG), 10, len(BIG), 1)) == ()  # at EOF: no bytes
+    assert lane.replies() == [readwire.LaneReply(10, os.getpid(), 0, True)]
+
+
+def test_a_worker_answers_a_failed_lane_request_with_the_error_in_the_buffer(lane_context):
+    from tests.worker_fixtures import BIG, b3
+    from workers.loop import handle
+
+    ctx, lane = lane_context
+    handle(ctx, ReadRequest(4, 1e12, bytes(32), 0, 10, -1, 1))
+    handle(ctx, ReadRequest(5, 1.0, b3(BIG), 0, 10, -1, 1))
+    first, second = lane.replies()
+    assert (first.req_id, first.ok, second.req_id, second.ok) == (4, False, 5, False)
+    code, message = messages.decode_error_value(lane.copy(second.length))  # the later one is in the buffer
+    assert code == "timeout" and "deadline passed before worker 0 took it up" in message
+
+
+def test_a_request_on_a_lane_the_worker_lacks_is_a_protocol_error(lane_context, worker_context):
+    from tests.worker_fixtures import BIG, b3
+    from workers.loop import handle
+
+    ctx, _ = lane_context
+    with pytest.raises(ProtocolError, match="lane 2, which this worker does not have"):
+        handle(ctx, ReadRequest(9, 1e12, b3(BIG), 0, 10, len(BIG), 2))
+    with pytest.raises(ProtocolError, match="lane 0, which this worker does not have"):
+        handle(worker_context, ReadRequest(9, 1e12, b3(BIG), 0, 10, len(BIG), 0))  # no ring, no lanes
+
+
+def test_an_error_value_is_cut_to_fit():
+    from tvixmount.errors import NotFound
+
+    data = messages.encode_error_value(NotFound("ü" * 10_000), 2048)
+    assert len(data) <= 2048
+    code, message = messages.decode_error_value(data)
+    assert code == "not_found" and message.endswith("...")

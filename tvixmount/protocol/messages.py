@@ -77,9 +77,33 @@ def encode_reply_parts(req_id: int, result: Any) -> tuple[bytes, ...]:
 
 def encode_error(req_id: int, exc: BaseException) -> bytes:
     """An error reply: TvixErrors keep their code, anything else is a plain TvixError."""
+    return pack([req_id, ERR, _error_value(exc)])
+
+
+def encode_error_value(exc: BaseException, limit: int) -> bytes:
+    """An error alone, ``[code, message]``, in at most ``limit`` bytes (the message cut to fit).
+
+    For a read answered on a lane, whose buffer holds the error (readwire.py).
+    """
+    value = _error_value(exc)
+    data = pack(value)
+    if len(data) > limit:
+        data = pack([value[0], value[1][:max(0, limit // 4 - 16)] + "..."])  # 4 bytes a character at most
+    return data
+
+
+def decode_error_value(data: Any) -> tuple[str, str]:
+    """``encode_error_value``'s bytes back as (code, message); ProtocolError if they are not one."""
+    value = unpack(data)
+    if type(value) is list and len(value) == 2 and type(value[0]) is str and type(value[1]) is str:
+        return value[0], value[1]
+    raise ProtocolError(f"malformed error: {preview(value)}")
+
+
+def _error_value(exc: BaseException) -> list[str]:
     code = exc.code if isinstance(exc, TvixError) else TvixError.code
     message = str(exc) if isinstance(exc, TvixError) else f"{type(exc).__name__}: {exc}"
-    return pack([req_id, ERR, [code, message]])
+    return [code, message]
 
 
 def decode_reply(msg: Any) -> tuple[int, bool, Any]:

@@ -14,10 +14,18 @@ reader tells the two apart by one byte and a reader that knows no fixed
 frames (``FrameReader`` without ``fixed``) rejects it as undecodable.
 
 * request: MARK, ``READ``, id (u64, > 0), deadline (f64, monotonic),
-  digest (32 bytes), offset, length, size hint (i64 each; -1: no hint);
+  digest (32 bytes), offset, length, size hint (i64 each; -1: no hint),
+  lane (u16; ``NO_LANE``: the reply goes on the worker's reply pipe);
 * reply:   MARK, ``RING``, id (u64, > 0), ring start (u64), length (u64):
   the verified bytes are in the sender's ring (shmring.py), exactly as a
-  msgpack reply ``[id, OK, RingRef(start, length)]`` says.
+  msgpack reply ``[id, OK, RingRef(start, length)]`` says;
+* lane reply, on the request's lane (lanes.py): MARK, ``LANE``, id (u64,
+  > 0), the sender's pid (u32), length (u64): the verified bytes are the
+  first ``length`` bytes of the lane's buffer; ``LANE_ERROR`` instead of
+  ``LANE``: the read failed, and the buffer holds the error, msgpack
+  ``[code, message]`` (messages.encode_error_value). Errors carry the pid
+  too, so the dispatcher takes every answer only from the process that
+  holds the call.
 
 A body of the wrong length, kind or id is ProtocolError, as for any frame.
 """
@@ -34,15 +42,20 @@ from .messages import OK
 
 READ = 1
 RING = 2
+LANE = 3
+LANE_ERROR = 4
 DIGEST = 32
+NO_LANE = 0xFFFF
 
 # The request is packed as a whole frame (its length header first: the pool writes it in one
 # os.write); the reply as a body (the worker's write_frame puts the header in front).
-_REQUEST_BODY = struct.Struct(">BBQd32sqqq")
+_REQUEST_BODY = struct.Struct(">BBQd32sqqqH")
 _REQUEST = struct.Struct(">I" + _REQUEST_BODY.format[1:])
 _REPLY_BODY = struct.Struct(">BBQQQ")
+_LANE_BODY = struct.Struct(">BBQIQ")
 REQUEST_BODY = _REQUEST_BODY.size
 REPLY_BODY = _REPLY_BODY.size
+LANE_BODY = _LANE_BODY.size
 
 
 class ReadRequest(NamedTuple):
@@ -54,10 +67,23 @@ class ReadRequest(NamedTuple):
     offset: int
     length: int
     size: int
+    lane: int = NO_LANE
+
+
+class LaneReply(NamedTuple):
+    """A decoded lane reply: ``length`` bytes in the lane's buffer, written by process ``pid``.
+
+    ``ok``: they are the verified bytes read; otherwise the error (``messages.decode_error_value``).
+    """
+
+    req_id: int
+    pid: int
+    length: int
+    ok: bool = True
 
 
 def encode_request(req_id: int, deadline: float, digest: object, offset: object, length: object,
-                   size: object) -> bytes:
+                   size: object, lane: int = NO_LANE) -> bytes:
     """The whole frame of a ``blob_read`` request; InvalidArgument for arguments that do not fit.
 
     The same checks as the op's argument types (ops.BLOB_READ): exact
@@ -70,10 +96,10 @@ def encode_request(req_id: int, deadline: float, digest: object, offset: object,
     if len(digest) != DIGEST:
         raise InvalidArgument(f"blob digest is {len(digest)} bytes, not {DIGEST}")
     try:
-        return _REQUEST.pack(REQUEST_BODY, MARK, READ, req_id, deadline, digest, offset, length, size)
+        return _REQUEST.pack(REQUEST_BODY, MARK, READ, req_id, deadline, digest, offset, length, size, lane)
     except struct.error:
-        raise InvalidArgument(f"blob_read: offset {offset}, length {length} or size {size} out of range") \
-            from None
+        raise InvalidArgument(f"blob_read: offset {offset}, length {length}, size {size} or lane {lane} "
+                              "out of range") from None
 
 
 def encode_ring_reply(req_id: int, ref: RingRef) -> bytes:
@@ -85,10 +111,10 @@ def decode_request(body: memoryview | bytes) -> ReadRequest:
     """A fixed request body (MARK first); ProtocolError for anything else."""
     if len(body) != REQUEST_BODY:
         raise ProtocolError(f"fixed request of {len(body)} bytes, not {REQUEST_BODY}")
-    _, kind, req_id, deadline, digest, offset, length, size = _REQUEST_BODY.unpack(body)
+    _, kind, req_id, deadline, digest, offset, length, size, lane = _REQUEST_BODY.unpack(body)
     if kind != READ or req_id <= 0:
         raise ProtocolError(f"fixed request of kind {kind} with id {req_id}")
-    return ReadRequest(req_id, deadline, digest, offset, length, size)
+    return ReadRequest(req_id, deadline, digest, offset, length, size, lane)
 
 
 def decode_reply(body: memoryview | bytes) -> list[object]:
@@ -99,3 +125,18 @@ def decode_reply(body: memoryview | bytes) -> list[object]:
     if kind != RING or req_id <= 0:
         raise ProtocolError(f"fixed reply of kind {kind} with id {req_id}")
     return [req_id, OK, RingRef(start, length)]
+
+
+def encode_lane_reply(req_id: int, pid: int, length: int, ok: bool = True) -> bytes:
+    """The body of a read's reply whose bytes (or error) are in its lane's buffer (lanes.py)."""
+    return _LANE_BODY.pack(MARK, LANE if ok else LANE_ERROR, req_id, pid, length)
+
+
+def decode_lane_reply(body: memoryview | bytes) -> LaneReply:
+    """A fixed lane reply body; ProtocolError for anything else."""
+    if len(body) != LANE_BODY:
+        raise ProtocolError(f"fixed lane reply of {len(body)} bytes, not {LANE_BODY}")
+    _, kind, req_id, pid, length = _LANE_BODY.unpack(body)
+    if kind not in (LANE, LANE_ERROR) or req_id <= 0 or pid <= 0:
+        raise ProtocolError(f"fixed lane reply of kind {kind} with id {req_id} from pid {pid}")
+    return LaneReply(req_id, pid, length, kind == LANE)
