@@ -25,9 +25,12 @@ read's typical cost; means add up):
   worker       wake-up until the request is decoded; checks and deadline
                scope; the blob_read handler (segment pread + blake3, ring
                copy); reply encoding; reply write
-  collector    wake-up; read and unpack of the frames; ring take (copy out);
-               complete (state lock, latch release); its work after that
-               until it sleeps again (holding the GIL)
+  reader       whoever reads the reply: the calling thread itself on its
+               lane (tvixmount/lanes.py), else the collector or a caller
+               leading the worker's pipe. Wake-up; read and unpack of the
+               frames; the copy out (of the lane's buffer, or the ring take);
+               complete (state lock, latch release); a collector's work after
+               that until it sleeps again (holding the GIL)
   FUSE thread  wake-up until pool.call returns; handler out (decode, lock
                re-acquired)
   outside      the reader's p50 minus the handler's: kernel, llfuse's C
@@ -93,13 +96,14 @@ class Trace:
         self.routed: dict[int, int] = {}
         self.writes: list[tuple[int, int]] = []  # request pipe writes: start, end
         self.select_enter: list[int] = []  # the collector going back to sleep
+        self.on_lane: set[int] = set()  # requests answered on their caller's lane (no collector)
 
     def install(self) -> None:
         """Wrap the steps of a read; must run before the pool forks its zygote."""
         import blake3
 
         import workers.loop as loop
-        from tvixmount import collector, fuse_ops, poolstate
+        from tvixmount import collector, fuse_ops, lanes, poolstate
         from tvixmount import pool as pool_mod
         from tvixmount.store import segments
 
@@ -193,6 +197,31 @@ class Trace:
 
         collector.Collector.deliver = traced_deliver
 
+        # a read on its caller's lane: the caller wakes, reads the lane, copies the buffer out
+        lane_replies, lane_copy = lanes.Lane.replies, lanes.Lane.copy
+        take_lane = pool_mod.WorkerPool._take_lane_reply
+
+        def traced_lane_replies(lane: Any) -> Any:
+            trace.local.woke = T()
+            return lane_replies(lane)
+
+        def traced_lane_copy(lane: Any, length: int) -> bytes:
+            start = T()
+            data = lane_copy(lane, length)
+            trace.local.copied = (start, T())
+            return data
+
+        def traced_take_lane(pool: Any, c: Any, lane: Any, reply: Any) -> bool:
+            taken = take_lane(pool, c, lane, reply)
+            if taken:
+                trace.took[c.id] = (trace.local.woke, *trace.local.copied)
+                trace.on_lane.add(c.id)
+            return taken
+
+        lanes.Lane.replies = traced_lane_replies
+        lanes.Lane.copy = traced_lane_copy
+        pool_mod.WorkerPool._take_lane_reply = traced_take_lane
+
         # the worker's side: its request loop, the segment read and blake3
         handle, segment = loop.handle, segments.SegmentFile.segment
         (blob_op, blob_read), try_write = loop.HANDLERS._by_name["blob_read"], loop._try_write
@@ -223,19 +252,24 @@ class Trace:
             finally:
                 spent[3] = T()
 
-        pending: list[Any] = []
+        pending: list[Any] = []  # the current read: request id, start, then (when replied) the rest
+        reading: list[Any] = []
 
         def traced_handle(ctx: Any, message: Any, *rest: Any) -> tuple[bytes, ...]:
             spent[0] = spent[1] = 0
             start = T()
+            pending.clear()
+            is_read = (type(message) is list and message and message[1] == "blob_read") \
+                or type(message).__name__ == "ReadRequest"  # the lean wire's fixed request
+            reading[:] = [message[0], start] if is_read else []
             parts = handle(ctx, message, *rest)
-            if (type(message) is list and message and message[1] == "blob_read") \
-                    or type(message).__name__ == "ReadRequest":  # the lean wire's fixed request
-                pending[:] = [message[0], start, T(), *spent]
+            if reading and parts:  # answered on the reply pipe, written once handle returned
+                pending[:] = [*reading, T(), *spent]
+            reading.clear()
             return parts
 
-        def traced_try_write(fd: int, *parts: bytes) -> bool:
-            ok = try_write(fd, *parts)
+        def written() -> None:
+            """The reply of the pending read is out."""
             if pending:
                 buffered.append(WORKER_RECORD.pack(*pending, T()))
                 pending.clear()
@@ -243,10 +277,24 @@ class Trace:
                     with open(trace.out_dir / f"worker-{os.getpid()}.bin", "ab") as f:
                         f.write(b"".join(buffered))
                     buffered.clear()
+
+        def traced_try_write(fd: int, *parts: bytes) -> bool:
+            ok = try_write(fd, *parts)
+            written()
+            return ok
+
+        lane_send = lanes.LaneWriter.send
+
+        def traced_lane_send(writer: Any, lane: int, body: bytes) -> bool:
+            if reading:  # answered on its lane, from inside handle
+                pending[:] = [*reading, T(), *spent]
+            ok = lane_send(writer, lane, body)
+            written()
             return ok
 
         loop.handle = traced_handle
         loop._try_write = traced_try_write
+        lanes.LaneWriter.send = traced_lane_send
         loop.HANDLERS._by_name["blob_read"] = (blob_op, traced_blob_read)
         segments.SegmentFile.segment = traced_segment
         segments.blake3 = TimedBlake3()
@@ -286,7 +334,8 @@ class Trace:
             # the collector's next sleep after it completed this call (it holds the GIL till then)
             done = self.completed[req]
             at = bisect.bisect_left(sleeps, done)
-            slept = sleeps[at] if at < len(sleeps) else done
+            on_lane = req in self.on_lane  # read by its caller: no collector to go back to sleep
+            slept = sleeps[at] if at < len(sleeps) and not on_lane else done
             steps = {
                 "handler in": call_in - entry,
                 "pool.call to route (Call(), request encoding, state lock)": routed - call_in,
@@ -301,7 +350,7 @@ class Trace:
                 "worker: reply write": w_written - w_end,
                 "reader wake (reply written -> the collector or the caller reads)": woke - w_written,
                 "reader: read + unpack frames": took_start - woke,
-                "reader: ring take (copy out)": took_end - took_start,
+                "reader: copy out (the lane's buffer, or the ring)": took_end - took_start,
                 "reader: complete (state lock, latch release)": done - took_end,
                 "collector: after complete until it sleeps again": slept - done,
                 "caller wake (latch released -> pool.call returns)": call_out - done,
