@@ -297,7 +297,8 @@ class WorkerPool:
             latch = self._latches.latch = threading.Lock()
             latch.acquire()
         lanes = self._lanes
-        lane = self._lane() if op is ops.BLOB_READ and lanes is not None and args[2] <= lanes.size else None
+        lane = (self._lane() if op is ops.BLOB_READ and lanes is not None and len(args) == 4
+                and type(args[2]) is int and args[2] <= lanes.size else None)  # bad arguments: Call() says
         call = Call(next(self._ids), op, args, self.request_timeout if timeout is None else timeout,
                     affinity, idempotent, latch, None if lane is None else lane.index)
         if len(call.frame) > select.PIPE_BUF:

@@ -82,6 +82,8 @@ class Call:
         # Re-sent as is. InvalidArgument (before anything was sent) for arguments a fixed frame cannot hold.
         if op.fixed is None:
             self.frame = encode_request(req_id, op.name, args, self.deadline)
+        elif len(args) != len(op.arg_types):  # the fixed encoder checks the types, not the count
+            op.check_args(args)
         elif lane is None:
             self.frame = op.fixed(req_id, self.deadline, *args)
         else:

@@ -25,7 +25,7 @@ from tests.worker_fixtures import (
     wait_until,
 )
 from tvixmount import poolstate
-from tvixmount.errors import Timeout, Unavailable
+from tvixmount.errors import InvalidArgument, Timeout, Unavailable
 from tvixmount.lanes import LANE_BYTES, Lanes
 from tvixmount.pool import WorkerPool
 from tvixmount.protocol import framing, ops, readwire
@@ -218,3 +218,11 @@ def _ends(pid: int, pipes: set[str]) -> dict[str, int]:
                 flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
             out[target] = flags & os.O_ACCMODE
     return out
+
+
+@pytest.mark.parametrize("args", [(DIGEST, 0, "4096", -1), (DIGEST, 0), (DIGEST[:31], 0, 4096, -1)],
+                         ids=["length-a-string", "too-few", "short-digest"])
+def test_a_read_with_bad_arguments_is_invalid_before_any_lane_is_taken(pool, args):
+    with pytest.raises(InvalidArgument):
+        pool.call(ops.BLOB_READ, *args)
+    assert pool.stats().requests == 2  # the pings of start-up: nothing was sent
