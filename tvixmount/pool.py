@@ -170,6 +170,7 @@ class WorkerPool:
             if lanes is not None:
                 lanes.forked()  # the zygote and its workers hold the write ends; this process never writes
                 self._lanes = lanes
+                state.lanes = lanes.count
             self._zygote_pid = self._zygote.pid
             log.debug("zygote pid %d started for %s", self._zygote_pid, describe(self.urls))
             self._collector = Collector(state, ctl, self._zygote_pid, describe(self.urls), self.start_timeout,

@@ -174,6 +174,7 @@ class PoolState:
             ("requests", "errors", "timeouts", "lost", "resent", "restarts", "killed", "ring_replies",
              "ring_bytes", "own_replies", "lane_replies", "lanes_given_up"), 0)
         self.lane_waiters = 0  # callers waiting on their lane now (close() waits for them)
+        self.lanes = 0  # lanes made at start (lanes.py), for stats
         self._rotor = 0
 
     @property
@@ -349,6 +350,7 @@ class PoolState:
             state=self.phase,
             failures=counts["errors"] + counts["timeouts"] + counts["lost"],
             backlog=len(self.backlog),
+            lanes=self.lanes,
             **counts,
         )
 
@@ -381,6 +383,7 @@ class PoolStats:
     restarts: int = counter("worker processes restarted after dying", name="worker_restarts")
     failures: int = 0  # errors + timeouts + lost
     backlog: int = gauge("store requests waiting for a ready worker")
+    lanes: int = gauge("lanes for reading threads' own replies, 128 KiB of shared memory each")
 
 
 def summarize(args: Iterable[Any], limit: int = 120) -> str:

@@ -146,7 +146,7 @@ def test_timed_counts_ops_errnos_and_read_bytes():
 def _mount_stats(metrics: FuseMetrics) -> MountStats:
     pool = PoolStats(workers={0: WorkerStats(pid=11, ready=True, inflight=2, restarts=1),
                               1: WorkerStats(pid=None, ready=False, inflight=0, restarts=3)},
-                     state="running", requests=7, restarts=4, failures=1, backlog=5)
+                     state="running", requests=7, restarts=4, failures=1, backlog=5, lanes=20)
     return MountStats(fuse=metrics.snapshot(), vfs=VfsStats(inodes=3), fetcher=pool,
                       readahead=ReadaheadStats(hits=6, waited=3, pending=2),
                       tree_ahead=TreeAheadStats(fetched=9), small_blobs=SmallBlobStats(hits=12, capacity=64),
@@ -165,6 +165,7 @@ SCRAPED = {
        for k in ("requests", "errors", "timeouts", "lost", "resent", "killed", "ring_replies", "ring_bytes",
                  "own_replies", "lane_replies", "lanes_given_up")},
     "tvixmount_worker_restarts": "counter", "tvixmount_pool_backlog": "gauge",
+    "tvixmount_pool_lanes": "gauge",
     "tvixmount_pool_workers_ready": "gauge", "tvixmount_pool_inflight": "gauge",
     **{f"tvixmount_readahead_{k}": "counter"
        for k in ("scheduled", "fetched", "failed", "hits", "waited", "evicted")},
@@ -188,6 +189,7 @@ def test_scrape_exports_the_declared_fields_under_their_promised_names():
     assert values["tvixmount_pool_requests_total"] == 7
     assert values["tvixmount_worker_restarts_total"] == 4
     assert values["tvixmount_pool_backlog"] == 5
+    assert values["tvixmount_pool_lanes"] == 20
     assert values["tvixmount_pool_workers_ready"] == 1
     assert values["tvixmount_pool_inflight"] == 2
     assert values["tvixmount_readahead_hits_total"] == 6
@@ -297,7 +299,8 @@ def test_metrics_count_what_was_read(local_store, mount):
     assert metric(after, "tvixmount_cache_hits_total", cache="listing") >= 1
     assert metric(after, "tvixmount_pool_requests_total") > metric(before, "tvixmount_pool_requests_total")
     assert metric(after, "tvixmount_pool_timeouts_total") == 0
-    assert metric(after, "tvixmount_worker_restarts_total") == 0
+    assert metric(after, "tvixmount_pool_lanes") >= 12  # 2 x (threads + readahead files) + 4
+    assert metric(after, "tvixmount_pool_lane_replies_total") >= 1  # the reads came on their lanes
     assert metric(after, "tvixmount_pool_workers_ready") == 2
     assert metric(after, "tvixmount_vfs_inodes") >= 3
 

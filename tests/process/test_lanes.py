@@ -74,6 +74,7 @@ def test_reads_from_many_threads_come_on_their_lanes_with_their_own_bytes(pool):
     stats = pool.stats()
     assert stats.lane_replies == 400 and stats.own_replies == 2  # the pings of start-up: on the pipes
     assert stats.ring_replies == 0 and stats.lanes_given_up == 0 and stats.failures == 0
+    assert stats.lanes == 4
     assert pool.call(ops.DIRECTORY_TREE, ROOT.digest(), 1) == [(ROOT.digest(), ROOT)]  # other ops: the pipes
 
 
