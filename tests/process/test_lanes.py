@@ -191,6 +191,9 @@ def test_workers_hold_every_lanes_write_end_and_only_the_dispatcher_a_read_end(p
         held = _ends(pid, pipes)
         assert set(held) == pipes, f"pid {pid} lacks a lane"
         assert all(mode == os.O_WRONLY for mode in held.values()), f"pid {pid} holds a lane's read end"
+    with WorkerPool(MEMORY, 1, serve, request_timeout=10, lanes=2) as other:  # forked after: none of ours
+        for pid in (other._zygote_pid, *other.pids()):
+            assert pid is not None and not _ends(pid, pipes), f"pid {pid} of another pool holds our lanes"
 
 
 def test_lanes_are_never_handed_out_twice_nor_after_they_were_given_up():
