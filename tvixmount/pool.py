@@ -387,6 +387,7 @@ class WorkerPool:
                     worker.inflight.pop(call.id, None)  # not re-sent: its answer would go to this lane
                 elif call in state.backlog:
                     state.backlog.remove(call)
+                state.counts["errors"] += 1
                 state.complete(call, False, ("unavailable", f"{call.what()}: a malformed reply on lane "
                                                             f"{lane.index} ({exc})"))
         finally:

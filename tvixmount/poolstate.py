@@ -243,18 +243,25 @@ class PoolState:
         return best
 
     def _send(self, worker: Worker, call: Call) -> bool:
-        """Write the request; False if the pipe took nothing (full, or the worker is gone)."""
-        try:
-            os.write(worker.req_fd, call.frame)
-        except BlockingIOError:
-            log.debug("worker %d pid %d: request pipe full; trying another", worker.id, worker.pid)
-            return False
-        except OSError as exc:
-            log.debug("worker %d pid %d: request pipe broken (%s)", worker.id, worker.pid, exc)
-            worker.doomed = worker.doomed or "its request pipe broke"
-            return False
+        """Write the request; False if the pipe took nothing (full, or the worker is gone).
+
+        The call is on the worker's books before the request is written: an
+        answer on a lane is read without the state lock (pool._await_lane),
+        and may come before this thread has run again after the write.
+        """
         worker.inflight[call.id] = call
         call.worker = worker
+        try:
+            os.write(worker.req_fd, call.frame)
+        except OSError as exc:
+            del worker.inflight[call.id]
+            call.worker = None
+            if isinstance(exc, BlockingIOError):
+                log.debug("worker %d pid %d: request pipe full; trying another", worker.id, worker.pid)
+            else:
+                log.debug("worker %d pid %d: request pipe broken (%s)", worker.id, worker.pid, exc)
+                worker.doomed = worker.doomed or "its request pipe broke"
+            return False
         call.sends += 1
         call.sent_at = time.monotonic()
         return True

@@ -190,7 +190,7 @@ def test_hung_worker_is_killed_at_half_the_deadline_and_its_reads_resent(mounted
     replaced = wait_workers(m, 2, exclude=(victim,))
     after = _pool(m)
     assert after["killed"] == before["killed"] + 1
-    assert after["resent"] > before["resent"]
+    assert after["resent"] > before["resent"], (before, after, cursor.lines("WARNING"))
     assert (after["timeouts"], after["lost"]) == (before["timeouts"], before["lost"])
     assert after["workers"]["1"]["pid"] == replaced[1]
     assert "hung" in line
@@ -254,7 +254,7 @@ def test_garbage_on_a_reply_pipe_kills_and_replaces_the_worker(mounted: tuple[Mo
     replaced = wait_workers(m, 2, exclude=(victim,))
     after = _pool(m)
     assert after["killed"] == before["killed"] + 1
-    assert after["resent"] > before["resent"]
+    assert after["resent"] > before["resent"], (before, after, cursor.lines("WARNING"))
     assert after["workers"]["0"]["pid"] == replaced[0]
 
 

@@ -173,7 +173,7 @@ def test_a_malformed_answer_on_a_lane_fails_the_read_at_once_and_kills_the_worke
             future.result(timeout=5)
         assert time.monotonic() - started < 2
     assert wait_until(lambda: replaced(pool, 0, victim), 15)
-    assert pool.stats().lanes_given_up == 1 and pool.stats().resent == 0
+    assert pool.stats().lanes_given_up == 1 and pool.stats().resent == 0 and pool.stats().errors == 1
     assert any(f"worker 0 pid {victim}: sent a malformed reply on lane {lane}" in r.getMessage()
                for r in caplog.records)
     assert _read(pool, 0, affinity=0) == BIG[:4096]
