@@ -12,7 +12,9 @@ Invariants:
   table or the ``backlog`` (no worker was ready). Whoever takes it out
   either completes it, exactly once (``complete``), or places it again
   (``route``).
-* A call is written only to a worker that is ready and not doomed.
+* A call is written only to a worker that is ready and not doomed, and is
+  on that worker's books (``inflight``, ``Call.worker``) before its request
+  is written: an answer on a lane is read without the state lock.
 * ``Worker.doomed`` is set once we know (or decided) the worker is dead:
   it gets no new calls, and the collector retires it on its EOF.
 * Worker ids are slots 0..N-1; a restart keeps the id and changes the pid.
