@@ -351,11 +351,17 @@ class TvixOperations(llfuse.Operations):
     def _take_or_wait(source: SmallBlobs | SmallFileReadahead, node: FileNode, off: int,
                       length: int) -> bytes | None:
         """The bytes ``source`` fetched ahead, waiting (lock released, at most ``source.wait``) for a
-        fetch of them in flight; None: the read asks a worker itself."""
+        fetch of them in flight; None: the read asks a worker itself.
+
+        Looked up again even when no fetch is in flight: one may have landed
+        between the first look and the question (each takes the source's lock
+        on its own), and its bytes would otherwise be fetched a second time.
+        """
         data = source.take(node, off, length)
-        if data is None and (event := source.waiter(node)) is not None:
-            with llfuse.lock_released:
-                event.wait(source.wait)
+        if data is None:
+            if (event := source.waiter(node)) is not None:
+                with llfuse.lock_released:
+                    event.wait(source.wait)
             data = source.take(node, off, length)
         return data
 
