@@ -114,7 +114,8 @@ class Context:
         self.fill_ahead = FillAhead(segments) if segments is not None else None
 
     def reserve(self, length: int) -> tuple[int, memoryview] | None:
-        """Room for a read's ``length`` bytes: the lane's buffer, else the ring's; None: go inline."""
+        """Room for a reply's ``length`` bytes: the lane's buffer (a read on a lane), else the ring's; None:
+        go inline."""
         if self.lane_buffer is not None:
             return (0, self.lane_buffer[:length]) if length <= len(self.lane_buffer) else None
         ring = self.ring
@@ -261,15 +262,14 @@ def blob_batch(ctx: Context, digests: bytes, sizes: list[int]) -> bytes | RingRe
             blobs.append(None)
         else:
             blobs.append(got)
-    ring = ctx.ring
     length = batch.reply_length([-1 if b is None else len(b) for b in blobs])
-    room = ring.reserve(length) if ring is not None and length >= RING_MIN else None
-    if ring is None or room is None:
+    room = ctx.reserve(length)
+    if room is None:
         return batch.pack_reply(blobs)
     start, view = room
     with view:
         batch.pack_reply_into(view, blobs)
-    ring.commit(start, length)
+    ctx.commit(start, length)
     return RingRef(start, length)
 
 
