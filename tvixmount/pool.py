@@ -380,13 +380,9 @@ class WorkerPool:
                         answered = True
         except ProtocolError as exc:  # bytes no worker of ours writes: whoever holds the call is broken
             with state.lock:
-                worker = call.worker
-                if worker is not None:
-                    if not worker.doomed:
-                        state.kill(worker, f"sent a malformed reply on lane {lane.index} ({exc})")
-                    worker.inflight.pop(call.id, None)  # not re-sent: its answer would go to this lane
-                elif call in state.backlog:
-                    state.backlog.remove(call)
+                worker = state.take_back(call)  # not re-sent: its answer would go to this lane
+                if worker is not None and not worker.doomed:
+                    state.kill(worker, f"sent a malformed reply on lane {lane.index} ({exc})")
                 state.counts["errors"] += 1
                 state.complete(call, False, ("unavailable", f"{call.what()}: a malformed reply on lane "
                                                             f"{lane.index} ({exc})"))

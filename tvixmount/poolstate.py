@@ -297,23 +297,31 @@ class PoolState:
         """
         if call.finished:
             return  # the reply won the race
-        worker = call.worker
+        worker = self.take_back(call)
         now = time.monotonic()
-        if worker is not None and worker.inflight.get(call.id) is call:
+        if worker is not None:
             busy_earlier = any(other.sent_at < call.sent_at and other.deadline > now
-                               for other in worker.inflight.values() if other is not call)
-            del worker.inflight[call.id]
+                               for other in worker.inflight.values())
             where = f"on worker {worker.id} pid {worker.pid}"
             silent = now - worker.last_reply
             if (worker.last_reply < call.sent_at and now - call.sent_at >= call.timeout * HANG_FRACTION
                     and not busy_earlier and not worker.doomed):
                 self.kill(worker, f"no reply for {silent:.1f} s ({call.what()} timed out)")
         else:
-            with contextlib.suppress(ValueError):
-                self.backlog.remove(call)
             where = "waiting for a ready worker"
         self.counts["timeouts"] += 1
         self.complete(call, False, ("timeout", f"{call.what()} timed out after {call.timeout:.1f} s {where}"))
+
+    def take_back(self, call: Call) -> Worker | None:
+        """Take an unanswered call out of its place; the worker whose books it was on (None: the
+        backlog, or nowhere). Whoever takes it back completes it or places it again."""
+        worker = call.worker
+        if worker is not None and worker.inflight.get(call.id) is call:
+            del worker.inflight[call.id]
+            return worker
+        with contextlib.suppress(ValueError):
+            self.backlog.remove(call)
+        return None
 
     def kill(self, worker: Worker, why: str) -> None:
         """SIGKILL a worker; the collector retires it when its reply pipe reports EOF."""
