@@ -63,7 +63,6 @@ class Lanes:
         self._pipes = [os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC) for _ in range(count)]
         self._lock = threading.Lock()
         self._free = list(range(count - 1, -1, -1))  # taken from the end: lane 0 first
-        self._given_up = 0
         self._taken: list[Lane] = []
         self._writes_open = True  # this process still holds the write ends (until forked())
 
@@ -98,17 +97,6 @@ class Lanes:
             self._taken.append(lane)
         return lane
 
-    def give_up(self, lane: Lane) -> None:
-        """``lane`` is never used again (a call on it ended without its reply: see the rules)."""
-        with self._lock:
-            self._given_up += 1
-        lane.given_up = True
-
-    @property
-    def given_up(self) -> int:
-        with self._lock:
-            return self._given_up
-
     def close(self) -> None:
         """Close the read ends and unmap, once no thread waits on a lane (the pool is closed)."""
         with self._lock:
@@ -137,6 +125,11 @@ class Lane:
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
         self.given_up = False
+
+    def give_up(self) -> None:
+        """Never use this lane again: a call on it ended without its reply (see the rules). Its
+        number is not handed out again either (``Lanes.take`` gives each number once)."""
+        self.given_up = True
 
     def replies(self) -> list[object] | None:
         """The replies in the pipe now (ProtocolError for bytes that are none); None: every writer is gone."""

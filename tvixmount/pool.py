@@ -392,7 +392,7 @@ class WorkerPool:
                     state.lane_waiters -= 1
                     if call.sends:
                         state.counts["lanes_given_up"] += 1
-                        self._lanes.give_up(lane)  # type: ignore[union-attr]  # a lane implies lanes
+                        lane.give_up()
                     if state.phase == "closing":
                         state.changed.notify_all()
 
