@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixmount.castore.pathinfo import NarInfo, PathInfo
 from tvixmount.castore.storepath import StorePath
 from tvixmount.pool import WorkerPool
+from tvixmount.protocol import ops
 from tvixmount.store import Store
 
 
@@ -116,11 +119,6 @@ def stopped_behind_an_earlier_call(pool: WorkerPool, slot: int = 0) -> Iterator[
     timed out come after. Set poolstate.STALLED_AFTER high: a worker silent
     that long gets no new calls.
     """
-    import signal
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tvixmount.protocol import ops
-
     victim = pool.pids()[slot]
     assert victim is not None
     os.kill(victim, signal.SIGSTOP)
