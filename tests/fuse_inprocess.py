@@ -64,6 +64,10 @@ def holds_llfuse_lock() -> bool:
     return True
 
 
+# A FUSE read asks for its bytes as a reply (``blob_read_reply``): to a test, a blob_read like any other.
+_RECORDED_AS = {"blob_read_reply": "blob_read"}
+
+
 class RecordingFetcher:
     """A Fetcher that counts requests by op, checks the lock at each one, and can fail an op."""
 
@@ -79,13 +83,15 @@ class RecordingFetcher:
         if op in _PASS_THROUGH or not callable(method):
             return method
 
+        name = _RECORDED_AS.get(op, op)
+
         def call(*args: Any, **kwargs: Any) -> Any:
             held = holds_llfuse_lock()
             with self._lock:
-                self.calls[op] += 1
+                self.calls[name] += 1
                 if held:
-                    self.with_lock_held.append(op)
-                error = self.fail.get(op)
+                    self.with_lock_held.append(name)
+                error = self.fail.get(name)
             if error is not None:
                 raise error
             return method(*args, **kwargs)

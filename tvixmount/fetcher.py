@@ -82,6 +82,16 @@ class Fetcher(ABC):
         hint = -1 if size is None else size
         return self._call(ops.BLOB_READ, digest, offset, length, hint, affinity=affinity)
 
+    def blob_read_reply(self, digest: bytes, offset: int, length: int, affinity: int | None = None,
+                        size: int | None = None) -> bytes | memoryview:
+        """``blob_read`` for a caller that hands the bytes to the kernel at once and keeps nothing.
+
+        The bytes may be a view of memory the calling thread uses again on
+        its next read (its lane, pool.py ``read_view``), which saves the copy
+        of every read a worker answers.
+        """
+        return self.blob_read(digest, offset, length, affinity=affinity, size=size)
+
     def blob_batch(self, wanted: list[tuple[bytes, int]]) -> list[bytes | None]:
         """Small blobs (digest, size) whole and verified, None for each that failed. May block.
 
@@ -108,6 +118,10 @@ class PoolFetcher(Fetcher):
 
     def _call(self, op: Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None) -> R:
         return self.pool.call(op, *args, affinity=affinity, timeout=timeout)
+
+    def blob_read_reply(self, digest: bytes, offset: int, length: int, affinity: int | None = None,
+                        size: int | None = None) -> bytes | memoryview:
+        return self.pool.read_view(digest, offset, length, -1 if size is None else size, affinity=affinity)
 
     def segments(self) -> SegmentCache | None:
         return self.pool.segments

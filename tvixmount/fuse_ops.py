@@ -312,7 +312,7 @@ class TvixOperations(llfuse.Operations):
         return self._new_handle(self._files, self._file_fhs, node)
 
     @timed("read", counts_bytes=True)
-    def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         node = self._files.get(fh)
         if node is None:
             raise llfuse.FUSEError(errno.EIO)
@@ -365,14 +365,16 @@ class TvixOperations(llfuse.Operations):
             data = source.take(node, off, length)
         return data
 
-    def _read(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
+    def _read(self, fh: int, node: FileNode, off: int, length: int) -> bytes | memoryview:
         """A read that shares no request: two reads share one only in a region (``_read_region``).
 
-        The log line's text is made only when the read failed.
+        The bytes may be a view of this thread's lane (``Fetcher.blob_read_reply``):
+        they go to llfuse's reply and nowhere else. The log line's text is
+        made only when the read failed.
         """
         try:
             with llfuse.lock_released:
-                return self.fetcher.blob_read(node.digest, off, length, affinity=fh, size=node.size)
+                return self.fetcher.blob_read_reply(node.digest, off, length, affinity=fh, size=node.size)
         except TvixError as exc:
             self._fetch_failed(self._what_read(fh, node, off, length), ("read", node.digest), exc)
 
@@ -380,27 +382,27 @@ class TvixOperations(llfuse.Operations):
     def _what_read(fh: int, node: FileNode, off: int, length: int) -> str:
         return f"read of {b3_text(node.digest)} [{off}+{length}] (fh {fh})"
 
-    def _read_region(self, fh: int, node: FileNode, off: int, length: int) -> bytes:
+    def _read_region(self, fh: int, node: FileNode, off: int, length: int) -> bytes | memoryview:
         """A read the arena missed, sharing a worker request with any read of the same region.
 
         The kernel's readahead sends both halves of a segment at once: the
         second waits for the first's request (whose worker puts the whole
         region into the arena) and then takes its bytes from the arena,
-        instead of a second round trip for a segment already verified.
+        instead of a second round trip for a segment already verified. The
+        first's bytes are its own (a view of its lane, see ``_read``): the
+        second never sees them, even when it asked for the same bytes.
         """
         region = off // REGION
         if (off + length - 1) // REGION != region:
             return self._read(fh, node, off, length)
         try:
             with llfuse.lock_released:
-                got_off, data = self._flight.run(("region", node.digest, region), lambda: (
-                    off, self.fetcher.blob_read(node.digest, off, length, affinity=fh, size=node.size)))
+                data = self._flight.run_or_wait(("region", node.digest, region), lambda: (
+                    self.fetcher.blob_read_reply(node.digest, off, length, affinity=fh, size=node.size)))
         except TvixError as exc:
             self._fetch_failed(self._what_read(fh, node, off, length), ("region", node.digest), exc)
-        if (got_off, len(data)) == (off, length):
-            return data  # ours (or a read of the very same bytes)
-        if got_off <= off and off + length <= got_off + len(data):
-            return data[off - got_off: off - got_off + length]
+        if data is not None:
+            return data  # this thread's own request
         assert self.segments is not None
         kept = self.segments.read(node.digest, off, length)  # llfuse's lock is held again
         return kept if kept is not None else self._read(fh, node, off, length)

@@ -43,6 +43,19 @@ class SingleFlight:
         Blocks until the outcome is known. Waiters are bounded by ``fn``'s own
         deadline (every fetch carries one), so this never waits forever.
         """
+        return self._run(key, fn, True)  # type: ignore[return-value]  # shared: never None for a waiter
+
+    def run_or_wait(self, key: Hashable, fn: Callable[[], T]) -> T | None:
+        """Run ``fn`` unless a call for ``key`` is already running; then wait for it and return None.
+
+        For a result that belongs to the thread that fetched it (a view of
+        its lane, pool.py ``read_view``): a waiter gets only the news that
+        the fetch is over, or its error, and looks where the fetch left its
+        bytes (the segment arena).
+        """
+        return self._run(key, fn, False)
+
+    def _run(self, key: Hashable, fn: Callable[[], T], share: bool) -> T | None:
         with self._lock:
             call = self._calls.get(key)
             leader = call is None
@@ -54,10 +67,12 @@ class SingleFlight:
             call.done.release()
             if call.error is not None:
                 raise call.error
-            return call.result  # type: ignore[no-any-return]
+            return call.result if share else None  # type: ignore[no-any-return]
         try:
-            call.result = fn()
-            return call.result  # type: ignore[no-any-return]
+            result = fn()
+            if share:
+                call.result = result
+            return result
         except BaseException as exc:
             call.error = exc
             raise

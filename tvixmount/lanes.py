@@ -35,6 +35,10 @@ The rules that keep a lane's bytes right (pool.py keeps them):
   may still be queued at a live worker, which would write the buffer later.
   With one spare lane per thread, a mount survives a timeout per thread
   before its threads go back to the shared reply pipes.
+
+So once a thread has accepted an answer, nobody can write its buffer until
+the thread sends its next request: a FUSE read hands the bytes to llfuse's
+reply as a view of the buffer, without a copy (pool.py ``read_view``).
 """
 
 from __future__ import annotations
@@ -141,6 +145,10 @@ class Lane:
     def copy(self, length: int) -> bytes:
         """The first ``length`` bytes of the buffer, as an accepted reply says."""
         return bytes(self.buffer[:length])
+
+    def view(self, length: int) -> memoryview:
+        """The first ``length`` bytes of the buffer, not copied: right until the thread's next call."""
+        return self.buffer[:length]
 
 
 class LaneWriter:

@@ -293,6 +293,26 @@ class WorkerPool:
         WorkerLost, or Unavailable when the pool is down. Thread-safe.
         Calls with the same ``affinity`` go to the same worker while it lives.
         """
+        return op.decode(self._run(op, args, affinity, timeout, idempotent, False))
+
+    def read_view(self, digest: bytes, offset: int, length: int, size: int, affinity: int | None = None,
+                  timeout: float | None = None) -> bytes | memoryview:
+        """``call(ops.BLOB_READ, ...)`` whose bytes, when they come on the calling thread's lane, are a
+        view of the lane's buffer instead of a copy.
+
+        The view stays right until this thread's next call into the pool,
+        and no longer: for a caller that hands the bytes on at once (a FUSE
+        read's reply) and keeps nothing. Nothing else can write the buffer
+        meanwhile (lanes.py, the rules): the accepted answer ended the only
+        request on the lane, and every process that held it before was dead
+        before it was sent again.
+        """
+        value = self._run(ops.BLOB_READ, (digest, offset, length, size), affinity, timeout, True, True)
+        return value if type(value) is memoryview else ops.BLOB_READ.decode(value)
+
+    def _run(self, op: ops.Op[Any], args: tuple[Any, ...], affinity: int | None, timeout: float | None,
+             idempotent: bool, view: bool) -> Any:
+        """``call`` up to the decoding: the reply's wire value (a lane's view, with ``view``)."""
         latch: threading.Lock | None = getattr(self._latches, "latch", None)
         if latch is None:
             latch = self._latches.latch = threading.Lock()
@@ -317,7 +337,7 @@ class WorkerPool:
                 leading = self._collector.claim(call) if self._collector is not None else None
         try:
             if lane is not None:  # the reply comes on this thread's own lane
-                self._await_lane(call, lane)
+                self._await_lane(call, lane, view)
             elif leading is not None:  # nobody reads that worker's replies: this thread does, until its own
                 self._collector.lead(call, leading)  # type: ignore[union-attr]  # claimed through it
             if not latch.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
@@ -329,7 +349,7 @@ class WorkerPool:
             self._latches.latch = None  # its state is unknown now; the next call takes a new one
             raise
         if call.ok:
-            return op.decode(call.value)
+            return call.value
         code, message = call.value
         raise from_code(code, message)
 
@@ -348,14 +368,15 @@ class WorkerPool:
             self._latches.lane = lane if lane is not None else False
         return lane  # type: ignore[return-value]
 
-    def _await_lane(self, call: Call, lane: Lane) -> None:
+    def _await_lane(self, call: Call, lane: Lane, view: bool = False) -> None:
         """Wait on ``lane`` for ``call``'s reply, until it comes, the call ends otherwise, its
-        deadline passes or the pool closes; complete the call with the reply.
+        deadline passes or the pool closes; complete the call with the reply (``view``: the
+        bytes as a view of the lane's buffer, see ``read_view``).
 
         An answer counts only from the process that holds the call now
-        (lanes.py, the rules). The bytes are copied out before the state lock,
-        and the call taken off its worker's books under it only if that
-        worker still holds it: if it was re-sent meanwhile, the copy is
+        (lanes.py, the rules). The bytes are copied out (or viewed) before the
+        state lock, and the call taken off its worker's books under it only if
+        that worker still holds it: if it was re-sent meanwhile, the copy is
         dropped and the wait goes on for the new worker's answer. A call that
         ends without its answer after it was sent gives the lane up.
         """
@@ -376,7 +397,7 @@ class WorkerPool:
                 for reply in replies:
                     if type(reply) is not LaneReply:
                         raise ProtocolError(f"a msgpack frame on lane {lane.index}")
-                    if reply.req_id == call.id and self._take_lane_reply(call, lane, reply):
+                    if reply.req_id == call.id and self._take_lane_reply(call, lane, reply, view):
                         answered = True
         except ProtocolError as exc:  # bytes no worker of ours writes: whoever holds the call is broken
             with state.lock:
@@ -396,7 +417,7 @@ class WorkerPool:
                     if state.phase == "closing":
                         state.changed.notify_all()
 
-    def _take_lane_reply(self, call: Call, lane: Lane, reply: LaneReply) -> bool:
+    def _take_lane_reply(self, call: Call, lane: Lane, reply: LaneReply, view: bool) -> bool:
         """Complete ``call`` from ``reply`` if it came from the worker holding the call; True if it did
         (the caller no longer counts among the lane waiters then)."""
         if reply.length > len(lane.buffer):
@@ -404,8 +425,8 @@ class WorkerPool:
         worker: Worker | None = call.worker  # looked at again under the lock before anything counts
         if worker is None or worker.pid != reply.pid:
             return False  # a dead worker's answer, written before its call was re-sent
-        data = lane.copy(reply.length)
-        value: object = data if reply.ok else decode_error_value(data)
+        value: object = ((lane.view(reply.length) if view else lane.copy(reply.length)) if reply.ok
+                         else decode_error_value(lane.copy(reply.length)))
         state = self._state
         with state.lock:
             if call.finished or call.worker is not worker or worker.inflight.get(call.id) is not call:

@@ -54,6 +54,10 @@ class SubstitutingFetcher(Fetcher):
     def _call(self, op: Op[R], *args: Any, affinity: int | None = None, timeout: float | None = None) -> R:
         return self.inner._call(op, *args, affinity=affinity, timeout=timeout)
 
+    def blob_read_reply(self, digest: bytes, offset: int, length: int, affinity: int | None = None,
+                        size: int | None = None) -> bytes | memoryview:
+        return self.inner.blob_read_reply(digest, offset, length, affinity=affinity, size=size)
+
     def path_info(self, digest20: bytes) -> Node | None:
         found = self.inner.path_info(digest20)
         if found is not None:

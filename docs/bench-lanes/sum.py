@@ -15,7 +15,8 @@ def main(directory: str) -> None:
             continue
         per_read = report["per_read"]
         fuse = per_read["dispatcher: fuse threads"]["cpu_us"]
-        collector = per_read["dispatcher: collector threads"]["cpu_us"]
+        # a passthrough has no collector
+        collector = per_read.get("dispatcher: collector threads", {}).get("cpu_us", 0.0)
         workers = sum(v["cpu_us"] for k, v in per_read.items() if k.startswith("worker"))
         result = report["result"]
         p50 = result.get("p50_ms", 0)  # the sequential load has none

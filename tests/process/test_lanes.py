@@ -93,6 +93,23 @@ def test_a_read_longer_than_a_lane_uses_the_pipe(pool):
     assert pool.stats().ring_replies == before + 1
 
 
+def test_read_view_lends_the_lane_until_the_threads_next_call_and_copies_elsewhere(pool):
+    view = pool.read_view(DIGEST, 4096, 8192, len(BIG), affinity=0)
+    assert type(view) is memoryview and view == BIG[4096:4096 + 8192]
+    assert pool._latches.lane.buffer.obj is view.obj  # this thread's own lane, not a copy
+    with ThreadPoolExecutor(3) as executor:  # other threads' reads, on their lanes, leave it alone
+        for future in [executor.submit(_reads, pool, seed, 30) for seed in range(3)]:
+            future.result(timeout=60)
+    assert view == BIG[4096:4096 + 8192]
+    assert pool.read_view(DIGEST, 0, 100, len(BIG)) == BIG[:100]  # the next call: the view is the new bytes
+    assert view[:100] == BIG[:100]
+    assert type(_read(pool, 0, 100)) is bytes  # call() always copies
+    longer = pool.read_view(DIGEST, 0, LANE_BYTES + 1, len(BIG))  # no lane holds it: the pipes, bytes
+    assert type(longer) is bytes and longer == BIG[:LANE_BYTES + 1]
+    with pytest.raises(InvalidArgument):
+        pool.read_view(DIGEST[:5], 0, 100, len(BIG))
+
+
 def test_a_lane_read_whose_worker_dies_is_resent_and_answered_on_the_lane(pool, monkeypatch):
     monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
     victim = pool.pids()[0]

@@ -65,3 +65,32 @@ def test_different_keys_do_not_wait_for_each_other():
         assert flight.run("b", lambda: "fast") == "fast"
         release.set()
         assert slow_future.result(5) == "slow"
+
+
+def test_run_or_wait_gives_the_result_to_its_leader_only_and_an_error_to_all():
+    flight = SingleFlight()
+    release = threading.Event()
+    results = [b"first", OSError("store down")]
+
+    def fetch():
+        release.wait(5)
+        outcome = results.pop(0)
+        if isinstance(outcome, Exception):
+            raise outcome
+        return outcome
+
+    for expected in (b"first", None):
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(flight.run_or_wait, "k", fetch)]
+            time.sleep(0.1)  # the first leads
+            futures += [pool.submit(flight.run_or_wait, "k", fetch) for _ in range(3)]
+            time.sleep(0.1)
+            release.set()
+            if expected is None:
+                for f in futures:
+                    with pytest.raises(OSError, match="store down"):
+                        f.result(5)
+            else:
+                assert [f.result(5) for f in futures] == [expected, None, None, None]
+        release.clear()
+    assert results == []  # one fetch per flight
