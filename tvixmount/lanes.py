@@ -50,7 +50,6 @@ import select
 import threading
 
 from .protocol import readwire
-from .protocol.framing import FrameReader
 
 LANE_BYTES = 128 << 10  # libfuse 2's largest read: one lane carries one FUSE read
 
@@ -119,13 +118,12 @@ class Lanes:
 class Lane:
     """The dispatcher's end of one lane: its pipe's read end and its buffer. One thread at a time."""
 
-    __slots__ = ("buffer", "fd", "given_up", "index", "poller", "reader")
+    __slots__ = ("buffer", "fd", "given_up", "index", "poller")
 
     def __init__(self, index: int, fd: int, buffer: memoryview) -> None:
         self.index = index
         self.fd = fd
         self.buffer = buffer
-        self.reader = FrameReader(fd, 16 << 10, fixed=readwire.decode_lane_reply)
         self.poller = select.poll()
         self.poller.register(fd, select.POLLIN)
         self.given_up = False
@@ -135,12 +133,16 @@ class Lane:
         number is not handed out again either (``Lanes.take`` gives each number once)."""
         self.given_up = True
 
-    def replies(self) -> list[object] | None:
-        """The replies in the pipe now (ProtocolError for bytes that are none); None: every writer is gone."""
-        try:
-            return self.reader.read()
-        except BlockingIOError:
-            return []
+    def next_reply(self) -> readwire.LaneReply | None:
+        """The first reply in the pipe (BlockingIOError: none is there; ProtocolError: bytes that are
+        none); None: every writer is gone.
+
+        One read of one frame's size: every writer writes whole frames of
+        that size at once, so the read takes exactly one, and a second
+        reply (a killed worker's, then its successor's) stays for the next.
+        """
+        frame = os.read(self.fd, readwire.LANE_FRAME)
+        return readwire.decode_lane_frame(frame) if frame else None
 
     def copy(self, length: int) -> bytes:
         """The first ``length`` bytes of the buffer, as an accepted reply says."""

@@ -391,14 +391,14 @@ class WorkerPool:
                     continue  # look again whether another thread ended the call (a failure, close)
                 if self._collector is None or self._collector.stopping:
                     break  # the pool is closing (close() failed the call)
-                replies = lane.replies()
-                if replies is None:
+                try:
+                    reply = lane.next_reply()
+                except BlockingIOError:
+                    continue  # woken by the closing pipe, or by nothing
+                if reply is None:
                     break  # every writer is gone (the zygote and its workers): nothing more can come
-                for reply in replies:
-                    if type(reply) is not LaneReply:
-                        raise ProtocolError(f"a msgpack frame on lane {lane.index}")
-                    if reply.req_id == call.id and self._take_lane_reply(call, lane, reply, view):
-                        answered = True
+                if reply.req_id == call.id and self._take_lane_reply(call, lane, reply, view):
+                    answered = True
         except ProtocolError as exc:  # bytes no worker of ours writes: whoever holds the call is broken
             with state.lock:
                 worker = state.take_back(call)  # not re-sent: its answer would go to this lane

@@ -221,9 +221,12 @@ class PoolState:
             worker = self.slots[affinity % self.size].worker
             if (worker is not None and worker.ready and not worker.doomed and worker not in tried
                     and worker.silence(now) < STALLED_AFTER):
-                if all(other.affinity == affinity for other in worker.inflight.values()):
+                for other in worker.inflight.values():  # a loop, not all(): this runs for every read
+                    if other.affinity != affinity:
+                        preferred = worker
+                        break
+                else:
                     return worker
-                preferred = worker
         best = self._least_loaded(tried, now)
         if preferred is not None and (best is None or best.inflight or best.silence(now) >= STALLED_AFTER):
             return preferred

@@ -131,11 +131,16 @@ class SegmentArena:
 
 
 def _candidates(arena: SegmentArena, digest: bytes, index: int) -> list[int]:
-    """Slots whose tag matches (digest, index), usually one; the key itself is checked by the caller."""
+    """Slots whose tag matches (digest, index), usually one; the key itself is checked by the caller.
+
+    ``set_of`` and ``tag_of`` are written out here: this runs for every FUSE
+    read of a big file, and each call costs more than its arithmetic.
+    """
     ways = arena.ways
-    first = arena.set_of(digest, index) * ways
+    first = (int.from_bytes(digest[:8], "little") + index) % arena.sets * ways  # set_of
     row = arena.tags[first * TAG: (first + ways) * TAG].tobytes()
-    tag = tag_of(digest, index)
+    tag = _KEY.pack((int.from_bytes(digest[8:16], "little") ^ (index * 0x9E3779B97F4A7C15))  # tag_of
+                    & 0xFFFF_FFFF_FFFF_FFFF | 1)
     found = []
     at = row.find(tag)
     while at >= 0:
@@ -180,8 +185,12 @@ class SegmentCache:
         if self.arena.slots == 0 or length <= 0:
             return None
         first, last = offset // REGION, (offset + length - 1) // REGION
-        if first == last:
-            data = self._copy(digest, first, offset - first * REGION, length)
+        if first == last:  # _copy, written out: most reads are in one region
+            data = None
+            for slot in _candidates(self.arena, digest, first):
+                data = self._copy_slot(slot, digest, first, offset - first * REGION, length)
+                if data is not None:
+                    break
         else:
             parts: list[bytes] = []
             for index in range(first, last + 1):

@@ -127,6 +127,26 @@ LANE_REPLY = readwire.encode_lane_reply(7, 1234, 10)
 def test_malformed_lane_replies_are_protocol_errors(body):
     with pytest.raises(ProtocolError, match="fixed lane reply"):
         _read_all(_frame(body), fixed=readwire.decode_lane_reply)
+    with pytest.raises(ProtocolError, match="fixed lane reply frame"):
+        readwire.decode_lane_frame(_frame(body))
+
+
+@given(ids, st.integers(1, (1 << 32) - 1), st.integers(0, (1 << 64) - 1), st.booleans())
+def test_a_lane_frame_is_its_body_behind_a_header(req_id, pid, length, ok):
+    frame = _frame(readwire.encode_lane_reply(req_id, pid, length, ok=ok))
+    assert len(frame) == readwire.LANE_FRAME
+    assert readwire.decode_lane_frame(frame) == (req_id, pid, length, ok)
+
+
+@pytest.mark.parametrize("frame", [
+    b"",
+    _frame(LANE_REPLY)[:-1],
+    (readwire.LANE_BODY + 1).to_bytes(4, "big") + LANE_REPLY[:-1],  # another header, the same size
+    _frame(b"\x93\x07\xc3\xc4" + bytes(readwire.LANE_BODY - 4)),  # msgpack, not a fixed frame
+], ids=["empty", "short", "header", "msgpack"])
+def test_bytes_on_a_lane_that_are_no_lane_frame_are_protocol_errors(frame):
+    with pytest.raises(ProtocolError, match="fixed lane reply frame"):
+        readwire.decode_lane_frame(frame)
 
 
 @pytest.mark.parametrize("args, match", [
@@ -216,12 +236,13 @@ def test_a_worker_answers_a_lane_request_in_the_lanes_buffer_naming_itself(lane_
 
     ctx, lane = lane_context
     assert handle(ctx, ReadRequest(9, 1e12, b3(BIG), 1000, 131072, len(BIG), 1)) == ()  # nothing on the pipe
-    (reply,) = lane.replies()
+    reply = lane.next_reply()
     assert reply == readwire.LaneReply(9, os.getpid(), 131072, True)
     assert lane.copy(reply.length) == BIG[1000:1000 + 131072]
-    assert lane.replies() == []  # one reply per request
+    with pytest.raises(BlockingIOError):
+        lane.next_reply()  # one reply per request
     assert handle(ctx, ReadRequest(10, 1e12, b3(BIG), len(BIG), 10, len(BIG), 1)) == ()  # at EOF: no bytes
-    assert lane.replies() == [readwire.LaneReply(10, os.getpid(), 0, True)]
+    assert lane.next_reply() == readwire.LaneReply(10, os.getpid(), 0, True)
 
 
 def test_a_worker_answers_a_failed_lane_request_with_the_error_in_the_buffer(lane_context):
@@ -231,7 +252,7 @@ def test_a_worker_answers_a_failed_lane_request_with_the_error_in_the_buffer(lan
     ctx, lane = lane_context
     handle(ctx, ReadRequest(4, 1e12, bytes(32), 0, 10, -1, 1))
     handle(ctx, ReadRequest(5, 1.0, b3(BIG), 0, 10, -1, 1))
-    first, second = lane.replies()
+    first, second = lane.next_reply(), lane.next_reply()  # one frame per read
     assert (first.req_id, first.ok, second.req_id, second.ok) == (4, False, 5, False)
     code, message = messages.decode_error_value(lane.copy(second.length))  # the later one is in the buffer
     assert code == "timeout" and "deadline passed before worker 0 took it up" in message

@@ -5,7 +5,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from tvixmount import segcache
 from tvixmount.segcache import REGION, SegmentArena, SegmentCache
 
 D1 = bytes(range(32))
@@ -163,6 +166,21 @@ def test_random_regions_always_match_their_key() -> None:
             got = cache.read(digest, probe * REGION + 77, 1000)
             assert got is None or got == pattern(digest, probe)[77:1077]
         assert cache.stats().hits > 0
+    finally:
+        arena.close()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=32, max_size=32), st.integers(0, 1 << 40))
+def test_the_readers_written_out_set_and_tag_are_the_writers(digest: bytes, index: int) -> None:
+    """_candidates computes set_of and tag_of inline; a region put anywhere is found by it."""
+    arena = SegmentArena(12 * REGION, workers=2, ways_per_worker=2)
+    try:
+        arena.writer(1).put(digest, index, filler(b"x" * 100))
+        (slot,) = segcache._candidates(arena, digest, index)
+        assert slot // arena.ways == arena.set_of(digest, index)
+        assert arena.tags[slot * segcache.TAG: (slot + 1) * segcache.TAG] == segcache.tag_of(digest, index)
+        assert arena.reader().read(digest, index * REGION, 100) == b"x" * 100
     finally:
         arena.close()
 

@@ -53,9 +53,11 @@ _REQUEST_BODY = struct.Struct(">BBQd32sqqqH")
 _REQUEST = struct.Struct(">I" + _REQUEST_BODY.format[1:])
 _REPLY_BODY = struct.Struct(">BBQQQ")
 _LANE_BODY = struct.Struct(">BBQIQ")
+_LANE_FRAME = struct.Struct(">I" + _LANE_BODY.format[1:])
 REQUEST_BODY = _REQUEST_BODY.size
 REPLY_BODY = _REPLY_BODY.size
 LANE_BODY = _LANE_BODY.size
+LANE_FRAME = _LANE_FRAME.size  # a lane reply with its header: what one read of a lane's pipe takes
 
 
 class ReadRequest(NamedTuple):
@@ -139,4 +141,19 @@ def decode_lane_reply(body: memoryview | bytes) -> LaneReply:
     _, kind, req_id, pid, length = _LANE_BODY.unpack(body)
     if kind not in (LANE, LANE_ERROR) or req_id <= 0 or pid <= 0:
         raise ProtocolError(f"fixed lane reply of kind {kind} with id {req_id} from pid {pid}")
+    return LaneReply(req_id, pid, length, kind == LANE)
+
+
+def decode_lane_frame(frame: bytes) -> LaneReply:
+    """A whole lane reply frame, header and body, as one read of a lane's pipe returns it.
+
+    A lane carries nothing but these frames, each written at once, so a
+    read of ``LANE_FRAME`` bytes takes exactly one; anything else read there
+    (a shorter piece, another header, another kind) is ProtocolError.
+    """
+    if len(frame) != LANE_FRAME:
+        raise ProtocolError(f"fixed lane reply frame of {len(frame)} bytes, not {LANE_FRAME}")
+    header, mark, kind, req_id, pid, length = _LANE_FRAME.unpack(frame)
+    if header != LANE_BODY or mark != MARK or kind not in (LANE, LANE_ERROR) or req_id <= 0 or pid <= 0:
+        raise ProtocolError(f"fixed lane reply frame of {header} bytes, kind {kind}, id {req_id}, pid {pid}")
     return LaneReply(req_id, pid, length, kind == LANE)
