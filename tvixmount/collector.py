@@ -79,7 +79,8 @@ class Collector:
         # Readable from stop() on, never drained: wakes every caller still reading a pipe (lead), whose
         # call close() failed, instead of leaving it to wait for its worker or its deadline.
         self._closing_r, self._closing_w = os.pipe()
-        self._stopping = False
+        # Set by stop(), never cleared; a plain attribute, since every lane wait looks at it.
+        self.stopping = False
         self._timers_stale = True  # _next_timer must run again before the next wait
         self._thread = threading.Thread(target=self._run, name="tvixmount-pool-collector", daemon=True)
 
@@ -91,13 +92,9 @@ class Collector:
         """Readable once the pool is closing: a caller waiting for a reply polls it too."""
         return self._closing_r
 
-    @property
-    def stopping(self) -> bool:
-        return self._stopping
-
     def stop(self, timeout: float) -> None:
         """End the thread (bounded) and release its wake-up pipe; workers' fds stay open."""
-        self._stopping = True
+        self.stopping = True
         os.write(self._closing_w, b"x")
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
@@ -135,7 +132,7 @@ class Collector:
         sel.register(self._replies.fileno(), selectors.EVENT_READ, _REPLIES)
         due: float | None = None
         try:
-            while not self._stopping:
+            while not self.stopping:
                 try:
                     if self._timers_stale:
                         self._timers_stale = False
@@ -311,7 +308,7 @@ class Collector:
                 remaining = call.deadline - time.monotonic()
                 if remaining <= 0 or not worker.poller.poll(remaining * 1000 + 1):
                     break  # the caller's deadline: pool.call expires the call
-                if self._stopping:
+                if self.stopping:
                     break  # the pool is closing (close() failed the call)
                 if not self.deliver(worker):
                     break  # the pipe ended, or the worker was killed: the collector retires it

@@ -79,7 +79,7 @@ from . import segcache, shmring, zygote
 from .collector import Collector
 from .errors import InvalidArgument, Unavailable, from_code
 from .lanes import Lane, Lanes
-from .poolstate import Call, PoolState, PoolStats, Worker
+from .poolstate import SERVING, Call, PoolState, PoolStats, Worker
 from .protocol import ops
 from .protocol.framing import ProtocolError
 from .protocol.messages import decode_error_value
@@ -326,7 +326,7 @@ class WorkerPool:
             raise InvalidArgument(f"{call.what()}: request of {len(call.frame)} bytes is too large")
         state = self._state
         with state.lock:
-            if not state.serving:
+            if state.phase not in SERVING:  # state.serving, written out: every call passes here
                 raise Unavailable(f"{call.what()}: worker pool is {state.phase}")
             state.counts["requests"] += 1
             state.route(call)

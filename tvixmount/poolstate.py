@@ -50,6 +50,7 @@ from .shmring import RingReader
 
 log = logging.getLogger("tvixmount.pool")
 
+SERVING = ("starting", "running")  # the phases in which calls are taken (see PoolState.phase)
 STALLED_AFTER = 1.0  # seconds of silence while holding calls after which a worker gets no new ones
 
 Outcome = tuple[str, str]  # (error code, message) of a failed call
@@ -181,7 +182,7 @@ class PoolState:
 
     @property
     def serving(self) -> bool:
-        return self.phase in ("starting", "running")
+        return self.phase in SERVING
 
     def workers(self) -> list[Worker]:
         return [s.worker for s in self.slots if s.worker is not None]

@@ -156,4 +156,5 @@ def decode_lane_frame(frame: bytes) -> LaneReply:
     header, mark, kind, req_id, pid, length = _LANE_FRAME.unpack(frame)
     if header != LANE_BODY or mark != MARK or kind not in (LANE, LANE_ERROR) or req_id <= 0 or pid <= 0:
         raise ProtocolError(f"fixed lane reply frame of {header} bytes, kind {kind}, id {req_id}, pid {pid}")
-    return LaneReply(req_id, pid, length, kind == LANE)
+    # LaneReply(...) without the NamedTuple's __new__, a Python function: one frame less per read
+    return tuple.__new__(LaneReply, (req_id, pid, length, kind == LANE))
