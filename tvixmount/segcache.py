@@ -252,6 +252,8 @@ class SegmentWriter:
         self._ways = range(worker * arena.ways_per_worker, (worker + 1) * arena.ways_per_worker)
         self.slots = arena.sets * arena.ways_per_worker  # the slots only this worker writes
         self.written = 0
+        # (digest, index, slot, length) of the region this worker put last, while its slot holds it.
+        self._last: tuple[bytes, int, int, int] | None = None
 
     def has(self, digest: bytes, index: int) -> bool:
         """Whether a valid slot (any worker's) holds the region now."""
@@ -260,10 +262,23 @@ class SegmentWriter:
     def read_into(self, digest: bytes, offset: int, dest: memoryview) -> bool:
         """Copy the bytes at ``offset`` into ``dest`` from valid slots (any worker's), under
         the seqlock; False when a region is missing or was rewritten meanwhile (``dest`` is then
-        partly written: use another source)."""
+        partly written: use another source).
+
+        A read within the region this worker put last (a read the arena
+        missed, just filled) is copied from its slot without a look-up: only
+        this worker writes its own slots, so nothing can change it meanwhile.
+        """
         arena = self.arena
         if arena.slots == 0:
             return False
+        last = self._last
+        if last is not None and last[0] == digest:
+            _, index, slot, got = last
+            start = offset - index * REGION
+            if start >= 0 and start + len(dest) <= got:
+                base = slot * REGION + start
+                dest[:] = arena.data[base: base + len(dest)]
+                return True
         words = arena.words
         done, total = 0, len(dest)
         while done < total:
@@ -297,6 +312,8 @@ class SegmentWriter:
         if arena.slots == 0 or len(digest) != DIGEST_LEN:
             return False
         slot = self._victim(arena.set_of(digest, index) * arena.ways)
+        if self._last is not None and self._last[2] == slot:
+            self._last = None  # its slot is about to hold another region
         words = arena.words
         base = slot * (HEADER // 8)
         seq = words[base + _SEQ] | 1  # odd: being written (a dead writer's odd value stays odd)
@@ -305,7 +322,7 @@ class SegmentWriter:
         arena.refs[slot] = 0
         words[base + _LEN] = 0
         try:
-            with arena.slot_data(slot) as view:
+            with arena.data[slot * REGION: (slot + 1) * REGION] as view:  # arena.slot_data, written out
                 got = fill(view)
         except BaseException:
             words[base + _SEQ] = seq + 1  # even, empty: length 0 and no tag
@@ -318,6 +335,7 @@ class SegmentWriter:
         words[base + _SEQ] = seq + 1  # even and new: readers' earlier copies of the old bytes fail
         arena.tags[slot * TAG: (slot + 1) * TAG] = tag_of(digest, index)
         self.written += 1
+        self._last = (digest, index, slot, got)
         return True
 
     def _victim(self, set_base: int) -> int:

@@ -66,7 +66,7 @@ class Outboard:
 
     def segment_digest(self, index: int) -> bytes:
         """What segment ``index`` must hash to (the blob digest itself for a one-segment blob)."""
-        if self.count <= 1:
+        if not self.segments:  # self.count <= 1, for a well-formed outboard, without the property's call
             return self.digest
         return self.segments[DIGEST_LEN * index : DIGEST_LEN * (index + 1)]
 
