@@ -36,6 +36,7 @@ class SingleFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._calls: dict[Hashable, _Call] = {}
+        self._waits: dict[Hashable, list[Any]] = {}  # run_or_wait's: [done lock, error or None]
 
     def run(self, key: Hashable, fn: Callable[[], T]) -> T:
         """Run ``fn`` unless a call for ``key`` is already running; share its outcome.
@@ -43,19 +44,6 @@ class SingleFlight:
         Blocks until the outcome is known. Waiters are bounded by ``fn``'s own
         deadline (every fetch carries one), so this never waits forever.
         """
-        return self._run(key, fn, True)  # type: ignore[return-value]  # shared: never None for a waiter
-
-    def run_or_wait(self, key: Hashable, fn: Callable[[], T]) -> T | None:
-        """Run ``fn`` unless a call for ``key`` is already running; then wait for it and return None.
-
-        For a result that belongs to the thread that fetched it (a view of
-        its lane, pool.py ``read_view``): a waiter gets only the news that
-        the fetch is over, or its error, and looks where the fetch left its
-        bytes (the segment arena).
-        """
-        return self._run(key, fn, False)
-
-    def _run(self, key: Hashable, fn: Callable[[], T], share: bool) -> T | None:
         with self._lock:
             call = self._calls.get(key)
             leader = call is None
@@ -67,12 +55,10 @@ class SingleFlight:
             call.done.release()
             if call.error is not None:
                 raise call.error
-            return call.result if share else None  # type: ignore[no-any-return]
+            return call.result  # type: ignore[no-any-return]
         try:
-            result = fn()
-            if share:
-                call.result = result
-            return result
+            call.result = fn()
+            return call.result  # type: ignore[no-any-return]
         except BaseException as exc:
             call.error = exc
             raise
@@ -80,3 +66,37 @@ class SingleFlight:
             with self._lock:
                 del self._calls[key]
             call.done.release()
+
+    def run_or_wait(self, key: Hashable, fn: Callable[..., T], *args: Any) -> T | None:
+        """Run ``fn(*args)`` unless a call for ``key`` is already running; then wait for it and
+        return None.
+
+        For a result that belongs to the thread that fetched it (a view of
+        its lane, pool.py ``read_view``): a waiter gets only the news that
+        the fetch is over, or its error, and looks where the fetch left its
+        bytes (the segment arena). Bounded like ``run``. Every FUSE read of a
+        big file that the arena missed passes here, so it is written for few
+        Python calls: a list in the table, ``fn`` called with ``args``.
+        """
+        with self._lock:
+            entry = self._waits.get(key)
+            leader = entry is None
+            if leader:
+                entry = self._waits[key] = [threading.Lock(), None]
+                entry[0].acquire()
+        assert entry is not None
+        if not leader:
+            entry[0].acquire()
+            entry[0].release()
+            if entry[1] is not None:
+                raise entry[1]
+            return None
+        try:
+            return fn(*args)
+        except BaseException as exc:
+            entry[1] = exc
+            raise
+        finally:
+            with self._lock:
+                del self._waits[key]
+            entry[0].release()

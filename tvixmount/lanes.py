@@ -148,10 +148,6 @@ class Lane:
         """The first ``length`` bytes of the buffer, as an accepted reply says."""
         return bytes(self.buffer[:length])
 
-    def view(self, length: int) -> memoryview:
-        """The first ``length`` bytes of the buffer, not copied: right until the thread's next call."""
-        return self.buffer[:length]
-
 
 class LaneWriter:
     """A worker's end of every lane: the buffer to fill and the pipe to answer on."""
@@ -160,15 +156,11 @@ class LaneWriter:
         self._whole = whole
         self.size = size
         self._fds = fds
+        # Every lane's buffer, sliced once: a worker looks one up for every read on a lane.
+        self.buffers = [whole[i * size: (i + 1) * size] for i in range(len(fds))]
 
     def __len__(self) -> int:
         return len(self._fds)
-
-    def buffer(self, lane: int) -> memoryview:
-        """Lane ``lane``'s buffer (IndexError for a lane that does not exist)."""
-        if not 0 <= lane < len(self._fds):
-            raise IndexError(f"no lane {lane} of {len(self._fds)}")
-        return self._whole[lane * self.size: (lane + 1) * self.size]
 
     def send(self, lane: int, body: bytes) -> bool:
         """Write one reply frame to ``lane`` (atomic: shorter than PIPE_BUF); False when its pipe is full.

@@ -318,8 +318,12 @@ class WorkerPool:
             latch = self._latches.latch = threading.Lock()
             latch.acquire()
         lanes = self._lanes
-        lane = (self._lane() if op is ops.BLOB_READ and lanes is not None and len(args) == 4
-                and type(args[2]) is int and args[2] <= lanes.size else None)  # bad arguments: Call() says
+        lane: Lane | None = None
+        if op is ops.BLOB_READ and lanes is not None and len(args) == 4 and type(args[2]) is int \
+                and args[2] <= lanes.size:  # bad arguments: Call() says
+            lane = getattr(self._latches, "lane", None)  # this thread's, as most calls find it
+            if lane is None or lane is False or lane.given_up:
+                lane = self._lane()
         call = Call(next(self._ids), op, args, self.request_timeout if timeout is None else timeout,
                     affinity, idempotent, latch, None if lane is None else lane.index)
         if len(call.frame) > select.PIPE_BUF:
@@ -425,8 +429,8 @@ class WorkerPool:
         worker: Worker | None = call.worker  # looked at again under the lock before anything counts
         if worker is None or worker.pid != reply.pid:
             return False  # a dead worker's answer, written before its call was re-sent
-        value: object = ((lane.view(reply.length) if view else lane.copy(reply.length)) if reply.ok
-                         else decode_error_value(lane.copy(reply.length)))
+        value: object = ((lane.buffer[:reply.length] if view else lane.copy(reply.length)) if reply.ok
+                         else decode_error_value(lane.copy(reply.length)))  # a view: see read_view
         state = self._state
         with state.lock:
             if call.finished or call.worker is not worker or worker.inflight.get(call.id) is not call:

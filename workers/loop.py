@@ -157,9 +157,9 @@ def _answer_on_lane(ctx: Context, request: ReadRequest, handlers: Handlers[Conte
     has nobody waiting for it (the dispatcher gave the lane up): it is dropped.
     """
     lanes = ctx.ring.lanes if ctx.ring is not None else None
-    if lanes is None or not 0 <= request.lane < len(lanes):
+    if lanes is None or not 0 <= request.lane < len(lanes.buffers):
         raise ProtocolError(f"a read on lane {request.lane}, which this worker does not have")
-    buffer = lanes.buffer(request.lane)
+    buffer = lanes.buffers[request.lane]
     ctx.lane_buffer = buffer
     try:
         result = _run_read(ctx, request, handlers)
