@@ -195,3 +195,27 @@ def test_a_worker_reads_kept_regions_back_from_any_workers_slots(arena: SegmentA
     assert bytes(dest) == whole[100_000:400_000]
     assert not w0.read_into(D1, REGION + 10, memoryview(bytearray(REGION)))  # region 2 is not there
     assert not w1.read_into(D2, 0, memoryview(bytearray(10)))
+
+
+def test_a_read_within_the_region_just_put_comes_from_its_slot_until_the_slot_is_reused() -> None:
+    """read_into's short way (the writer's last put) never outlives the slot's contents."""
+    arena = SegmentArena(2 * REGION, workers=2, ways_per_worker=1)  # one set: worker 0 has one slot
+    try:
+        writer = arena.writer(0)
+        dest = memoryview(bytearray(1000))
+        writer.put(D1, 0, filler(pattern(D1, 0)))
+        assert writer.read_into(D1, 77, dest) and dest == pattern(D1, 0)[77:1077]
+        assert not writer.read_into(D1, REGION - 10, dest)  # past the region: not the short way
+        writer.put(D2, 3, filler(pattern(D2, 3)))  # the same slot, another region
+        assert not writer.read_into(D1, 77, dest)
+        assert writer.read_into(D2, 3 * REGION + 77, dest) and dest == pattern(D2, 3)[77:1077]
+
+        def broken(view: memoryview) -> int:
+            view[:10] = b"garbage..."
+            raise OSError("the disk failed")
+
+        with pytest.raises(OSError):
+            writer.put(D1, 5, broken)  # empties the slot the last put used
+        assert not writer.read_into(D2, 3 * REGION + 77, dest)
+    finally:
+        arena.close()
