@@ -311,7 +311,8 @@ class SegmentWriter:
         arena = self.arena
         if arena.slots == 0 or len(digest) != DIGEST_LEN:
             return False
-        slot = self._victim(arena.set_of(digest, index) * arena.ways)
+        set_base = (int.from_bytes(digest[:8], "little") + index) % arena.sets * arena.ways  # set_of
+        slot = self._victim(set_base)
         if self._last is not None and self._last[2] == slot:
             self._last = None  # its slot is about to hold another region
         words = arena.words
@@ -333,7 +334,8 @@ class SegmentWriter:
         words[base + _LEN] = got
         words[base + _STAMP] = time.monotonic_ns()  # machine-wide, so a replacement worker's are newer
         words[base + _SEQ] = seq + 1  # even and new: readers' earlier copies of the old bytes fail
-        arena.tags[slot * TAG: (slot + 1) * TAG] = tag_of(digest, index)
+        mixed = int.from_bytes(digest[8:16], "little") ^ (index * 0x9E3779B97F4A7C15)
+        arena.tags[slot * TAG: (slot + 1) * TAG] = _KEY.pack(mixed & 0xFFFF_FFFF_FFFF_FFFF | 1)  # tag_of
         self.written += 1
         self._last = (digest, index, slot, got)
         return True
