@@ -52,6 +52,9 @@ FAST_DEATH = 1.0  # a worker dying sooner than this after its start counts towar
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 10.0
 HANG_TICK = 0.25  # with hang detection on, look at silent workers at least this often
+# How long a retired worker's reply pipe may take to end (its process to exit) before its calls
+# are re-sent anyway. A killed process exits within milliseconds.
+END_WAIT = 2.0
 _WATCH = select.EPOLLIN  # a pipe the collector reads
 _LEASED = select.EPOLLONESHOT  # a pipe a caller reads: only its end (HUP/ERR) is reported, once
 _REPLIES = object()  # the selector's key for the epoll of the reply pipes
@@ -346,10 +349,19 @@ class Collector:
 
         The collector owns its pipe (``reading``), and keeps it: no caller
         claims a retired worker's pipe.
+
+        Its calls are re-sent only once its pipe has ended, that is once the
+        process has exited (only it holds the write end, zygote.py): a worker
+        killed for a malformed reply, or as hung, is retired before then, and
+        until it exits it could still write into the buffer of a lane whose
+        call another worker has answered (lanes.py, the rules).
         """
         self._timers_stale = True
         self._replies.unregister(worker.rep_fd)
         del self._by_fd[worker.rep_fd]
+        if not _read_to_end(worker.rep_fd, END_WAIT):
+            log.warning("worker %d pid %d: its reply pipe did not end within %.0f s; re-sending its calls "
+                        "anyway", worker.id, worker.pid, END_WAIT)
         state = self.state
         with state.lock:
             worker.doomed = worker.doomed or "its reply pipe closed"
@@ -482,3 +494,24 @@ def _close_all(fds: list[int]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+def _read_to_end(fd: int, timeout: float) -> bool:
+    """Read and drop what is left in a retired worker's pipe until it ends; False if it did not end
+    within ``timeout`` seconds, or reading failed."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if not os.read(fd, 1 << 16):
+                return True
+            continue
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        poller.poll(left * 1000 + 1)

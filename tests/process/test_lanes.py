@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
 
+from tests.faults import reply_pipe_writer
 from tests.worker_fixtures import (
     BIG,
     ROOT,
@@ -124,6 +125,39 @@ def test_a_lane_read_whose_worker_dies_is_resent_and_answered_on_the_lane(pool, 
     assert stats.resent == 1 and stats.lost == 0 and stats.lanes_given_up == 0
     assert wait_until(lambda: replaced(pool, 0, victim), 15)
     assert _read(pool, 0, affinity=0) == BIG[:4096]
+
+
+def test_a_killed_workers_lane_calls_are_resent_only_once_its_process_is_gone(pool, monkeypatch):
+    """Retired at once for garbage, the worker still runs until its pipe ends: only then may another
+    worker answer on the lane, which the old one could otherwise still write."""
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    spared: list[int] = []
+
+    def kill_later(self, worker, why):  # as PoolState.kill, but the process lives on, for now
+        worker.doomed = why
+        spared.append(worker.pid)
+
+    monkeypatch.setattr(poolstate.PoolState, "kill", kill_later)
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            future = executor.submit(_read, pool, 4096, 8192, affinity=0)
+            assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+            fd = reply_pipe_writer(victim, os.getpid())
+            try:
+                os.write(fd, b"\x00\x00\x00\x05\xc1junk")
+            finally:
+                os.close(fd)
+            assert wait_until(lambda: spared == [victim], 5)
+            time.sleep(0.5)  # retired, but its process has not exited
+            assert pool.stats().resent == 0 and not future.done()
+            os.kill(victim, signal.SIGKILL)
+            assert future.result(timeout=10) == BIG[4096:4096 + 8192]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGKILL)
+    assert pool.stats().resent == 1
 
 
 def test_a_timed_out_lane_is_given_up_and_its_late_answer_reaches_no_later_read(pool, monkeypatch):
