@@ -28,8 +28,10 @@ The rules that keep a lane's bytes right (pool.py keeps them):
   write whoever else writes to that pipe, naming the worker's pid.
 * The thread accepts a reply only for its current call and only from the
   process that holds that call now. Any other reply is a killed worker's,
-  written before it died, so before its calls were re-sent: its bytes were
-  written before the accepted process began writing, and are overwritten.
+  written before it died, so before its calls were re-sent (a dead worker's
+  calls are re-sent only once its reply pipe has ended, i.e. it exited):
+  its bytes were written before the accepted process began writing, and
+  are overwritten.
 * A lane is given up, never taken again, when a call on it ends without
   its accepted reply (a timeout, a failure, the pool closing): its request
   may still be queued at a live worker, which would write the buffer later.

@@ -48,7 +48,9 @@ Invariants:
   hung only SIGKILLs it; the EOF that follows is handled like any other
   death.
 * EOF on a reply pipe means the worker is gone: the zygote keeps no copy
-  of a worker's fds, and workers inherit none of each other's.
+  of a worker's fds, and workers inherit none of each other's. A retired
+  worker's calls are re-sent only after that EOF (collector.py ``_retire``),
+  so a killed worker has exited before another may answer its calls.
 * A dead worker re-sends only its own idempotent calls, each at most
   ``retries`` more times and never past its deadline; the rest fail with
   WorkerLost and a WARNING naming the op, its arguments and the worker.
