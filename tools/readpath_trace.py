@@ -28,7 +28,8 @@ read's typical cost; means add up):
   reader       whoever reads the reply: the calling thread itself on its
                lane (tvixmount/lanes.py), else the collector or a caller
                leading the worker's pipe. Wake-up; read and unpack of the
-               frames; the copy out (of the lane's buffer, or the ring take);
+               frames; taking the answer (on a lane: the pid check and the
+               view handed to llfuse, or a copy; else the ring take);
                complete (state lock, latch release); a collector's work after
                that until it sleeps again (holding the GIL)
   FUSE thread  wake-up until pool.call returns; handler out (decode, lock
@@ -108,7 +109,8 @@ class Trace:
         from tvixmount.store import segments
 
         trace = self
-        read, call, send = fuse_ops.TvixOperations.read, pool_mod.WorkerPool.call, poolstate.PoolState._send
+        read, send = fuse_ops.TvixOperations.read, poolstate.PoolState._send
+        call, read_view = pool_mod.WorkerPool.call, pool_mod.WorkerPool.read_view
         take, complete = collector._take_ring_bytes, poolstate.PoolState.complete
 
         def traced_read(ops: Any, fh: int, off: int, size: int) -> bytes:
@@ -127,6 +129,16 @@ class Trace:
             rec[1] = T()
             try:
                 return call(pool, op, *args, **kw)
+            finally:
+                rec[2] = T()
+
+        def traced_read_view(pool: Any, *args: Any, **kw: Any) -> Any:  # a FUSE read's blob_read
+            rec = getattr(trace.local, "rec", None)
+            if rec is None:
+                return read_view(pool, *args, **kw)
+            rec[1] = T()
+            try:
+                return read_view(pool, *args, **kw)
             finally:
                 rec[2] = T()
 
@@ -186,6 +198,7 @@ class Trace:
         selectors.EpollSelector.select = traced_select
         fuse_ops.TvixOperations.read = traced_read
         pool_mod.WorkerPool.call = traced_call
+        pool_mod.WorkerPool.read_view = traced_read_view
         poolstate.PoolState._send = traced_send
         collector._take_ring_bytes = traced_take
         poolstate.PoolState.complete = traced_complete
@@ -197,29 +210,24 @@ class Trace:
 
         collector.Collector.deliver = traced_deliver
 
-        # a read on its caller's lane: the caller wakes, reads the lane, copies the buffer out
-        lane_replies, lane_copy = lanes.Lane.replies, lanes.Lane.copy
+        # a read on its caller's lane: the caller wakes, reads the lane, takes the answer (a view)
+        next_reply = lanes.Lane.next_reply
         take_lane = pool_mod.WorkerPool._take_lane_reply
 
-        def traced_lane_replies(lane: Any) -> Any:
+        def traced_next_reply(lane: Any) -> Any:
             trace.local.woke = T()
-            return lane_replies(lane)
+            return next_reply(lane)
 
-        def traced_lane_copy(lane: Any, length: int) -> bytes:
+        def traced_take_lane(pool: Any, c: Any, lane: Any, reply: Any, view: bool) -> bool:
             start = T()
-            data = lane_copy(lane, length)
-            trace.local.copied = (start, T())
-            return data
-
-        def traced_take_lane(pool: Any, c: Any, lane: Any, reply: Any) -> bool:
-            taken = take_lane(pool, c, lane, reply)
+            taken = take_lane(pool, c, lane, reply, view)
             if taken:
-                trace.took[c.id] = (trace.local.woke, *trace.local.copied)
+                # the take ends where complete() begins (inside it, under the state lock)
+                trace.took[c.id] = (trace.local.woke, start, trace.completed.get(c.id, T()))
                 trace.on_lane.add(c.id)
             return taken
 
-        lanes.Lane.replies = traced_lane_replies
-        lanes.Lane.copy = traced_lane_copy
+        lanes.Lane.next_reply = traced_next_reply
         pool_mod.WorkerPool._take_lane_reply = traced_take_lane
 
         # the worker's side: its request loop, the segment read and blake3
@@ -350,7 +358,7 @@ class Trace:
                 "worker: reply write": w_written - w_end,
                 "reader wake (reply written -> the collector or the caller reads)": woke - w_written,
                 "reader: read + unpack frames": took_start - woke,
-                "reader: copy out (the lane's buffer, or the ring)": took_end - took_start,
+                "reader: take the answer (lane: pid check and view; or the ring)": took_end - took_start,
                 "reader: complete (state lock, latch release)": done - took_end,
                 "collector: after complete until it sleeps again": slept - done,
                 "caller wake (latch released -> pool.call returns)": call_out - done,
