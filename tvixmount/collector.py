@@ -354,14 +354,18 @@ class Collector:
         process has exited (only it holds the write end, zygote.py): a worker
         killed for a malformed reply, or as hung, is retired before then, and
         until it exits it could still write into the buffer of a lane whose
-        call another worker has answered (lanes.py, the rules).
+        call another worker has answered (lanes.py, the rules). A process
+        that does not exit within ``END_WAIT`` (stuck in the kernel, where a
+        read into a lane's buffer may still complete) has its lane calls
+        re-sent without their lanes.
         """
         self._timers_stale = True
         self._replies.unregister(worker.rep_fd)
         del self._by_fd[worker.rep_fd]
-        if not _read_to_end(worker.rep_fd, END_WAIT):
+        exited = _read_to_end(worker.rep_fd, END_WAIT)
+        if not exited:
             log.warning("worker %d pid %d: its reply pipe did not end within %.0f s; re-sending its calls "
-                        "anyway", worker.id, worker.pid, END_WAIT)
+                        "without their lanes", worker.id, worker.pid, END_WAIT)
         state = self.state
         with state.lock:
             worker.doomed = worker.doomed or "its reply pipe closed"
@@ -373,7 +377,7 @@ class Collector:
             now = time.monotonic()
             if state.serving:
                 self._log_death(worker, len(calls), now)
-            state.resend_or_fail(worker, calls)
+            state.resend_or_fail(worker, calls, exited)
             if state.phase == "running" or (state.phase == "starting" and worker.fatal is None):
                 self._schedule_respawn(slot, worker, now)
             state.changed.notify_all()

@@ -67,7 +67,7 @@ class Call:
     """
 
     __slots__ = ("affinity", "args", "created", "deadline", "done", "finished", "frame", "id", "idempotent",
-                 "ok", "op", "sends", "sent_at", "timeout", "value", "worker")
+                 "lane", "ok", "op", "sends", "sent_at", "timeout", "value", "worker")
 
     def __init__(self, req_id: int, op: Op[Any], args: tuple[Any, ...], timeout: float,
                  affinity: int | None, idempotent: bool, done: threading.Lock | None = None,
@@ -82,6 +82,7 @@ class Call:
         self.deadline = self.created + timeout
         self.affinity = affinity
         self.idempotent = idempotent
+        self.lane = lane  # the caller's lane its answer goes to (lanes.py), or None
         # Re-sent as is. InvalidArgument (before anything was sent) for arguments a fixed frame cannot hold.
         if op.fixed is None:
             self.frame = encode_request(req_id, op.name, args, self.deadline)
@@ -335,12 +336,22 @@ class PoolState:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signal.SIGKILL)
 
-    def resend_or_fail(self, dead: Worker, calls: list[Call]) -> None:
-        """A worker died holding ``calls``: re-send the idempotent ones with sends and time left."""
+    def resend_or_fail(self, dead: Worker, calls: list[Call], exited: bool = True) -> None:
+        """A worker died holding ``calls``: re-send the idempotent ones with sends and time left.
+
+        ``exited``: its process is known to be gone. If it may not be (killed,
+        but its pipe did not end in time: stuck in the kernel), a call on a
+        lane is re-sent without its lane, so that whatever the old process
+        still writes into that lane's buffer reaches nobody: the answer comes
+        on the new worker's pipe, and the caller gives the lane up.
+        """
         now = time.monotonic()
         for call in calls:
             if call.idempotent and call.sends <= self.retries and call.deadline > now:
                 self.counts["resent"] += 1
+                if not exited and call.lane is not None:
+                    call.lane = None
+                    call.frame = readwire.encode_request(call.id, call.deadline, *call.args)
                 self.route(call, exclude=dead)
                 continue
             why = ("not idempotent" if not call.idempotent else

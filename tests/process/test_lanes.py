@@ -25,7 +25,7 @@ from tests.worker_fixtures import (
     stopped_behind_an_earlier_call,
     wait_until,
 )
-from tvixmount import poolstate
+from tvixmount import collector, poolstate
 from tvixmount.errors import InvalidArgument, Timeout, Unavailable
 from tvixmount.lanes import LANE_BYTES, Lanes
 from tvixmount.pool import WorkerPool
@@ -158,6 +158,34 @@ def test_a_killed_workers_lane_calls_are_resent_only_once_its_process_is_gone(po
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
     assert pool.stats().resent == 1
+
+
+def test_a_killed_worker_that_does_not_exit_has_its_lane_calls_resent_without_their_lane(
+        pool, monkeypatch, caplog):
+    """Stuck in the kernel, the old process may still complete a read into the lane's buffer: the
+    call goes to another worker without a lane, and its thread gives that lane up."""
+    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
+    monkeypatch.setattr(collector, "END_WAIT", 0.3)
+    monkeypatch.setattr(poolstate.PoolState, "kill", lambda self, worker, why: setattr(worker, "doomed", why))
+    victim = pool.pids()[0]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with ThreadPoolExecutor(1) as executor:
+            future = executor.submit(_read, pool, 4096, 8192, affinity=0)
+            assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
+            fd = reply_pipe_writer(victim, os.getpid())
+            try:
+                os.write(fd, b"\x00\x00\x00\x05\xc1junk")
+            finally:
+                os.close(fd)
+            assert future.result(timeout=10) == BIG[4096:4096 + 8192]  # the victim is still alive
+        assert pool.pids()[0] != victim or pool.stats().workers[0].inflight == 0
+    finally:
+        os.kill(victim, signal.SIGKILL)
+    stats = pool.stats()
+    assert (stats.resent, stats.lanes_given_up, stats.failures) == (1, 1, 0)
+    assert any(f"pid {victim}: its reply pipe did not end within 0 s; re-sending its calls without their "
+               "lanes" in r.getMessage() for r in caplog.records)
 
 
 def test_a_timed_out_lane_is_given_up_and_its_late_answer_reaches_no_later_read(pool, monkeypatch):
