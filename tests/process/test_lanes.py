@@ -127,9 +127,10 @@ def test_a_lane_read_whose_worker_dies_is_resent_and_answered_on_the_lane(pool, 
     assert _read(pool, 0, affinity=0) == BIG[:4096]
 
 
-def test_a_killed_workers_lane_calls_are_resent_only_once_its_process_is_gone(pool, monkeypatch):
-    """Retired at once for garbage, the worker still runs until its pipe ends: only then may another
-    worker answer on the lane, which the old one could otherwise still write."""
+@contextlib.contextmanager
+def _lane_read_on_a_spared_worker(pool: WorkerPool, monkeypatch) -> Iterator[tuple[Future, int, list[int]]]:
+    """A read on its lane held by worker 0, stopped, which then sends garbage and is killed as the
+    pool kills, except that its process lives on until the block ends (or the test kills it)."""
     monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
     spared: list[int] = []
 
@@ -149,14 +150,21 @@ def test_a_killed_workers_lane_calls_are_resent_only_once_its_process_is_gone(po
                 os.write(fd, b"\x00\x00\x00\x05\xc1junk")
             finally:
                 os.close(fd)
-            assert wait_until(lambda: spared == [victim], 5)
-            time.sleep(0.5)  # retired, but its process has not exited
-            assert pool.stats().resent == 0 and not future.done()
-            os.kill(victim, signal.SIGKILL)
-            assert future.result(timeout=10) == BIG[4096:4096 + 8192]
+            yield future, victim, spared
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(victim, signal.SIGKILL)
+
+
+def test_a_killed_workers_lane_calls_are_resent_only_once_its_process_is_gone(pool, monkeypatch):
+    """Retired at once for garbage, the worker still runs until its pipe ends: only then may another
+    worker answer on the lane, which the old one could otherwise still write."""
+    with _lane_read_on_a_spared_worker(pool, monkeypatch) as (future, victim, spared):
+        assert wait_until(lambda: spared == [victim], 5)
+        time.sleep(0.5)  # retired, but its process has not exited
+        assert pool.stats().resent == 0 and not future.done()
+        os.kill(victim, signal.SIGKILL)
+        assert future.result(timeout=10) == BIG[4096:4096 + 8192]
     assert pool.stats().resent == 1
 
 
@@ -164,24 +172,9 @@ def test_a_killed_worker_that_does_not_exit_has_its_lane_calls_resent_without_th
         pool, monkeypatch, caplog):
     """Stuck in the kernel, the old process may still complete a read into the lane's buffer: the
     call goes to another worker without a lane, and its thread gives that lane up."""
-    monkeypatch.setattr(poolstate, "STALLED_AFTER", 60.0)
     monkeypatch.setattr(collector, "END_WAIT", 0.3)
-    monkeypatch.setattr(poolstate.PoolState, "kill", lambda self, worker, why: setattr(worker, "doomed", why))
-    victim = pool.pids()[0]
-    os.kill(victim, signal.SIGSTOP)
-    try:
-        with ThreadPoolExecutor(1) as executor:
-            future = executor.submit(_read, pool, 4096, 8192, affinity=0)
-            assert wait_until(lambda: pool.stats().workers[0].inflight == 1, 5)
-            fd = reply_pipe_writer(victim, os.getpid())
-            try:
-                os.write(fd, b"\x00\x00\x00\x05\xc1junk")
-            finally:
-                os.close(fd)
-            assert future.result(timeout=10) == BIG[4096:4096 + 8192]  # the victim is still alive
-        assert pool.pids()[0] != victim or pool.stats().workers[0].inflight == 0
-    finally:
-        os.kill(victim, signal.SIGKILL)
+    with _lane_read_on_a_spared_worker(pool, monkeypatch) as (future, victim, _):
+        assert future.result(timeout=10) == BIG[4096:4096 + 8192]  # the victim still alive
     stats = pool.stats()
     assert (stats.resent, stats.lanes_given_up, stats.failures) == (1, 1, 0)
     assert any(f"pid {victim}: its reply pipe did not end within 0 s; re-sending its calls without their "
