@@ -311,8 +311,7 @@ class SegmentWriter:
         arena = self.arena
         if arena.slots == 0 or len(digest) != DIGEST_LEN:
             return False
-        set_base = (int.from_bytes(digest[:8], "little") + index) % arena.sets * arena.ways  # set_of
-        slot = self._victim(set_base)
+        slot = self._victim(arena.set_of(digest, index) * arena.ways)
         if self._last is not None and self._last[2] == slot:
             self._last = None  # its slot is about to hold another region
         words = arena.words
@@ -323,7 +322,7 @@ class SegmentWriter:
         arena.refs[slot] = 0
         words[base + _LEN] = 0
         try:
-            with arena.data[slot * REGION: (slot + 1) * REGION] as view:  # arena.slot_data, written out
+            with arena.slot_data(slot) as view:
                 got = fill(view)
         except BaseException:
             words[base + _SEQ] = seq + 1  # even, empty: length 0 and no tag
@@ -334,8 +333,7 @@ class SegmentWriter:
         words[base + _LEN] = got
         words[base + _STAMP] = time.monotonic_ns()  # machine-wide, so a replacement worker's are newer
         words[base + _SEQ] = seq + 1  # even and new: readers' earlier copies of the old bytes fail
-        mixed = int.from_bytes(digest[8:16], "little") ^ (index * 0x9E3779B97F4A7C15)
-        arena.tags[slot * TAG: (slot + 1) * TAG] = _KEY.pack(mixed & 0xFFFF_FFFF_FFFF_FFFF | 1)  # tag_of
+        arena.tags[slot * TAG: (slot + 1) * TAG] = tag_of(digest, index)
         self.written += 1
         self._last = (digest, index, slot, got)
         return True
