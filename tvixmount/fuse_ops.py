@@ -397,8 +397,8 @@ class TvixOperations(llfuse.Operations):
             return self._read(fh, node, off, length)
         try:
             with llfuse.lock_released:
-                data = self._flight.run_or_wait(("region", node.digest, region), self.fetcher.blob_read_reply,
-                                                node.digest, off, length, fh, node.size)
+                data = self._flight.run(("region", node.digest, region), self.fetcher.blob_read_reply,
+                                        node.digest, off, length, fh, node.size, share=False)
         except TvixError as exc:
             self._fetch_failed(self._what_read(fh, node, off, length), ("region", node.digest), exc)
         if data is not None:

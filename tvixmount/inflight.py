@@ -10,93 +10,59 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Hashable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 T = TypeVar("T")
-
-
-class _Call:
-    """One fetch in flight. ``done`` is a plain lock held until the outcome is known.
-
-    Not an Event: an Event builds a Condition and a second lock, and one
-    _Call is made per FUSE read; a waiter takes ``done`` and hands it on
-    at once, so any number of waiters pass one after another.
-    """
-
-    __slots__ = ("done", "error", "result")
-
-    def __init__(self) -> None:
-        self.done = threading.Lock()
-        self.done.acquire()
-        self.result: Any = None
-        self.error: BaseException | None = None
 
 
 class SingleFlight:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._calls: dict[Hashable, _Call] = {}
-        self._waits: dict[Hashable, list[Any]] = {}  # run_or_wait's: [done lock, error or None]
+        # key -> [done, error, result] of the fetch in flight. ``done`` is a plain lock held until
+        # the outcome is known, not an Event (which builds a Condition and a second lock): a waiter
+        # takes it and hands it on at once, so any number of waiters pass one after another. A
+        # list, not an object: one is made for every FUSE read the arena missed.
+        self._calls: dict[Hashable, list[Any]] = {}
 
-    def run(self, key: Hashable, fn: Callable[[], T]) -> T:
-        """Run ``fn`` unless a call for ``key`` is already running; share its outcome.
+    @overload
+    def run(self, key: Hashable, fn: Callable[..., T], *args: Any, share: Literal[True] = True) -> T: ...
+
+    @overload
+    def run(self, key: Hashable, fn: Callable[..., T], *args: Any, share: Literal[False]) -> T | None: ...
+
+    def run(self, key: Hashable, fn: Callable[..., T], *args: Any, share: bool = True) -> T | None:
+        """Run ``fn(*args)`` unless a call for ``key`` is already running; share its outcome.
 
         Blocks until the outcome is known. Waiters are bounded by ``fn``'s own
         deadline (every fetch carries one), so this never waits forever.
+
+        ``share=False`` is for a result that belongs to the thread that
+        fetched it (a view of its lane, pool.py ``read_view``): a waiter gets
+        None, only the news that the fetch is over (or its error), and looks
+        where the fetch left its bytes (the segment arena).
         """
         with self._lock:
             call = self._calls.get(key)
             leader = call is None
             if leader:
-                call = self._calls[key] = _Call()
+                call = self._calls[key] = [threading.Lock(), None, None]
+                call[0].acquire()
         assert call is not None
         if not leader:
-            call.done.acquire()
-            call.done.release()
-            if call.error is not None:
-                raise call.error
-            return call.result  # type: ignore[no-any-return]
+            call[0].acquire()
+            call[0].release()
+            if call[1] is not None:
+                raise call[1]
+            return call[2] if share else None  # type: ignore[no-any-return]
         try:
-            call.result = fn()
-            return call.result  # type: ignore[no-any-return]
+            result = fn(*args)
+            if share:
+                call[2] = result
+            return result
         except BaseException as exc:
-            call.error = exc
+            call[1] = exc
             raise
         finally:
             with self._lock:
                 del self._calls[key]
-            call.done.release()
-
-    def run_or_wait(self, key: Hashable, fn: Callable[..., T], *args: Any) -> T | None:
-        """Run ``fn(*args)`` unless a call for ``key`` is already running; then wait for it and
-        return None.
-
-        For a result that belongs to the thread that fetched it (a view of
-        its lane, pool.py ``read_view``): a waiter gets only the news that
-        the fetch is over, or its error, and looks where the fetch left its
-        bytes (the segment arena). Bounded like ``run``. Every FUSE read of a
-        big file that the arena missed passes here, so it is written for few
-        Python calls: a list in the table, ``fn`` called with ``args``.
-        """
-        with self._lock:
-            entry = self._waits.get(key)
-            leader = entry is None
-            if leader:
-                entry = self._waits[key] = [threading.Lock(), None]
-                entry[0].acquire()
-        assert entry is not None
-        if not leader:
-            entry[0].acquire()
-            entry[0].release()
-            if entry[1] is not None:
-                raise entry[1]
-            return None
-        try:
-            return fn(*args)
-        except BaseException as exc:
-            entry[1] = exc
-            raise
-        finally:
-            with self._lock:
-                del self._waits[key]
-            entry[0].release()
+            call[0].release()

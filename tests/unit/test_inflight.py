@@ -67,7 +67,7 @@ def test_different_keys_do_not_wait_for_each_other():
         assert slow_future.result(5) == "slow"
 
 
-def test_run_or_wait_gives_the_result_to_its_leader_only_and_an_error_to_all():
+def test_an_unshared_run_gives_the_result_to_its_leader_only_and_an_error_to_all():
     flight = SingleFlight()
     release = threading.Event()
     results = [b"first", OSError("store down")]
@@ -81,9 +81,9 @@ def test_run_or_wait_gives_the_result_to_its_leader_only_and_an_error_to_all():
 
     for expected in (b"first", None):
         with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(flight.run_or_wait, "k", fetch)]
+            futures = [pool.submit(flight.run, "k", fetch, share=False)]
             time.sleep(0.1)  # the first leads
-            futures += [pool.submit(flight.run_or_wait, "k", fetch) for _ in range(3)]
+            futures += [pool.submit(flight.run, "k", fetch, share=False) for _ in range(3)]
             time.sleep(0.1)
             release.set()
             if expected is None:
