@@ -155,14 +155,10 @@ class LaneWriter:
     """A worker's end of every lane: the buffer to fill and the pipe to answer on."""
 
     def __init__(self, whole: memoryview, size: int, fds: list[int]) -> None:
-        self._whole = whole
         self.size = size
         self._fds = fds
         # Every lane's buffer, sliced once: a worker looks one up for every read on a lane.
         self.buffers = [whole[i * size: (i + 1) * size] for i in range(len(fds))]
-
-    def __len__(self) -> int:
-        return len(self._fds)
 
     def send(self, lane: int, body: bytes) -> bool:
         """Write one reply frame to ``lane`` (atomic: shorter than PIPE_BUF); False when its pipe is full.

@@ -323,9 +323,11 @@ class WorkerPool:
         lane: Lane | None = None
         if op is ops.BLOB_READ and lanes is not None and len(args) == 4 and type(args[2]) is int \
                 and args[2] <= lanes.size:  # bad arguments: Call() says
-            lane = getattr(self._latches, "lane", None)  # this thread's, as most calls find it
-            if lane is None or lane is False or lane.given_up:
-                lane = self._lane()
+            lane = getattr(self._latches, "lane", None)  # this thread's, kept from call to call
+            if lane is False:
+                lane = None  # none was left for this thread, and lanes are never returned
+            elif lane is None or lane.given_up:
+                lane = self._new_lane()
         call = Call(next(self._ids), op, args, self.request_timeout if timeout is None else timeout,
                     affinity, idempotent, latch, None if lane is None else lane.index)
         if len(call.frame) > select.PIPE_BUF:
@@ -361,20 +363,17 @@ class WorkerPool:
 
     # -- lanes ---------------------------------------------------------------------------
 
-    def _lane(self) -> Lane | None:
-        """The calling thread's lane: kept from call to call, a new one after it gave its own up."""
-        lane: Lane | bool | None = getattr(self._latches, "lane", None)
-        if lane is False:
-            return None  # none was left for this thread, and lanes are never returned
-        if lane is None or lane.given_up:  # type: ignore[union-attr]
-            assert self._lanes is not None and self._collector is not None
-            lane = self._lanes.take()
-            if lane is not None:
-                lane.poller.register(self._collector.closing_fd)  # close() wakes it at once
-            self._latches.lane = lane if lane is not None else False
-        return lane  # type: ignore[return-value]
+    def _new_lane(self) -> Lane | None:
+        """A lane for the calling thread, whose own is missing or given up; None when none is left
+        (remembered as False: lanes are never returned)."""
+        assert self._lanes is not None and self._collector is not None
+        lane = self._lanes.take()
+        if lane is not None:
+            lane.poller.register(self._collector.closing_fd)  # close() wakes it at once
+        self._latches.lane = lane if lane is not None else False
+        return lane
 
-    def _await_lane(self, call: Call, lane: Lane, view: bool = False) -> None:
+    def _await_lane(self, call: Call, lane: Lane, view: bool) -> None:
         """Wait on ``lane`` for ``call``'s reply, until it comes, the call ends otherwise, its
         deadline passes or the pool closes; complete the call with the reply (``view``: the
         bytes as a view of the lane's buffer, see ``read_view``).
@@ -431,8 +430,13 @@ class WorkerPool:
         worker: Worker | None = call.worker  # looked at again under the lock before anything counts
         if worker is None or worker.pid != reply.pid:
             return False  # a dead worker's answer, written before its call was re-sent
-        value: object = ((lane.buffer[:reply.length] if view else lane.copy(reply.length)) if reply.ok
-                         else decode_error_value(lane.copy(reply.length)))  # a view: see read_view
+        value: object
+        if not reply.ok:
+            value = decode_error_value(lane.copy(reply.length))
+        elif view:
+            value = lane.buffer[:reply.length]  # no copy: see read_view
+        else:
+            value = lane.copy(reply.length)
         state = self._state
         with state.lock:
             if call.finished or call.worker is not worker or worker.inflight.get(call.id) is not call:

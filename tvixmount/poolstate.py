@@ -103,6 +103,12 @@ class Call:
             done.acquire()
         self.done = done
 
+    def drop_lane(self) -> None:
+        """Be answered on the worker's reply pipe from now on, not on the caller's lane (a
+        ``blob_read``'s fixed request, the only op with lanes, without its lane)."""
+        self.lane = None
+        self.frame = readwire.encode_request(self.id, self.deadline, *self.args)
+
     def what(self) -> str:
         """The call for log lines and error messages: ``op(arguments)``."""
         return f"{self.op}({summarize(self.args)})"
@@ -350,8 +356,7 @@ class PoolState:
             if call.idempotent and call.sends <= self.retries and call.deadline > now:
                 self.counts["resent"] += 1
                 if not exited and call.lane is not None:
-                    call.lane = None
-                    call.frame = readwire.encode_request(call.id, call.deadline, *call.args)
+                    call.drop_lane()
                 self.route(call, exclude=dead)
                 continue
             why = ("not idempotent" if not call.idempotent else

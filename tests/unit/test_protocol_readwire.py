@@ -53,12 +53,6 @@ def test_a_request_without_a_lane_names_none():
     assert readwire.decode_request(frame[framing.HEADER_LEN:]).lane == readwire.NO_LANE
 
 
-@given(ids, st.integers(1, (1 << 32) - 1), st.integers(0, (1 << 64) - 1), st.booleans())
-def test_lane_reply_round_trip(req_id, pid, length, ok):
-    body = readwire.encode_lane_reply(req_id, pid, length, ok=ok)
-    assert readwire.decode_lane_reply(body) == (req_id, pid, length, ok)
-
-
 @given(ids, st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 64) - 1))
 def test_ring_reply_stands_for_the_msgpack_reply(req_id, start, length):
     body = readwire.encode_ring_reply(req_id, RingRef(start, length))
@@ -125,14 +119,12 @@ LANE_REPLY = readwire.encode_lane_reply(7, 1234, 10)
     LANE_REPLY[:10] + bytes(4) + LANE_REPLY[14:],  # pid 0: no process
 ], ids=["short", "long", "ring-kind", "id-0", "pid-0"])
 def test_malformed_lane_replies_are_protocol_errors(body):
-    with pytest.raises(ProtocolError, match="fixed lane reply"):
-        _read_all(_frame(body), fixed=readwire.decode_lane_reply)
     with pytest.raises(ProtocolError, match="fixed lane reply frame"):
         readwire.decode_lane_frame(_frame(body))
 
 
 @given(ids, st.integers(1, (1 << 32) - 1), st.integers(0, (1 << 64) - 1), st.booleans())
-def test_a_lane_frame_is_its_body_behind_a_header(req_id, pid, length, ok):
+def test_lane_reply_round_trip(req_id, pid, length, ok):
     frame = _frame(readwire.encode_lane_reply(req_id, pid, length, ok=ok))
     assert len(frame) == readwire.LANE_FRAME
     assert readwire.decode_lane_frame(frame) == (req_id, pid, length, ok)

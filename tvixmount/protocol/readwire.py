@@ -135,16 +135,6 @@ def encode_lane_reply(req_id: int, pid: int, length: int, ok: bool = True) -> by
     return _LANE_BODY.pack(MARK, LANE if ok else LANE_ERROR, req_id, pid, length)
 
 
-def decode_lane_reply(body: memoryview | bytes) -> LaneReply:
-    """A fixed lane reply body; ProtocolError for anything else."""
-    if len(body) != LANE_BODY:
-        raise ProtocolError(f"fixed lane reply of {len(body)} bytes, not {LANE_BODY}")
-    _, kind, req_id, pid, length = _LANE_BODY.unpack(body)
-    if kind not in (LANE, LANE_ERROR) or req_id <= 0 or pid <= 0:
-        raise ProtocolError(f"fixed lane reply of kind {kind} with id {req_id} from pid {pid}")
-    return LaneReply(req_id, pid, length, kind == LANE)
-
-
 def decode_lane_frame(frame: bytes) -> LaneReply:
     """A whole lane reply frame, header and body, as one read of a lane's pipe returns it.
 
