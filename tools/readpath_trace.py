@@ -55,6 +55,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,25 +123,21 @@ class Trace:
                 trace.local.rec = None
                 trace.handlers.append(rec)
 
-        def traced_call(pool: Any, op: str, *args: Any, **kw: Any) -> Any:
-            rec = getattr(trace.local, "rec", None)
-            if rec is None or getattr(op, "name", op) != "blob_read":
-                return call(pool, op, *args, **kw)
-            rec[1] = T()
-            try:
-                return call(pool, op, *args, **kw)
-            finally:
-                rec[2] = T()
+        def stamped(pool_call: Callable[..., Any], is_read: Callable[[tuple[Any, ...]], bool]) -> Any:
+            """``pool_call`` (call, read_view), its entry and return stamped for a FUSE read's blob_read."""
+            def traced(pool: Any, *args: Any, **kw: Any) -> Any:
+                rec = getattr(trace.local, "rec", None)
+                if rec is None or not is_read(args):
+                    return pool_call(pool, *args, **kw)
+                rec[1] = T()
+                try:
+                    return pool_call(pool, *args, **kw)
+                finally:
+                    rec[2] = T()
+            return traced
 
-        def traced_read_view(pool: Any, *args: Any, **kw: Any) -> Any:  # a FUSE read's blob_read
-            rec = getattr(trace.local, "rec", None)
-            if rec is None:
-                return read_view(pool, *args, **kw)
-            rec[1] = T()
-            try:
-                return read_view(pool, *args, **kw)
-            finally:
-                rec[2] = T()
+        traced_call = stamped(call, lambda args: getattr(args[0], "name", args[0]) == "blob_read")
+        traced_read_view = stamped(read_view, lambda args: True)  # only ever a blob_read
 
         def traced_send(state: Any, worker: Any, c: Any) -> bool:
             ok = send(state, worker, c)
