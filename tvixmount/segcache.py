@@ -311,7 +311,11 @@ class SegmentWriter:
         arena = self.arena
         if arena.slots == 0 or len(digest) != DIGEST_LEN:
             return False
-        slot = self._victim(arena.set_of(digest, index) * arena.ways)
+        # set_of and tag_of written out, as in _candidates: every read a worker answers from the arena
+        # puts a region, and in a mount each call costs several times its arithmetic
+        # (docs/performance.md "Calls in the worker"); a hypothesis test holds both to the functions.
+        key = int.from_bytes(digest[:8], "little") + index
+        slot = self._victim((key % arena.sets) * arena.ways)
         if self._last is not None and self._last[2] == slot:
             self._last = None  # its slot is about to hold another region
         words = arena.words
@@ -322,7 +326,7 @@ class SegmentWriter:
         arena.refs[slot] = 0
         words[base + _LEN] = 0
         try:
-            with arena.slot_data(slot) as view:
+            with arena.data[slot * REGION: (slot + 1) * REGION] as view:  # slot_data
                 got = fill(view)
         except BaseException:
             words[base + _SEQ] = seq + 1  # even, empty: length 0 and no tag
@@ -333,7 +337,8 @@ class SegmentWriter:
         words[base + _LEN] = got
         words[base + _STAMP] = time.monotonic_ns()  # machine-wide, so a replacement worker's are newer
         words[base + _SEQ] = seq + 1  # even and new: readers' earlier copies of the old bytes fail
-        arena.tags[slot * TAG: (slot + 1) * TAG] = tag_of(digest, index)
+        tag = (int.from_bytes(digest[8:16], "little") ^ (index * 0x9E3779B97F4A7C15)) & 0xFFFF_FFFF_FFFF_FFFF
+        arena.tags[slot * TAG: (slot + 1) * TAG] = _KEY.pack(tag | 1)  # tag_of
         self.written += 1
         self._last = (digest, index, slot, got)
         return True

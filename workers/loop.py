@@ -26,7 +26,7 @@ from tvixmount.protocol.ops import Handlers
 from tvixmount.protocol.readwire import ReadRequest
 from tvixmount.shmring import RingWriter
 from tvixmount.store import StoreUrls, describe, open_store
-from tvixmount.store.grpc.deadline import request_deadline
+from tvixmount.store.grpc.deadline import call_within, request_deadline
 
 from .handlers import HANDLERS, Context
 
@@ -82,7 +82,7 @@ def _loop(ctx: Context, handlers: Handlers[Context], req_fd: int, rep_fd: int) -
             if parts and not _try_write(rep_fd, *parts):
                 return EXIT_OK
         fill = ctx.fill_ahead
-        while fill is not None and fill.pending and not _waiting(req_fd):  # idle: verify ahead of readers
+        while fill is not None and fill.todo and not _waiting(req_fd):  # idle: verify ahead of readers
             fill.step(ctx.readers.get)
 
 
@@ -137,9 +137,9 @@ def _run_read(ctx: Context, request: ReadRequest, handlers: Handlers[Context]) -
     if time.monotonic() > deadline:
         return Timeout(f"blob_read: deadline passed before worker {ctx.worker_id} took it up")
     try:
-        with request_deadline(deadline):
-            result: bytes | RingRef = handlers.handler(ops.BLOB_READ)(ctx, digest, offset, length, size)
-            return result
+        result: bytes | RingRef = call_within(deadline, handlers.handler(ops.BLOB_READ), ctx, digest, offset,
+                                              length, size)
+        return result
     except TvixError as exc:
         log.debug("worker %d: blob_read failed: %s", ctx.worker_id, exc)
         return exc

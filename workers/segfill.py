@@ -60,6 +60,14 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     the read.
     A region that fails for another reason (the server is away) goes to
     the caller. Nothing that failed is ever kept.
+
+    The region of a read within one region is not looked up first: the
+    dispatcher asks a worker for such a read only after the arena missed
+    it, so the look-up would almost always miss too, and in a mount it
+    costs as much as a tenth of the worker's Python per read
+    (docs/performance.md "Calls in the worker"). If another worker put the
+    region meanwhile, it is read and verified once more, into this
+    worker's slot; both copies are good.
     """
     size = reader.size
     if size <= ONE_FUSE_READ or length <= 0 or reader.segment_size != REGION:
@@ -69,10 +77,11 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     in_order = fill_ahead is not None and fill_ahead.note(digest, offset, length, size)
     if in_order or reader.holds_whole:
         last = min(touched + reader.segments_per_fill - 1, (size - 1) // REGION)
-    for index in range(offset // REGION, last + 1):
+    first = offset // REGION
+    for index in range(first, last + 1):
         if index > touched and reader.segment_size != REGION:
             break  # the reader stopped streaming: filling more would fetch for nobody
-        if writer.has(digest, index):
+        if (index > first or first != touched) and writer.has(digest, index):
             continue
         try:
             writer.put(digest, index, partial(_fill, reader, index * REGION))
@@ -132,7 +141,7 @@ class FillAhead:
         self._blobs = blobs
         # digest -> [first region not asked for yet, last region of the last miss, size hint, reach]
         self._state: OrderedDict[bytes, list[int]] = OrderedDict()
-        self._todo: deque[tuple[bytes, int]] = deque()
+        self.todo: deque[tuple[bytes, int]] = deque()  # (digest, region) to fill; the worker's loop tests it
         self.filled = 0
         self.failed = 0
 
@@ -157,19 +166,19 @@ class FillAhead:
         state[1] = max(previous, last)
         want = min(last + reach, (size - 1) // REGION)
         for index in range(max(ahead, last + 1), want + 1):
-            self._todo.append((digest, index))
-        while len(self._todo) > TODO:  # a worker never idle: the oldest wishes go (bounded memory)
-            self._todo.popleft()
+            self.todo.append((digest, index))
+        while len(self.todo) > TODO:  # a worker never idle: the oldest wishes go (bounded memory)
+            self.todo.popleft()
         state[0] = max(ahead, want + 1)
         return True
 
     @property
     def pending(self) -> bool:
-        return bool(self._todo)
+        return bool(self.todo)
 
     def step(self, readers: Callable[[bytes, int | None], BlobReader]) -> None:
         """Fill one region asked for (``readers(digest, size)``: the worker's open reader)."""
-        digest, index = self._todo.popleft()
+        digest, index = self.todo.popleft()
         state = self._state.get(digest)
         if state is None or index < state[1] or self.writer.has(digest, index):
             return  # forgotten, passed already, or there

@@ -173,7 +173,7 @@ def test_random_regions_always_match_their_key() -> None:
 @settings(max_examples=200, deadline=None)
 @given(st.binary(min_size=32, max_size=32), st.integers(0, 1 << 40))
 def test_the_readers_written_out_set_and_tag_are_the_writers(digest: bytes, index: int) -> None:
-    """_candidates computes set_of and tag_of inline; a region put anywhere is found by it."""
+    """_candidates and put compute set_of and tag_of inline; a region put anywhere is found by it."""
     arena = SegmentArena(12 * REGION, workers=2, ways_per_worker=2)
     try:
         arena.writer(1).put(digest, index, filler(b"x" * 100))

@@ -62,6 +62,20 @@ def test_kept_regions_are_served_back_whole(arena: SegmentArena) -> None:
     assert not writer.has(DIGEST, 3)
 
 
+def test_only_a_read_within_one_region_skips_the_look_up(arena: SegmentArena) -> None:
+    """The dispatcher asks for a read within one region only after the arena missed it, so the
+    worker reads it without looking; a read across regions still skips the ones already there."""
+    writer, data = arena.writer(0), pattern(5 * REGION)
+    reader = Reader(data)
+    assert keep_regions(writer, reader, DIGEST, 0, READ)
+    assert reader.reads == [0]
+    assert keep_regions(writer, reader, DIGEST, REGION - 10, 20)  # region 0 is there: only region 1 is read
+    assert reader.reads == [0, REGION]
+    assert keep_regions(writer, reader, DIGEST, READ, READ)  # within region 0 again: read once more
+    assert reader.reads == [0, REGION, 0]
+    assert arena.reader().read(DIGEST, 0, 2 * REGION) == data[: 2 * REGION]  # both copies serve the same
+
+
 def test_a_bad_region_is_not_kept_and_the_read_is_left_to_the_reader(arena: SegmentArena) -> None:
     writer = arena.writer(0)
     reader = Reader(pattern(4 * REGION), bad=(2,))
@@ -187,7 +201,7 @@ def test_a_worker_never_idle_keeps_a_bounded_wish_list(arena: SegmentArena) -> N
     size = 10_000 * REGION
     for region in range(0, 2000):
         fill.note(DIGEST, region * REGION, READ, size)
-    assert len(fill._todo) <= 64
+    assert len(fill.todo) <= 64
 
 
 @pytest.mark.parametrize(("size", "workers", "depth"), [
@@ -207,8 +221,8 @@ def test_the_default_fill_reaches_at_most_a_quarter_of_the_workers_slots(size: i
 
 
 def _wished(fill: FillAhead) -> list[int]:
-    wished = [index for _, index in fill._todo]
-    fill._todo.clear()  # as if the worker had filled them
+    wished = [index for _, index in fill.todo]
+    fill.todo.clear()  # as if the worker had filled them
     return wished
 
 

@@ -9,6 +9,7 @@ So the worker says, around each request::
     with request_deadline(deadline):
         handler(...)
 
+(a read: ``call_within(deadline, handler, ...)``, the same in one call),
 and every gRPC call made by that thread inside may wait for a
 reconnecting channel until ``share`` of the time the request had left on
 entry (channel.Endpoint._await_return). The point is fixed on entry,
@@ -23,10 +24,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from ...deadlines import HANG_FRACTION
 
-__all__ = ["PATIENCE_SHARE", "patience_until", "request_deadline"]
+T = TypeVar("T")
+
+__all__ = ["PATIENCE_SHARE", "call_within", "patience_until", "request_deadline"]
 
 # A fifth short of the pool's hang fraction (0.4 of the time left), leaving time for the call itself.
 PATIENCE_SHARE = 0.8 * HANG_FRACTION
@@ -55,6 +60,22 @@ class request_deadline:  # lower case: used like the function it was, ``with req
 
     def __exit__(self, *exc: object) -> None:
         _scope.until = self._previous
+
+
+def call_within(deadline: float, fn: Callable[..., T], *args: object) -> T:
+    """``fn(*args)`` inside ``request_deadline(deadline)``, in one Python call, not three.
+
+    For the one call a worker makes for every read: in a mount each Python
+    call costs several times what it does in a loop (docs/performance.md
+    "Calls in the worker").
+    """
+    now = time.monotonic()
+    previous = getattr(_scope, "until", None)
+    _scope.until = now + max(0.0, deadline - now) * PATIENCE_SHARE
+    try:
+        return fn(*args)
+    finally:
+        _scope.until = previous
 
 
 def patience_until(default_wait: float) -> float:
