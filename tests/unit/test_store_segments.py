@@ -102,6 +102,22 @@ def test_one_segment_blob_is_checked_against_its_own_digest(tmp_path: Path) -> N
     assert not Outboard(outboard.digest, 2 * SEG, SEG, b"").well_formed()  # two segments need a list
 
 
+def test_segment_into_checks_a_one_segment_blob_against_the_blob_digest(tmp_path: Path) -> None:
+    data = pattern(SEG - 1000)  # bigger than a FUSE read, one segment: no list, its digest is the blob's
+    outboard, fd = _file(tmp_path, data)
+    assert outboard.segments == b""
+    slot = bytearray(SEG)
+    wrong = SegmentFile(Outboard(bytes(32), len(data), SEG, b""), os.dup(fd))
+    right = SegmentFile(outboard, fd)
+    assert right.segment_into(0, memoryview(slot)) == len(data)
+    assert bytes(slot[: len(data)]) == data
+    with pytest.raises(BadSegment) as info:
+        wrong.segment_into(0, memoryview(slot))
+    assert (info.value.index, info.value.short) == (0, False)
+    right.close()
+    wrong.close()
+
+
 def test_segment_into_reads_and_checks_in_place(tmp_path: Path) -> None:
     data = pattern(3 * SEG + 100)
     outboard, fd = _file(tmp_path, data)
