@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """tools/tar_cold.py: a cold ``tar`` of tools/bench's closure on tvixmount, with the mount's own counters.
 
-    tools/tar_cold.py [--workdir DIR] [--rounds 3] [--targets grpc,embedded] [--strace] [TREE ...]
+    tools/tar_cold.py [--workdir DIR] [--rounds 3] [--targets grpc,embedded] [--workers 2[,8...]]
+                      [--strace] [TREE ...]
 
 Why: tools/bench says how long a cold ``tar`` takes; it does not say what
 the mount did meanwhile, nor which files the time went to. This runs the
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import os
 import re
@@ -46,6 +48,7 @@ _ONE_RUN = r'''
 import json, os, sys
 from pathlib import Path
 tree, workdir, target, strace_log = sys.argv[1], Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+workers = int(sys.argv[5])
 sys.path[:0] = [tree + "/tools", tree]
 from benchlib import workloads
 from benchlib.dataset import DatasetSpec, prepare
@@ -54,7 +57,7 @@ from benchlib.targets import Tvixmount
 spec = DatasetSpec(**json.loads((workdir / "dataset.json").read_text())["spec"])
 ds = prepare(workdir, spec, lambda text: None)
 (workdir / "logs").mkdir(exist_ok=True)
-mount = Tvixmount(ds, workdir, Registry(), 2, grpc=(target == "grpc"))
+mount = Tvixmount(ds, workdir, Registry(), workers, grpc=(target == "grpc"))
 try:
     root = mount.prepare(cold=True)
     if strace_log:
@@ -115,7 +118,7 @@ def read_time_by_class(log: Path) -> dict[str, float]:
 
 def summary(stats: dict) -> dict:
     ahead, arena = stats["readahead"], stats["segment_cache"]
-    return {"requests": stats["fetcher"]["requests"],
+    return {"workers": len(stats["fetcher"]["workers"]), "requests": stats["fetcher"]["requests"],
             "arena_hits": arena["hits"], "arena_misses": arena["misses"],
             "read_handler_s": round(stats["latency"]["read"]["sum_s"], 2),
             "readahead_hits": ahead.get("hits"), "readahead_waited": ahead.get("waited")}
@@ -130,6 +133,8 @@ def main() -> int:
                    help="tools/bench's work directory, with its data set (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--targets", default="grpc,embedded", help="comma-separated: grpc, embedded")
+    p.add_argument("--workers", default="2",
+                   help="comma-separated tvixmount --workers values, interleaved like the trees (default 2)")
     p.add_argument("--strace", action="store_true",
                    help="one run per target under strace -T: read time by file size")
     args = p.parse_args()
@@ -138,25 +143,31 @@ def main() -> int:
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if bad := [t for t in targets if t not in ("grpc", "embedded")]:
         p.error(f"unknown targets {bad}: grpc, embedded")
+    try:
+        counts = [int(w) for w in args.workers.split(",")]
+    except ValueError:
+        p.error(f"--workers {args.workers!r}: comma-separated numbers, like 2,8")
+    if any(w < 1 for w in counts):
+        p.error(f"--workers {args.workers!r}: each at least 1")
     rounds = 1 if args.strace else args.rounds
     failed = 0
     for round_ in range(1, rounds + 1):
-        for tree in args.trees:
-            for target in targets:
-                with tempfile.TemporaryDirectory(prefix="tar-cold-") as scratch:
-                    log = Path(scratch) / "strace.txt" if args.strace else None
-                    argv = [sys.executable, "-c", _ONE_RUN, str(tree.resolve()), str(args.workdir), target,
-                            str(log or "")]
-                    run = subprocess.run(argv, capture_output=True, text=True,
-                                         env=dict(os.environ, PYTHONPATH=str(tree.resolve())))
-                    if run.returncode != 0:
-                        failed += 1
-                        print(f"round {round_} {tree} {target}: failed\n{run.stderr[-1500:]}", flush=True)
-                        continue
-                    out = json.loads(run.stdout.strip().splitlines()[-1])
-                    what = read_time_by_class(log) if log else {"seconds": round(out["seconds"], 2),
-                                                                **summary(out["stats"])}
-                print(f"round {round_} {tree} {target}: {json.dumps(what)}", flush=True)
+        for tree, target, workers in itertools.product(args.trees, targets, counts):
+            name = f"{tree} {target} --workers {workers}"
+            with tempfile.TemporaryDirectory(prefix="tar-cold-") as scratch:
+                log = Path(scratch) / "strace.txt" if args.strace else None
+                argv = [sys.executable, "-c", _ONE_RUN, str(tree.resolve()), str(args.workdir), target,
+                        str(log or ""), str(workers)]
+                run = subprocess.run(argv, capture_output=True, text=True,
+                                     env=dict(os.environ, PYTHONPATH=str(tree.resolve())))
+                if run.returncode != 0:
+                    failed += 1
+                    print(f"round {round_} {name}: failed\n{run.stderr[-1500:]}", flush=True)
+                    continue
+                out = json.loads(run.stdout.strip().splitlines()[-1])
+                what = read_time_by_class(log) if log else {"seconds": round(out["seconds"], 2),
+                                                            **summary(out["stats"])}
+            print(f"round {round_} {name}: {json.dumps(what)}", flush=True)
     return 1 if failed else 0
 
 

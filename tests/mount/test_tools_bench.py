@@ -300,14 +300,16 @@ def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp
         pytest.skip(FUSE_MISSING)
     _tiny_dataset(tmp_path)
     tool = ROOT / "tools" / "tar_cold.py"
-    run = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--rounds", "1"],
-                         capture_output=True, text=True, timeout=180)
+    run = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--rounds", "1",
+                          "--workers", "1,2"], capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert [line.split(": ")[0].split()[-1] for line in lines] == ["grpc", "embedded"]
-    for line in lines:
+    runs = [tuple(line.split(": ")[0].split()[-3::2]) for line in lines]
+    assert runs == [("grpc", "1"), ("grpc", "2"), ("embedded", "1"), ("embedded", "2")]
+    for (_, workers), line in zip(runs, lines, strict=True):
         counters = json.loads(line.split(": ", 1)[1])
         assert counters["seconds"] > 0 and counters["requests"] > 0 and counters["read_handler_s"] >= 0
+        assert counters["workers"] == int(workers)  # the mount ran with the --workers asked for
     if shutil.which("strace"):
         traced = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--strace",
                                  "--targets", "embedded"], capture_output=True, text=True, timeout=180)
