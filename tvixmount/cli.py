@@ -60,10 +60,11 @@ def default_threads(workers: int) -> int:
     every worker is busy.
 
     With 8 workers on 2 CPUs the default's 10 threads read O_DIRECT ~10 %
-    faster than 4, and one sequential reader 7-14 % slower: each request
-    wakes another thread with cold caches (docs/performance.md, "Issue 11:
-    run 11"). Kept, because a remote store needs a thread per request in
-    flight; ``--threads 4`` is there for a mount read mostly in sequence.
+    faster than 4, and one reader at a time (a sequential read, a cold
+    ``tar``) 5-14 % slower: the kernel hands each request to the thread idle
+    longest, whose caches are cold (docs/performance.md, "Issue 11: run 11").
+    Kept, because a remote store needs a thread per request in flight;
+    ``--threads 4`` is there for a mount read by one reader at a time.
     """
     return max(4, workers + 2)
 
@@ -167,7 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(perf, "--threads", type=flags.positive, metavar="N", env="THREADS",
               help="FUSE request threads (default: workers + 2, at least 4). More keep more reads in "
                    "flight (O_DIRECT readers, a remote store); when the workers outnumber the CPUs, 4 "
-                   "serve one sequential reader faster")
+                   "serve one reader at a time (a sequential read, tar) faster")
     flags.add(perf, "--readahead-files", type=flags.natural, metavar="N", env="TVIXMOUNT_READAHEAD_FILES",
               help="after a small file (<= 1 MiB) is opened, fetch up to N of the small files "
                    "after it in its directory in the background, so a reader going through a "
