@@ -61,12 +61,13 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     A region that fails for another reason (the server is away) goes to
     the caller. Nothing that failed is ever kept.
 
-    The region of a read within one region is not looked up first: the
-    dispatcher asks a worker for such a read only after the arena missed
-    it, so the look-up would almost always miss too, and in a mount it
-    costs as much as a tenth of the worker's Python per read
-    (docs/performance.md "Calls in the worker"). If another worker put the
-    region meanwhile, it is read and verified once more, into this
+    The region of a read within one region is not looked up first: a
+    FUSE read reaches a worker only after the dispatcher's probe of the
+    arena missed, so the look-up would almost always miss too, and in a
+    mount it costs as much as a tenth of the worker's Python per read
+    (docs/performance.md "Calls in the worker"). If the region is there
+    after all (another worker put it meanwhile, or a background fetch of a
+    small file's whole blob), it is read and verified once more, into this
     worker's slot; both copies are good.
     """
     size = reader.size
