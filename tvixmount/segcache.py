@@ -314,8 +314,8 @@ class SegmentWriter:
         # set_of and tag_of written out, as in _candidates: every read a worker answers from the arena
         # puts a region, and in a mount each call costs several times its arithmetic
         # (docs/performance.md "Calls in the worker"); a hypothesis test holds both to the functions.
-        key = int.from_bytes(digest[:8], "little") + index
-        slot = self._victim((key % arena.sets) * arena.ways)
+        first = (int.from_bytes(digest[:8], "little") + index) % arena.sets * arena.ways  # set_of
+        slot = self._victim(first)
         if self._last is not None and self._last[2] == slot:
             self._last = None  # its slot is about to hold another region
         words = arena.words
