@@ -4,7 +4,7 @@
     tools/readpath_profile.py [--workdir DIR]
                               [--target tvix-embedded|passthrough|passthrough-verify|
                                         passthrough-hop|squashfuse]
-                              [--workers N] [--load direct|seq] [--readers 8] [--duration 10]
+                              [--workers 8] [--load direct|seq] [--readers 8] [--duration 10]
                               [--py-spy DIR] [--perf DIR] [--micro]
 
 Why: the issue "The read path at the Python floor" compares tvixmount's
@@ -280,7 +280,9 @@ def main() -> int:
     p.add_argument("--target", default="tvix-embedded",
                    choices=("tvix-embedded", "passthrough", "passthrough-verify", "passthrough-hop",
                             "squashfuse"))
-    p.add_argument("--workers", type=int, default=2, help="tvixmount --workers (default 2)")
+    p.add_argument("--workers", type=int, default=8,
+                   help="tvixmount --workers, and the hop passthrough's (default 8, the card's command line; "
+                        "the runs recorded before stop 23 used 2)")
     p.add_argument("--load", default="direct", choices=("direct", "seq"),
                    help="direct: O_DIRECT random 128 KiB reads by --readers processes for --duration s; "
                         "seq: one reader reads the big files in 1 MiB reads (default direct)")

@@ -283,8 +283,8 @@ def test_readpath_tools_account_for_every_read(tmp_path):
     # already verified in the worker (no hashing at all), which puts the blake3 median at 0
     assert 0 < stages["  of which blake3"]["mean"] <= stages["worker: blob_read handler"]["mean"]
     profile = subprocess.run([sys.executable, str(tools / "readpath_profile.py"), "--workdir", str(tmp_path),
-                              "--target", "tvix-embedded", "--readers", "2", "--duration", "0.5",
-                              "--json", str(tmp_path / "profile.json")],
+                              "--target", "tvix-embedded", "--workers", "2", "--readers", "2",
+                              "--duration", "0.5", "--json", str(tmp_path / "profile.json")],
                              capture_output=True, text=True, timeout=120)
     assert profile.returncode == 0, profile.stderr[-3000:]
     per_read = json.loads((tmp_path / "profile.json").read_text())["per_read"]
