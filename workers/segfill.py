@@ -61,14 +61,17 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     A region that fails for another reason (the server is away) goes to
     the caller. Nothing that failed is ever kept.
 
-    The region of a read within one region is not looked up first: a
-    FUSE read reaches a worker only after the dispatcher's probe of the
-    arena missed, so the look-up would almost always miss too, and in a
-    mount it costs as much as a tenth of the worker's Python per read
+    The region of a read out of order within one region is not looked
+    up first. A FUSE read reaches a worker only after the dispatcher's
+    probe of the arena missed, and no fill puts regions ahead of a reader
+    out of order, so the look-up would almost always miss too; in a mount
+    it costs as much as a tenth of the worker's Python per read
     (docs/performance.md "Calls in the worker"). If the region is there
     after all (another worker put it meanwhile, or a background fetch of a
     small file's whole blob), it is read and verified once more, into this
-    worker's slot; both copies are good.
+    worker's slot; both copies are good. A read in order is looked up: the
+    fills ahead of it (this worker's own, while requests for the regions
+    they cover wait in its queue) often put its region after the probe.
     """
     size = reader.size
     if size <= ONE_FUSE_READ or length <= 0 or reader.segment_size != REGION:
@@ -76,13 +79,14 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     touched = (min(offset + length, size) - 1) // REGION
     last = touched
     in_order = fill_ahead is not None and fill_ahead.note(digest, offset, length, size)
-    if in_order or reader.holds_whole:
+    filled = in_order or reader.holds_whole  # reads whose regions fills put, ahead of them or with them
+    if filled:
         last = min(touched + reader.segments_per_fill - 1, (size - 1) // REGION)
-    first = offset // REGION
-    for index in range(first, last + 1):
+    unseen = not filled and offset // REGION == touched  # see the docstring
+    for index in range(offset // REGION, last + 1):
         if index > touched and reader.segment_size != REGION:
             break  # the reader stopped streaming: filling more would fetch for nobody
-        if (index > first or first != touched) and writer.has(digest, index):
+        if not unseen and writer.has(digest, index):
             continue
         try:
             writer.put(digest, index, partial(_fill, reader, index * REGION))

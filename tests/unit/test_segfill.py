@@ -62,10 +62,12 @@ def test_kept_regions_are_served_back_whole(arena: SegmentArena) -> None:
     assert not writer.has(DIGEST, 3)
 
 
-def test_only_a_read_within_one_region_skips_the_look_up(arena: SegmentArena) -> None:
-    """The dispatcher asks for a read within one region only after the arena missed it, so the
-    worker reads it without looking; a read across regions still skips the ones already there."""
-    writer, data = arena.writer(0), pattern(5 * REGION)
+def test_only_a_read_out_of_order_within_one_region_skips_the_look_up(arena: SegmentArena) -> None:
+    """The dispatcher asks for a read within one region only after the arena missed it, and no fill
+    runs ahead of a reader out of order, so the worker reads it without looking; a read across
+    regions, and a read in order (whose region a fill may have put meanwhile), still skip the regions
+    already there."""
+    writer, data = arena.writer(0), pattern(8 * REGION)
     reader = Reader(data)
     assert keep_regions(writer, reader, DIGEST, 0, READ)
     assert reader.reads == [0]
@@ -74,6 +76,13 @@ def test_only_a_read_within_one_region_skips_the_look_up(arena: SegmentArena) ->
     assert keep_regions(writer, reader, DIGEST, READ, READ)  # within region 0 again: read once more
     assert reader.reads == [0, REGION, 0]
     assert arena.reader().read(DIGEST, 0, 2 * REGION) == data[: 2 * REGION]  # both copies serve the same
+    fill, other = FillAhead(writer), bytes(range(1, 33))
+    ordered = Reader(data)
+    assert keep_regions(writer, ordered, other, 0, READ, fill)  # a first read: not in order yet
+    writer.put(other, 1, lambda view: ordered.pread_into(REGION, view))  # as a fill ahead of it would
+    assert keep_regions(writer, ordered, other, READ, READ, fill)  # in order: region 0 is looked up
+    assert keep_regions(writer, ordered, other, REGION, READ, fill)  # and so is region 1, there already
+    assert ordered.reads == [0, REGION]  # each region read once: by the first read, and by the fill
 
 
 def test_a_bad_region_is_not_kept_and_the_read_is_left_to_the_reader(arena: SegmentArena) -> None:
