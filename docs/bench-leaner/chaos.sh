@@ -1,8 +1,8 @@
 #!/bin/bash
-# $1: kill|stop
+# $1: kill|stop, $2 how many, $3 seconds apart; WORKERS=N (default 2) for the mount's --workers
 M=/var/tmp/chaos/mnt
 extra=""; [ "$1" = stop ] && extra="--request-timeout 4"
-/work/main/.venv/bin/python -m tvixmount.cli $M --workers 2 --list-root --store-dir /var/tmp/bench-final3/store $extra --log-level WARNING > /var/tmp/chaos/mount-$1.log 2>&1 &
+/work/main/.venv/bin/python -m tvixmount.cli $M --workers ${WORKERS:-2} --list-root --store-dir /var/tmp/bench-final3/store $extra --log-level WARNING > /var/tmp/chaos/mount-$1.log 2>&1 &
 MP=$!
 for i in $(seq 50); do grep -q " $M " /proc/mounts && break; sleep 0.2; done
 (for i in $(seq ${2:-12}); do sleep ${3:-3}; w=$(pgrep -P $(pgrep -P $MP | head -1) | shuf -n1); if [ "$1" = kill ]; then kill -9 $w; else kill -STOP $w; fi; done) &
