@@ -177,10 +177,6 @@ class FillAhead:
         state[0] = max(ahead, want + 1)
         return True
 
-    @property
-    def pending(self) -> bool:
-        return bool(self.todo)
-
     def step(self, readers: Callable[[bytes, int | None], BlobReader]) -> None:
         """Fill one region asked for (``readers(digest, size)``: the worker's open reader)."""
         digest, index = self.todo.popleft()

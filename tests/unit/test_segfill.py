@@ -166,7 +166,7 @@ def test_a_reader_that_stops_streaming_is_not_filled_further(arena: SegmentArena
     reader.stop_after = 1  # it reads region 1, then its stream ends: chunk by chunk from there
     assert keep_regions(writer, reader, DIGEST, REGION, READ, fill)
     assert writer.has(DIGEST, 1) and not writer.has(DIGEST, 2)
-    while fill.pending:
+    while fill.todo:
         fill.step(lambda digest, size: reader)
     assert not writer.has(DIGEST, 2)  # nor ahead of the reads
 
@@ -177,19 +177,19 @@ def test_in_order_misses_fill_ahead_and_a_jump_stops_it(arena: SegmentArena) -> 
     reader = Reader(data)
     fill = FillAhead(writer, depth=4)
     fill.note(DIGEST, 0, READ, len(data))
-    assert not fill.pending  # one read says nothing yet
+    assert not fill.todo  # one read says nothing yet
     fill.note(DIGEST, READ, READ, len(data))
-    assert fill.pending
-    while fill.pending:
+    assert fill.todo
+    while fill.todo:
         fill.step(lambda digest, size: reader)
     assert [writer.has(DIGEST, i) for i in range(1, 6)] == [True] * 4 + [False]
     assert fill.filled == 4
     fill.note(DIGEST, 5 * REGION, READ, len(data))  # the reader went through them: the next miss
-    while fill.pending:
+    while fill.todo:
         fill.step(lambda digest, size: reader)
     assert all(writer.has(DIGEST, i) for i in range(6, 10)) and not writer.has(DIGEST, 10)
     fill.note(DIGEST, 30 * REGION, READ, len(data))  # a jump: random access
-    assert not fill.pending
+    assert not fill.todo
 
 
 def test_a_fill_that_fails_is_counted_and_kept_out(arena: SegmentArena) -> None:
@@ -199,7 +199,7 @@ def test_a_fill_that_fails_is_counted_and_kept_out(arena: SegmentArena) -> None:
     fill = FillAhead(writer, depth=3)
     fill.note(DIGEST, 0, READ, len(data))
     fill.note(DIGEST, READ, READ, len(data))
-    while fill.pending:
+    while fill.todo:
         fill.step(lambda digest, size: reader)
     assert (fill.filled, fill.failed) == (2, 1)
     assert writer.has(DIGEST, 1) and not writer.has(DIGEST, 2) and writer.has(DIGEST, 3)
