@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import __version__, flags, logsetup
-from .segcache import DEFAULT_SIZE as DEFAULT_SEGMENT_CACHE
+from .segcache import default_size as default_segment_cache
 
 if TYPE_CHECKING:
     from .store import StoreUrls
@@ -47,26 +47,35 @@ def default_kernel_readahead(store_urls: StoreUrls) -> int:
     return KERNEL_READAHEAD_LOCAL if local else 0
 
 
-def default_threads(workers: int) -> int:
-    """FUSE request threads: one per request a worker can have in flight, plus two.
+def default_threads(workers: int, store_urls: StoreUrls, cpus: int | None = None) -> int:
+    """FUSE request threads: one per worker request that can make progress at once, plus two.
 
     Why not more: llfuse runs every handler under one lock and the GIL, so
     a thread beyond those waiting for a worker only adds hand-offs between
-    threads. On 2 CPUs with 2 workers, 4 threads against 8 read 8-12 % more
-    on a page-cache-warm sequential read, 3-8 % more O_DIRECT random reads
-    with a 11-15 % lower p99, and walked a tree 8-17 % faster; `tar`, `find`
-    and the gRPC mount stayed within noise (docs/performance.md, "FUSE
-    threads"). The two spare threads serve arena hits and metadata while
-    every worker is busy.
+    threads: the kernel hands each request to the thread idle longest, whose
+    caches are cold, and it queues for the lock behind the others. The two
+    spare threads serve arena hits and metadata while every worker is busy.
 
-    With 8 workers on 2 CPUs the default's 10 threads read O_DIRECT ~10 %
-    faster than 4, and one reader at a time (a sequential read, a cold
-    ``tar``) 5-14 % slower: the kernel hands each request to the thread idle
-    longest, whose caches are cold (docs/performance.md, "Issue 11: run 11").
-    Kept, because a remote store needs a thread per request in flight;
-    ``--threads 4`` is there for a mount read by one reader at a time.
+    Which requests make progress at once depends on the store. From a local
+    store (the embedded one, ``memory://``) a worker's request is CPU work,
+    so no more of them run at once than there are CPUs: 8 workers on 2
+    CPUs with 10 threads read one file at a time 5-14 % slower than with 4,
+    and 8 O_DIRECT readers served from the arena 30-40 % slower
+    (docs/performance.md, "Issue 11: run 11" and "The arena sized to
+    memory"). A remote store's request mostly waits on the network, so
+    every worker can have one in flight: a thread each.
     """
+    if _all_local(store_urls):
+        workers = min(workers, cpus or os.cpu_count() or 1)
     return max(4, workers + 2)
+
+
+def _all_local(store_urls: StoreUrls) -> bool:
+    """Whether every service answers from this machine (no network wait in any request)."""
+    from .store import urls
+
+    services = (store_urls.blob, store_urls.directory, store_urls.path_info)
+    return all(urls.parse(url).scheme in (urls.LOCAL, urls.MEMORY) for url in services)
 
 
 EPILOG = """\
@@ -166,9 +175,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     flags.add(perf, "--workers", type=flags.positive, default=cpus, metavar="N", env="TVIXMOUNT_WORKERS",
               help=f"worker processes doing store I/O (default: CPU count, {cpus})")
     flags.add(perf, "--threads", type=flags.positive, metavar="N", env="THREADS",
-              help="FUSE request threads (default: workers + 2, at least 4). More keep more reads in "
-                   "flight (O_DIRECT readers, a remote store); when the workers outnumber the CPUs, 4 "
-                   "serve one reader at a time (a sequential read, tar) faster")
+              help="FUSE request threads (default: at least 4; workers + 2 for a remote store, whose "
+                   "requests wait on the network; for a local one, whose requests are CPU work, the "
+                   "workers that can run at once (at most the CPUs) + 2)")
     flags.add(perf, "--readahead-files", type=flags.natural, metavar="N", env="TVIXMOUNT_READAHEAD_FILES",
               help="after a small file (<= 1 MiB) is opened, fetch up to N of the small files "
                    "after it in its directory in the background, so a reader going through a "
@@ -177,11 +186,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               help="after a small file (<= 64 KiB) is opened, fetch the small files of its directory "
                    "and the directories below it in batches (one worker request per 64 files), N "
                    "batches at once, so a walk like tar finds them ready; 0 turns it off (default: workers)")
-    flags.add(perf, "--segment-cache", type=_size_or_zero, default=DEFAULT_SEGMENT_CACHE, metavar="SIZE",
+    segment_cache = default_segment_cache()
+    flags.add(perf, "--segment-cache", type=_size_or_zero, default=segment_cache, metavar="SIZE",
               env="TVIXMOUNT_SEGMENT_CACHE",
               help="shared memory for 256 KiB segments the workers verified, from which the mount "
-                   "serves reads without asking a worker again (e.g. 64M, 1G); 0 turns it off "
-                   "(default 64M)")
+                   "serves reads without asking a worker again (e.g. 64M, 1G); 0 turns it off. "
+                   "Held only as segments are read, and kept until unmount "
+                   f"(default: a sixteenth of RAM or of the cgroup's memory limit, 64M to 2G; "
+                   f"here {segment_cache >> 20}M)")
     flags.add(perf, "--kernel-readahead", type=_size_or_zero, metavar="SIZE",
               env="TVIXMOUNT_KERNEL_READAHEAD",
               help="the kernel's readahead for this mount (its read_ahead_kb), so a sequential "
@@ -270,10 +282,10 @@ def run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                              "allow_other, list_root, noshow_xattr")
             elif opt != "ro":
                 extra.append(opt)
-    threads = args.threads or default_threads(args.workers)
     from .storeflags import MOUNT, log_choice, missing_embedded
 
     store = MOUNT.choice_or_exit(parser, args)  # before anything starts: a bad flag mounts nothing
+    threads = args.threads or default_threads(args.workers, store.urls)
 
     from workers.loop import serve as worker_main
 

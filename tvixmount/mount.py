@@ -75,8 +75,9 @@ class MountConfig:
     # and how many may run at once (None: substitution.default_jobs).
     substitute_timeout: float = DEFAULT_SUBSTITUTE_TIMEOUT
     substitute_jobs: int | None = None
-    # Bytes of the shared arena of verified segments (0: none), and the kernel's readahead
-    # for the mount in KiB (0: the kernel's own).
+    # Bytes of the shared arena of verified segments (0: none; the command line's default is
+    # segcache.default_size(), scaled to memory), and the kernel's readahead for the mount in
+    # KiB (0: the kernel's own).
     segment_cache: int = DEFAULT_SEGMENT_CACHE
     kernel_readahead_kb: int = 1024
 
