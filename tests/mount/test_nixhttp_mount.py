@@ -389,8 +389,10 @@ def test_a_big_nar_is_substituted_with_flat_memory(caches: NixCaches, tmp_path: 
     shutil.rmtree(source)
     server = CacheServer(cache)
     try:
+        # The arena's pages count in the RSS of the worker that wrote them (shared memory, bounded by
+        # --segment-cache); a small one keeps VmHWM a measure of the substitution's own memory.
         with mounted(tmp_path, "big", cache_url(server.url, caches.public_key), "--substitute-timeout", "240",
-                     workers=2) as m:
+                     "--segment-cache", "64M", workers=2) as m:
             sha = hashlib.sha256()
             with open(m.path(Path(added).name, "big.bin"), "rb") as f:
                 while piece := f.read(1 << 20):
