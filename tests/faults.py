@@ -224,11 +224,11 @@ def errname(code: int) -> str:
 
 
 class LogCursor:
-    """The log a mount wrote after this cursor was made (or last moved)."""
+    """The log a mount wrote after this cursor was made (or last moved), or all of it (``from_start``)."""
 
-    def __init__(self, m: Mount) -> None:
+    def __init__(self, m: Mount, from_start: bool = False) -> None:
         self.m = m
-        self.start = len(m.log_path.read_bytes()) if m.log_path.exists() else 0
+        self.start = len(m.log_path.read_bytes()) if m.log_path.exists() and not from_start else 0
 
     def text(self) -> str:
         with open(self.m.log_path, "rb") as f:

@@ -104,7 +104,9 @@ def _until_served(fn: Callable[[], Any], timeout: float = 15.0) -> tuple[Any, fl
 
 def test_daemon_down_at_start_then_up(daemon_mount: tuple[Mount, Daemon]) -> None:
     m, daemon = daemon_mount
-    assert re.search(r"WARNING .*store .* is not answering: .*UNAVAILABLE.*mounting anyway", m.log())
+    # waited for, not read once: the line can reach the log file just after the mount answers
+    not_answering = r"WARNING .*store .* is not answering: .*UNAVAILABLE.*mounting anyway"
+    LogCursor(m, from_start=True).wait_for(not_answering)
     cursor = LogCursor(m)
     top = m.path(D_TREE.basename)
     for _ in range(2):
