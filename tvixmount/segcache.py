@@ -81,9 +81,10 @@ def default_size(memory: int | None = None) -> int:
 
     Why scaled: a random reader whose working set is larger than the arena
     misses in proportion, and a miss costs a worker round trip (~4x a hit's
-    CPU). Eight O_DIRECT readers over 1 GiB of big files read 0.9-1.0 GB/s
-    with the old fixed 64 MiB and about twice that with 1-3 GiB
-    (docs/performance.md, "The arena sized to memory"). Why a sixteenth and a
+    CPU). Eight O_DIRECT readers over 1 GiB of big files read 0.7-1.0 GB/s
+    with the old fixed 64 MiB and 1.5-2.1 GB/s with 2 GiB (2.0-2.5 with 1-3
+    GiB and four FUSE threads; docs/performance.md, "The arena sized to
+    memory"). Why a sixteenth and a
     cap: the arena's pages stay resident once written (shared memory is not
     reclaimed like the page cache), and they are memory the builds on the
     same machine do not get; the kernel's page cache, which is reclaimable,
