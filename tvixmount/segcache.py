@@ -84,12 +84,14 @@ def default_size(memory: int | None = None) -> int:
     CPU). Eight O_DIRECT readers over 1 GiB of big files read 0.7-1.0 GB/s
     with the old fixed 64 MiB and 1.5-2.1 GB/s with 2 GiB (2.0-2.5 with 1-3
     GiB and four FUSE threads; docs/performance.md, "The arena sized to
-    memory"). Why a sixteenth and a
-    cap: the arena's pages stay resident once written (shared memory is not
-    reclaimed like the page cache), and they are memory the builds on the
-    same machine do not get; the kernel's page cache, which is reclaimable,
-    serves buffered re-reads beyond it anyway. Pages are touched only as
-    segments are verified, so an idle mount costs none of it.
+    memory").
+
+    Why a sixteenth and a cap: the arena's pages stay resident once written
+    (shared memory is not reclaimed like the page cache), and they are
+    memory the builds on the same machine do not get; the kernel's page
+    cache, which is reclaimable, serves buffered re-reads beyond it anyway.
+    Pages are touched only as segments are verified, so an idle mount costs
+    none of it.
     """
     if memory is None:
         from .hostmem import usable_memory
