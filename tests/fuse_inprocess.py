@@ -179,7 +179,7 @@ class Fuse:
 
 @contextmanager
 def in_process(options: MountOptions | None = None,
-               on_first_open: Callable[[], None] | None = None) -> Iterator[Fuse]:
+               on_first_request: Callable[[], None] | None = None) -> Iterator[Fuse]:
     """TvixOperations over ``memory://`` (filled by the caller), with llfuse's lock held by this thread.
 
     On exit the operations are closed (background fetches stopped) before
@@ -188,7 +188,7 @@ def in_process(options: MountOptions | None = None,
     local = LocalFetcher(HANDLERS, Context(-1, open_store(MEMORY)), wire=True, owns_store=True)
     fetcher = RecordingFetcher(local)
     vfs = Vfs()
-    ops = TvixOperations(vfs, fetcher, options or MountOptions(), on_first_open=on_first_open)
+    ops = TvixOperations(vfs, fetcher, options or MountOptions(), on_first_request=on_first_request)
     llfuse.lock.acquire()
     try:
         yield Fuse(ops, fetcher, vfs)
@@ -199,7 +199,7 @@ def in_process(options: MountOptions | None = None,
 
 
 def fuse_factory(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Fuse]]:
-    """A fixture's body: ``make(expect_errors=False, on_first_open=None, **MountOptions)``, once per test.
+    """A fixture's body: ``make(expect_errors=False, on_first_request=None, **MountOptions)``, once per test.
 
     Background fetches are off unless a test turns them on (they would
     make request counts race). As with real mounts, an ERROR logged by
@@ -208,12 +208,12 @@ def fuse_factory(caplog: pytest.LogCaptureFixture) -> Iterator[Callable[..., Fus
     with ExitStack() as stack:
         made: list[bool] = []
 
-        def make(expect_errors: bool = False, on_first_open: Callable[[], None] | None = None,
+        def make(expect_errors: bool = False, on_first_request: Callable[[], None] | None = None,
                  **options: Any) -> Fuse:
             assert not made, "one Fuse per test: the test thread holds llfuse's lock"
             made.append(expect_errors)
             settings = {"readahead_files": 0, "tree_ahead": 0, **options}
-            return stack.enter_context(in_process(MountOptions(**settings), on_first_open))
+            return stack.enter_context(in_process(MountOptions(**settings), on_first_request))
 
         yield make
     errors = [r.getMessage() for r in caplog.records

@@ -73,10 +73,13 @@ class _RootListing:
 
 class TvixOperations(llfuse.Operations):
     def __init__(self, vfs: Vfs, fetcher: Fetcher, options: MountOptions,
-                 metrics: FuseMetrics | None = None, on_first_open: Callable[[], None] | None = None) -> None:
-        """``on_first_open`` runs in the first open, before its reply (kernelra.KernelReadahead)."""
+                 metrics: FuseMetrics | None = None,
+                 on_first_request: Callable[[], None] | None = None) -> None:
+        """``on_first_request`` runs in the first lookup, getattr, opendir or statfs, before its reply
+        (kernelra.KernelReadahead): any request means the kernel has the INIT reply, and every path
+        to a file starts with a lookup."""
         super().__init__()
-        self._on_first_open = on_first_open
+        self._on_first_request = on_first_request
         self.vfs = vfs
         self.fetcher = fetcher
         self.options = options
@@ -189,6 +192,8 @@ class TvixOperations(llfuse.Operations):
 
     @timed("lookup")
     def lookup(self, parent: int, name: bytes, ctx: Any = None) -> llfuse.EntryAttributes:
+        if self._on_first_request is not None:
+            self._first_request()
         if parent == A.ROOT_INODE:
             return self._entry(self._root_lookup(name))
         listing = self._listing(parent)
@@ -222,9 +227,16 @@ class TvixOperations(llfuse.Operations):
         return found
 
     def getattr(self, inode: int, ctx: Any = None) -> llfuse.EntryAttributes:
+        if self._on_first_request is not None:
+            self._first_request()
         if inode == A.ROOT_INODE:
             return _to_llfuse(A.root_attributes())
         return self._attributes(inode, self._node(inode))
+
+    def _first_request(self) -> None:
+        hook, self._on_first_request = self._on_first_request, None  # under llfuse's lock: runs once
+        if hook is not None:
+            hook()
 
     def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, nlookup in inode_list:
@@ -241,6 +253,8 @@ class TvixOperations(llfuse.Operations):
     # -- directories --------------------------------------------------------
 
     def opendir(self, inode: int, ctx: Any = None) -> int:
+        if self._on_first_request is not None:
+            self._first_request()
         if inode == A.ROOT_INODE:
             if not self.options.list_root:
                 raise llfuse.FUSEError(errno.EPERM)
@@ -302,9 +316,6 @@ class TvixOperations(llfuse.Operations):
             log.warning("file %s (inode %d) claims size 0 but not the empty blob's digest",
                         b3_text(node.digest), inode)
             raise llfuse.FUSEError(errno.EIO)
-        if self._on_first_open is not None:  # under llfuse's lock: runs once
-            hook, self._on_first_open = self._on_first_open, None
-            hook()
         # The blob is not looked at here: a missing or broken blob fails the
         # first read with EIO, which saves a worker round trip per open.
         self.small.on_open(inode, node)
@@ -463,6 +474,8 @@ class TvixOperations(llfuse.Operations):
         raise llfuse.FUSEError(errno.ENODATA)
 
     def statfs(self, ctx: Any = None) -> llfuse.StatvfsData:
+        if self._on_first_request is not None:
+            self._first_request()
         st = llfuse.StatvfsData()
         st.f_bsize = A.BLKSIZE
         st.f_frsize = 512

@@ -11,8 +11,8 @@ device. The device comes from ``/proc/self/mountinfo``, not from a stat of
 the mountpoint: nothing in this process may stat the mount before llfuse
 serves it (the request would wait for ourselves). And it is set once the
 kernel has the daemon's INIT reply, which lowers it to what libfuse asked:
-by the first open (``KernelReadahead``), or by a thread that stats the
-mount (answered only after INIT), whichever comes first.
+by the mount's first request (``KernelReadahead``; the kernel sends none
+before it has the reply).
 """
 
 from __future__ import annotations
@@ -73,19 +73,20 @@ def set_readahead(mountpoint: Path, kib: int, bdi: Path = BDI, mountinfo: str = 
 
 
 class KernelReadahead:
-    """The mount's readahead, set once: by the first open, or by a thread once the mount answers.
+    """The mount's readahead, set once, by the mount's first request, before its reply.
 
-    Why the open: the kernel sizes a file's readahead from the device when
-    the file is opened, after the daemon answered the OPEN. A reader that
-    opens a file before the thread below has written the knob (the mount is
-    in mountinfo, and answering, before that) reads the whole file with the
-    INIT's 128 KiB: a cold sequential read of 4 x 256 MiB right after the
-    mount came up read 352-388 MB/s per file in one run of three, against
-    992-1092 in the others (docs/performance.md, "The kernel's readahead
-    before the first open"). Setting it in the first open, before its reply,
-    closes that gap; the thread still sets it for a mount whose first use is
-    not an open (a stat walk gains nothing from it, a later open would find
-    it set).
+    Why then: the kernel sizes a file's readahead from the device when the
+    file is opened, after the daemon answered the OPEN, and every open is
+    preceded by a lookup. A reader that opened a file before the knob was
+    written read the whole file with the INIT's 128 KiB: a cold sequential
+    read of 4 x 256 MiB right after the mount came up read 352-388 MB/s per
+    file in one run of three, against 992-1092 in the others
+    (docs/performance.md, "The kernel's readahead before the first open").
+
+    Why not from a thread of our own that stats the mount: while its stat
+    waits for the answer it holds the mountpoint, and an unmount right
+    after the mount came up (``fusermount -u``, a unit stopped at once)
+    failed with EBUSY (seen once in the test suite).
     """
 
     def __init__(self, mountpoint: Path, kib: int, bdi: Path = BDI, mountinfo: str = MOUNTINFO) -> None:
@@ -99,17 +100,3 @@ class KernelReadahead:
             if not self._done:
                 self._done = True
                 set_readahead(self.mountpoint, self.kib, self._bdi, self._mountinfo)
-
-    def apply_when_served(self) -> threading.Thread:
-        """``apply`` from a thread once the mount answers (after llfuse.main started)."""
-        def run() -> None:
-            try:
-                os.stat(self.mountpoint)  # waits for INIT: then the kernel has set its own value
-            except OSError as exc:
-                log.warning("kernel readahead left as is: %s did not answer: %s", self.mountpoint, exc)
-                return
-            self.apply()
-
-        thread = threading.Thread(target=run, name="kernel-readahead", daemon=True)
-        thread.start()
-        return thread

@@ -193,14 +193,12 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
         kernel_readahead = (KernelReadahead(config.mountpoint, config.kernel_readahead_kb)
                             if config.kernel_readahead_kb else None)
         ops = TvixOperations(Vfs(), fetcher, options, metrics,
-                             on_first_open=kernel_readahead.apply if kernel_readahead else None)
+                             on_first_request=kernel_readahead.apply if kernel_readahead else None)
         if config.metrics_listen is not None:
             # Its thread starts after the pool's fork and before llfuse.init: a busy
             # port then fails the start with nothing mounted.
             exporter = Exporter(config.metrics_listen, metrics, ops.stats)
         llfuse.init(ops, str(config.mountpoint), list(fuse_options(config)))
-        if kernel_readahead is not None:
-            kernel_readahead.apply_when_served()
         systemd = SystemdLink(config.mountpoint, ops.stats, pool.alive)
         stopper = _Stopper(config.mountpoint, config.stop_grace, on_stop=systemd.stopping)
         log.info("mounted %s on %s (%d workers, %d threads, list-root %s)",

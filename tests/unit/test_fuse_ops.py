@@ -295,17 +295,19 @@ def test_open_errnos(fuse, caplog):
     assert f.fetcher.calls["blob_read"] == 0  # an open asks the store nothing
 
 
-def test_the_first_open_runs_the_hook_once_before_it_answers(fuse):
+@pytest.mark.parametrize("first", ["lookup", "getattr", "opendir", "statfs"])
+def test_the_first_request_runs_the_hook_once_before_it_answers(fuse, first):
     calls = []
-    f = fuse(on_first_open=lambda: calls.append(f.ops.stats().open_files))
-    ino = f.lookup(T, "plain").st_ino
-    assert errno_of(lambda: f.ops.open(ino, os.O_WRONLY, CTX)) == errno.EROFS  # refused: still the first
-    assert calls == []
-    fh = f.ops.open(ino, os.O_RDONLY, CTX)
-    assert calls == [0]  # ran inside the open, before its handle existed
-    f.ops.release(f.ops.open(ino, os.O_RDONLY, CTX))
-    f.ops.release(fh)
+    f = fuse(on_first_request=lambda: calls.append(f.ops.stats().open_files), list_root=True)
+    assert calls == []  # nothing asked yet
+    ask = {"lookup": lambda: f.lookup(T, "plain"), "getattr": lambda: f.ops.getattr(llfuse.ROOT_INODE, CTX),
+           "opendir": lambda: f.ops.opendir(llfuse.ROOT_INODE, CTX), "statfs": lambda: f.ops.statfs(CTX)}
+    ask[first]()
     assert calls == [0]
+    ino = f.lookup(T, "plain").st_ino
+    f.ops.release(f.ops.open(ino, os.O_RDONLY, CTX))
+    f.ops.statfs(CTX)
+    assert calls == [0]  # once
 
 
 def test_a_missing_or_short_blob_is_eio_at_the_first_read(fuse, caplog):

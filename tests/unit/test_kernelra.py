@@ -51,7 +51,7 @@ def test_the_knob_is_written_once_whoever_asks_first(machine: tuple[Path, str],
     bdi, mountinfo = machine
     caplog.set_level(logging.INFO, logger="tvixmount.kernelra")
     ra = KernelReadahead(MNT, 1024, bdi, mountinfo)
-    threads = [threading.Thread(target=ra.apply) for _ in range(8)]  # the first open and the thread, racing
+    threads = [threading.Thread(target=ra.apply) for _ in range(8)]  # callers racing
     for thread in threads:
         thread.start()
     for thread in threads:
