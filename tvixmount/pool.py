@@ -164,7 +164,7 @@ class WorkerPool:
             state.phase = "starting"
         try:
             size = self.segment_cache_size
-            segments = segcache.SegmentArena(size, self.size) if size else None
+            segments = segcache.SegmentArena.for_mount(size, self.size) if size else None
             lanes = Lanes(self.lane_count) if self.lane_count else None
             self._arena = shmring.Arena(self.size, segments=segments, lanes=lanes)
             self.segments = None if segments is None else segments.reader()
@@ -191,10 +191,10 @@ class WorkerPool:
         with state.lock:
             if state.phase == "starting":
                 state.phase = "running"
-        log.info("worker pool up: %d workers for %s; segment arena %d MiB in %d slots; %d lanes",
-                 self.size,
-                 describe(self.urls), (self.segments.arena.size if self.segments else 0) >> 20,
-                 self.segments.arena.slots if self.segments else 0, self.lane_count)
+        shape = self.segments.stats() if self.segments else segcache.SegmentCacheStats()
+        log.info("worker pool up: %d workers for %s; segment arena %d MiB in %d slots (%d for streams); "
+                 "%d lanes", self.size, describe(self.urls), shape.size >> 20, shape.slots,
+                 shape.stream_slots, self.lane_count)
 
     def _wait_until_ready(self) -> None:
         state = self._state

@@ -40,6 +40,19 @@ whose loads are not reordered with other loads; 8-byte aligned loads and
 stores (a ``memoryview`` cast to ``Q``) are never torn. A worker that dies
 mid-write leaves an odd sequence: never served, and its replacement
 starts from it.
+
+Two tables, so that streams do not evict or fill what random readers keep.
+The regions of a blob read in order (the reader's own, and those filled
+ahead of it) go to a small *stream* table of the same shape, in a mapping
+of its own; everything else (a random or O_DIRECT miss) goes to the main
+one, and both are probed. A stream's bytes are wanted once: the kernel's
+page cache keeps them for re-reads, and it can give them back under
+memory pressure, which the arena cannot. Kept in the main table, a
+stream of 1 GiB would push out 1 GiB of other readers' regions, and would
+touch (allocate and zero) 1 GiB of shared pages on its first pass: four
+times the cost of rewriting a slot whose pages are already there
+(docs/performance.md, "A table for streams"). In its own table the same
+stream cycles through a few MiB per worker.
 """
 
 from __future__ import annotations
@@ -57,6 +70,9 @@ REGION = 256 << 10  # the store's segment size: a region the worker verified is 
 DEFAULT_SIZE = 64 << 20  # the smallest default, and the size for programmatic users (tests, the pool)
 MAX_DEFAULT_SIZE = 2 << 30
 MEMORY_SHARE = 16
+# The stream table, per worker: a stream's fills are one worker's (reads of a handle keep to a
+# worker), and FillAhead fills at most a quarter of the worker's stream slots ahead of one reader.
+STREAM_PER_WORKER = 16 << 20
 TAG = 8
 HEADER = 64
 _SEQ, _LEN, _INDEX, _STAMP = 0, 1, 2, 3  # u64 fields of a header
@@ -71,6 +87,7 @@ class SegmentCacheStats:
 
     size: int = gauge("bytes of the shared verified-segment arena (fixed at mount time)")
     slots: int = gauge("256 KiB slots in the verified-segment arena")
+    stream_slots: int = gauge("of those, the slots for the regions of blobs read in order")
     hits: int = counter("FUSE reads served from verified segments in shared memory (no worker)")
     misses: int = counter("FUSE reads whose bytes were not all in the segment arena")
     torn: int = counter("segment-arena reads dropped because the slot was rewritten during the copy")
@@ -101,6 +118,11 @@ def default_size(memory: int | None = None) -> int:
     return max(DEFAULT_SIZE, min(MAX_DEFAULT_SIZE, share))
 
 
+def stream_size(size: int, workers: int) -> int:
+    """The stream table's share of an arena of ``size`` bytes: ``STREAM_PER_WORKER`` each, at most half."""
+    return min(size // 2, workers * STREAM_PER_WORKER)
+
+
 def tag_of(digest: bytes, index: int) -> bytes:
     """A slot's 8-byte hint for (digest, index); never all zeros (the mark of an empty slot)."""
     value = (int.from_bytes(digest[8:16], "little") ^ (index * 0x9E3779B97F4A7C15)) & ((1 << 64) - 1)
@@ -108,9 +130,12 @@ def tag_of(digest: bytes, index: int) -> bytes:
 
 
 class SegmentArena:
-    """The shared mapping. Create before forking the zygote; both sides take their end of it."""
+    """The shared mapping (the main table, and the stream table's if any). Create before forking the
+    zygote; both sides take their end of it."""
 
-    def __init__(self, size: int, workers: int, ways_per_worker: int = 2) -> None:
+    def __init__(self, size: int, workers: int, ways_per_worker: int = 2, stream: int = 0) -> None:
+        """``size`` bytes for the main table; ``stream`` bytes more for a stream table (0: streams share
+        the main one)."""
         if workers < 1 or ways_per_worker < 1:
             raise ValueError(f"bad segment arena shape: {workers} workers, {ways_per_worker} ways each")
         self.ways = workers * ways_per_worker
@@ -131,6 +156,14 @@ class SegmentArena:
         self.tag_words = self.tags.cast("Q")
         self.data = whole[self._data_at: self._data_at + self.size]
         self._views = [self.tags, self.refs, self.headers, self.words, self.tag_words, self.data, whole]
+        self.stream = SegmentArena(stream, workers, ways_per_worker) if stream > 0 else None
+        self.tables = (self,) if self.stream is None else (self, self.stream)
+
+    @classmethod
+    def for_mount(cls, size: int, workers: int) -> SegmentArena:
+        """``size`` bytes in all, ``stream_size`` of them for streams."""
+        stream = stream_size(size, workers)
+        return cls(size - stream, workers, stream=stream)
 
     def set_of(self, digest: bytes, index: int) -> int:
         return (int.from_bytes(digest[:8], "little") + index) % self.sets
@@ -149,6 +182,8 @@ class SegmentArena:
         return SegmentCache(self)
 
     def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
         self.slots = 0  # both ends see an empty arena from now on
         for view in reversed(self._views):
             view.release()
@@ -187,6 +222,22 @@ def _holds(arena: SegmentArena, digest: bytes, index: int) -> bool:
     return False
 
 
+def _read_slot(arena: SegmentArena, digest: bytes, index: int, start: int, dest: memoryview) -> bool:
+    """Copy from a valid slot of region ``index`` into ``dest`` under the seqlock; False: none held it."""
+    words = arena.words
+    for slot in _candidates(arena, digest, index):
+        seq_at = slot * (HEADER // 8) + _SEQ
+        before = words[seq_at]
+        if before & 1 or not _key_matches(arena, slot, digest, index) \
+                or words[seq_at + _LEN] < start + len(dest):
+            continue
+        base = slot * REGION + start
+        dest[:] = arena.data[base: base + len(dest)]
+        if words[seq_at] == before:
+            return True
+    return False
+
+
 def _key_matches(arena: SegmentArena, slot: int, digest: bytes, index: int) -> bool:
     words = arena.words
     base = slot * (HEADER // 8)
@@ -214,8 +265,11 @@ class SegmentCache:
         first, last = offset // REGION, (offset + length - 1) // REGION
         if first == last:  # _copy, written out: most reads are in one region
             data = None
-            for slot in _candidates(self.arena, digest, first):
-                data = self._copy_slot(slot, digest, first, offset - first * REGION, length)
+            for table in self.arena.tables:
+                for slot in _candidates(table, digest, first):
+                    data = self._copy_slot(table, slot, digest, first, offset - first * REGION, length)
+                    if data is not None:
+                        break
                 if data is not None:
                     break
         else:
@@ -236,39 +290,42 @@ class SegmentCache:
         return data
 
     def _copy(self, digest: bytes, index: int, start: int, length: int) -> bytes | None:
-        for slot in _candidates(self.arena, digest, index):
-            data = self._copy_slot(slot, digest, index, start, length)
-            if data is not None:
-                return data
+        for table in self.arena.tables:
+            for slot in _candidates(table, digest, index):
+                data = self._copy_slot(table, slot, digest, index, start, length)
+                if data is not None:
+                    return data
         return None
 
-    def _copy_slot(self, slot: int, digest: bytes, index: int, start: int, length: int) -> bytes | None:
-        arena = self.arena
-        words = arena.words
+    def _copy_slot(self, table: SegmentArena, slot: int, digest: bytes, index: int, start: int,
+                   length: int) -> bytes | None:
+        words = table.words
         seq_at = slot * (HEADER // 8) + _SEQ
         before = words[seq_at]
-        if before & 1 or not _key_matches(arena, slot, digest, index) \
+        if before & 1 or not _key_matches(table, slot, digest, index) \
                 or words[seq_at + _LEN] < start + length:
             return None
-        data = self._take(slot * REGION + start, length)
+        data = self._take(table, slot * REGION + start, length)
         if words[seq_at] != before:  # rewritten while we copied: these bytes may be anyone's
             self.torn += 1
             return None
-        arena.refs[slot] = 1
+        table.refs[slot] = 1
         return data
 
     def holds(self, digest: bytes, index: int) -> bool:
         """Whether region ``index`` of the blob is in a valid slot now (no copy, no counting)."""
-        return _holds(self.arena, digest, index)
+        return any(_holds(table, digest, index) for table in self.arena.tables)
 
-    def _take(self, at: int, length: int) -> bytes:
+    def _take(self, table: SegmentArena, at: int, length: int) -> bytes:
         """The one copy out of the arena (apart so a test can race a writer against it)."""
-        return self.arena.data[at: at + length].tobytes()
+        return table.data[at: at + length].tobytes()
 
     def stats(self) -> SegmentCacheStats:
-        arena = self.arena
-        return SegmentCacheStats(size=arena.size, slots=arena.slots, hits=self.hits, misses=self.misses,
-                                 torn=self.torn)
+        tables = self.arena.tables
+        stream = self.arena.stream
+        return SegmentCacheStats(size=sum(t.size for t in tables), slots=sum(t.slots for t in tables),
+                                 stream_slots=stream.slots if stream is not None else 0,
+                                 hits=self.hits, misses=self.misses, torn=self.torn)
 
 
 class SegmentWriter:
@@ -281,10 +338,13 @@ class SegmentWriter:
         self.written = 0
         # (digest, index, slot, length) of the region this worker put last, while its slot holds it.
         self._last: tuple[bytes, int, int, int] | None = None
+        # Where ``put(..., ahead=True)`` goes: this worker's end of the stream table, if there is one.
+        self.stream = SegmentWriter(arena.stream, worker) if arena.stream is not None else None
+        self.ahead_slots = self.stream.slots if self.stream is not None else self.slots
 
     def has(self, digest: bytes, index: int) -> bool:
-        """Whether a valid slot (any worker's) holds the region now."""
-        return _holds(self.arena, digest, index)
+        """Whether a valid slot (any worker's, either table) holds the region now."""
+        return any(_holds(table, digest, index) for table in self.arena.tables)
 
     def read_into(self, digest: bytes, offset: int, dest: memoryview) -> bool:
         """Copy the bytes at ``offset`` into ``dest`` from valid slots (any worker's), under
@@ -298,43 +358,43 @@ class SegmentWriter:
         arena = self.arena
         if arena.slots == 0:
             return False
+        if self._read_last(digest, offset, dest):
+            return True
+        if self.stream is not None and self.stream._read_last(digest, offset, dest):
+            return True
+        done, total = 0, len(dest)
+        while done < total:
+            at = offset + done
+            index, start = divmod(at, REGION)
+            take = min(total - done, REGION - start)
+            part = dest[done: done + take]
+            if not any(_read_slot(table, digest, index, start, part) for table in arena.tables):
+                return False
+            done += take
+        return True
+
+    def _read_last(self, digest: bytes, offset: int, dest: memoryview) -> bool:
         last = self._last
         if last is not None and last[0] == digest:
             _, index, slot, got = last
             start = offset - index * REGION
             if start >= 0 and start + len(dest) <= got:
                 base = slot * REGION + start
-                dest[:] = arena.data[base: base + len(dest)]
+                dest[:] = self.arena.data[base: base + len(dest)]
                 return True
-        words = arena.words
-        done, total = 0, len(dest)
-        while done < total:
-            at = offset + done
-            index, start = divmod(at, REGION)
-            take = min(total - done, REGION - start)
-            for slot in _candidates(arena, digest, index):
-                seq_at = slot * (HEADER // 8) + _SEQ
-                before = words[seq_at]
-                if before & 1 or not _key_matches(arena, slot, digest, index) \
-                        or words[seq_at + _LEN] < start + take:
-                    continue
-                base = slot * REGION + start
-                dest[done: done + take] = arena.data[base: base + take]
-                if words[seq_at] == before:
-                    break
-            else:
-                return False
-            done += take
-        return True
+        return False
 
-    def put(self, digest: bytes, index: int, fill: Callable[[memoryview], int]) -> bool:
+    def put(self, digest: bytes, index: int, fill: Callable[[memoryview], int], ahead: bool = False) -> bool:
         """Fill a slot with region ``index`` of ``digest`` through ``fill`` (a verifying reader's
-        ``pread_into`` of the region); False when there is no arena.
+        ``pread_into`` of the region); False when there is no arena. ``ahead``: a region of a blob read
+        in order, for the stream table (if any).
 
         ``fill`` returns how many bytes it wrote (fewer than REGION only for a
         blob's last region). If it raises, the slot is left empty (never
         servable) and the exception goes on.
         """
+        if ahead and self.stream is not None:
+            return self.stream.put(digest, index, fill)
         arena = self.arena
         if arena.slots == 0 or len(digest) != DIGEST_LEN:
             return False

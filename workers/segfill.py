@@ -57,7 +57,9 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
     regions after it up to the reader's ``segments_per_fill``, as does any
     read of a reader that holds its blob whole (a copy costs no fetch); one
     of those that fails ends that (the region stays empty) without failing
-    the read.
+    the read. The regions of a read in order, and those put after a read,
+    go to the stream table (segcache.py, "Two tables"); a random read's own
+    regions to the main one.
     A region that fails for another reason (the server is away) goes to
     the caller. Nothing that failed is ever kept.
 
@@ -89,7 +91,8 @@ def keep_regions(writer: SegmentWriter, reader: BlobReader, digest: bytes, offse
         if not unseen and writer.has(digest, index):
             continue
         try:
-            writer.put(digest, index, partial(_fill, reader, index * REGION))
+            ahead = in_order or index > touched  # a stream's region, or one put after the read
+            writer.put(digest, index, partial(_fill, reader, index * REGION), ahead=ahead)
         except IntegrityError as exc:
             log.debug("region %d of blob %s not kept: %s", index, b3_text(digest), exc)
             return index > touched
@@ -139,9 +142,10 @@ class FillAhead:
         # deeper the fill, the fewer reads wait for a round trip (page-cache
         # warm sequential read, 2 workers, 64 MiB arena: depth 8 564-931 MB/s,
         # 32 817-1144, docs/performance.md "Filling further ahead"). Bounded by
-        # a share of the worker's slots, so a fill does not evict what other
-        # readers still use.
-        self.depth = depth if depth is not None else min(DEPTH, writer.slots // DEPTH_SHARE)
+        # a share of the worker's slots for streams (segcache.py, "Two
+        # tables"), so one stream's fill does not push out another's regions
+        # before they are read.
+        self.depth = depth if depth is not None else min(DEPTH, writer.ahead_slots // DEPTH_SHARE)
         self.first_depth = min(FIRST_DEPTH, self.depth)
         self._blobs = blobs
         # digest -> [first region not asked for yet, last region of the last miss, size hint, reach]
@@ -187,7 +191,7 @@ class FillAhead:
             reader = readers(digest, state[2])
             if reader.segment_size != REGION:
                 return  # a remote reader that stopped streaming: a fill would be a chunk fetch of its own
-            self.writer.put(digest, index, partial(_fill, reader, index * REGION))
+            self.writer.put(digest, index, partial(_fill, reader, index * REGION), ahead=True)
             self.filled += 1
         except TvixError as exc:
             self.failed += 1

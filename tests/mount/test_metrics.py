@@ -174,6 +174,7 @@ SCRAPED = {
        for k in ("batches", "fetched", "failed", "hits", "waited", "misses", "evicted")},
     "tvixmount_small_blobs_cached_bytes": "gauge", "tvixmount_small_blobs_capacity": "gauge",
     "tvixmount_segment_cache_size": "gauge", "tvixmount_segment_cache_slots": "gauge",
+    "tvixmount_segment_cache_stream_slots": "gauge",
     **{f"tvixmount_segment_cache_{k}": "counter" for k in ("hits", "misses", "torn")},
 }
 
@@ -215,7 +216,8 @@ def test_stats_json_keys_are_the_dataclass_fields():
     assert shown["readahead"]["pending"] == 2 and shown["fetcher"]["failures"] == 1
     assert shown["tree_ahead"] == {"scheduled": 0, "fetched": 9, "failed": 0}
     assert shown["cache"]["listing"] == {"hits": 0, "misses": 0}
-    assert shown["segment_cache"] == {"size": 1 << 20, "slots": 4, "hits": 5, "misses": 0, "torn": 0}
+    assert shown["segment_cache"] == {"size": 1 << 20, "slots": 4, "stream_slots": 0, "hits": 5, "misses": 0,
+                                     "torn": 0}
     assert exported(next(f for f in fields(ReadaheadStats) if f.name == "pending")) is None
 
 

@@ -161,6 +161,37 @@ def test_random_and_o_direct_reads_are_the_files_bytes(mounted: tuple[Mount, Pat
             assert os.pread(f.fileno(), length, offset) == OTHER[offset: offset + length]
 
 
+def test_a_stream_does_not_push_out_what_a_random_reader_kept(tmp_path: Path) -> None:
+    """One worker and an 8 MiB arena: 4 MiB for streams, 4 MiB (16 slots, 8 sets of 2) for the rest;
+    ``big`` is 25 regions. Fails if a sequential reader's regions went to the main table: they would
+    take every slot of it, ``other``'s with them. (The kernel's own readahead of 128 KiB keeps the
+    reads in order, so none of ``big``'s looks like a jump and lands in the main table.)"""
+    store_dir = tmp_path / "store"
+    with open_store(StoreUrls.embedded(store_dir, create=True)) as store:
+        for data in (BIG, OTHER):
+            store.blobs.put(data)
+        tree = Directory(files=tuple(FileNode(name, b3(data), len(data)) for name, data in ((b"big", BIG),
+                                                                                          (b"other", OTHER))))
+        store.directories.put(tree)
+        store.path_infos.put(path_info(DirectoryNode(TREE.basename.encode(), tree.digest(), 2)))
+    with serving(tmp_path / "mnt", store_dir, "--segment-cache", "8M", "--kernel-readahead", "0",
+                 workers=1) as m:
+        path = m.path(TREE.basename, "other")
+        jumps = (8, 2, 7, 1)  # never within reach of the last: random access; each in a set of its own
+        for index in jumps:
+            at = index * SEGMENT
+            assert direct_read(path, at, 128 << 10) == OTHER[at: at + (128 << 10)]
+        _drop_page_cache()
+        with open(m.path(TREE.basename, "big"), "rb") as f:
+            assert hashlib.sha256(f.read()).digest() == hashlib.sha256(BIG).digest()
+        before, requests = _cache(m), stats(m.mountpoint)["fetcher"]["requests"]
+        for index in jumps:
+            at = index * SEGMENT + (128 << 10)  # the other half: never read, so only the arena has it
+            assert direct_read(path, at, 4096) == OTHER[at: at + 4096]
+        assert _cache(m)["hits"] - before["hits"] == len(jumps)
+        assert stats(m.mountpoint)["fetcher"]["requests"] == requests
+
+
 def test_a_corrupt_segment_is_eio_for_its_reads_only_and_never_kept(mounted: tuple[Mount, Path]) -> None:
     m, _ = mounted
     path = m.path(TREE.basename, "damaged")
@@ -196,7 +227,7 @@ def test_both_off_reads_the_same_bytes_through_the_workers(tmp_path: Path) -> No
         with open(path, "rb") as f:
             assert hashlib.sha256(f.read()).digest() == hashlib.sha256(OTHER).digest()
         assert direct_read(path, 3 * SEGMENT, 128 << 10) == OTHER[3 * SEGMENT: 3 * SEGMENT + (128 << 10)]
-        assert _cache(m) == {"size": 0, "slots": 0, "hits": 0, "misses": 0, "torn": 0}
+        assert _cache(m) == {"size": 0, "slots": 0, "stream_slots": 0, "hits": 0, "misses": 0, "torn": 0}
         dev = os.stat(m.mountpoint).st_dev
         knob = Path(f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb")
         assert knob.read_text().strip() == "128"

@@ -124,10 +124,10 @@ class RacingCache(SegmentCache):
         super().__init__(arena)
         self.race = race
 
-    def _take(self, at: int, length: int) -> bytes:
-        first = self.arena.data[at: at + length // 2].tobytes()
+    def _take(self, table: SegmentArena, at: int, length: int) -> bytes:
+        first = table.data[at: at + length // 2].tobytes()
         self.race()  # the slot is rewritten in the middle of our copy
-        return first + self.arena.data[at + length // 2: at + length].tobytes()
+        return first + table.data[at + length // 2: at + length].tobytes()
 
 
 def test_a_slot_rewritten_during_the_copy_is_not_served() -> None:
@@ -217,5 +217,64 @@ def test_a_read_within_the_region_just_put_comes_from_its_slot_until_the_slot_is
         with pytest.raises(OSError):
             writer.put(D1, 5, broken)  # empties the slot the last put used
         assert not writer.read_into(D2, 3 * REGION + 77, dest)
+    finally:
+        arena.close()
+
+
+def in_table(table: SegmentArena, digest: bytes, index: int) -> bool:
+    """Whether this table (not its companion) holds the region."""
+    return segcache._holds(table, digest, index)
+
+
+def test_a_mount_arena_keeps_a_bounded_share_for_streams() -> None:
+    """``for_mount``: the stream table is STREAM_PER_WORKER per worker, at most half the bytes asked for."""
+    per = segcache.STREAM_PER_WORKER
+    assert segcache.stream_size(1536 << 20, 8) == 8 * per
+    assert segcache.stream_size(4 * REGION, 8) == 2 * REGION  # a tiny arena: half
+    arena = SegmentArena.for_mount(64 * per, workers=2)
+    try:
+        assert arena.stream is not None and arena.stream.size == 2 * per
+        assert arena.size + arena.stream.size == 64 * per
+        stats = arena.reader().stats()
+        assert (stats.size, stats.slots) == (64 * per, 64 * per // REGION)
+        assert stats.stream_slots == 2 * per // REGION
+        assert arena.writer(1).ahead_slots == per // REGION  # the worker's own stream slots
+    finally:
+        arena.close()
+
+
+def test_regions_read_in_order_go_to_the_stream_table_and_both_are_served() -> None:
+    arena = SegmentArena(8 * REGION, workers=2, ways_per_worker=2, stream=4 * REGION)
+    try:
+        writer, cache = arena.writer(0), arena.reader()
+        assert arena.stream is not None
+        assert writer.put(D1, 0, filler(pattern(D1, 0)))
+        assert writer.put(D1, 1, filler(pattern(D1, 1)), ahead=True)
+        assert in_table(arena, D1, 0) and not in_table(arena.stream, D1, 0)
+        assert in_table(arena.stream, D1, 1) and not in_table(arena, D1, 1)
+        assert writer.has(D1, 0) and writer.has(D1, 1) and cache.holds(D1, 1)
+        whole = pattern(D1, 0) + pattern(D1, 1)
+        assert cache.read(D1, REGION + 5, 100) == whole[REGION + 5: REGION + 105]
+        assert cache.read(D1, REGION - 50, 100) == whole[REGION - 50: REGION + 50]  # one region from each
+        dest = memoryview(bytearray(REGION))
+        assert arena.writer(1).read_into(D1, REGION // 2, dest)  # another worker's slots, both tables
+        assert dest == whole[REGION // 2: REGION * 3 // 2]
+        assert writer.read_into(D1, REGION + 7, dest[:10]) and dest[:10] == whole[REGION + 7: REGION + 17]
+    finally:
+        arena.close()
+
+
+def test_streams_never_evict_what_random_readers_keep() -> None:
+    """Fails if fills ahead went to the main table: a stream of many regions through a small arena
+    would push out the region a random reader put, and keep only the stream's last ones."""
+    arena = SegmentArena(8 * REGION, workers=1, ways_per_worker=2, stream=2 * REGION)
+    try:
+        writer, cache = arena.writer(0), arena.reader()
+        writer.put(D2, 3, filler(pattern(D2, 3)))
+        for index in range(40):
+            writer.put(D1, index, filler(pattern(D1, index)), ahead=True)
+            assert cache.read(D1, index * REGION, 10) == pattern(D1, index)[:10]
+        assert cache.read(D2, 3 * REGION, 1000) == pattern(D2, 3)[:1000]
+        assert sum(in_table(arena.stream, D1, i) for i in range(40)) == 2  # the stream's own slots, recycled
     finally:
         arena.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tests.store_suite import pattern
+from tvixmount import segcache
 from tvixmount.errors import IntegrityError, Unavailable
 from tvixmount.segcache import REGION, SegmentArena
 from tvixmount.store import BlobReader
@@ -256,5 +257,36 @@ def test_the_fill_deepens_while_the_reader_goes_through_it_and_not_for_runs_of_m
         fill.note(DIGEST, 500 * REGION, READ, size)  # a jump: back to the first depth
         fill.note(DIGEST, 501 * REGION, READ, size)
         assert _wished(fill) == list(range(502, 510))
+    finally:
+        arena.close()
+
+
+def test_a_streams_regions_go_to_the_stream_table_and_a_random_readers_to_the_main_one() -> None:
+    """Fails if keep_regions or FillAhead.step put a stream's regions in the main table, or a random
+    miss in the stream table."""
+    arena = SegmentArena(32 * REGION, workers=1, stream=16 * REGION)
+    try:
+        writer, data = arena.writer(0), pattern(40 * REGION)
+        assert arena.stream is not None
+        reader, fill = Reader(data), FillAhead(writer)
+        assert fill.depth == 4  # a quarter of the worker's 16 stream slots, not of its 32 main ones
+
+        def where(index: int) -> str:
+            main, stream = segcache._holds(arena, DIGEST, index), segcache._holds(arena.stream, DIGEST, index)
+            return "main" * main + "stream" * stream or "-"
+
+        assert keep_regions(writer, reader, DIGEST, 0, READ, fill)  # a first read: random, so far
+        assert keep_regions(writer, reader, DIGEST, REGION, READ, fill)  # in order: its region, a stream's
+        while fill.todo:
+            fill.step(lambda digest, size: reader)
+        assert [where(i) for i in range(7)] == ["main"] + ["stream"] * 5 + ["-"]
+        assert keep_regions(writer, reader, DIGEST, 30 * REGION + 5, 10, fill)  # a jump: random again
+        assert where(30) == "main" and not fill.todo
+        whole = Reader(data)
+        whole.holds_whole, whole.segments_per_fill = True, 3
+        other = bytes(range(1, 33))
+        assert keep_regions(writer, whole, other, 20 * REGION, READ)  # a random miss fills two more with it
+        assert segcache._holds(arena, other, 20) and not segcache._holds(arena.stream, other, 20)
+        assert all(segcache._holds(arena.stream, other, i) for i in (21, 22))
     finally:
         arena.close()
