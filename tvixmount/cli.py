@@ -191,6 +191,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
               env="TVIXMOUNT_SEGMENT_CACHE",
               help="shared memory for 256 KiB segments the workers verified, from which the mount "
                    "serves reads without asking a worker again (e.g. 64M, 1G); 0 turns it off. "
+                   "Files read in order use 16M of it per worker, at most half. "
                    "Held only as segments are read, and kept until unmount "
                    f"(default: a sixteenth of RAM or of the cgroup's memory limit, 64M to 2G; "
                    f"here {segment_cache >> 20}M)")
