@@ -49,8 +49,8 @@ one, and both are probed. A stream's bytes are wanted once: the kernel's
 page cache keeps them for re-reads, and it can give them back under
 memory pressure, which the arena cannot. Kept in the main table, a
 stream of 1 GiB would push out 1 GiB of other readers' regions, and would
-touch (allocate and zero) 1 GiB of shared pages on its first pass: four
-times the cost of rewriting a slot whose pages are already there
+touch (allocate and zero) 1 GiB of shared pages on its first pass: three
+to four times the cost of rewriting a slot whose pages are already there
 (docs/performance.md, "A table for streams"). In its own table the same
 stream cycles through a few MiB per worker.
 """
