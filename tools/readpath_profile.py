@@ -313,7 +313,7 @@ def main() -> int:
     report: dict[str, object] = {"target": args.target, "load": args.load, "loadavg": os.getloadavg()}
     try:
         target.warm_backing()
-        target.prepare(cold=False)
+        root = target.prepare(cold=False)
         if args.load == "direct":
             def run() -> dict[str, float]:
                 return wl.direct_random_read(target.big_files(), args.readers, args.duration)
@@ -322,6 +322,9 @@ def main() -> int:
         else:
             report.update(account(target, lambda: wl.seq_read(target.big_files()),
                                   lambda r: int(r["bytes"]) // FUSE_READ, args.py_spy, args.perf))
+        if isinstance(target, Tvixmount):  # what the mount did: arena hits and misses, worker requests
+            stats = json.loads(os.getxattr(root, "user.tvixmount.stats"))
+            report["mount"] = {"segment_cache": stats["segment_cache"], "requests": stats["fetcher"]["requests"]}
     finally:
         target.close()
         registry.close_all()
