@@ -324,7 +324,8 @@ def main() -> int:
                                   lambda r: int(r["bytes"]) // FUSE_READ, args.py_spy, args.perf))
         if isinstance(target, Tvixmount):  # what the mount did: arena hits and misses, worker requests
             stats = json.loads(os.getxattr(root, "user.tvixmount.stats"))
-            report["mount"] = {"segment_cache": stats["segment_cache"], "requests": stats["fetcher"]["requests"]}
+            report["mount"] = {"segment_cache": stats["segment_cache"],
+                               "requests": stats["fetcher"]["requests"]}
     finally:
         target.close()
         registry.close_all()
