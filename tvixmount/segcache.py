@@ -165,6 +165,10 @@ class SegmentArena:
         stream = stream_size(size, workers)
         return cls(size - stream, workers, stream=stream)
 
+    def holds(self, digest: bytes, index: int) -> bool:
+        """Whether a valid slot (any worker's, either table) holds region ``index`` of the blob now."""
+        return any(_holds(table, digest, index) for table in self.tables)
+
     def set_of(self, digest: bytes, index: int) -> int:
         return (int.from_bytes(digest[:8], "little") + index) % self.sets
 
@@ -314,7 +318,7 @@ class SegmentCache:
 
     def holds(self, digest: bytes, index: int) -> bool:
         """Whether region ``index`` of the blob is in a valid slot now (no copy, no counting)."""
-        return any(_holds(table, digest, index) for table in self.arena.tables)
+        return self.arena.holds(digest, index)
 
     def _take(self, table: SegmentArena, at: int, length: int) -> bytes:
         """The one copy out of the arena (apart so a test can race a writer against it)."""
@@ -344,7 +348,7 @@ class SegmentWriter:
 
     def has(self, digest: bytes, index: int) -> bool:
         """Whether a valid slot (any worker's, either table) holds the region now."""
-        return any(_holds(table, digest, index) for table in self.arena.tables)
+        return self.arena.holds(digest, index)
 
     def read_into(self, digest: bytes, offset: int, dest: memoryview) -> bool:
         """Copy the bytes at ``offset`` into ``dest`` from valid slots (any worker's), under
