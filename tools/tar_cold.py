@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """tools/tar_cold.py: a cold ``tar`` of tools/bench's closure on tvixmount, with the mount's own counters.
 
-    tools/tar_cold.py [--workdir DIR] [--rounds 3] [--targets grpc,embedded] [--workers 2[,8...]]
+    tools/tar_cold.py [--workdir DIR] [--rounds 3] [--targets grpc,embedded[,passthrough]]
+                      [--workers 2[,8...]]
                       [--strace] [TREE ...]
 
 Why: tools/bench says how long a cold ``tar`` takes; it does not say what
@@ -11,6 +12,12 @@ daemon) on the data set in --workdir (built by tools/bench) and prints,
 per run, the seconds and the counters of ``user.tvixmount.stats`` that
 explain them: worker requests, arena hits and misses, the FUSE reads'
 summed handler time, what the file readahead served and waited for.
+And the CPU the run cost: user and system seconds of the mount's process
+and of its helpers (the zygote and the workers), how long their threads
+were runnable but waited for a CPU, and ``tar``'s own. On a machine with
+few CPUs a cold ``tar`` is bound by all of them together, not by one
+request's latency; the target ``passthrough`` (tools/passthrough.py on
+the source tree) gives the same figures for the floor.
 
 Each TREE is a checkout of tvixmount (default: this one); with several,
 rounds interleave them target by target, so an A/B of two commits sees
@@ -53,11 +60,42 @@ sys.path[:0] = [tree + "/tools", tree]
 from benchlib import workloads
 from benchlib.dataset import DatasetSpec, prepare
 from benchlib.procs import Registry
-from benchlib.targets import Tvixmount
+from benchlib.targets import Passthrough, Tvixmount
+TICK = os.sysconf("SC_CLK_TCK")
+
+def below(pid):
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(child) for child in f.read().split()]
+        except OSError:
+            pass
+    return found + [grand for child in found for grand in below(child)]
+
+def cpu(pids):
+    # user and system CPU seconds (exited threads included), and the seconds the live threads were
+    # runnable but waited for a CPU (schedstat), summed over pids
+    user = system = wait = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user, system = user + int(fields[11]) / TICK, system + int(fields[12]) / TICK
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                    wait += int(f.read().split()[1]) / 1e9
+        except OSError:
+            pass
+    return [user, system, wait]
+
 spec = DatasetSpec(**json.loads((workdir / "dataset.json").read_text())["spec"])
 ds = prepare(workdir, spec, lambda text: None)
 (workdir / "logs").mkdir(exist_ok=True)
-mount = Tvixmount(ds, workdir, Registry(), workers, grpc=(target == "grpc"))
+if target == "passthrough":
+    mount = Passthrough(ds, workdir, Registry())
+else:
+    mount = Tvixmount(ds, workdir, Registry(), workers, grpc=(target == "grpc"))
 try:
     root = mount.prepare(cold=True)
     if strace_log:
@@ -67,9 +105,17 @@ try:
         subprocess.run(["bash", "-c", cmd], cwd=root, check=True, capture_output=True)
         print(json.dumps({}))
     else:
+        main = mount.mount_pid()
+        helpers = below(main)
+        before = cpu([main]), cpu(helpers), os.times()
         result = workloads.tar(root, mount.small_packages())
-        stats = json.loads(os.getxattr(root, "user.tvixmount.stats"))
-        print(json.dumps({"seconds": result["seconds"], "stats": stats}))
+        after = cpu([main]), cpu(helpers), os.times()
+        tar_cpu = (after[2].children_user + after[2].children_system
+                   - before[2].children_user - before[2].children_system)
+        used = {"mount": [b - a for a, b in zip(before[0], after[0])],
+                "helpers": [b - a for a, b in zip(before[1], after[1])], "tar": tar_cpu}
+        stats = json.loads(os.getxattr(root, "user.tvixmount.stats")) if target != "passthrough" else None
+        print(json.dumps({"seconds": result["seconds"], "stats": stats, "cpu": used}))
 finally:
     mount.close()
 '''
@@ -116,7 +162,18 @@ def read_time_by_class(log: Path) -> dict[str, float]:
     return {**seconds, "file_reads": calls}
 
 
-def summary(stats: dict) -> dict:
+def cpu_summary(used: dict) -> dict:
+    """The CPU seconds of one run: the mount's process, its helpers (tvixmount's zygote and
+    workers), ``tar`` with ``wc``; and how long the mount's and helpers' threads waited for a CPU."""
+    (user, system, wait), (h_user, h_system, h_wait) = used["mount"], used["helpers"]
+    return {"mount_cpu_s": f"{user:.2f}u+{system:.2f}s", "mount_runq_s": round(wait, 2),
+            "workers_cpu_s": f"{h_user:.2f}u+{h_system:.2f}s", "workers_runq_s": round(h_wait, 2),
+            "tar_cpu_s": round(used["tar"], 2)}
+
+
+def summary(stats: dict | None) -> dict:
+    if stats is None:  # the passthrough has no counters
+        return {}
     ahead, arena = stats["readahead"], stats["segment_cache"]
     return {"workers": len(stats["fetcher"]["workers"]), "requests": stats["fetcher"]["requests"],
             "arena_hits": arena["hits"], "arena_misses": arena["misses"],
@@ -132,7 +189,9 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR,
                    help="tools/bench's work directory, with its data set (default %(default)s)")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--targets", default="grpc,embedded", help="comma-separated: grpc, embedded")
+    p.add_argument("--targets", default="grpc,embedded",
+                   help="comma-separated: grpc, embedded, passthrough (tools/passthrough.py on the "
+                        "source tree: the floor of a Python FUSE filesystem, run once per round)")
     p.add_argument("--workers", default="2",
                    help="comma-separated tvixmount --workers values, interleaved like the trees (default 2)")
     p.add_argument("--strace", action="store_true",
@@ -141,8 +200,8 @@ def main() -> int:
     if not (args.workdir / "dataset.json").exists():
         p.error(f"no data set in {args.workdir}: run tools/bench --workdir {args.workdir} first")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if bad := [t for t in targets if t not in ("grpc", "embedded")]:
-        p.error(f"unknown targets {bad}: grpc, embedded")
+    if bad := [t for t in targets if t not in ("grpc", "embedded", "passthrough")]:
+        p.error(f"unknown targets {bad}: grpc, embedded, passthrough")
     try:
         counts = [int(w) for w in args.workers.split(",")]
     except ValueError:
@@ -152,8 +211,11 @@ def main() -> int:
     rounds = 1 if args.strace else args.rounds
     failed = 0
     for round_ in range(1, rounds + 1):
-        for tree, target, workers in itertools.product(args.trees, targets, counts):
-            name = f"{tree} {target} --workers {workers}"
+        runs = [(tree, target, workers)
+                for tree, target, workers in itertools.product(args.trees, targets, counts)
+                if target != "passthrough" or (tree, workers) == (args.trees[0], counts[0])]
+        for tree, target, workers in runs:
+            name = "passthrough" if target == "passthrough" else f"{tree} {target} --workers {workers}"
             with tempfile.TemporaryDirectory(prefix="tar-cold-") as scratch:
                 log = Path(scratch) / "strace.txt" if args.strace else None
                 argv = [sys.executable, "-c", _ONE_RUN, str(tree.resolve()), str(args.workdir), target,
@@ -165,8 +227,8 @@ def main() -> int:
                     print(f"round {round_} {name}: failed\n{run.stderr[-1500:]}", flush=True)
                     continue
                 out = json.loads(run.stdout.strip().splitlines()[-1])
-                what = read_time_by_class(log) if log else {"seconds": round(out["seconds"], 2),
-                                                            **summary(out["stats"])}
+                what = read_time_by_class(log) if log else {
+                    "seconds": round(out["seconds"], 2), **summary(out["stats"]), **cpu_summary(out["cpu"])}
             print(f"round {round_} {name}: {json.dumps(what)}", flush=True)
     return 1 if failed else 0
 
