@@ -166,9 +166,9 @@ def cpu_summary(used: dict) -> dict:
     """The CPU seconds of one run: the mount's process, its helpers (tvixmount's zygote and
     workers), ``tar`` with ``wc``; and how long the mount's and helpers' threads waited for a CPU."""
     (user, system, wait), (h_user, h_system, h_wait) = used["mount"], used["helpers"]
-    return {"mount_cpu_s": f"{user:.2f}u+{system:.2f}s", "mount_runq_s": round(wait, 2),
-            "workers_cpu_s": f"{h_user:.2f}u+{h_system:.2f}s", "workers_runq_s": round(h_wait, 2),
-            "tar_cpu_s": round(used["tar"], 2)}
+    figures = {"mount_user_s": user, "mount_sys_s": system, "mount_runq_s": wait, "workers_user_s": h_user,
+               "workers_sys_s": h_system, "workers_runq_s": h_wait, "tar_cpu_s": used["tar"]}
+    return {name: round(value, 2) for name, value in figures.items()}
 
 
 def summary(stats: dict | None) -> dict:

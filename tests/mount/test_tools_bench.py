@@ -295,21 +295,31 @@ def test_readpath_tools_account_for_every_read(tmp_path):
 
 
 def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp_path):
-    """tools/tar_cold.py on a tiny data set, both mounts: a line per run with the counters behind its time."""
+    """tools/tar_cold.py on a tiny data set, both mounts and the passthrough: a line per run with the
+    counters and the CPU behind its time."""
     if FUSE_MISSING:
         pytest.skip(FUSE_MISSING)
     _tiny_dataset(tmp_path)
     tool = ROOT / "tools" / "tar_cold.py"
     run = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--rounds", "1",
-                          "--workers", "1,2"], capture_output=True, text=True, timeout=240)
+                          "--workers", "1,2", "--targets", "grpc,embedded,passthrough"],
+                         capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    runs = [tuple(line.split(": ")[0].split()[-3::2]) for line in lines]
+    *mounts, floor = lines
+    runs = [tuple(line.split(": ")[0].split()[-3::2]) for line in mounts]
     assert runs == [("grpc", "1"), ("grpc", "2"), ("embedded", "1"), ("embedded", "2")]
-    for (_, workers), line in zip(runs, lines, strict=True):
+    cpu = {"mount_user_s", "mount_sys_s", "mount_runq_s", "workers_user_s", "workers_sys_s", "workers_runq_s",
+           "tar_cpu_s"}
+    for (_, workers), line in zip(runs, mounts, strict=True):
         counters = json.loads(line.split(": ", 1)[1])
         assert counters["seconds"] > 0 and counters["requests"] > 0 and counters["read_handler_s"] >= 0
         assert counters["workers"] == int(workers)  # the mount ran with the --workers asked for
+        assert cpu <= set(counters) and all(counters[name] >= 0 for name in cpu), counters
+    assert floor.startswith("round 1 passthrough: "), floor  # once per round, not per tree or --workers
+    passthrough = json.loads(floor.split(": ", 1)[1])
+    assert set(passthrough) == {"seconds"} | cpu and passthrough["seconds"] > 0, passthrough
+    assert passthrough["workers_user_s"] == passthrough["workers_sys_s"] == 0  # one process, no helpers
     if shutil.which("strace"):
         traced = subprocess.run([sys.executable, str(tool), "--workdir", str(tmp_path), "--strace",
                                  "--targets", "embedded"], capture_output=True, text=True, timeout=180)
