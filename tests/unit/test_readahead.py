@@ -87,6 +87,25 @@ def test_in_flight_and_cached_files_are_not_fetched_twice_and_depth_bounds_it():
     ra.close()
 
 
+def test_only_files_within_the_scan_window_and_the_size_bounds_are_fetched():
+    fetches = _Fetches()
+    fetches.gate.set()
+    files = [_file(i, 100) for i in range(40)]  # at most min_file: left to the batches
+    files[3] = _file(3, 5000)
+    files[30] = _file(30, 5000)  # more than depth * SCAN_LIMIT (8) entries after f001
+    listing = Listing.of(Directory((), tuple(files), ()))
+    ra = SmallFileReadahead(fetches, depth=2, min_file=1000)
+    ra.note_lookup(1, listing, b"f001")
+    ra.on_open(1, listing.child(b"f001"))
+    _settle(ra)
+    assert fetches.asked == [b"f003"]
+    ra.note_lookup(2, listing, b"f025")  # f030 is within the window of f025
+    ra.on_open(2, listing.child(b"f025"))
+    _settle(ra)
+    assert fetches.asked == [b"f003", b"f030"]
+    ra.close()
+
+
 def test_no_lookup_no_readahead_and_depth_zero_is_off():
     fetches = _Fetches()
     fetches.gate.set()
