@@ -328,3 +328,17 @@ def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp
         assert set(spent) == {"<=4K", "4K-64K", "64K-256K", "256K-1M", ">1M", "getdents64", "file_reads"}
         assert spent["file_reads"] >= 20  # every file of the data set read at least once
     assert mounts_under(tmp_path) == []
+
+
+def test_handler_cpu_times_every_handler_in_process():
+    """tools/handler_cpu.py: a figure per handler, each a real call's cost (no mount, no kernel)."""
+    tool = str(ROOT / "tools" / "handler_cpu.py")
+    run = subprocess.run([sys.executable, tool, "--dirs", "3", "--files", "5", "--rounds", "2"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    figures = {line.rsplit(None, 2)[0]: float(line.split()[-2]) for line in run.stdout.splitlines()}
+    assert set(figures) == {"lookup", "open + release", "readdir, per entry (with opendir, releasedir)",
+                            "getattr", "read (a file a batch brought)"}, run.stdout
+    assert all(0 < micros < 10_000 for micros in figures.values()), figures
+    bad = subprocess.run([sys.executable, tool, "--files", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
