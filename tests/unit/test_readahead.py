@@ -11,6 +11,7 @@ import time
 import pytest
 
 from tests.mount.test_metrics import metric, metrics_url, scrape
+from tvixmount import readahead
 from tvixmount.admin.ingest import Ingester
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
@@ -103,6 +104,23 @@ def test_only_files_within_the_scan_window_and_the_size_bounds_are_fetched():
     ra.on_open(2, listing.child(b"f025"))
     _settle(ra)
     assert fetches.asked == [b"f003", b"f030"]
+    ra.close()
+
+
+def test_the_listings_remembered_for_opens_stay_within_their_entry_bound(monkeypatch):
+    monkeypatch.setattr(readahead, "SCANNED_ENTRIES", 30)
+    fetches = _Fetches()
+    fetches.gate.set()
+    ra = SmallFileReadahead(fetches, depth=2)
+    others = tuple(FileNode(b"f%03d" % i, bytes([100 + i]) * 32, 100) for i in range(20))
+    first, second = _listing(), Listing.of(Directory((), others, ()))
+    assert len(first.entries) <= 30 < len(first.entries) + len(second.entries)
+    for ino, listing in ((1, first), (2, second)):
+        ra.note_lookup(ino, listing, b"f000")
+        ra.on_open(ino, listing.child(b"f000"))
+    _settle(ra)
+    assert ra._scanned_entries <= 30 and len(ra._scanned) == 1  # the first was forgotten for the second
+    assert sorted(fetches.asked) == [b"f001", b"f001", b"f002", b"f002"]  # each listing's own choice
     ra.close()
 
 
