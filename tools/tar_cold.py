@@ -12,9 +12,9 @@ daemon) on the data set in --workdir (built by tools/bench) and prints,
 per run, the seconds and the counters of ``user.tvixmount.stats`` that
 explain them: worker requests, arena hits and misses, the FUSE reads'
 summed handler time, what the file readahead served and waited for.
-And the CPU the run cost: user and system seconds of the mount's process
-and of its helpers (the zygote and the workers), how long their threads
-were runnable but waited for a CPU, and ``tar``'s own. On a machine with
+And the CPU the run cost: user and system seconds of the mount's process,
+of its helpers (the zygote and the workers) and of the gRPC daemon, how
+long their threads were runnable but waited for a CPU, and ``tar``'s own. On a machine with
 few CPUs a cold ``tar`` is bound by all of them together, not by one
 request's latency; the target ``passthrough`` (tools/passthrough.py on
 the source tree) gives the same figures for the floor.
@@ -107,13 +107,16 @@ try:
     else:
         main = mount.mount_pid()
         helpers = below(main)
-        before = cpu([main]), cpu(helpers), os.times()
+        daemon = getattr(mount, "daemon", None)
+        served = [daemon.proc.pid, *below(daemon.proc.pid)] if daemon is not None and daemon.proc else []
+        before = cpu([main]), cpu(helpers), cpu(served), os.times()
         result = workloads.tar(root, mount.small_packages())
-        after = cpu([main]), cpu(helpers), os.times()
-        tar_cpu = (after[2].children_user + after[2].children_system
-                   - before[2].children_user - before[2].children_system)
+        after = cpu([main]), cpu(helpers), cpu(served), os.times()
+        tar_cpu = (after[3].children_user + after[3].children_system
+                   - before[3].children_user - before[3].children_system)
         used = {"mount": [b - a for a, b in zip(before[0], after[0])],
-                "helpers": [b - a for a, b in zip(before[1], after[1])], "tar": tar_cpu}
+                "helpers": [b - a for a, b in zip(before[1], after[1])],
+                "daemon": [b - a for a, b in zip(before[2], after[2])], "tar": tar_cpu}
         stats = json.loads(os.getxattr(root, "user.tvixmount.stats")) if target != "passthrough" else None
         print(json.dumps({"seconds": result["seconds"], "stats": stats, "cpu": used}))
 finally:
@@ -164,10 +167,12 @@ def read_time_by_class(log: Path) -> dict[str, float]:
 
 def cpu_summary(used: dict) -> dict:
     """The CPU seconds of one run: the mount's process, its helpers (tvixmount's zygote and
-    workers), ``tar`` with ``wc``; and how long the mount's and helpers' threads waited for a CPU."""
-    (user, system, wait), (h_user, h_system, h_wait) = used["mount"], used["helpers"]
-    figures = {"mount_user_s": user, "mount_sys_s": system, "mount_runq_s": wait, "workers_user_s": h_user,
-               "workers_sys_s": h_system, "workers_runq_s": h_wait, "tar_cpu_s": used["tar"]}
+    workers), the gRPC daemon (0 for the other targets), ``tar`` with ``wc``; and how long the
+    threads of each but ``tar`` waited for a CPU."""
+    figures = {"tar_cpu_s": used["tar"]}
+    for group, name in (("mount", "mount"), ("helpers", "workers"), ("daemon", "daemon")):
+        user, system, wait = used[group]
+        figures.update({f"{name}_user_s": user, f"{name}_sys_s": system, f"{name}_runq_s": wait})
     return {name: round(value, 2) for name, value in figures.items()}
 
 

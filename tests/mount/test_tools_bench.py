@@ -309,13 +309,15 @@ def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp
     *mounts, floor = lines
     runs = [tuple(line.split(": ")[0].split()[-3::2]) for line in mounts]
     assert runs == [("grpc", "1"), ("grpc", "2"), ("embedded", "1"), ("embedded", "2")]
-    cpu = {"mount_user_s", "mount_sys_s", "mount_runq_s", "workers_user_s", "workers_sys_s", "workers_runq_s",
-           "tar_cpu_s"}
+    groups, figures = ("mount", "workers", "daemon"), ("user", "sys", "runq")
+    cpu = {f"{group}_{figure}_s" for group in groups for figure in figures} | {"tar_cpu_s"}
     for (_, workers), line in zip(runs, mounts, strict=True):
         counters = json.loads(line.split(": ", 1)[1])
         assert counters["seconds"] > 0 and counters["requests"] > 0 and counters["read_handler_s"] >= 0
         assert counters["workers"] == int(workers)  # the mount ran with the --workers asked for
         assert cpu <= set(counters) and all(counters[name] >= 0 for name in cpu), counters
+        if runs[mounts.index(line)][0] == "embedded":  # no daemon: nothing charged to one
+            assert counters["daemon_user_s"] == counters["daemon_sys_s"] == counters["daemon_runq_s"] == 0
     assert floor.startswith("round 1 passthrough: "), floor  # once per round, not per tree or --workers
     passthrough = json.loads(floor.split(": ", 1)[1])
     assert set(passthrough) == {"seconds"} | cpu and passthrough["seconds"] > 0, passthrough
