@@ -14,10 +14,11 @@ explain them: worker requests, arena hits and misses, the FUSE reads'
 summed handler time, what the file readahead served and waited for.
 And the CPU the run cost: user and system seconds of the mount's process,
 of its helpers (the zygote and the workers) and of the gRPC daemon, how
-long their threads were runnable but waited for a CPU, and ``tar``'s own. On a machine with
-few CPUs a cold ``tar`` is bound by all of them together, not by one
-request's latency; the target ``passthrough`` (tools/passthrough.py on
-the source tree) gives the same figures for the floor.
+long their threads were runnable but waited for a CPU, and ``tar``'s own.
+On a machine with few CPUs a cold ``tar`` is bound by all of them
+together, not by one request's latency; the target ``passthrough``
+(tools/passthrough.py on the source tree) gives the same figures for the
+floor.
 
 Each TREE is a checkout of tvixmount (default: this one); with several,
 rounds interleave them target by target, so an A/B of two commits sees
