@@ -180,7 +180,7 @@ def measure(name: bytes, dirs: int, files: int, rounds: int, profile: bool) -> d
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dirs", type=int, default=50, help="directories (default %(default)s)")
     p.add_argument("--files", type=int, default=40, help="small files per directory (default %(default)s)")
