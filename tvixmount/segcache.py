@@ -267,15 +267,8 @@ class SegmentCache:
         if self.arena.slots == 0 or length <= 0:
             return None
         first, last = offset // REGION, (offset + length - 1) // REGION
-        if first == last:  # _copy, written out: most reads are in one region
-            data = None
-            for table in self.arena.tables:
-                for slot in _candidates(table, digest, first):
-                    data = self._copy_slot(table, slot, digest, first, offset - first * REGION, length)
-                    if data is not None:
-                        break
-                if data is not None:
-                    break
+        if first == last:  # most reads are in one region: no list, no join
+            data = self._copy(digest, first, offset - first * REGION, length)
         else:
             parts: list[bytes] = []
             for index in range(first, last + 1):
