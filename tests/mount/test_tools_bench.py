@@ -311,12 +311,12 @@ def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp
     assert runs == [("grpc", "1"), ("grpc", "2"), ("embedded", "1"), ("embedded", "2")]
     groups, figures = ("mount", "workers", "daemon"), ("user", "sys", "runq")
     cpu = {f"{group}_{figure}_s" for group in groups for figure in figures} | {"tar_cpu_s"}
-    for (_, workers), line in zip(runs, mounts, strict=True):
+    for (target, workers), line in zip(runs, mounts, strict=True):
         counters = json.loads(line.split(": ", 1)[1])
         assert counters["seconds"] > 0 and counters["requests"] > 0 and counters["read_handler_s"] >= 0
         assert counters["workers"] == int(workers)  # the mount ran with the --workers asked for
         assert cpu <= set(counters) and all(counters[name] >= 0 for name in cpu), counters
-        if runs[mounts.index(line)][0] == "embedded":  # no daemon: nothing charged to one
+        if target == "embedded":  # no daemon: nothing charged to one
             assert counters["daemon_user_s"] == counters["daemon_sys_s"] == counters["daemon_runq_s"] == 0
     assert floor.startswith("round 1 passthrough: "), floor  # once per round, not per tree or --workers
     passthrough = json.loads(floor.split(": ", 1)[1])
