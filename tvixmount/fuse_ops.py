@@ -95,7 +95,7 @@ class TvixOperations(llfuse.Operations):
         self.metrics = metrics or FuseMetrics()
         self.small = SmallBlobs(fetcher.blob_batch, vfs.listing, in_flight=options.small_batches,
                                 capacity=options.small_cache)
-        self.readahead = SmallFileReadahead(self._fetch_whole, depth=options.readahead_files,
+        self.readahead = SmallFileReadahead(self._fetch_ahead, depth=options.readahead_files,
                                             min_file=self.small.max_file if self.small.enabled else 0)
         self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
         self.segments = fetcher.segments()
@@ -418,16 +418,19 @@ class TvixOperations(llfuse.Operations):
         kept = self.segments.read(node.digest, off, length)  # llfuse's lock is held again
         return kept if kept is not None else self._read(fh, node, off, length)
 
-    def _fetch_whole(self, node: FileNode) -> bytes:
-        """A small file's whole blob, for readahead (its own thread, llfuse's lock not held).
+    def _fetch_ahead(self, nodes: list[FileNode]) -> list[bytes | None]:
+        """Files' whole blobs for readahead, one request (its own thread, llfuse's lock not held).
 
         Not keyed like a FUSE read: a read arriving while this fetch is in
         flight sends its own request rather than wait for this one, which
         may sit on a worker that has just hung. Readahead may cost a
         duplicate request; it never makes a read slower.
         """
-        return self._flight.run(("ahead", node.digest),
-                                lambda: self.fetcher.blob_read(node.digest, 0, node.size, size=node.size))
+        if len(nodes) > 1:
+            return self.fetcher.blob_batch([(node.digest, node.size) for node in nodes])
+        node = nodes[0]
+        return [self._flight.run(("ahead", node.digest),
+                                 lambda: self.fetcher.blob_read(node.digest, 0, node.size, size=node.size))]
 
     def release(self, fh: int) -> None:
         self._files.pop(fh, None)

@@ -6,9 +6,20 @@ worker round trip and, on the embedded store, for the disk (one file per
 blob), and the reader has only one of them in flight at a time, so the
 workers and the disk idle while the reader is between files. After the
 open of a small file, the small files that follow it in the same listing
-are fetched in the background, ``depth`` at a time, into a bounded cache
-of verified bytes (what a worker's blob_read returns), and their first
-reads are served from there.
+are fetched in the background into a bounded cache of verified bytes, and
+their first reads are served from there.
+
+Fetches go in groups: one ``blob_batch`` (protocol/batch.py) of the
+files chosen together, up to ``GROUP_BYTES``, instead of one whole-blob
+read each: a worker request less per file, and over gRPC one
+BlobBatchService call instead of a Read (and a Stat above 128 KiB) per
+file, where the daemon's Python grpc server spent about a millisecond of
+CPU per call in a cold ``tar``. Files are chosen only once the fetches
+pending fall to half of ``depth``, and then up to ``2 * depth`` at once:
+choosing at every open found the one file that had just come into the
+window, a group of one. A group's files are ready together; the reader
+is meanwhile on the files chosen before them (docs/performance.md,
+"Mid-size files in groups").
 
 What does not trigger it: walks that only stat (find, ls -l, a build tool
 checking timestamps) open nothing, so they fetch nothing. Files bigger
@@ -40,6 +51,7 @@ from dataclasses import dataclass
 
 from .castore.nodes import FileNode, b3_text
 from .metrics import counter, gauge
+from .protocol import batch
 from .smallblobs import DEFAULT_WAIT
 from .vfs import Listing
 
@@ -52,6 +64,7 @@ LOOKUPS_REMEMBERED = 8192  # inode -> where it was looked up, for the opens that
 # docs/performance.md, "gRPC: blobs held whole go to the arena".
 MAX_FILE = 1 << 20
 SCAN_LIMIT = 4  # look at most depth * SCAN_LIMIT entries past the opened one
+GROUP_BYTES = batch.MAX_BYTES  # claimed bytes of the files fetched in one request
 # Entries of the listings whose fetchable files are remembered (then all forgotten at once): the
 # listings are held for that, beside the Vfs's bounded cache.
 SCANNED_ENTRIES = 256 * 1024
@@ -78,9 +91,12 @@ class TreeAheadStats:
 
 
 class SmallFileReadahead:
-    def __init__(self, fetch: Callable[[FileNode], bytes], *, depth: int, max_file: int = MAX_FILE,
-                 max_bytes: int = 64 << 20, min_file: int = 0, wait: float = DEFAULT_WAIT) -> None:
-        """``fetch(node)`` returns the node's whole blob, verified, or raises; it may block.
+    def __init__(self, fetch: Callable[[list[FileNode]], list[bytes | None]], *, depth: int,
+                 max_file: int = MAX_FILE, max_bytes: int = 64 << 20, min_file: int = 0,
+                 wait: float = DEFAULT_WAIT) -> None:
+        """``fetch(nodes)`` returns each node's whole blob, verified, or None where that one failed;
+        it may block, and raise (all of them failed). At most ``batch.MAX_FILES`` nodes and
+        ``GROUP_BYTES`` claimed bytes, but always at least one node.
 
         Files of at most ``min_file`` bytes are left to the small-file batches (smallblobs.py).
         """
@@ -132,9 +148,9 @@ class SmallFileReadahead:
             return
         chosen: list[FileNode] = []
         with self._lock:
-            if self._closed:
+            if self._closed or len(self._pending) > self.depth // 2:
                 return
-            room = min(self.depth * 2 - len(self._pending), self.depth)
+            room = self.depth * 2 - len(self._pending)
             for sibling in files[first:end]:
                 if len(chosen) >= room:
                     break
@@ -147,8 +163,8 @@ class SmallFileReadahead:
                 self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="tvixmount-readahead")
             self.counts["scheduled"] += len(chosen)
             pool = self._pool
-        for sibling in chosen:
-            pool.submit(self._run, sibling)
+        for group in _groups(chosen):
+            pool.submit(self._run, group)
 
     def _fetchable(self, listing: Listing) -> tuple[list[int], list[FileNode]]:
         """The files of ``listing`` fetched ahead here (sized within the bounds) and their positions
@@ -199,22 +215,21 @@ class SmallFileReadahead:
 
     # -- background ---------------------------------------------------------------------
 
-    def _run(self, node: FileNode) -> None:
+    def _run(self, group: list[FileNode]) -> None:
         try:
-            data = self._fetch(node)
-        except Exception as exc:  # the reader's own read will fail and say why, with an errno
-            log.debug("readahead of %s failed: %s", b3_text(node.digest), exc)
-            with self._lock:
-                self._ended(node.digest)
-                self.counts["failed"] += 1
-            return
+            blobs = self._fetch(group)
+        except Exception as exc:  # the readers' own reads will fail and say why, with an errno
+            log.debug("readahead of %d files from %s failed: %s", len(group), b3_text(group[0].digest), exc)
+            blobs = [None] * len(group)
         with self._lock:
-            self._ended(node.digest)
-            if self._closed or len(data) != node.size or node.digest in self._cache:
-                return
-            self.counts["fetched"] += 1
-            self._cache[node.digest] = data
-            self._cached_bytes += len(data)
+            for node, data in zip(group, blobs, strict=True):
+                self._ended(node.digest)
+                if data is None:
+                    self.counts["failed"] += 1
+                elif not self._closed and len(data) == node.size and node.digest not in self._cache:
+                    self.counts["fetched"] += 1
+                    self._cache[node.digest] = data
+                    self._cached_bytes += len(data)
             while self._cached_bytes > self.max_bytes:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= len(old)
@@ -243,6 +258,20 @@ class SmallFileReadahead:
                 self._ended(digest)
         if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _groups(files: list[FileNode]) -> list[list[FileNode]]:
+    """``files`` in order, cut into requests of at most ``GROUP_BYTES`` claimed bytes and
+    ``batch.MAX_FILES`` files (a file bigger than that alone)."""
+    groups: list[list[FileNode]] = []
+    size = GROUP_BYTES + 1
+    for node in files:
+        if size + node.size > GROUP_BYTES or len(groups[-1]) >= batch.MAX_FILES:
+            groups.append([])
+            size = 0
+        groups[-1].append(node)
+        size += node.size
+    return groups
 
 
 class TreeAhead:

@@ -50,6 +50,7 @@ from .vfs import Listing
 
 log = logging.getLogger(__name__)
 
+MAX_FILE = 64 << 10  # "small": bigger files are read ahead whole (readahead.py) or by the kernel's readahead
 QUEUE_LIMIT = 16_384  # files queued ahead of a walk, at most
 LOOKUPS_REMEMBERED = 8192  # inode -> the directory it was looked up in, for the open that follows
 DIRS_REMEMBERED = 200_000  # directories whose files were queued (then forgotten, all at once)
@@ -81,7 +82,7 @@ FetchBatch = Callable[[list[tuple[bytes, int]]], list[bytes | None]]
 
 class SmallBlobs:
     def __init__(self, fetch_batch: FetchBatch, listing_of: Callable[[bytes], Listing | None], *,
-                 in_flight: int, capacity: int = DEFAULT_CAPACITY, max_file: int = batch.MAX_FILE,
+                 in_flight: int, capacity: int = DEFAULT_CAPACITY, max_file: int = MAX_FILE,
                  wait: float = DEFAULT_WAIT) -> None:
         """``fetch_batch(wanted)`` answers a ``blob_batch`` (may block); ``listing_of(digest)`` is the
         Vfs's cached listing (called under llfuse's lock only)."""
@@ -89,7 +90,7 @@ class SmallBlobs:
         self._listing_of = listing_of
         self.in_flight = in_flight
         self.capacity = capacity
-        self.max_file = min(max_file, batch.MAX_FILE)
+        self.max_file = min(max_file, MAX_FILE)
         self.wait = wait
         self._lookups: OrderedDict[int, bytes] = OrderedDict()
         self._queued_dirs: set[bytes] = set()

@@ -11,6 +11,7 @@ import pytest
 
 from tests.fuse_inprocess import CTX, errno_of
 from tests.fuse_tree import SMALLS, TREE, rot
+from tvixmount import smallblobs
 from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode
 from tvixmount.errors import InvalidArgument
@@ -32,10 +33,14 @@ def test_request_round_trips_and_is_bounded():
     too_many = [(b"d" * 32, 1)] * (batch.MAX_FILES + 1)
     with pytest.raises(InvalidArgument):
         batch.decode_request(*batch.encode_request(too_many))
+    one_whole = [(b"d" * 32, batch.MAX_BYTES)]  # a blob of up to 1 MiB is a batch alone (readahead.py)
+    assert batch.decode_request(*batch.encode_request(one_whole)) == one_whole
     with pytest.raises(InvalidArgument, match="sizes"):
-        batch.decode_request(b"d" * 32, [batch.MAX_FILE + 1])
+        batch.decode_request(b"d" * 32, [batch.MAX_BYTES + 1])
     with pytest.raises(InvalidArgument, match="sizes"):
-        batch.decode_request(b"d" * 32 * 20, [batch.MAX_FILE] * 20)  # 1.25 MiB together
+        batch.decode_request(b"d" * 32 * 20, [64 << 10] * 20)  # 1.25 MiB together
+    with pytest.raises(InvalidArgument, match="sizes"):
+        batch.decode_request(b"d" * 32, [-1])
     with pytest.raises(InvalidArgument, match="sizes"):
         batch.decode_request(b"d" * 32, [True])
 
@@ -74,7 +79,7 @@ class _Tree:
     def __init__(self) -> None:
         sub = Directory(files=(_file(b"s1", 10), _file(b"s2", 20)))
         top = Directory(directories=(DirectoryNode(b"m-sub", sub.digest(), 2),),
-                        files=(_file(b"a", 1), _file(b"b", 2), _file(b"big", batch.MAX_FILE + 1),
+                        files=(_file(b"a", 1), _file(b"b", 2), _file(b"big", smallblobs.MAX_FILE + 1),
                                _file(b"z", 3)))
         self.listings = {top.digest(): Listing.of(top), sub.digest(): Listing.of(sub)}
         self.top, self.sub = top.digest(), sub.digest()

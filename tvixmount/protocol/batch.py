@@ -3,14 +3,15 @@
 Why its own wire shape: a cold ``tar`` opens and reads tens of thousands of
 small files, and each read that goes to a worker costs a round trip
 (~60 us of hand-offs before any work, ~1 ms with the disk). The dispatcher
-asks for the small files of a directory in batches instead (smallblobs.py);
+asks for the small files of a directory in batches instead (smallblobs.py),
+and for the files of up to 1 MiB it reads ahead in groups (readahead.py);
 the worker reads and verifies each against its digest and sends them back
 packed in one reply.
 
 Request: ``(digests, sizes)``: the 32-byte digests concatenated (compact,
 so a batch of ``MAX_FILES`` stays inside one atomic pipe write) and the
 size each FileNode claims. Both are bounded: at most ``MAX_FILES`` blobs
-and ``MAX_BYTES`` bytes by their claimed sizes, each at most ``MAX_FILE``.
+and ``MAX_BYTES`` bytes by their claimed sizes (one blob may take it all).
 
 Reply: one bytes value (so it travels through the worker's shared ring
 like a read's bytes): a little-endian u32 count, then one i64 per blob
@@ -32,7 +33,6 @@ from .framing import ProtocolError
 DIGEST = 32
 MAX_FILES = 64  # 64 digests + sizes: ~2.5 KiB, inside PIPE_BUF (one atomic request write)
 MAX_BYTES = 1 << 20  # a quarter of a worker's ring, so a batch reply rarely falls back inline
-MAX_FILE = 64 << 10  # "small": bigger files are read by the kernel's readahead, 128 KiB at a time
 FAILED = -1
 
 _COUNT = struct.Struct("<I")
@@ -49,8 +49,8 @@ def decode_request(digests: bytes, sizes: list[int]) -> list[tuple[bytes, int]]:
     if len(digests) != count * DIGEST or not 0 < count <= MAX_FILES:
         raise InvalidArgument(f"blob_batch: {len(digests)} bytes of digests for {count} sizes "
                               f"(1..{MAX_FILES} blobs of {DIGEST} bytes each)")
-    if not all(type(s) is int and 0 <= s <= MAX_FILE for s in sizes) or sum(sizes) > MAX_BYTES:
-        raise InvalidArgument(f"blob_batch: sizes out of range (each at most {MAX_FILE}, "
+    if not all(type(s) is int and s >= 0 for s in sizes) or sum(sizes) > MAX_BYTES:
+        raise InvalidArgument(f"blob_batch: sizes out of range (each at least 0, "
                               f"together at most {MAX_BYTES})")
     return [(digests[i * DIGEST:(i + 1) * DIGEST], sizes[i]) for i in range(count)]
 
