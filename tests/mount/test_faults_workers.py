@@ -89,11 +89,12 @@ def mounted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, P
         store.blobs.put(b"")
         store.directories.put(other)
         store.path_infos.put(path_info(DirectoryNode(OTHER.basename.encode(), other.digest(), 2)))
-    # No small-file batches: these tests follow reads that go to a worker one by one (routing by
-    # handle, resends, deadlines); a batch would bring a group's files before the fault is set.
+    # No small-file batches and no file readahead: these tests follow reads that go to a worker
+    # one by one (routing by handle, resends, deadlines); a batch, or a readahead group (also a
+    # blob_batch), would bring the files after the first before their reads reach the worker.
     # A batch's own worker faults: test_smallblobs_mount.py.
     with serving(base / "mnt", store_dir, "--request-timeout", str(DEADLINE), "--threads", "8",
-                 "--small-batches", "0", allowed_errors=ALLOWED_ERRORS) as m:
+                 "--small-batches", "0", "--readahead-files", "0", allowed_errors=ALLOWED_ERRORS) as m:
         wait_workers(m, 2)
         yield m, store_dir
 
