@@ -206,6 +206,10 @@ class TvixOperations(llfuse.Operations):
             parent_node = self.vfs.node(parent)
             if type(parent_node) is DirectoryNode:
                 self.small.note_lookup(entry.st_ino, child, parent_node.digest)
+        elif type(child) is DirectoryNode:
+            parent_node = self.vfs.node(parent)
+            if type(parent_node) is DirectoryNode:
+                self.small.note_directory(child.digest, parent_node.digest, listing.index[name])
         return entry
 
     def _root_lookup(self, name: bytes) -> Node:

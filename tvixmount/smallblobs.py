@@ -7,7 +7,8 @@ look-up) with one file in flight at a time. Here, the first open of a
 small file in a directory queues the small files of that directory and of
 the directories below it whose listings are already known, in the order a
 walk (``tar``, ``cp -r``, a loader) visits them: each listing's entries in
-readdir order, descending into a subdirectory where it appears. The queue
+readdir order, descending into a subdirectory where it appears; and then
+what the walk meets after it, in its parent and so up to the store path. The queue
 goes to the workers as ``blob_batch`` requests (protocol/batch.py) of up to
 ``MAX_FILES`` blobs, at most ``in_flight`` at once, spread over the workers
 by the pool; each blob is verified against its digest by the worker that
@@ -16,7 +17,8 @@ its last byte was served (the page cache has it from then on).
 
 Bounds: the cache holds at most ``capacity`` bytes (oldest dropped first),
 new batches are sent only while less than half of it is unread or coming
-(so a walk that stops reading stops the fetching), the queue holds at most
+(so a walk that stops reading stops the fetching; and only with
+``MIN_BATCH_ROOM`` left of that half), the queue holds at most
 ``QUEUE_LIMIT`` files. Batches in flight count against that half too, so
 a batch never pushes out another's unread files. Stat-only walks (find, ls -l) open nothing and
 fetch nothing.
@@ -51,6 +53,10 @@ from .vfs import Listing
 log = logging.getLogger(__name__)
 
 MAX_FILE = 64 << 10  # "small": bigger files are read ahead whole (readahead.py) or by the kernel's readahead
+# A batch goes out only with at least this much room in the cache (or an eighth of a smaller
+# cache): with the cache's half full of unread files, each file read made room for a batch of
+# about one file (docs/performance.md, "Batches that follow the walk").
+MIN_BATCH_ROOM = batch.MAX_BYTES // 4
 QUEUE_LIMIT = 16_384  # files queued ahead of a walk, at most
 LOOKUPS_REMEMBERED = 8192  # inode -> the directory it was looked up in, for the open that follows
 DIRS_REMEMBERED = 200_000  # directories whose files were queued (then forgotten, all at once)
@@ -90,10 +96,12 @@ class SmallBlobs:
         self._listing_of = listing_of
         self.in_flight = in_flight
         self.capacity = capacity
+        self._min_room = min(MIN_BATCH_ROOM, capacity // 8)
         self.max_file = min(max_file, MAX_FILE)
         self.wait = wait
         self._lookups: OrderedDict[int, bytes] = OrderedDict()
         self._queued_dirs: set[bytes] = set()
+        self._parents: dict[bytes, tuple[bytes, int]] = {}  # directory -> its parent and place there
         self._lock = threading.Lock()
         self._queue: deque[FileNode] = deque()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
@@ -121,6 +129,16 @@ class SmallBlobs:
         lookups.move_to_end(ino)
         if len(lookups) > LOOKUPS_REMEMBERED:
             lookups.popitem(last=False)
+
+    def note_directory(self, directory: bytes, parent: bytes, position: int) -> None:
+        """Remember where a directory was looked up (its parent and place there), so that queueing
+        its tree can go on with what follows it."""
+        if not self.enabled:
+            return
+        parents = self._parents
+        if len(parents) >= DIRS_REMEMBERED and directory not in parents:
+            parents.clear()
+        parents[directory] = (parent, position)
 
     def on_open(self, ino: int, node: FileNode) -> None:
         """A small file was opened: queue its directory's tree, unless that was done already."""
@@ -169,33 +187,55 @@ class SmallBlobs:
                 self.counts["misses"] += 1
 
     def _tree_order(self, start: bytes) -> list[FileNode]:
-        """Small files of ``start`` and below, as a walk meets them; marks their directories queued."""
+        """Small files of ``start`` and below, then of what follows ``start`` in its parent (and so
+        up to the store path), as a walk meets them; marks their directories queued.
+
+        Why past ``start``: a walk's next directories are usually listed
+        already (a store path's tree comes whole), and queueing only each
+        directory's own tree sent a batch per directory: in a tree of
+        ~9 files per directory a cold ``tar`` made 1,765 batches for 33,000
+        files, most of a few files (docs/performance.md, "Batches that
+        follow the walk"). A parent queued before keeps its own files
+        (queued then) and only its directories not queued yet are entered;
+        one not queued before gets its files after ``start`` queued (a walk
+        has read those before it) and counts as queued from then on.
+        """
         if len(self._queued_dirs) > DIRS_REMEMBERED:
             self._queued_dirs.clear()
         found: list[FileNode] = []
         first = self._listing_of(start)
         if first is None:
             return found
-        stack: list[tuple[bytes, Listing, int]] = [(start, first, 0)]
+        # (directory, its listing, the next entry, whether its files are still to be queued)
+        stack: list[tuple[bytes, Listing, int, bool]] = [(start, first, 0, True)]
         self._queued_dirs.add(start)
-        while stack and len(found) < QUEUE_LIMIT:
-            digest, listing, pos = stack.pop()
+        below = start
+        while len(found) < QUEUE_LIMIT:
+            if not stack:  # the tree of ``below`` is done: on with what follows it in its parent
+                up = self._parents.get(below)
+                listing = None if up is None else self._listing_of(up[0])
+                if up is None or listing is None:
+                    break
+                below = up[0]
+                stack.append((below, listing, up[1] + 1, below not in self._queued_dirs))
+                self._queued_dirs.add(below)
+            digest, listing, pos, files = stack.pop()
             entries = listing.entries
             while pos < len(entries):
                 node = entries[pos]
                 pos += 1
                 if type(node) is FileNode:
-                    if 0 < node.size <= self.max_file:
+                    if files and 0 < node.size <= self.max_file:
                         found.append(node)
                 elif type(node) is DirectoryNode and node.digest not in self._queued_dirs:
-                    below = self._listing_of(node.digest)
-                    if below is None:  # not listed yet: an open in it will queue it then
+                    listed = self._listing_of(node.digest)
+                    if listed is None:  # not listed yet: an open in it will queue it then
                         continue
                     self._queued_dirs.add(node.digest)
-                    stack.append((digest, listing, pos))
-                    stack.append((node.digest, below, 0))
+                    stack.append((digest, listing, pos, files))
+                    stack.append((node.digest, listed, 0, True))
                     break
-        for digest, _, _ in stack:  # cut short by the limit: an open there queues the rest
+        for digest, _, _, _ in stack:  # cut short by the limit: an open there queues the rest
             self._queued_dirs.discard(digest)
         return found
 
@@ -207,6 +247,8 @@ class SmallBlobs:
             # Unread and coming bytes stay within half the cache, so a batch never evicts
             # another's unread files (the eviction below is only the last bound).
             budget = min(batch.MAX_BYTES, self.capacity // 2 - self._cached_bytes - self._running_bytes)
+            if budget < self._min_room:
+                return  # the reads taking their files make room, and pump again
             wanted: list[tuple[bytes, int]] = []
             total = 0
             while self._queue and len(wanted) < batch.MAX_FILES:
