@@ -264,9 +264,9 @@ def _groups(files: list[FileNode]) -> list[list[FileNode]]:
     """``files`` in order, cut into requests of at most ``GROUP_BYTES`` claimed bytes and
     ``batch.MAX_FILES`` files (a file bigger than that alone)."""
     groups: list[list[FileNode]] = []
-    size = GROUP_BYTES + 1
+    size = 0
     for node in files:
-        if size + node.size > GROUP_BYTES or len(groups[-1]) >= batch.MAX_FILES:
+        if not groups or size + node.size > GROUP_BYTES or len(groups[-1]) >= batch.MAX_FILES:
             groups.append([])
             size = 0
         groups[-1].append(node)
