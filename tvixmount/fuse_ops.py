@@ -36,6 +36,7 @@ from .readahead import SmallFileReadahead, TreeAhead
 from .segcache import REGION, SegmentCacheStats
 from .smallblobs import SmallBlobs
 from .vfs import Listing, Vfs
+from .walkplaces import WalkPlaces
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,10 +94,12 @@ class TvixOperations(llfuse.Operations):
         self._dir_fhs = itertools.count(1)
         self._broken_reported: set[object] = set()  # digests warned about once
         self.metrics = metrics or FuseMetrics()
+        self.places = WalkPlaces()  # where each directory was looked up: how walks go on
         self.small = SmallBlobs(fetcher.blob_batch, vfs.listing, in_flight=options.small_batches,
-                                capacity=options.small_cache)
+                                capacity=options.small_cache, places=self.places)
         self.readahead = SmallFileReadahead(self._fetch_ahead, depth=options.readahead_files,
-                                            min_file=self.small.max_file if self.small.enabled else 0)
+                                            min_file=self.small.max_file if self.small.enabled else 0,
+                                            listing_of=vfs.listing, places=self.places)
         self.tree_ahead = TreeAhead(self._prefetch_tree, ahead=options.tree_ahead)
         self.segments = fetcher.segments()
         self._closing = False
@@ -202,14 +205,15 @@ class TvixOperations(llfuse.Operations):
             raise llfuse.FUSEError(errno.ENOENT)
         entry = self._entry(child)
         if type(child) is FileNode:
-            self.readahead.note_lookup(entry.st_ino, listing, name)
             parent_node = self.vfs.node(parent)
-            if type(parent_node) is DirectoryNode:
-                self.small.note_lookup(entry.st_ino, child, parent_node.digest)
+            directory = parent_node.digest if type(parent_node) is DirectoryNode else None
+            self.readahead.note_lookup(entry.st_ino, listing, name, directory)
+            if directory is not None:
+                self.small.note_lookup(entry.st_ino, child, directory)
         elif type(child) is DirectoryNode:
             parent_node = self.vfs.node(parent)
             if type(parent_node) is DirectoryNode:
-                self.small.note_directory(child.digest, parent_node.digest, listing.index[name])
+                self.places.note(child.digest, parent_node.digest, listing.index[name])
         return entry
 
     def _root_lookup(self, name: bytes) -> Node:

@@ -5,9 +5,10 @@ after another and reads each whole. Cold, every such read waits for a
 worker round trip and, on the embedded store, for the disk (one file per
 blob), and the reader has only one of them in flight at a time, so the
 workers and the disk idle while the reader is between files. After the
-open of a small file, the small files that follow it in the same listing
-are fetched in the background into a bounded cache of verified bytes, and
-their first reads are served from there.
+open of a small file, the small files a walk reads after it (the rest of
+its directory, the subdirectories there, what follows the directory in
+its parent) are fetched in the background into a bounded cache of
+verified bytes, and their first reads are served from there.
 
 Fetches go in groups: one ``blob_batch`` (protocol/batch.py) of the
 files chosen together, up to ``GROUP_BYTES``, instead of one whole-blob
@@ -45,15 +46,16 @@ import logging
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .castore.nodes import FileNode, b3_text
+from .castore.nodes import DirectoryNode, FileNode, b3_text
 from .metrics import counter, gauge
 from .protocol import batch
 from .smallblobs import DEFAULT_WAIT
 from .vfs import Listing
+from .walkplaces import WalkPlaces
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +65,10 @@ LOOKUPS_REMEMBERED = 8192  # inode -> where it was looked up, for the opens that
 # 318 files of 256 KiB-1 MiB no longer block tar), the embedded mount 1.4 s instead of 1.9;
 # docs/performance.md, "gRPC: blobs held whole go to the arena".
 MAX_FILE = 1 << 20
-SCAN_LIMIT = 4  # look at most depth * SCAN_LIMIT entries past the opened one
+# Look at most depth * SCAN_LIMIT entries past the opened one, in walk order. In a tree where
+# few files are of this size (6 % in the bench's closure) a window of 32 entries found one or
+# two, and most groups were of one file: a Read (and a Stat) each over gRPC.
+SCAN_LIMIT = 32
 GROUP_BYTES = batch.MAX_BYTES  # claimed bytes of the files fetched in one request
 # Entries of the listings whose fetchable files are remembered (then all forgotten at once): the
 # listings are held for that, beside the Vfs's bounded cache.
@@ -93,12 +98,16 @@ class TreeAheadStats:
 class SmallFileReadahead:
     def __init__(self, fetch: Callable[[list[FileNode]], list[bytes | None]], *, depth: int,
                  max_file: int = MAX_FILE, max_bytes: int = 64 << 20, min_file: int = 0,
-                 wait: float = DEFAULT_WAIT) -> None:
+                 wait: float = DEFAULT_WAIT, listing_of: Callable[[bytes], Listing | None] | None = None,
+                 places: WalkPlaces | None = None) -> None:
         """``fetch(nodes)`` returns each node's whole blob, verified, or None where that one failed;
         it may block, and raise (all of them failed). At most ``batch.MAX_FILES`` nodes and
         ``GROUP_BYTES`` claimed bytes, but always at least one node.
 
         Files of at most ``min_file`` bytes are left to the small-file batches (smallblobs.py).
+        With ``listing_of`` (the Vfs's cached listings, under llfuse's lock) the window goes
+        on into the subdirectories listed already, and with ``places`` past the opened file's
+        directory too, as a walk does; without them it ends with the directory.
         """
         self._fetch = fetch
         self.depth = depth
@@ -106,9 +115,13 @@ class SmallFileReadahead:
         self.min_file = min_file
         self.max_bytes = max_bytes
         self.wait = wait
-        self._lookups: OrderedDict[int, tuple[Listing, int]] = OrderedDict()
-        # id(listing) -> the listing and _fetchable's answer for it
-        self._scanned: dict[int, tuple[Listing, list[int], list[FileNode]]] = {}
+        self._listing_of = listing_of
+        self._places = places
+        self._walked_from: Listing | None = None  # the listing a small file's open last looked from
+        # inode -> the listing it was found in, its place there and that directory's digest
+        self._lookups: OrderedDict[int, tuple[Listing, int, bytes | None]] = OrderedDict()
+        # id(listing) -> the listing and _steps's answer for it
+        self._scanned: dict[int, tuple[Listing, list[int], list[FileNode | DirectoryNode]]] = {}
         self._scanned_entries = 0
         self._lock = threading.Lock()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
@@ -120,45 +133,56 @@ class SmallFileReadahead:
 
     # -- called from FUSE handlers ------------------------------------------------------
 
-    def note_lookup(self, ino: int, listing: Listing, name: bytes) -> None:
-        """Remember where ``ino`` was found, so its open knows its siblings."""
+    def note_lookup(self, ino: int, listing: Listing, name: bytes, directory: bytes | None = None) -> None:
+        """Remember where ``ino`` was found (``listing``, the listing of ``directory``), so its open
+        knows what a walk reads after it."""
         if self.depth <= 0:
             return
         pos = listing.index.get(name)
         if pos is None:
             return
         lookups = self._lookups
-        lookups[ino] = (listing, pos)
+        lookups[ino] = (listing, pos, directory)
         lookups.move_to_end(ino)
         if len(lookups) > LOOKUPS_REMEMBERED:
             lookups.popitem(last=False)
 
     def on_open(self, ino: int, node: FileNode) -> None:
-        """A small file was opened: start fetching the small files after it in its directory."""
+        """A file was opened: fetch what a walk reads after it, in groups.
+
+        The window ahead holds at most ``2 * depth`` files; new ones are
+        chosen once they are at least as many as those still ahead of the
+        reader (fetching, or fetched and not read): a window that slid by a
+        file at each open gave groups of one file (each a Read, and a Stat
+        above 128 KiB, over gRPC). A file left to the batches looks ahead
+        only from a directory it was not opened in last time (the walk
+        costs ~20 us; there are tens of thousands of such opens).
+        """
         if self.depth <= 0 or node.size > self.max_file:
             return
         found = self._lookups.get(ino)
         if found is None:
             return
-        listing, pos = found
-        positions, files = self._fetchable(listing)
-        first = bisect.bisect_right(positions, pos)
-        end = bisect.bisect_right(positions, pos + self.depth * SCAN_LIMIT, lo=first)
-        if first == end:
-            return
+        if node.size <= self.min_file:
+            if found[0] is self._walked_from:
+                return
+            self._walked_from = found[0]
         chosen: list[FileNode] = []
         with self._lock:
             if self._closed or len(self._pending) > self.depth // 2:
                 return
-            room = self.depth * 2 - len(self._pending)
-            for sibling in files[first:end]:
-                if len(chosen) >= room:
+            ahead = 0
+            for later in self._following(*found):
+                if later.digest in self._pending or later.digest in self._cache:
+                    ahead += 1
+                else:
+                    chosen.append(later)
+                if ahead + len(chosen) >= 2 * self.depth:
                     break
-                if sibling.digest not in self._pending and sibling.digest not in self._cache:
-                    self._pending[sibling.digest] = threading.Event()
-                    chosen.append(sibling)
-            if not chosen:
+            if not chosen or len(chosen) < ahead:
                 return
+            for later in chosen:
+                self._pending[later.digest] = threading.Event()
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.depth, thread_name_prefix="tvixmount-readahead")
             self.counts["scheduled"] += len(chosen)
@@ -166,9 +190,44 @@ class SmallFileReadahead:
         for group in _groups(chosen):
             pool.submit(self._run, group)
 
-    def _fetchable(self, listing: Listing) -> tuple[list[int], list[FileNode]]:
-        """The files of ``listing`` fetched ahead here (sized within the bounds) and their positions
-        in it, found once per listing.
+    def _following(self, listing: Listing, pos: int, directory: bytes | None) -> Iterator[FileNode]:
+        """The files fetched here that a walk reads after entry ``pos`` of ``listing``, in its order,
+        within ``depth * SCAN_LIMIT`` entries: the rest of the listing, entering subdirectories
+        listed already where they appear (as ``tar`` and ``cp -r`` go), then what follows the
+        directory in its parent, and so on up to the store path (smallblobs.py walks the same way).
+        """
+        budget = self.depth * SCAN_LIMIT
+        stack = [(listing, pos + 1)]  # listings being walked and the next entry of each
+        below = directory
+        while budget > 0:
+            if not stack:  # the directory's tree is done: on in its parent, after it
+                up = None if below is None or self._places is None else self._places.place(below)
+                parent = None if up is None or self._listing_of is None else self._listing_of(up[0])
+                if up is None or parent is None:
+                    return
+                below = up[0]
+                stack.append((parent, up[1] + 1))
+            current, start = stack.pop()
+            positions, steps = self._steps(current)
+            end = start + budget
+            i = bisect.bisect_left(positions, start)
+            while i < len(positions) and positions[i] < end:
+                step, at = steps[i], positions[i]
+                i += 1
+                if type(step) is FileNode:
+                    yield step
+                    continue
+                listed = None if self._listing_of is None else self._listing_of(step.digest)
+                if listed is not None:
+                    budget -= at + 1 - start
+                    stack += [(current, at + 1), (listed, 0)]
+                    break
+            else:
+                budget -= min(len(current.entries), end) - start
+
+    def _steps(self, listing: Listing) -> tuple[list[int], list[FileNode | DirectoryNode]]:
+        """The entries of ``listing`` a walk ahead stops at, and their positions: the files fetched
+        here (sized within the bounds) and the directories; found once per listing.
 
         Why: in a tree of mostly small files (left to the batches) looking
         through the entries after each opened one for a file to fetch cost
@@ -181,17 +240,18 @@ class SmallFileReadahead:
         if scanned is not None and scanned[0] is listing:
             return scanned[1], scanned[2]
         positions: list[int] = []
-        files: list[FileNode] = []
+        steps: list[FileNode | DirectoryNode] = []
         for pos, node in enumerate(listing.entries):
-            if type(node) is FileNode and self.min_file < node.size <= self.max_file:
+            if ((type(node) is FileNode and self.min_file < node.size <= self.max_file)
+                    or type(node) is DirectoryNode):
                 positions.append(pos)
-                files.append(node)
+                steps.append(node)
         if self._scanned_entries + len(listing.entries) > SCANNED_ENTRIES:
             self._scanned.clear()
             self._scanned_entries = 0
-        self._scanned[id(listing)] = (listing, positions, files)
+        self._scanned[id(listing)] = (listing, positions, steps)
         self._scanned_entries += len(listing.entries)
-        return positions, files
+        return positions, steps
 
     def take(self, node: FileNode, offset: int, length: int) -> bytes | None:
         """The bytes of a read if the file was fetched ahead; the entry goes once its end is served."""

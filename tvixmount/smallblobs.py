@@ -49,6 +49,7 @@ from .castore.nodes import DirectoryNode, FileNode, b3_text
 from .metrics import counter, gauge
 from .protocol import batch
 from .vfs import Listing
+from .walkplaces import WalkPlaces
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,10 @@ FetchBatch = Callable[[list[tuple[bytes, int]]], list[bytes | None]]
 class SmallBlobs:
     def __init__(self, fetch_batch: FetchBatch, listing_of: Callable[[bytes], Listing | None], *,
                  in_flight: int, capacity: int = DEFAULT_CAPACITY, max_file: int = MAX_FILE,
-                 wait: float = DEFAULT_WAIT) -> None:
+                 wait: float = DEFAULT_WAIT, places: WalkPlaces | None = None) -> None:
         """``fetch_batch(wanted)`` answers a ``blob_batch`` (may block); ``listing_of(digest)`` is the
-        Vfs's cached listing (called under llfuse's lock only)."""
+        Vfs's cached listing (called under llfuse's lock only); ``places`` tells where each
+        directory was looked up (the FUSE layer notes them), for queueing past it."""
         self._fetch_batch = fetch_batch
         self._listing_of = listing_of
         self.in_flight = in_flight
@@ -101,7 +103,7 @@ class SmallBlobs:
         self.wait = wait
         self._lookups: OrderedDict[int, bytes] = OrderedDict()
         self._queued_dirs: set[bytes] = set()
-        self._parents: dict[bytes, tuple[bytes, int]] = {}  # directory -> its parent and place there
+        self.places = places if places is not None else WalkPlaces()
         self._lock = threading.Lock()
         self._queue: deque[FileNode] = deque()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
@@ -129,16 +131,6 @@ class SmallBlobs:
         lookups.move_to_end(ino)
         if len(lookups) > LOOKUPS_REMEMBERED:
             lookups.popitem(last=False)
-
-    def note_directory(self, directory: bytes, parent: bytes, position: int) -> None:
-        """Remember where a directory was looked up (its parent and place there), so that queueing
-        its tree can go on with what follows it."""
-        if not self.enabled:
-            return
-        parents = self._parents
-        if len(parents) >= DIRS_REMEMBERED and directory not in parents:
-            parents.clear()
-        parents[directory] = (parent, position)
 
     def on_open(self, ino: int, node: FileNode) -> None:
         """A small file was opened: queue its directory's tree, unless that was done already."""
@@ -212,7 +204,7 @@ class SmallBlobs:
         below = start
         while len(found) < QUEUE_LIMIT:
             if not stack:  # the tree of ``below`` is done: on with what follows it in its parent
-                up = self._parents.get(below)
+                up = self.places.place(below)
                 listing = None if up is None else self._listing_of(up[0])
                 if up is None or listing is None:
                     break

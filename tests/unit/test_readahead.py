@@ -17,6 +17,7 @@ from tvixmount.castore.directory import Directory
 from tvixmount.castore.nodes import DirectoryNode, FileNode, SymlinkNode
 from tvixmount.readahead import SmallFileReadahead, TreeAhead, TreeAheadStats
 from tvixmount.vfs import Listing
+from tvixmount.walkplaces import WalkPlaces
 
 # -- scheduling ----------------------------------------------------------------------------
 
@@ -75,7 +76,7 @@ def test_open_fetches_the_next_small_files_and_reads_take_them_once():
     ra.close()
 
 
-def test_files_are_chosen_when_half_the_depth_is_left_pending_and_never_twice():
+def test_files_are_chosen_when_half_the_depth_is_left_pending_and_as_many_are_new_as_ahead():
     fetches = _Fetches()  # gate closed: fetches hang until released
     ra = SmallFileReadahead(fetches, depth=2)
     listing = _listing()
@@ -87,10 +88,14 @@ def test_files_are_chosen_when_half_the_depth_is_left_pending_and_never_twice():
     assert fetches.groups == [[b"f001", b"f002", b"f003", b"f004"]] and ra.stats().pending == 4
     fetches.gate.set()
     _settle(ra)
-    ra.note_lookup(4, listing, b"f003")
-    ra.on_open(4, listing.child(b"f003"))  # f004 is cached already, f005 is big
+    ra.note_lookup(5, listing, b"f001")
+    ra.on_open(5, listing.child(b"f001"))  # f002-f004 still ahead, one new (f006): not yet
     _settle(ra)
-    assert fetches.groups[1:] == [[b"f006", b"f007", b"f008", b"f009"]]
+    assert len(fetches.groups) == 1
+    ra.note_lookup(4, listing, b"f003")
+    ra.on_open(4, listing.child(b"f003"))  # f004 still ahead, three new (f005 is big): chosen
+    _settle(ra)
+    assert fetches.groups[1:] == [[b"f006", b"f007", b"f008"]]
     assert len(fetches.asked) == len(set(fetches.asked))
     ra.close()
 
@@ -111,23 +116,72 @@ def test_a_group_is_at_most_a_batch_of_bytes(monkeypatch):
     ra.close()
 
 
-def test_only_files_within_the_scan_window_and_the_size_bounds_are_fetched():
+def test_only_files_within_the_scan_window_and_the_size_bounds_are_fetched(monkeypatch):
+    monkeypatch.setattr(readahead, "SCAN_LIMIT", 4)
     fetches = _Fetches()
     fetches.gate.set()
     files = [_file(i, 100) for i in range(40)]  # at most min_file: left to the batches
     files[3] = _file(3, 5000)
-    files[30] = _file(30, 5000)  # more than depth * SCAN_LIMIT (8) entries after f001
+    files[25] = _file(25, 5000)  # more than depth * SCAN_LIMIT (8) entries after f001
+    files[30] = _file(30, 5000)
     listing = Listing.of(Directory((), tuple(files), ()))
     ra = SmallFileReadahead(fetches, depth=2, min_file=1000)
     ra.note_lookup(1, listing, b"f001")
     ra.on_open(1, listing.child(b"f001"))
     _settle(ra)
     assert fetches.asked == [b"f003"]
-    ra.note_lookup(2, listing, b"f025")  # f030 is within the window of f025
-    ra.on_open(2, listing.child(b"f025"))
+    ra.note_lookup(2, listing, b"f002")  # left to the batches, in the listing looked from already
+    ra.on_open(2, listing.child(b"f002"))
+    ra.note_lookup(3, listing, b"f025")  # f030 is within the window of f025
+    ra.on_open(3, listing.child(b"f025"))
     _settle(ra)
     assert fetches.asked == [b"f003", b"f030"]
     ra.close()
+
+
+def _walk_tree() -> tuple[dict[bytes, Listing], bytes, dict[bytes, bytes]]:
+    """``r`` holding d1/ (a of 100 bytes, b), d2/ (c, e), d3/ (g, not listed), f and h, in that
+    readdir order; the listings by digest, r's digest and each directory's by name."""
+    def file(name: bytes, size: int = 5000) -> FileNode:
+        return FileNode(name, name.ljust(32, b"."), size)
+
+    dirs = {b"d1": Directory(files=(file(b"a", 100), file(b"b"))),
+            b"d2": Directory(files=(file(b"c"), file(b"e"))), b"d3": Directory(files=(file(b"g"),))}
+    r = Directory(directories=tuple(DirectoryNode(n, d.digest(), 2) for n, d in dirs.items()),
+                  files=(file(b"f"), file(b"h")))
+    listings = {d.digest(): Listing.of(d) for d in (r, dirs[b"d1"], dirs[b"d2"])}
+    return listings, r.digest(), {n: d.digest() for n, d in dirs.items()}
+
+
+def _walk_readahead(depth: int, places: bool = True) -> tuple[SmallFileReadahead, _Fetches]:
+    listings, r, dirs = _walk_tree()
+    fetches = _Fetches()
+    fetches.gate.set()
+    where = WalkPlaces()
+    for name, digest in dirs.items():
+        where.note(digest, r, listings[r].index[name])
+    ra = SmallFileReadahead(fetches, depth=depth, min_file=1000, listing_of=listings.get,
+                            places=where if places else None)
+    d1 = listings[dirs[b"d1"]]
+    ra.note_lookup(1, d1, b"a", dirs[b"d1"])
+    ra.on_open(1, d1.child(b"a"))
+    _settle(ra)
+    ra.close()
+    return ra, fetches
+
+
+def test_the_window_goes_on_as_a_walk_does_past_the_directory():
+    # d1's b, then on in r after d1: into d2 (c, e), past d3 (not listed: an open there
+    # chooses its files), then f and h; a (100 bytes) is the batches' (min_file)
+    assert _walk_readahead(depth=4)[1].groups == [[b"b", b"c", b"e", b"f", b"h"]]
+    # without the directories' places the window ends with d1
+    assert _walk_readahead(depth=4, places=False)[1].groups == [[b"b"]]
+
+
+def test_the_window_counts_the_entries_of_every_listing_it_passes(monkeypatch):
+    monkeypatch.setattr(readahead, "SCAN_LIMIT", 2)
+    # 4 entries: b in d1, d1 and d2 in r, c and e in d2; not f, h
+    assert _walk_readahead(depth=2)[1].asked == [b"b", b"c", b"e"]
 
 
 def test_the_listings_remembered_for_opens_stay_within_their_entry_bound(monkeypatch):

@@ -180,7 +180,7 @@ def test_queueing_goes_on_with_what_follows_the_directory_in_its_parent():
     assert batches.asked == [[d3.digest]]
     listed.update(listings)
     for name, digest in dirs.items():
-        small.note_directory(digest, r, listings[r].index[name])
+        small.places.note(digest, r, listings[r].index[name])
     f1 = _opened(small, listings, dirs[b"d1"], b"f1", 2)  # d1, then on in r after d1: d2, d4
     _settle(small)
     f2, f3, f4 = (listings[dirs[d]].child(n) for d, n in ((b"d1", b"f2"), (b"d2", b"f3"), (b"d4", b"f4")))
@@ -195,7 +195,7 @@ def test_queueing_past_a_directory_takes_its_parents_files_after_it_if_the_paren
     listings, r, dirs = _walked_tree()
     batches = _Batches()
     small = SmallBlobs(batches, listings.get, in_flight=1)
-    small.note_directory(dirs[b"d2"], r, listings[r].index[b"d2"])
+    small.places.note(dirs[b"d2"], r, listings[r].index[b"d2"])
     f3 = _opened(small, listings, dirs[b"d2"], b"f3", 1)  # d2, then r after d2: d3 and d4, not d1
     _settle(small)
     d3, f4 = listings[r].child(b"d3"), listings[dirs[b"d4"]].child(b"f4")
