@@ -128,9 +128,11 @@ def test_a_blob_cache_for_the_embedded_store_is_refused(tmp_path: Path) -> None:
 def test_small_files_are_read_with_one_read_call_and_no_stat(served: tuple[Daemon, Path]) -> None:
     """The mount passes each FileNode's size down as a hint, so a file of one FUSE read costs the
     daemon one Read call and no Stat (the hint decides only that; the bytes are verified). A
-    bigger file keeps its Stat: the chunk list lets a bad chunk cost only the reads touching it."""
+    bigger file keeps its Stat: the chunk list lets a bad chunk cost only the reads touching it.
+    No readahead: the open of ``small`` would fetch ``sub/other`` ahead, as a walk reads it next."""
     daemon, tmp_path = served
-    m = Mount(tmp_path / "mnt", urls=(daemon.url, daemon.url, daemon.url)).start()
+    m = Mount(tmp_path / "mnt", None, "--readahead-files", "0",
+              urls=(daemon.url, daemon.url, daemon.url)).start()
     try:
         top = m.path(PATH.basename)
         stats_before, reads_before = _calls(daemon, "Stat"), _calls(daemon, "Read")
