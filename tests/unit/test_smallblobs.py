@@ -150,6 +150,22 @@ def test_a_directory_not_listed_yet_is_queued_by_an_open_in_it_later():
     small.close()
 
 
+def test_a_file_read_whole_is_not_fetched_again():
+    tree, batches = _Tree(), _Batches()
+    small = SmallBlobs(batches, tree.listings.get, in_flight=1)
+    s1, s2 = tree.node(tree.sub, b"s1"), tree.node(tree.sub, b"s2")
+    small.missed(s1)  # s1's reader asked a worker itself (its inode's pages are cached now)
+    _open(small, tree, tree.top, b"a")
+    _settle(small)
+    assert len(batches.asked) == 1 and s1.digest not in batches.asked[0] and s2.digest in batches.asked[0]
+    assert small.take(s2, 0, 4096) == s2.digest[:1] * 20  # read whole: the entry goes
+    with small._lock:  # queued again (another walk meeting the same inode): no batch for it
+        small._queue.append(s2)
+        small._pump()
+    assert len(batches.asked) == 1
+    small.close()
+
+
 def _walked_tree() -> tuple[dict[bytes, Listing], bytes, dict[bytes, bytes]]:
     """``r`` holding d1/ (f1, f2), d2/ (f3), a file d3 and d4/ (f4), in that readdir order;
     the listings by digest, r's digest, and each directory's digest by name."""
