@@ -25,6 +25,7 @@ import blake3
 import llfuse
 
 from . import attrs as A
+from .castore.directory import Directory
 from .castore.nodes import DirectoryNode, FileNode, Node, SymlinkNode, b3_text, display_name
 from .castore.storepath import parse_basename
 from .errors import InvalidData, NotFound, TvixError, errno_for
@@ -96,7 +97,8 @@ class TvixOperations(llfuse.Operations):
         self.metrics = metrics or FuseMetrics()
         self.places = WalkPlaces()  # where each directory was looked up: how walks go on
         self.small = SmallBlobs(fetcher.blob_batch, vfs.listing, in_flight=options.small_batches,
-                                capacity=options.small_cache, places=self.places)
+                                capacity=options.small_cache, places=self.places,
+                                want_listing=lambda digest: self.tree_ahead.fetch(digest))
         self.readahead = SmallFileReadahead(self._fetch_ahead, depth=options.readahead_files,
                                             min_file=self.small.max_file if self.small.enabled else 0,
                                             listing_of=vfs.listing, places=self.places)
@@ -167,8 +169,7 @@ class TvixOperations(llfuse.Operations):
             limit = self.options.prefetch_entries
             tree = self._fetch(what, ("dir", node.digest),
                                lambda: self.fetcher.directory_tree(node.digest, limit))
-            for digest, directory in tree:
-                self.vfs.add_listing(digest, directory)
+            self._add_listings(tree)
             listing = self.vfs.listing(node.digest) or self.vfs.add_listing(node.digest, tree[0][1])
             self.tree_ahead.on_walk(node.digest, lambda digest: self.vfs.listing(digest) is not None)
         return listing
@@ -180,16 +181,30 @@ class TvixOperations(llfuse.Operations):
         waits for this request instead of sending its own.
         """
         limit = self.options.prefetch_entries
-        tree = self._flight.run(("dir", digest), lambda: self.fetcher.directory_tree(digest, limit))
+        failed: Exception | None = None
+        try:
+            tree = self._flight.run(("dir", digest), lambda: self.fetcher.directory_tree(digest, limit))
+        except Exception as exc:  # the walk's own lookup fails and says why; TreeAhead logs this
+            tree, failed = [], exc
         # Whole seconds: llfuse 1.5 truncates the timeout to an int, and 0 waits forever.
         while not llfuse.lock.acquire(timeout=LOCK_POLL_SECONDS):
             if self._closing:
                 return
         try:
-            for found, directory in tree:
-                self.vfs.add_listing(found, directory)
+            self._add_listings(tree)
+            if failed is not None:
+                self.small.on_listed(digest)  # batches waiting at this directory go on past it
         finally:
             llfuse.lock.release()
+        if failed is not None:
+            raise failed
+
+    def _add_listings(self, tree: list[tuple[bytes, Directory]]) -> None:
+        """Cache a fetched tree's listings, then tell the batches (a walk may wait for one). Locked."""
+        for digest, directory in tree:
+            self.vfs.add_listing(digest, directory)
+        for digest, _ in tree:
+            self.small.on_listed(digest)
 
     # -- lookups and attributes ---------------------------------------------
 
@@ -209,7 +224,7 @@ class TvixOperations(llfuse.Operations):
             directory = parent_node.digest if type(parent_node) is DirectoryNode else None
             self.readahead.note_lookup(entry.st_ino, listing, name, directory)
             if directory is not None:
-                self.small.note_lookup(entry.st_ino, child, directory)
+                self.small.note_lookup(entry.st_ino, child, directory, listing.index[name])
         elif type(child) is DirectoryNode:
             parent_node = self.vfs.node(parent)
             if type(parent_node) is DirectoryNode:

@@ -91,7 +91,7 @@ class ReadaheadStats:
 @dataclass(frozen=True, slots=True)
 class TreeAheadStats:
     scheduled: int = 0
-    fetched: int = counter("store path trees fetched ahead of a walk")
+    fetched: int = counter("trees fetched ahead of a walk (store paths; directories the batches wait for)")
     failed: int = 0
 
 
@@ -343,7 +343,9 @@ class TreeAhead:
     the next ``ahead`` trees while the walk works through the current one
     hides that wait behind the walk, on the worker side of the machine.
     Triggered only when a store path's tree had to be fetched for a walk,
-    so ``ls`` of the root alone fetches no tree.
+    so ``ls`` of the root alone fetches no tree. ``fetch`` asks for one
+    directory's tree on the same thread: the small-file batches wait for
+    a listing there (smallblobs.py).
 
     The fetch runs on one daemon thread (it must never hold up the
     process's exit while waiting for llfuse's lock) through ``fetch_tree``,
@@ -376,10 +378,20 @@ class TreeAhead:
                 continue
             self._asked.add(following)
             self.counts["scheduled"] += 1
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="tvixmount-tree-ahead", daemon=True)
-                self._thread.start()
+            self._start()
             self._queue.put(following)
+
+    def fetch(self, digest: bytes) -> None:
+        """Fetch the tree of directory ``digest`` in the background (smallblobs.py: a walk waits for
+        its listing). Under the lock."""
+        self.counts["scheduled"] += 1
+        self._start()
+        self._queue.put(digest)
+
+    def _start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="tvixmount-tree-ahead", daemon=True)
+            self._thread.start()
 
     def stats(self) -> TreeAheadStats:
         return TreeAheadStats(**self.counts)

@@ -8,7 +8,10 @@ small file in a directory queues the small files of that directory and of
 the directories below it whose listings are already known, in the order a
 walk (``tar``, ``cp -r``, a loader) visits them: each listing's entries in
 readdir order, descending into a subdirectory where it appears; and then
-what the walk meets after it, in its parent and so up to the store path. The queue
+what the walk meets after it, in its parent and so up to the store path.
+A directory whose listing is not known yet (a store path's tree bigger
+than one fetch brings) holds the queueing there until the listing comes,
+asked for in the background, so the queue stays in the walk's order. The queue
 goes to the workers as ``blob_batch`` requests (protocol/batch.py) of up to
 ``MAX_FILES`` blobs, at most ``in_flight`` at once, spread over the workers
 by the pool; each blob is verified against its digest by the worker that
@@ -66,6 +69,8 @@ DIRS_REMEMBERED = 200_000  # directories whose files were queued (then forgotten
 # tar of the bench's closure fetched 1,264 files it never read (6.4 MB: files it had read by
 # themselves, and later copies of a content), which also held the batches' room.
 SERVED_REMEMBERED = 65_536
+# Walks stopped at a directory not listed yet, waiting for its listing (then all given up at once).
+STOPS_REMEMBERED = 1024
 DEFAULT_CAPACITY = 64 << 20
 # A read waits for its batch no longer than the pool takes to call a silent worker stalled
 # (poolstate.STALLED_AFTER): a batch stuck on a hung worker then costs the read about that,
@@ -95,10 +100,13 @@ FetchBatch = Callable[[list[tuple[bytes, int]]], list[bytes | None]]
 class SmallBlobs:
     def __init__(self, fetch_batch: FetchBatch, listing_of: Callable[[bytes], Listing | None], *,
                  in_flight: int, capacity: int = DEFAULT_CAPACITY, max_file: int = MAX_FILE,
-                 wait: float = DEFAULT_WAIT, places: WalkPlaces | None = None) -> None:
+                 wait: float = DEFAULT_WAIT, places: WalkPlaces | None = None,
+                 want_listing: Callable[[bytes], None] = lambda digest: None) -> None:
         """``fetch_batch(wanted)`` answers a ``blob_batch`` (may block); ``listing_of(digest)`` is the
         Vfs's cached listing (called under llfuse's lock only); ``places`` tells where each
-        directory was looked up (the FUSE layer notes them), for queueing past it."""
+        directory was looked up (the FUSE layer notes them), for queueing past it;
+        ``want_listing(digest)`` asks for a directory's listing in the background, and
+        ``on_listed`` is to be called when one comes."""
         self._fetch_batch = fetch_batch
         self._listing_of = listing_of
         self.in_flight = in_flight
@@ -106,10 +114,13 @@ class SmallBlobs:
         self._min_room = min(MIN_BATCH_ROOM, capacity // 8)
         self.max_file = min(max_file, MAX_FILE)
         self.wait = wait
-        self._lookups: OrderedDict[int, bytes] = OrderedDict()
+        self._lookups: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
         self._queued_dirs: set[bytes] = set()
         self._served: set[tuple[bytes, bool]] = set()  # (digest, executable): an inode's identity
         self.places = places if places is not None else WalkPlaces()
+        self._want_listing = want_listing
+        # directory not listed yet -> the walk that stopped there: its stack and where it goes up from
+        self._stops: dict[bytes, tuple[list[tuple[bytes, Listing, int, bool]], bytes]] = {}
         self._lock = threading.Lock()
         self._queue: deque[FileNode] = deque()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
@@ -128,12 +139,12 @@ class SmallBlobs:
 
     # -- called from FUSE handlers (llfuse's lock held) ------------------------------------
 
-    def note_lookup(self, ino: int, node: FileNode, directory: bytes) -> None:
-        """Remember which directory a small file was found in, for its open."""
+    def note_lookup(self, ino: int, node: FileNode, directory: bytes, position: int) -> None:
+        """Remember which directory a small file was found in, and where, for its open."""
         if not self.enabled or node.size > self.max_file:
             return
         lookups = self._lookups
-        lookups[ino] = directory
+        lookups[ino] = (directory, position)
         lookups.move_to_end(ino)
         if len(lookups) > LOOKUPS_REMEMBERED:
             lookups.popitem(last=False)
@@ -142,10 +153,24 @@ class SmallBlobs:
         """A small file was opened: queue its directory's tree, unless that was done already."""
         if not self.enabled or node.size > self.max_file:
             return
-        directory = self._lookups.get(ino)
-        if directory is None or directory in self._queued_dirs:
+        found = self._lookups.get(ino)
+        if found is None or found[0] in self._queued_dirs:
             return
-        found = self._tree_order(directory)
+        self._queue_first(self._tree_order(*found))
+
+    def on_listed(self, directory: bytes) -> None:
+        """A directory's listing came, or could not be had: a walk that stopped there goes on, from
+        that directory (or past it). Under llfuse's lock, like the handlers."""
+        stopped = self._stops.pop(directory, None)
+        if stopped is not None:
+            found = self._tree_order(directory, 0, stopped)
+            with self._lock:  # the walk goes on after what it queued before the stop
+                self._queue.extend(found)
+                while len(self._queue) > QUEUE_LIMIT:
+                    self._queue.pop()
+                self._pump()
+
+    def _queue_first(self, found: list[FileNode]) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -191,9 +216,12 @@ class SmallBlobs:
             self._served.clear()
         self._served.add((node.digest, node.executable))
 
-    def _tree_order(self, start: bytes) -> list[FileNode]:
-        """Small files of ``start`` and below, then of what follows ``start`` in its parent (and so
-        up to the store path), as a walk meets them; marks their directories queued.
+    def _tree_order(self, start: bytes, at: int,
+                    stopped: tuple[list[tuple[bytes, Listing, int, bool]], bytes] | None = None,
+                    ) -> list[FileNode]:
+        """Small files of ``start`` from entry ``at`` on (where the walk is) and below, then of what
+        follows ``start`` in its parent (and so up to the store path), as a walk meets them; marks
+        their directories queued.
 
         Why past ``start``: a walk's next directories are usually listed
         already (a store path's tree comes whole), and queueing only each
@@ -204,17 +232,26 @@ class SmallBlobs:
         (queued then) and only its directories not queued yet are entered;
         one not queued before gets its files after ``start`` queued (a walk
         has read those before it) and counts as queued from then on.
+
+        A directory not listed yet stops the walk there (``stopped`` is the
+        walk going on from it once listed: its stack and where it goes up
+        from), and its listing is asked for in the background. Walking past
+        it queued the files after it first; the reader, once there, found the
+        cache's half full of them and its reads in that directory missed
+        (701 of a cold ``tar``'s 709 misses, in a store path whose tree was
+        more than one fetch; docs/performance.md, "Walks that wait for a listing").
         """
         if len(self._queued_dirs) > DIRS_REMEMBERED:
             self._queued_dirs.clear()
         found: list[FileNode] = []
         first = self._listing_of(start)
-        if first is None:
-            return found
         # (directory, its listing, the next entry, whether its files are still to be queued)
-        stack: list[tuple[bytes, Listing, int, bool]] = [(start, first, 0, True)]
-        self._queued_dirs.add(start)
-        below = start
+        stack, below = stopped if stopped is not None else ([], start)
+        if first is not None:
+            stack.append((start, first, at, True))
+            self._queued_dirs.add(start)
+        elif not stack:
+            return found
         while len(found) < QUEUE_LIMIT:
             if not stack:  # the tree of ``below`` is done: on with what follows it in its parent
                 up = self.places.place(below)
@@ -234,8 +271,10 @@ class SmallBlobs:
                         found.append(node)
                 elif type(node) is DirectoryNode and node.digest not in self._queued_dirs:
                     listed = self._listing_of(node.digest)
-                    if listed is None:  # not listed yet: an open in it will queue it then
-                        continue
+                    if listed is None:
+                        stack.append((digest, listing, pos, files))
+                        self._stop_at(node.digest, stack, below)
+                        return found
                     self._queued_dirs.add(node.digest)
                     stack.append((digest, listing, pos, files))
                     stack.append((node.digest, listed, 0, True))
@@ -243,6 +282,16 @@ class SmallBlobs:
         for digest, _, _, _ in stack:  # cut short by the limit: an open there queues the rest
             self._queued_dirs.discard(digest)
         return found
+
+    def _stop_at(self, directory: bytes, stack: list[tuple[bytes, Listing, int, bool]], below: bytes) -> None:
+        """Hold the walk at ``directory`` (not listed) until ``on_listed``; its listing is asked for."""
+        if len(self._stops) >= STOPS_REMEMBERED:  # walks that never got there: their directories are free
+            for held, _ in self._stops.values():
+                for digest, _, _, _ in held:
+                    self._queued_dirs.discard(digest)
+            self._stops.clear()
+        self._stops[directory] = (stack, below)
+        self._want_listing(directory)
 
     # -- batches (any thread, self._lock held) ----------------------------------------------
 

@@ -9,7 +9,7 @@ import time
 import blake3
 import pytest
 
-from tests.fuse_inprocess import CTX, errno_of
+from tests.fuse_inprocess import CTX, errno_of, wait_released
 from tests.fuse_tree import SMALLS, TREE, rot
 from tvixmount import smallblobs
 from tvixmount.castore.directory import Directory
@@ -111,7 +111,7 @@ def _settle(small: SmallBlobs) -> None:
 
 def _open(small: SmallBlobs, tree: _Tree, where: bytes, name: bytes, ino: int = 7) -> FileNode:
     node = tree.node(where, name)
-    small.note_lookup(ino, node, where)
+    small.note_lookup(ino, node, where, tree.listings[where].index[name])
     small.on_open(ino, node)
     return node
 
@@ -136,17 +136,24 @@ def test_an_open_queues_its_directory_in_tree_order_once_and_reads_take_the_byte
     small.close()
 
 
-def test_a_directory_not_listed_yet_is_queued_by_an_open_in_it_later():
+def test_a_walk_waits_at_a_directory_not_listed_yet_and_goes_on_once_it_is():
     tree, batches = _Tree(), _Batches()
     listed = {tree.top: tree.listings[tree.top]}  # m-sub's listing is not fetched yet
-    small = SmallBlobs(batches, listed.get, in_flight=1)
+    wanted: list[bytes] = []
+    small = SmallBlobs(batches, listed.get, in_flight=1, want_listing=wanted.append)
     _open(small, tree, tree.top, b"a")
     _settle(small)
-    assert len(batches.asked) == 1 and len(batches.asked[0]) == 3  # a, b, z
+    a, b, z = (tree.node(tree.top, name).digest for name in (b"a", b"b", b"z"))
+    assert batches.asked == [[a, b]] and wanted == [tree.sub]  # stopped at m-sub, not past it
     listed[tree.sub] = tree.listings[tree.sub]
-    _open(small, tree, tree.sub, b"s2", ino=9)
+    small.on_listed(tree.top)  # no walk waits there: nothing happens
+    small.on_listed(tree.sub)
     _settle(small)
-    assert batches.asked[1] == [tree.node(tree.sub, b"s1").digest, tree.node(tree.sub, b"s2").digest]
+    s1, s2 = (tree.node(tree.sub, name).digest for name in (b"s1", b"s2"))
+    assert batches.asked[1:] == [[s1, s2, z]]  # m-sub's files, then on in top after it
+    _open(small, tree, tree.sub, b"s2", ino=9)  # m-sub was queued with the walk
+    _settle(small)
+    assert len(batches.asked) == 2
     small.close()
 
 
@@ -181,7 +188,7 @@ def _opened(small: SmallBlobs, listings: dict[bytes, Listing], where: bytes, nam
             ino: int) -> FileNode:
     node = listings[where].child(name)
     assert isinstance(node, FileNode)
-    small.note_lookup(ino, node, where)
+    small.note_lookup(ino, node, where, listings[where].index[name])
     small.on_open(ino, node)
     return node
 
@@ -252,7 +259,7 @@ def test_the_cache_is_bounded_and_fetching_follows_the_reader():
     listings = {top.digest(): Listing.of(top)}
     batches = _Batches()
     small = SmallBlobs(batches, listings.get, in_flight=2, capacity=40_000)
-    small.note_lookup(1, files[0], top.digest())
+    small.note_lookup(1, files[0], top.digest(), 0)
     small.on_open(1, files[0])
     _settle_in_flight(small)
     stats = small.stats()
@@ -295,19 +302,25 @@ def test_off_queues_nothing():
 
 
 
-def test_fuse_reads_come_from_one_batch_and_a_rotten_blob_fails_alone(fuse):
-    """The tree's small files come in one batch; the rotten and the missing blob are EIO, each on
-    its own read (asked alone after the batch left them out), and every other file is right."""
+def test_fuse_reads_come_from_batches_and_a_rotten_blob_fails_alone(fuse):
+    """The tree's small files come in batches, the walk waiting at each directory that cannot be
+    listed (mismatch, missing, slashed) until its background fetch failed; the rotten and the
+    missing blob are EIO, each on its own read (asked alone after a batch left them out), and
+    every other file is right."""
     rot(True)
     f = fuse(small_batches=2, expect_errors=True)
     tree = f.lookup(TREE.basename).st_ino
+    assert errno_of(lambda: f.read_all(f.ops.lookup(tree, b"gone", CTX).st_ino)) == errno.EIO
+    # the walk from "gone" goes on past the three broken directories, as their fetches fail
+    assert wait_released(lambda: f.ops.stats().tree_ahead.failed == 3 and not f.ops.small._stops
+                         and not f.ops.small.stats().in_flight)
     for i, data in enumerate(SMALLS):
         assert f.read_all(f.ops.lookup(tree, b"s%d" % i, CTX).st_ino) == data
-    for name in (b"rotten", b"gone"):
-        assert errno_of(lambda name=name: f.read_all(f.ops.lookup(tree, name, CTX).st_ino)) == errno.EIO
+    assert errno_of(lambda: f.read_all(f.ops.lookup(tree, b"rotten", CTX).st_ino)) == errno.EIO
     stats = f.ops.stats().small_blobs
-    assert stats.batches == 1 and stats.failed == 3  # rotten, gone, and liar (2 bytes, not 10)
-    assert stats.hits >= len(SMALLS)
-    assert f.fetcher.calls["blob_batch"] == 1
+    assert stats.failed == 3  # rotten, gone, and liar (2 bytes, not 10)
+    assert stats.hits >= len(SMALLS) and stats.misses == 2  # gone and rotten, asked alone
+    assert f.fetcher.calls["blob_batch"] == stats.batches >= 2
+    assert f.ops.stats().tree_ahead.scheduled == 3  # mismatch, missing, slashed: asked for once each
     assert f.fetcher.calls["blob_read"] == 2  # the rotten and the missing one, asked alone
     assert f.fetcher.with_lock_held == []
