@@ -354,8 +354,7 @@ class TvixOperations(llfuse.Operations):
             return b""
         length = min(size, node.size - off)
         if node.size <= self.readahead.max_file:  # big files: no batch or readahead look-up (two locks)
-            ahead = (self._from_batches(node, off, length)
-                     or self._take_or_wait(self.readahead, node, off, length))
+            ahead = self._from_batches(node, off, length) or self._from_readahead(node, off, length)
             if ahead is not None:
                 return ahead
         if self.segments is not None:  # verified by a worker before; no round trip
@@ -379,6 +378,13 @@ class TvixOperations(llfuse.Operations):
         data = self._take_or_wait(small, node, off, length)
         if data is None:
             small.missed(node)
+        return data
+
+    def _from_readahead(self, node: FileNode, off: int, length: int) -> bytes | None:
+        """A file's bytes from the readahead (``_take_or_wait``); a miss is noted there."""
+        data = self._take_or_wait(self.readahead, node, off, length)
+        if data is None:
+            self.readahead.missed(node)
         return data
 
     @staticmethod

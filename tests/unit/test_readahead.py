@@ -100,6 +100,23 @@ def test_files_are_chosen_when_half_the_depth_is_left_pending_and_as_many_are_ne
     ra.close()
 
 
+def test_a_file_read_whole_is_not_fetched_again():
+    fetches = _Fetches()
+    fetches.gate.set()
+    ra = SmallFileReadahead(fetches, depth=2)
+    listing = _listing()
+    _open_first(ra, listing)  # f001-f004
+    _settle(ra)
+    f1, f2 = listing.child(b"f001"), listing.child(b"f002")
+    assert ra.take(f1, 0, 4096) == b"x" * f1.size  # read whole from what was fetched
+    ra.missed(f2)  # read by its reader alone, say after the cache dropped it
+    ra.note_lookup(2, listing, b"f000")  # a second walk over the same tree (a warm tar)
+    ra.on_open(2, listing.child(b"f000"))
+    _settle(ra)
+    assert fetches.groups[1:] == [[b"f006", b"f007"]]  # f003 and f004 still ahead; not f001, f002
+    ra.close()
+
+
 def test_a_group_is_at_most_a_batch_of_bytes(monkeypatch):
     fetches = _Fetches()
     fetches.gate.set()
