@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from .castore.nodes import DirectoryNode, FileNode, b3_text
 from .metrics import counter, gauge
 from .protocol import batch
-from .smallblobs import DEFAULT_WAIT, SERVED_REMEMBERED
+from .smallblobs import DEFAULT_WAIT, ReadWhole
 from .vfs import Listing
 from .walkplaces import WalkPlaces
 
@@ -126,9 +126,7 @@ class SmallFileReadahead:
         self._lock = threading.Lock()
         self._cache: OrderedDict[bytes, bytes] = OrderedDict()
         self._cached_bytes = 0
-        # (digest, executable) of files read whole, not fetched again: their inode's pages are in
-        # the page cache, and a second tar of the same tree opened every file and fetched them all
-        self._served: set[tuple[bytes, bool]] = set()
+        self._served = ReadWhole()  # a second tar of the same tree opened every file and fetched them all
         self._pending: dict[bytes, threading.Event] = {}  # set once the fetch ended, either way
         self._pool: ThreadPoolExecutor | None = None  # made on first use: after the worker pool forked
         self._closed = False
@@ -176,7 +174,7 @@ class SmallFileReadahead:
                 return
             ahead = 0
             for later in self._following(*found):
-                if (later.digest, later.executable) in self._served:
+                if later in self._served:
                     continue
                 if later.digest in self._pending or later.digest in self._cache:
                     ahead += 1
@@ -268,19 +266,14 @@ class SmallFileReadahead:
             if offset + length >= len(data):
                 del self._cache[node.digest]
                 self._cached_bytes -= len(data)
-                self._was_served(node)
+                self._served.add(node)
         return data[offset:offset + length]
 
     def missed(self, node: FileNode) -> None:
         """A read of a file this fetches found nothing here (it asks a worker alone)."""
         if self.min_file < node.size <= self.max_file:
             with self._lock:
-                self._was_served(node)
-
-    def _was_served(self, node: FileNode) -> None:
-        if len(self._served) >= SERVED_REMEMBERED:
-            self._served.clear()
-        self._served.add((node.digest, node.executable))
+                self._served.add(node)
 
     def waiter(self, node: FileNode) -> threading.Event | None:
         """The event set when the fetch of ``node`` ends, if one is in flight."""

@@ -48,7 +48,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from .castore.nodes import DirectoryNode, FileNode, b3_text
+from .castore.nodes import DirectoryNode, FileNode, b3_text, identity
 from .metrics import counter, gauge
 from .protocol import batch
 from .vfs import Listing
@@ -64,10 +64,7 @@ MIN_BATCH_ROOM = batch.MAX_BYTES // 4
 QUEUE_LIMIT = 16_384  # files queued ahead of a walk, at most
 LOOKUPS_REMEMBERED = 8192  # inode -> the directory it was looked up in, for the open that follows
 DIRS_REMEMBERED = 200_000  # directories whose files were queued (then forgotten, all at once)
-# Blobs read whole, from a batch or by their reader alone (then forgotten, all at once): not
-# fetched again, since files of one content share an inode and the page cache holds it. A cold
-# tar of the bench's closure fetched 1,264 files it never read (6.4 MB: files it had read by
-# themselves, and later copies of a content), which also held the batches' room.
+# Files read whole remembered (then forgotten, all at once): see ReadWhole.
 SERVED_REMEMBERED = 65_536
 # Walks stopped at a directory not listed yet, waiting for its listing (then all given up at once).
 STOPS_REMEMBERED = 1024
@@ -97,6 +94,30 @@ class SmallBlobStats:
 FetchBatch = Callable[[list[tuple[bytes, int]]], list[bytes | None]]
 
 
+class ReadWhole:
+    """Files read whole, from what was fetched ahead or by their reader alone: not fetched again.
+
+    Why: files of one content and mode share an inode (castore.nodes.identity, the
+    Vfs's key), whose pages the page cache holds once read. A cold ``tar`` of the
+    bench's closure had the batches fetch 1,264 files it never read (6.4 MB: files
+    read alone before their batch, later copies of a content), holding the room new
+    batches wait for; a warm ``tar`` had the readahead fetch every 64 KiB-1 MiB file
+    again. Bounded: past ``limit`` all are forgotten at once. Callers hold their lock.
+    """
+
+    def __init__(self, limit: int = SERVED_REMEMBERED) -> None:
+        self._limit = limit
+        self._read: set[tuple[object, ...]] = set()
+
+    def add(self, node: FileNode) -> None:
+        if len(self._read) >= self._limit:
+            self._read.clear()
+        self._read.add(identity(node))
+
+    def __contains__(self, node: FileNode) -> bool:
+        return identity(node) in self._read
+
+
 class SmallBlobs:
     def __init__(self, fetch_batch: FetchBatch, listing_of: Callable[[bytes], Listing | None], *,
                  in_flight: int, capacity: int = DEFAULT_CAPACITY, max_file: int = MAX_FILE,
@@ -116,7 +137,7 @@ class SmallBlobs:
         self.wait = wait
         self._lookups: OrderedDict[int, tuple[bytes, int]] = OrderedDict()
         self._queued_dirs: set[bytes] = set()
-        self._served: set[tuple[bytes, bool]] = set()  # (digest, executable): an inode's identity
+        self._served = ReadWhole()
         self.places = places if places is not None else WalkPlaces()
         self._want_listing = want_listing
         # directory not listed yet -> the walk that stopped there: its stack and where it goes up from
@@ -156,26 +177,25 @@ class SmallBlobs:
         found = self._lookups.get(ino)
         if found is None or found[0] in self._queued_dirs:
             return
-        self._queue_first(self._tree_order(*found))
+        self._enqueue(self._tree_order(*found), first=True)
 
     def on_listed(self, directory: bytes) -> None:
         """A directory's listing came, or could not be had: a walk that stopped there goes on, from
         that directory (or past it). Under llfuse's lock, like the handlers."""
         stopped = self._stops.pop(directory, None)
-        if stopped is not None:
-            found = self._tree_order(directory, 0, stopped)
-            with self._lock:  # the walk goes on after what it queued before the stop
-                self._queue.extend(found)
-                while len(self._queue) > QUEUE_LIMIT:
-                    self._queue.pop()
-                self._pump()
+        if stopped is not None:  # the walk goes on after what it queued before the stop
+            self._enqueue(self._tree_order(directory, 0, stopped), first=False)
 
-    def _queue_first(self, found: list[FileNode]) -> None:
+    def _enqueue(self, found: list[FileNode], first: bool) -> None:
+        """Queue a walk's files: ``first`` where the walk is now (before whatever an earlier walk
+        left queued), else after what is queued."""
         with self._lock:
             if self._closed:
                 return
-            # The walk is here now: its files go before whatever an earlier walk left queued.
-            self._queue.extendleft(reversed(found))
+            if first:
+                self._queue.extendleft(reversed(found))
+            else:
+                self._queue.extend(found)
             while len(self._queue) > QUEUE_LIMIT:
                 self._queue.pop()
             self._pump()
@@ -192,7 +212,7 @@ class SmallBlobs:
             if offset + length >= len(data):
                 del self._cache[node.digest]
                 self._cached_bytes -= len(data)
-                self._was_served(node)
+                self._served.add(node)
                 self._pump()
         return data[offset:offset + length]
 
@@ -209,12 +229,7 @@ class SmallBlobs:
         if self.enabled and node.size <= self.max_file:
             with self._lock:
                 self.counts["misses"] += 1
-                self._was_served(node)
-
-    def _was_served(self, node: FileNode) -> None:
-        if len(self._served) >= SERVED_REMEMBERED:
-            self._served.clear()
-        self._served.add((node.digest, node.executable))
+                self._served.add(node)
 
     def _tree_order(self, start: bytes, at: int,
                     stopped: tuple[list[tuple[bytes, Listing, int, bool]], bytes] | None = None,
@@ -308,7 +323,7 @@ class SmallBlobs:
             while self._queue and len(wanted) < batch.MAX_FILES:
                 node = self._queue[0]
                 if (node.digest in self._cache or node.digest in self._pending
-                        or (node.digest, node.executable) in self._served):
+                        or node in self._served):
                     self._queue.popleft()
                     continue
                 if total + node.size > budget:
