@@ -30,7 +30,10 @@ store, packs the same tree with mksquashfs, and measures:
              (the same workload again on the same mount)
   extras     random reads vs readers (plot), vs --workers on the embedded
              store and over gRPC with 20 ms of added latency per call, and
-             a plain gRPC client streaming the same blobs
+             what the gRPC sequential read is held against: a plain gRPC
+             client streaming the same blobs, and tools/grpc_passthrough.py
+             (that client behind a bare llfuse mount; and verifying in
+             worker processes, the floor of tvixmount's shape over gRPC)
 
 Targets are interleaved: each workload runs on every target before the
 next workload starts (the first target rotating from one repeat to the
@@ -59,12 +62,13 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from benchlib import report as rep  # noqa: E402
 from benchlib import workloads as wl  # noqa: E402
-from benchlib.dataset import Dataset, DatasetSpec, prepare  # noqa: E402
+from benchlib.dataset import BIG_PACKAGE, Dataset, DatasetSpec, prepare  # noqa: E402
 from benchlib.grpcplain import stream_blobs  # noqa: E402
 from benchlib.options import MAIN_READERS, parse_args  # noqa: E402
-from benchlib.procs import GrpcDaemon, Registry, drop_caches  # noqa: E402
+from benchlib.procs import FuseMount, GrpcDaemon, Registry, drop_caches  # noqa: E402
 from benchlib.runenv import CacheWatch, PySpy, git_commit, machine  # noqa: E402
 from benchlib.targets import (  # noqa: E402
+    GRPC_FLOORS,
     HopPassthrough,
     Native,
     Passthrough,
@@ -72,6 +76,7 @@ from benchlib.targets import (  # noqa: E402
     Target,
     Tvixmount,
     VerifyingPassthrough,
+    grpc_floor_cmd,
 )
 
 WALKS = ("seq_read", "find", "stat_walk", "tar")
@@ -100,6 +105,7 @@ class Bench:
         self.readers_sweep: dict[str, dict[str, dict[str, list[float]]]] = {}
         self.workers_sweep: dict[str, dict[str, list[dict[str, float]]]] = {}
         self.grpc_plain: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+        self.grpc_floors: dict[str, list[dict[str, float]]] = {}  # tools/grpc_passthrough.py, cold seq_read
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.mount_stats: dict[str, dict[str, Any]] = {}
@@ -240,27 +246,53 @@ class Bench:
         target.prepare(cold=False)
         return wl.seq_read(target.big_files())
 
-    def grpc_baseline(self, ds: Dataset, rep_index: int) -> None:
-        _stop_requested()
-        daemon = None
-        try:
-            self.caches_dropped = drop_caches() and self.caches_dropped
-            log = self.args.workdir / "logs" / "plain-daemon.log"
-            daemon = GrpcDaemon(ds.store, log, self.registry).start()
-            sizes = [s for _, s in ds.big_files]
-            cold = stream_blobs(daemon.listen, ds.big_digests, sizes)
-            warm = stream_blobs(daemon.listen, ds.big_digests, sizes)
-            self.grpc_plain["cold"].append(cold)
-            self.grpc_plain["warm"].append(warm)
-            self.say(f"run {rep_index + 1}/{self.args.repeat} plain gRPC client  "
-                     f"cold {_show(cold)}   warm {_show(warm)}")
-        except Exception as exc:
+    def grpc_baselines(self, ds: Dataset, rep_index: int) -> None:
+        """What the gRPC sequential read is measured against, each on a fresh daemon, caches dropped.
+
+        The plain client (the wire and the daemon alone), and the floors of a
+        FUSE mount in front of it (tools/grpc_passthrough.py: the same client
+        behind llfuse; and verifying in worker processes, tvixmount's shape).
+        """
+        steps = [("plain", self.grpc_plain_client)] + [
+            (name, lambda ds, daemon, n=name: self.grpc_floor(ds, n, daemon)) for name in GRPC_FLOORS]
+        shift = rep_index % len(steps)
+        for name, step in steps[shift:] + steps[:shift]:
             _stop_requested()
-            self.errors.append(f"plain gRPC client: {type(exc).__name__}: {exc}")
-            self.say(f"ERROR plain gRPC client: {exc}")
+            daemon = None
+            try:
+                self.caches_dropped = drop_caches() and self.caches_dropped
+                daemon = GrpcDaemon(ds.store, self.args.workdir / "logs" / f"{name}-daemon.log",
+                                    self.registry).start()
+                step(ds, daemon)
+            except Exception as exc:
+                _stop_requested()
+                self.errors.append(f"gRPC baseline {name}: {type(exc).__name__}: {exc}")
+                self.say(f"ERROR gRPC baseline {name}: {exc}")
+            finally:
+                if daemon is not None:
+                    daemon.stop()
+
+    def grpc_plain_client(self, ds: Dataset, daemon: GrpcDaemon) -> None:
+        sizes = [s for _, s in ds.big_files]
+        cold = stream_blobs(daemon.listen, ds.big_digests, sizes)
+        warm = stream_blobs(daemon.listen, ds.big_digests, sizes)
+        self.grpc_plain["cold"].append(cold)
+        self.grpc_plain["warm"].append(warm)
+        self.say(f"run {len(self.grpc_plain['cold'])}/{self.args.repeat} plain gRPC client  "
+                 f"cold {_show(cold)}   warm {_show(warm)}")
+
+    def grpc_floor(self, ds: Dataset, name: str, daemon: GrpcDaemon) -> None:
+        mountpoint = self.args.workdir / f"mnt-{name}"
+        cmd = grpc_floor_cmd(ds, name, daemon.listen, self.args.mount_workers, mountpoint)
+        mount = FuseMount(name, cmd, mountpoint, self.args.workdir / "logs" / f"{name}.log",
+                          self.registry).start()
+        try:
+            result = wl.seq_read([(mountpoint / BIG_PACKAGE / rel, size) for rel, size in ds.big_files])
         finally:
-            if daemon is not None:
-                daemon.stop()
+            mount.stop()
+        runs = self.grpc_floors.setdefault(name, [])
+        runs.append(result)
+        self.say(f"run {len(runs)}/{self.args.repeat} {name:<13} gRPC floor      cold {_show(result)}")
 
     def workers_sweeps(self, ds: Dataset, rep_index: int) -> None:
         a = self.args
@@ -329,7 +361,7 @@ class Bench:
             self.main_targets(targets, i)
             if "sweeps" in a.workload_names:
                 if "tvix-grpc" in a.target_names:
-                    self.grpc_baseline(ds, i)
+                    self.grpc_baselines(ds, i)
                 self.workers_sweeps(ds, i)
         _stop_requested()
         report = self.report(ds, targets)
@@ -351,7 +383,10 @@ class Bench:
         workers = {name: {w: {k: rep.median([r[k] for r in runs]) for k in keys} for w, runs in row.items()}
                    for name, row in self.workers_sweep.items()}
         latency_name = next((n for n in workers if n.startswith("tvix-grpc")), None)
-        grpc = {"plain": plain, "latency": workers.get(latency_name, {}) if latency_name else {}}
+        floors = {name: {k: rep.median([r[k] for r in runs]) for k in ("mb_s", "seconds")}
+                  for name, runs in self.grpc_floors.items()}
+        grpc = {"plain": plain, "floors": floors,
+                "latency": workers.get(latency_name, {}) if latency_name else {}}
         readers = {t: {n: {m: rep.median(v) for m, v in modes.items()} for n, modes in row.items()}
                    for t, row in self.readers_sweep.items()}
         report: dict[str, Any] = {

@@ -160,9 +160,8 @@ def _read_exact(fd: int, n: int) -> bytes:
     return out
 
 
-def _serve(requests: int, replies: int, shared: mmap.mmap) -> None:
-    """A worker process: verified reads for the FUSE threads until its request pipe ends."""
-    segments, files = Segments(), {}
+def serve_requests(requests: int, replies: int, shared: mmap.mmap, read) -> None:
+    """A worker process's loop: ``read(path, off, size)`` for the FUSE threads until its request pipe ends."""
     while True:
         head = _read_exact(requests, REQUEST.size)
         if len(head) < REQUEST.size:
@@ -170,19 +169,32 @@ def _serve(requests: int, replies: int, shared: mmap.mmap) -> None:
         off, size, length = REQUEST.unpack(head)
         path = _read_exact(requests, length)
         try:
-            if path not in files:
-                files[path] = os.open(path, os.O_RDONLY)
-            data = segments.read(files[path], path, off, size)
+            data = read(path, off, size)
             shared[:len(data)] = data
             os.write(replies, REPLY.pack(len(data)))
         except OSError as exc:
             os.write(replies, REPLY.pack(-(exc.errno or errno.EIO)))
 
 
-class Worker:
-    """One worker process, as the FUSE threads see it: its pipes, its shared buffer, its lock."""
+def _serve(requests: int, replies: int, shared: mmap.mmap) -> None:
+    """A worker process of the source tree: verified preads."""
+    segments, files = Segments(), {}
 
-    def __init__(self, inherited: list[int]) -> None:
+    def read(path: bytes, off: int, size: int) -> bytes:
+        if path not in files:
+            files[path] = os.open(path, os.O_RDONLY)
+        return segments.read(files[path], path, off, size)
+
+    serve_requests(requests, replies, shared, read)
+
+
+class Worker:
+    """One worker process, as the FUSE threads see it: its pipes, its shared buffer, its lock.
+
+    ``serve(requests, replies, shared)`` is the child's loop (``_serve``: preads of the source).
+    """
+
+    def __init__(self, inherited: list[int], serve=None) -> None:
         self.shared = mmap.mmap(-1, LARGEST_READ + SEGMENT)  # MAP_SHARED: the child's writes are seen
         child_requests, self.requests = os.pipe()
         self.replies, child_replies = os.pipe()
@@ -191,7 +203,7 @@ class Worker:
             for fd in (*inherited, self.requests, self.replies):  # other workers' pipes: theirs to end
                 os.close(fd)
             try:
-                _serve(child_requests, child_replies, self.shared)
+                (serve or _serve)(child_requests, child_replies, self.shared)
             finally:
                 os._exit(0)
         os.close(child_requests)
@@ -213,12 +225,12 @@ class Worker:
 class HopPassthrough(Passthrough):
     """The verifying passthrough with its reads in worker processes; see the module's docstring."""
 
-    def __init__(self, source: bytes, workers: int) -> None:
+    def __init__(self, source: bytes, workers: int, serve=None) -> None:
         super().__init__(source)
         self.workers: list[Worker] = []
         for _ in range(workers):
             inherited = [fd for w in self.workers for fd in (w.requests, w.replies)]
-            self.workers.append(Worker(inherited))
+            self.workers.append(Worker(inherited, serve))
         self.handles: dict[int, bytes] = {}  # fh -> path; the dispatcher opens nothing
         self.next_fh = 0
 
@@ -227,9 +239,13 @@ class HopPassthrough(Passthrough):
         self.handles[self.next_fh] = self.paths[inode]
         return self.next_fh
 
+    def _worker(self, path: bytes, off: int) -> Worker:
+        """By segment: each segment's digest and its kept copy live in one process."""
+        return self.workers[(hash(path) + off // SEGMENT) % len(self.workers)]
+
     def read(self, fh: int, off: int, size: int) -> bytes:
         path = self.handles[fh]
-        worker = self.workers[(hash(path) + off // SEGMENT) % len(self.workers)]
+        worker = self._worker(path, off)
         with llfuse.lock_released:
             return worker.read(path, off, size)
 
@@ -237,26 +253,37 @@ class HopPassthrough(Passthrough):
         self.handles.pop(fh, None)
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+def parse_floor_args(parser: argparse.ArgumentParser, reads: str) -> argparse.Namespace:
+    """--verify, --hop N, SOURCE and MOUNTPOINT, as every floor takes them (``reads``: what --hop moves)."""
     parser.add_argument("--verify", action="store_true",
                         help="serve only blake3-verified 256 KiB segments, as tvixmount must")
     parser.add_argument("--hop", type=int, default=0, metavar="N",
-                        help="with --verify: read and verify in N worker processes, not in the FUSE threads")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="llfuse worker threads (default 1; 4 with --hop)")
+                        help=f"with --verify: {reads} in N worker processes, not in the FUSE threads")
     parser.add_argument("source")
     parser.add_argument("mountpoint")
     args = parser.parse_args()
     if args.hop and not args.verify:
         parser.error("--hop is a way to --verify")
-    source = os.fsencode(os.path.abspath(args.source))
-    if args.hop:
-        ops: Passthrough = HopPassthrough(source, args.hop)  # forks before llfuse starts a thread
-    else:
-        ops = (VerifyingPassthrough if args.verify else Passthrough)(source)
-    llfuse.init(ops, args.mountpoint, ["fsname=passthrough", "subtype=passthrough", "ro", "nodev", "nosuid"])
+    args.source = os.fsencode(os.path.abspath(args.source))
+    return args
+
+
+def mount(ops: Passthrough, mountpoint: str, name: str, threads: int) -> None:
+    """Serve ``ops`` on ``mountpoint`` until it is unmounted."""
+    llfuse.init(ops, mountpoint, [f"fsname={name}", f"subtype={name}", "ro", "nodev", "nosuid"])
     try:
-        llfuse.main(workers=args.threads or (4 if args.hop else 1))
+        llfuse.main(workers=threads)
     finally:
         llfuse.close()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    parser.add_argument("--threads", type=int, default=0,
+                        help="llfuse worker threads (default 1; 4 with --hop)")
+    args = parse_floor_args(parser, "read and verify")
+    if args.hop:
+        ops: Passthrough = HopPassthrough(args.source, args.hop)  # forks before llfuse starts a thread
+    else:
+        ops = (VerifyingPassthrough if args.verify else Passthrough)(args.source)
+    mount(ops, args.mountpoint, "passthrough", args.threads or (4 if args.hop else 1))

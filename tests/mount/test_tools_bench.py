@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # the interpreter running the tests (tools/bench looks for a .venv next to the checkout: not in a worktree)
 BENCH = [sys.executable, str(ROOT / "tools" / "bench.py")]
 PASSTHROUGH = ROOT / "tools" / "passthrough.py"
+GRPC_PASSTHROUGH = ROOT / "tools" / "grpc_passthrough.py"
 TARGETS = ("native", "squashfuse", "passthrough", "passthrough-verify", "passthrough-hop", "tvix-embedded",
            "tvix-grpc")
 WORKLOADS = {"seq_read": "mb_s", "find": "seconds", "stat_walk": "seconds", "tar": "seconds",
@@ -83,6 +84,8 @@ def test_quick_run_measures_every_workload_on_every_target(workdir):
         entries = report["meta"]["dataset"]["entries"]
         assert report["summary"][target]["stat_walk"]["cold"]["entries"] == entries
     assert report["grpc"]["plain"]["cold"]["mb_s"] > 0
+    assert set(report["grpc"]["floors"]) == {"passthrough-grpc", "passthrough-grpc-hop"}
+    assert all(row["mb_s"] > 0 for row in report["grpc"]["floors"].values())
     assert {"1", "8"} <= set(report["grpc"]["latency"])
     assert {"1", "8"} <= set(report["sweeps"]["workers"]["tvix-embedded"])
     goals = report["goals"]
@@ -96,6 +99,7 @@ def test_quick_run_measures_every_workload_on_every_target(workdir):
     assert "| sequential read, fresh mount, backing in page cache (MB/s) | cached | n/a |" in table
     assert "| embedded / passthrough |" in table.split("vs reader threads")[1]  # the readers table too
     assert "gRPC +20 ms" in table
+    assert "gRPC floors (tools/grpc_passthrough.py" in table and "passthrough-grpc-hop " in table
     assert "run 1/1 tvix-grpc" in proc.stdout  # progress lines
     # interleaved: every target's seq_read before anyone's find
     lines = proc.stdout.splitlines()
@@ -144,14 +148,14 @@ def test_interrupted_run_leaves_no_mount(workdir):
 
 
 @contextlib.contextmanager
-def passthrough(src: Path, mnt: Path, *flags: str):
-    """tools/passthrough.py mounted on ``mnt``; unmounted after, and it must have exited 0."""
+def passthrough(src: Path, mnt: Path, *flags: str, script: Path = PASSTHROUGH):
+    """tools/passthrough.py (or ``script``) mounted on ``mnt``; unmounted after, and it must have exited 0."""
     if FUSE_MISSING:
         pytest.skip(FUSE_MISSING)
     mnt.mkdir()
     log = mnt.parent / f"{mnt.name}.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, str(PASSTHROUGH), *flags, str(src), str(mnt)], stderr=out)
+        proc = subprocess.Popen([sys.executable, str(script), *flags, str(src), str(mnt)], stderr=out)
     try:
         deadline = time.monotonic() + 20
         while not is_mounted(mnt):
@@ -236,6 +240,68 @@ def test_hop_passthrough_reads_nothing_in_the_fuse_process(tmp_path):
         time.sleep(0.05)
 
 
+GRPC_FLAGS = {"bare": (), "verify": ("--verify",), "hop": ("--verify", "--hop", "2")}
+
+
+@pytest.fixture
+def blob_server():
+    from tests.faults import ScriptedStore
+
+    fake = ScriptedStore()  # a real gRPC server in this process; Read streams 64 KiB messages
+    yield fake
+    fake.close()
+
+
+@pytest.mark.parametrize("mode", GRPC_FLAGS)
+def test_grpc_passthrough_reads_listed_files_from_the_daemon(tmp_path, blob_server, mode):
+    """tools/grpc_passthrough.py: the bytes of a file in MAP come from the daemon's stream, in any order."""
+    from tests.faults import READ
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    (src / "pkg").mkdir(parents=True)
+    data = os.urandom(12 * 256 * 1024 + 54321)  # more segments than are kept; not in 64 KiB messages
+    (src / "pkg" / "big").write_bytes(bytes(len(data)))  # zeros: the daemon's bytes are not the source's
+    (src / "pkg" / "small").write_bytes(b"hello\n")  # not in MAP: read from the source
+    blobs = tmp_path / "blobs.json"
+    blobs.write_text(json.dumps({"pkg/big": blob_server.add_blob(data).hex()}))
+    listen = "unix:" + blob_server.url.removeprefix("grpc+unix://")
+    flags = (*GRPC_FLAGS[mode], "--listen", listen, "--blobs", str(blobs))
+    with passthrough(src, mnt, *flags, script=GRPC_PASSTHROUGH):
+        assert (mnt / "pkg" / "big").read_bytes() == data
+        assert (mnt / "pkg" / "small").read_bytes() == b"hello\n"
+        assert os.stat(mnt / "pkg" / "big").st_size == len(data)
+        streams = sum(1 for method, _ in blob_server.calls if method == READ)
+        fd = os.open(mnt / "pkg" / "big", os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 128 * 1024)
+            for offset in (1 << 20, 0, 384 * 1024, len(data) - 1000):  # behind the kept segments: restarts
+                n = os.preadv(fd, [buf], offset)
+                assert buf[:n] == data[offset:offset + 128 * 1024], offset
+        finally:
+            os.close(fd)
+        assert sum(1 for method, _ in blob_server.calls if method == READ) > streams
+
+
+def test_grpc_passthrough_fails_a_read_the_daemon_breaks_off_with_eio(tmp_path, blob_server):
+    from tests.faults import READ
+
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    src.mkdir()
+    data = os.urandom(1 << 20)
+    (src / "big").write_bytes(bytes(len(data)))
+    blobs = tmp_path / "blobs.json"
+    blobs.write_text(json.dumps({"big": blob_server.add_blob(data).hex()}))
+    blob_server.faults[READ] = lambda digest: ("drop", 300_000)
+    listen = "unix:" + blob_server.url.removeprefix("grpc+unix://")
+    with passthrough(src, mnt, "--verify", "--hop", "2", "--listen", listen, "--blobs", str(blobs),
+                     script=GRPC_PASSTHROUGH), open(mnt / "big", "rb", buffering=0) as f:
+        assert f.read(128 * 1024) == data[:128 * 1024]  # the first segment arrived whole
+        with pytest.raises(OSError) as err:
+            f.read()
+        assert err.value.errno == errno.EIO
+    assert "UNAVAILABLE" in (mnt.parent / "mnt.log").read_text()  # the log says what failed
+
+
 def test_direct_reads_by_processes_report_every_read(tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     try:
@@ -254,14 +320,14 @@ def test_direct_reads_by_processes_report_every_read(tmp_path):
     assert children(os.getpid()) == []
 
 
-def _tiny_dataset(workdir: Path) -> None:
-    """tools/bench's data set at its smallest (20 files, 2 x 1 MiB big ones) in ``workdir``."""
+def _tiny_dataset(workdir: Path, big_size: int = 1 << 20) -> None:
+    """tools/bench's data set at its smallest (20 files, 2 big ones of 1 MiB unless asked) in ``workdir``."""
     sys.path.insert(0, str(ROOT / "tools"))
     try:
         from benchlib.dataset import DatasetSpec, prepare
     finally:
         sys.path.remove(str(ROOT / "tools"))
-    prepare(workdir, DatasetSpec(20, 2, 1 << 20, 1), lambda text: None)
+    prepare(workdir, DatasetSpec(20, 2, big_size, 1), lambda text: None)
 
 
 def test_readpath_tools_account_for_every_read(tmp_path):
@@ -329,6 +395,26 @@ def test_tar_cold_reports_the_mounts_counters_and_the_read_time_by_file_size(tmp
         spent = json.loads(traced.stdout.strip().split(": ", 1)[1])
         assert set(spent) == {"<=4K", "4K-64K", "64K-256K", "256K-1M", ">1M", "getdents64", "file_reads"}
         assert spent["file_reads"] >= 20  # every file of the data set read at least once
+    assert mounts_under(tmp_path) == []
+
+
+def test_grpc_seq_cpu_charges_every_side_of_each_read(tmp_path):
+    """tools/grpc_seq_cpu.py on a tiny data set: the plain client, both gRPC floors and tvixmount, each
+    with the CPU of the daemon and (for a mount) of its processes."""
+    if FUSE_MISSING:
+        pytest.skip(FUSE_MISSING)
+    _tiny_dataset(tmp_path, big_size=48 << 20)  # enough reading for every side to use a clock tick
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "grpc_seq_cpu.py"), "--workdir", str(tmp_path),
+                          "--rounds", "1", "--workers", "2"], capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    runs = {line.split(": ")[0].split()[-1]: json.loads(line.split(": ", 1)[1])
+            for line in run.stdout.splitlines() if line.startswith("round 1 ")}
+    assert set(runs) == {"plain", "passthrough-grpc", "passthrough-grpc-hop", "tvix-grpc"}
+    for subject, figures in runs.items():
+        assert figures["mb_s"] > 0 and figures["daemon"] > 0, (subject, figures)
+        assert (figures["mount"] > 0) == (subject != "plain"), (subject, figures)  # the mount's own CPU
+        assert (figures["workers"] > 0) == subject.endswith(("hop", "tvix-grpc")), (subject, figures)
+    assert "| tvix-grpc | " in run.stdout
     assert mounts_under(tmp_path) == []
 
 

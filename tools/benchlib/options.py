@@ -71,8 +71,8 @@ def build_parser(doc: str) -> argparse.ArgumentParser:
     p.add_argument("--targets", default=",".join(ALL_TARGETS),
                    help=f"comma-separated subset of targets (default all: {', '.join(ALL_TARGETS)})")
     p.add_argument("--workloads", default=",".join(ALL_WORKLOADS),
-                   help="comma-separated subset of workloads, 'sweeps' being the --workers sweeps and the "
-                        "plain gRPC client (default all; for profiling one of them)")
+                   help="comma-separated subset of workloads, 'sweeps' being the --workers sweeps, the "
+                        "plain gRPC client and the gRPC passthroughs (default all; to profile one of them)")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="record py-spy profiles (collapsed stacks) of tvixmount and its workers for "
                         "every cold tvix workload into DIR")

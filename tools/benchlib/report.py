@@ -231,6 +231,14 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "gRPC baseline (plain client streaming the big blobs from the same daemon, MB/s): "
                   f"cold {_num(plain.get('cold', {}).get('mb_s', float('nan')), 'MB/s')}, "
                   f"warm {_num(plain.get('warm', {}).get('mb_s', float('nan')), 'MB/s')}."]
+    floors = grpc.get("floors", {})
+    if floors:
+        mount = value(summary, "tvix-grpc", "seq_read", "cold", "mb_s")
+        shown = ", ".join(f"{name} {_num(row['mb_s'], 'MB/s')} "
+                          f"(tvix-grpc / it: {_ratio(ratio(mount, row['mb_s']))})"
+                          for name, row in floors.items())
+        lines += ["", "gRPC floors (tools/grpc_passthrough.py on a fresh daemon: the plain client behind "
+                  "llfuse, and verifying in worker processes; cold sequential read, MB/s): " + shown + "."]
     sweeps = report["sweeps"]
     if sweeps.get("readers"):
         counts = sorted({int(n) for t in sweeps["readers"].values() for n in t})

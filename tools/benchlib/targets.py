@@ -12,6 +12,7 @@ measures the filesystem and not the disk.
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +20,9 @@ from .dataset import BIG_PACKAGE, Dataset
 from .procs import FuseMount, GrpcDaemon, Registry, drop_caches, tvixmount_cmd
 
 PASSTHROUGH = Path(__file__).resolve().parent.parent / "passthrough.py"
+GRPC_PASSTHROUGH = PASSTHROUGH.with_name("grpc_passthrough.py")
+# the floors of the gRPC sequential read: tools/grpc_passthrough.py's flags by name ("N": --mount-workers)
+GRPC_FLOORS = {"passthrough-grpc": [], "passthrough-grpc-hop": ["--verify", "--hop", "N"]}
 
 
 class Target:
@@ -246,3 +250,13 @@ class Tvixmount(Target):
 
     def mount_pid(self) -> int | None:
         return self.mount.pid if self.mount else None
+
+
+def grpc_floor_cmd(ds: Dataset, name: str, listen: str, workers: int, mountpoint: Path) -> list[str]:
+    """tools/grpc_passthrough.py as GRPC_FLOORS[name]: the big files read from the daemon on ``listen``."""
+    blobs = mountpoint.parent / "grpc-blobs.json"
+    blobs.write_text(json.dumps({f"{BIG_PACKAGE}/{rel}": digest.hex()
+                                 for (rel, _), digest in zip(ds.big_files, ds.big_digests, strict=True)}))
+    flags = [str(workers) if flag == "N" else flag for flag in GRPC_FLOORS[name]]
+    return [sys.executable, str(GRPC_PASSTHROUGH), *flags, "--listen", listen, "--blobs", str(blobs),
+            str(ds.tree), str(mountpoint)]
