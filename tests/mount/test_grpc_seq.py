@@ -34,7 +34,8 @@ CHUNK = 100_000
 BLOCK = 128 << 10  # one FUSE read
 SIZE = 6 * 1024 * 1024 + 12_345  # above the reader's WHOLE_RUN: streamed as a run, not copied whole
 TREE = store_path("grpc-seq-tree")
-NAMES = ("seq", "bad", "broken")
+NAMES = ("seq", "bad", "broken", "grid")
+GRID = 256 * 1024  # "grid" is listed in chunks of one arena region each, as tvixmount's daemon lists them
 
 
 def _data(name: str) -> bytes:
@@ -46,7 +47,7 @@ def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, 
     fake = ScriptedStore()
     files = []
     for name in NAMES:
-        fake.add_blob(_data(name), chunk=CHUNK)
+        fake.add_blob(_data(name), chunk=GRID if name == "grid" else CHUNK)
         files.append(FileNode(name.encode(), b3(_data(name)), SIZE))
     top = Directory(files=tuple(sorted(files, key=lambda f: f.name)))
     fake.add_directory(top)
@@ -148,3 +149,27 @@ def test_a_stream_breaking_off_is_finished_by_chunk_reads(scripted: tuple[Mount,
         fake.faults.clear()
     assert _chunk_reads(fake, data) > 0  # what the stream did not bring came chunk by chunk
     assert cursor.lines("ERROR") == []
+
+
+def test_random_reads_of_chunks_on_the_region_grid_are_served_again_from_the_arena(
+        scripted: tuple[Mount, ScriptedStore]) -> None:
+    """O_DIRECT reads out of order, chunk by chunk: each chunk is fetched once, its region kept verified,
+    and the reads after the first of a region come from the arena without a worker."""
+    m, fake = scripted
+    data = _data("grid")
+    regions = (17, 3, 11, 20)
+    chunks = {b3(data[r * GRID: (r + 1) * GRID]) for r in regions}
+    before = stats(m.mountpoint)["segment_cache"]
+    fd = os.open(_file(m, "grid"), os.O_RDONLY | os.O_DIRECT)  # every read reaches the mount
+    try:
+        with mmap.mmap(-1, BLOCK) as buf:
+            for _ in range(3):
+                for r in regions:
+                    for offset in (r * GRID + BLOCK, r * GRID):  # both halves, the second half first
+                        assert os.preadv(fd, [buf], offset) == BLOCK
+                        assert buf[:] == data[offset: offset + BLOCK]
+    finally:
+        os.close(fd)
+    after = stats(m.mountpoint)["segment_cache"]
+    assert sum(1 for method, d in fake.calls if method == READ and d in chunks) == len(regions)
+    assert after["hits"] - before["hits"] >= 5 * len(regions)  # of 6 reads per region, 5 from the arena

@@ -60,9 +60,9 @@ class Blobs:
         self.sent: dict[bytes, int] = {}  # bytes sent per digest
         self.stall_after: int | None = None  # stop sending (but keep the call open) after this many bytes
 
-    def add_chunked(self, data: bytes, serve_chunks: bool = True) -> bytes:
+    def add_chunked(self, data: bytes, serve_chunks: bool = True, chunk: int = CHUNK) -> bytes:
         digest = b3(data)
-        parts = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+        parts = [data[i : i + chunk] for i in range(0, len(data), chunk)]
         self.listing[digest] = [(b3(p), len(p)) for p in parts]
         self.contents[digest] = data
         if serve_chunks:
@@ -305,6 +305,33 @@ def test_a_blob_held_whole_offers_its_regions_to_the_arena_and_a_chunk_reader_do
             assert reader.pread(2 * REGION, 10) == data[2 * REGION: 2 * REGION + 10]  # out of order: a chunk
             assert not reader.holds_whole and reader.segment_size is None
             assert not keep_regions(writer, reader, bytes(32), 2 * REGION, 10)  # not widened to a region
+        service.close()
+    arena.close()
+
+
+def test_a_chunk_reader_on_the_region_grid_offers_its_regions(blobs: Blobs,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of one region each (as tvixmount's daemon lists an embedded store's blobs): a random
+    read's chunk is its region, so it goes to the arena, and a bad chunk keeps only its region out."""
+    data = pattern(6 * REGION + 777, seed=13)
+    digest = blobs.add_chunked(data, chunk=REGION)
+    monkeypatch.setattr(grpc_reader, "WHOLE_RUN", 0)
+    arena = SegmentArena(16 * REGION, workers=1)
+    writer = arena.writer(0)
+    with blobs.server() as server:
+        service = grpc_client.open_blob_service(server.url, FAST)
+        with service.open_read(digest) as reader:
+            assert (reader.segment_size, reader.segments_per_fill) == (REGION, 1)
+            assert keep_regions(writer, reader, digest, 4 * REGION + 5, 10)  # out of order: its region
+            assert arena.reader().read(digest, 4 * REGION, REGION) == data[4 * REGION:5 * REGION]
+            assert blobs.reads == [blobs.listing[digest][4][0]]  # one chunk fetched: the region's own
+            assert not arena.reader().read(digest, 3 * REGION, REGION)  # nothing widened past it
+            blobs.contents[blobs.listing[digest][2][0]] = b"?" * REGION  # chunk 2 turns bad
+            assert not keep_regions(writer, reader, digest, 2 * REGION, 10)  # its region is not kept...
+            with pytest.raises(IntegrityError):
+                reader.pread(2 * REGION, 10)  # ...and its read fails
+            assert keep_regions(writer, reader, digest, REGION, 10)  # the region beside it is served
+            assert arena.reader().read(digest, REGION, REGION) == data[REGION:2 * REGION]
         service.close()
     arena.close()
 

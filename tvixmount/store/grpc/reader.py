@@ -13,7 +13,12 @@ While a run streams, the reader offers whole 256 KiB regions
 puts them, verified chunk by chunk, into the shared segment arena ahead of
 the reads (workers/segfill.py), so the dispatcher serves most of a
 sequential reader's requests without a worker. A reader fetching chunk by
-chunk offers none: a region would widen a small read into more fetches.
+chunk offers regions only when every chunk starts on the regions' grid
+(tvixmount's own daemon lists an embedded store's 256 KiB segments): a
+region then lies inside one chunk, and the fetch a read makes brings its
+whole region anyway, so a random re-read of it is served from the arena.
+Chunks off the grid (content-defined ones) offer none: a region would
+widen a small read into more fetches.
 """
 
 from __future__ import annotations
@@ -62,6 +67,9 @@ class ChunkedBlobReader(BlobReader):
             self._starts.append(total)
             total += chunk.size
         self.size = total
+        # every region inside one chunk: chunk reads offer regions too (the module's docstring)
+        self._chunk_regions = RUN_SEGMENT if all(start % RUN_SEGMENT == 0 for start in self._starts) else None
+        self.segment_size = self._chunk_regions
         self._cache: OrderedDict[int, bytes | memoryview] = OrderedDict()
         self._ahead: dict[int, Future[bytes]] = {}  # chunks being fetched ahead of the reads
         self._last = -1  # the chunk fetched last; the next one in order means "sequential"
@@ -227,7 +235,7 @@ class ChunkedBlobReader(BlobReader):
 
     def _drop_run(self) -> None:
         run, self._run = self._run, None
-        self.segment_size, self.segments_per_fill = None, 1
+        self.segment_size, self.segments_per_fill = self._chunk_regions, 1
         if run is not None:
             run.close()
             self._service.run_ended(self)
