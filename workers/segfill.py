@@ -11,9 +11,11 @@ byte in a slot was checked against the blob's digest before the slot is
 marked valid, and a segment that fails leaves the slot empty.
 
 Only readers with such segments take part: a remote reader fetching
-chunk by chunk would turn a 4 KiB read into a 256 KiB fetch. A gRPC reader
-takes part while it streams the blob (a run, store/grpc/reader.py): the
-regions are arriving anyway, each chunk verified before it is copied. Such
+chunk by chunk would turn a 4 KiB read into a 256 KiB fetch, unless its
+chunks lie on the regions' grid (a region is then the chunk the read
+fetches anyway; store/grpc/reader.py). A gRPC reader also takes part while
+it streams the blob (a run): the regions are arriving anyway, each chunk
+verified before it is copied. Such
 a reader says a read in order is worth several regions at once
 (``segments_per_fill``): a reader that has caught up with the stream then
 waits for one worker answer per MiB instead of one per region, and finds
@@ -190,7 +192,9 @@ class FillAhead:
         try:
             reader = readers(digest, state[2])
             if reader.segment_size != REGION:
-                return  # a remote reader that stopped streaming: a fill would be a chunk fetch of its own
+                # a remote reader off the region grid that stopped streaming: a fill would widen into
+                # fetches of its own (on the grid it is the chunk fetch the reader is about to make)
+                return
             self.writer.put(digest, index, partial(_fill, reader, index * REGION), ahead=True)
             self.filled += 1
         except TvixError as exc:
