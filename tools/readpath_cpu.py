@@ -32,21 +32,15 @@ import sys
 import time
 from pathlib import Path
 
+from benchlib.cpuuse import descendants  # tools/ is this script's sys.path[0]
+
 BLOCK = 128 << 10
-
-
-def _tree(pid: int) -> list[int]:
-    out = [pid]
-    for path in glob.glob(f"/proc/{pid}/task/*/children"):
-        for child in Path(path).read_text().split():
-            out += _tree(int(child))
-    return out
 
 
 def _cpu(root: int) -> dict[str, int]:
     """CPU ns of the mount's processes: the dispatcher's threads and the workers' together."""
     out = {"dispatcher": 0, "workers": 0}
-    for pid in _tree(root):
+    for pid in [root, *descendants(root)]:
         for task in glob.glob(f"/proc/{pid}/task/*"):
             try:
                 ns = int(Path(task, "schedstat").read_text().split()[0])

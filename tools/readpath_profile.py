@@ -40,6 +40,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 
 from benchlib import perf_summary  # noqa: E402
 from benchlib import workloads as wl  # noqa: E402
+from benchlib.cpuuse import descendants  # noqa: E402
 from benchlib.dataset import DatasetSpec, prepare  # noqa: E402
 from benchlib.procs import Registry  # noqa: E402
 from benchlib.targets import (  # noqa: E402
@@ -56,21 +57,7 @@ FUSE_READ = 128 * 1024  # llfuse (libfuse 2): at most 128 KiB per FUSE read requ
 
 def tree_pids(root: int) -> list[int]:
     """``root`` and every process below it, parents first."""
-    by_parent: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            by_parent.setdefault(ppid, []).append(int(entry))
-    out, todo = [root], [root]
-    while todo:
-        for child in sorted(by_parent.get(todo.pop(0), [])):
-            out.append(child)
-            todo.append(child)
-    return out
+    return [root, *descendants(root)]
 
 
 def thread_counters(pid: int) -> dict[int, tuple[int, int, int, int]]:

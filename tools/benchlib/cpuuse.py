@@ -13,7 +13,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (workers, their helpers)."""
+    """Every live process below ``pid`` (workers, their helpers), each after its parent, siblings by pid."""
     found: list[int] = []
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
@@ -25,6 +25,7 @@ def descendants(pid: int) -> list[int]:
                 found += [int(child) for child in f.read().split()]
         except OSError:
             pass
+    found.sort()
     return found + [grand for child in found for grand in descendants(child)]
 
 
