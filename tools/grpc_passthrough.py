@@ -19,7 +19,7 @@ offset). Other files are read from SOURCE.
 (the first hash records the digest: tvixmount compares against the
 store's, which costs the same). ``--verify --hop N`` moves the streams
 and the hashing into N worker processes, a file's stream in one of them,
-and the FUSE threads (4) only copy out of shared memory: tvixmount's
+and the FUSE threads (``--threads``, default 4) only copy out of shared memory: tvixmount's
 shape, the floor its round trip is measured against.
 """
 
@@ -194,7 +194,7 @@ def main() -> None:
         ops: Passthrough = GrpcHopPassthrough(args.source, args.listen, digests, args.hop)  # forks first
     else:
         ops = GrpcPassthrough(args.source, args.listen, digests, args.verify)
-    mount(ops, args.mountpoint, "grpc-passthrough", 4 if args.hop else 1)
+    mount(ops, args.mountpoint, "grpc-passthrough", args.threads or (4 if args.hop else 1))
 
 
 if __name__ == "__main__":

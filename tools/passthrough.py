@@ -17,7 +17,7 @@ segment once and a random reader about once per read: the floor of a
 verifying Python filesystem with no cache beyond that.
 
 ``--verify --hop N`` moves that work where tvixmount's shape puts it: the
-FUSE threads (``--threads``, default 4 as tvixmount's on 2 CPUs) open no
+FUSE threads (``--threads``, default 4, tvixmount's on 2 CPUs) open no
 file and read nothing; each read goes over a pipe to one of N worker
 processes, chosen by segment (so each segment's digest and the kept
 segment live in one process), which preads and verifies and puts the
@@ -259,6 +259,8 @@ def parse_floor_args(parser: argparse.ArgumentParser, reads: str) -> argparse.Na
                         help="serve only blake3-verified 256 KiB segments, as tvixmount must")
     parser.add_argument("--hop", type=int, default=0, metavar="N",
                         help=f"with --verify: {reads} in N worker processes, not in the FUSE threads")
+    parser.add_argument("--threads", type=int, default=0, metavar="N",
+                        help="llfuse threads (default 1; with --hop 4, tvixmount's on 2 CPUs)")
     parser.add_argument("source")
     parser.add_argument("mountpoint")
     args = parser.parse_args()
@@ -279,8 +281,6 @@ def mount(ops: Passthrough, mountpoint: str, name: str, threads: int) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    parser.add_argument("--threads", type=int, default=0,
-                        help="llfuse worker threads (default 1; 4 with --hop)")
     args = parse_floor_args(parser, "read and verify")
     if args.hop:
         ops: Passthrough = HopPassthrough(args.source, args.hop)  # forks before llfuse starts a thread

@@ -218,7 +218,9 @@ def test_verifying_passthrough_serves_only_bytes_that_match_their_segment(tmp_pa
 
 
 def test_hop_passthrough_reads_nothing_in_the_fuse_process(tmp_path):
-    """--hop: the mount's own process holds no file of the tree; its workers do, and end with it."""
+    """--hop: the mount's own process holds no file of the tree; its workers do, and end with it.
+
+    And it runs the FUSE threads it is given (the bench gives it tvixmount's count)."""
     src, mnt = tmp_path / "src", tmp_path / "mnt"
     src.mkdir()
     data = os.urandom(3 << 20)
@@ -226,12 +228,13 @@ def test_hop_passthrough_reads_nothing_in_the_fuse_process(tmp_path):
     def open_files(pid: int) -> set[str]:
         return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
 
-    with passthrough(src, mnt, "--verify", "--hop", "3"), open(mnt / "big", "rb") as f:
+    with passthrough(src, mnt, "--verify", "--hop", "3", "--threads", "7"), open(mnt / "big", "rb") as f:
         assert f.read() == data
         mount_pid = int(subprocess.run(["pgrep", "-f", f"passthrough.py .*{mnt}$", "-o"],
                                        capture_output=True, text=True).stdout)
         workers = children(mount_pid)
         assert len(workers) == 3
+        assert len(os.listdir(f"/proc/{mount_pid}/task")) >= 7  # the default, 4, would be 6 with llfuse's own
         assert str(src / "big") not in open_files(mount_pid)
         assert any(str(src / "big") in open_files(pid) for pid in workers)
     deadline = time.monotonic() + 10
@@ -240,7 +243,36 @@ def test_hop_passthrough_reads_nothing_in_the_fuse_process(tmp_path):
         time.sleep(0.05)
 
 
-GRPC_FLAGS = {"bare": (), "verify": ("--verify",), "hop": ("--verify", "--hop", "2")}
+def test_hop_floors_run_as_many_fuse_threads_as_tvixmount(tmp_path, monkeypatch):
+    """The floors of tvixmount's shape pay the same hand-offs between llfuse threads as the mount."""
+    from types import SimpleNamespace
+
+    from tvixmount import cli
+    from tvixmount.store import StoreUrls
+
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from benchlib.targets import HopPassthrough, grpc_floor_cmd
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    ds = SimpleNamespace(tree=tmp_path / "tree", big_files=[("f", 1)], big_digests=[bytes(32)],
+                         compression="lz4")
+
+    def threads(cmd: list[str]) -> int:
+        return int(cmd[cmd.index("--threads") + 1])
+
+    monkeypatch.delenv("THREADS", raising=False)
+    hop = HopPassthrough(ds, tmp_path, None, 8)
+    assert threads(hop.command()) == cli.default_threads(8, StoreUrls.embedded(tmp_path / "store"))
+    grpc_hop = grpc_floor_cmd(ds, "passthrough-grpc-hop", "[::1]:1", 8, tmp_path / "mnt")
+    assert threads(grpc_hop) == cli.default_threads(8, StoreUrls.single("grpc+http://[::1]:1"))
+    assert "--threads" not in grpc_floor_cmd(ds, "passthrough-grpc", "[::1]:1", 8, tmp_path / "mnt")
+    monkeypatch.setenv("THREADS", "3")  # tvixmount's --threads, which the bench's mounts inherit
+    assert threads(HopPassthrough(ds, tmp_path, None, 8).command()) == 3
+    assert threads(grpc_floor_cmd(ds, "passthrough-grpc-hop", "[::1]:1", 8, tmp_path / "mnt")) == 3
+
+
+GRPC_FLAGS = {"bare": (), "verify": ("--verify",), "hop": ("--verify", "--hop", "2", "--threads", "3")}
 
 
 @pytest.fixture

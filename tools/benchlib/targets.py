@@ -13,6 +13,7 @@ measures the filesystem and not the disk.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,8 +22,25 @@ from .procs import FuseMount, GrpcDaemon, Registry, drop_caches, tvixmount_cmd
 
 PASSTHROUGH = Path(__file__).resolve().parent.parent / "passthrough.py"
 GRPC_PASSTHROUGH = PASSTHROUGH.with_name("grpc_passthrough.py")
-# the floors of the gRPC sequential read: tools/grpc_passthrough.py's flags by name ("N": --mount-workers)
-GRPC_FLOORS = {"passthrough-grpc": [], "passthrough-grpc-hop": ["--verify", "--hop", "N"]}
+# the floors of the gRPC sequential read: tools/grpc_passthrough.py's flags by name ("N": --mount-workers,
+# "T": the FUSE threads of tvixmount over gRPC at N workers)
+GRPC_FLOORS = {"passthrough-grpc": [], "passthrough-grpc-hop": ["--verify", "--hop", "N", "--threads", "T"]}
+
+
+def tvixmount_threads(workers: int, remote: bool) -> int:
+    """The FUSE threads tvixmount runs at ``workers``: ``THREADS`` (its --threads) if set, else its default.
+
+    The hop floors run as many. Hand-offs between llfuse's threads cost a
+    read served from memory 10-30 % (docs/performance.md, "Warm O_DIRECT
+    and the FUSE threads"): a cost of the thread count, which the floor
+    and tvixmount should pay alike, so that what differs is the read path.
+    """
+    if os.environ.get("THREADS"):
+        return int(os.environ["THREADS"])
+    from tvixmount.cli import default_threads
+    from tvixmount.store import StoreUrls
+
+    return default_threads(workers, StoreUrls.single("grpc+http://[::1]:8000" if remote else "memory://"))
 
 
 class Target:
@@ -173,13 +191,15 @@ class HopPassthrough(Passthrough):
         super().__init__(ds, workdir, registry)
         self.workers = workers
         self.mountpoint = workdir / "mnt-passthrough-hop"
+        self.threads = tvixmount_threads(workers, remote=False)
         self.description = (f"tools/passthrough.py --verify --hop {workers} (blake3 per segment in "
-                            f"{workers} worker processes, 4 FUSE threads) on the source tree")
+                            f"{workers} worker processes, {self.threads} FUSE threads as tvixmount's) "
+                            "on the source tree")
         self.log = workdir / "logs" / "passthrough-hop.log"
 
     def command(self) -> list[str]:
-        return [sys.executable, str(PASSTHROUGH), "--verify", "--hop", str(self.workers), str(self.ds.tree),
-                str(self.mountpoint)]
+        return [sys.executable, str(PASSTHROUGH), "--verify", "--hop", str(self.workers), "--threads",
+                str(self.threads), str(self.ds.tree), str(self.mountpoint)]
 
 
 class Tvixmount(Target):
@@ -257,6 +277,7 @@ def grpc_floor_cmd(ds: Dataset, name: str, listen: str, workers: int, mountpoint
     blobs = mountpoint.parent / "grpc-blobs.json"
     blobs.write_text(json.dumps({f"{BIG_PACKAGE}/{rel}": digest.hex()
                                  for (rel, _), digest in zip(ds.big_files, ds.big_digests, strict=True)}))
-    flags = [str(workers) if flag == "N" else flag for flag in GRPC_FLOORS[name]]
+    values = {"N": str(workers), "T": str(tvixmount_threads(workers, remote=True))}
+    flags = [values.get(flag, flag) for flag in GRPC_FLOORS[name]]
     return [sys.executable, str(GRPC_PASSTHROUGH), *flags, "--listen", listen, "--blobs", str(blobs),
             str(ds.tree), str(mountpoint)]
