@@ -4,7 +4,8 @@
 # 07:21-07:34 UTC. The runs were made with a one-line change giving the hop passthrough the
 # count; b0b1103 landed it (tools/bench gives the hop floors tvixmount's THREADS), so on that
 # tree this script is the same measurement. tN-rR.json: round R with THREADS=N for tvixmount
-# only (the hop at its 4), 07:05-07:20 UTC, rounds 4 2 3 then 3 4 2.
+# only (the hop at its 4), 07:05-07:20 UTC, rounds 4 2 3 then 3 4 2. cN-I.json: the loop below
+# with 3 4 4 3 3 4, --targets squashfuse,tvix-embedded, 07:57-08:05 UTC.
 cd "$(dirname "$0")/../.." || exit 1
 i=0
 for T in 2 4 4 2 2 4; do
