@@ -194,7 +194,7 @@ def main() -> None:
         ops: Passthrough = GrpcHopPassthrough(args.source, args.listen, digests, args.hop)  # forks first
     else:
         ops = GrpcPassthrough(args.source, args.listen, digests, args.verify)
-    mount(ops, args.mountpoint, "grpc-passthrough", args.threads or (4 if args.hop else 1))
+    mount(ops, args.mountpoint, "grpc-passthrough", args.threads)
 
 
 if __name__ == "__main__":

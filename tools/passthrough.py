@@ -254,7 +254,10 @@ class HopPassthrough(Passthrough):
 
 
 def parse_floor_args(parser: argparse.ArgumentParser, reads: str) -> argparse.Namespace:
-    """--verify, --hop N, SOURCE and MOUNTPOINT, as every floor takes them (``reads``: what --hop moves)."""
+    """--verify, --hop N, --threads N (default resolved), SOURCE and MOUNTPOINT, as every floor takes them.
+
+    ``reads``: what --hop moves, for its help.
+    """
     parser.add_argument("--verify", action="store_true",
                         help="serve only blake3-verified 256 KiB segments, as tvixmount must")
     parser.add_argument("--hop", type=int, default=0, metavar="N",
@@ -266,6 +269,7 @@ def parse_floor_args(parser: argparse.ArgumentParser, reads: str) -> argparse.Na
     args = parser.parse_args()
     if args.hop and not args.verify:
         parser.error("--hop is a way to --verify")
+    args.threads = args.threads or (4 if args.hop else 1)
     args.source = os.fsencode(os.path.abspath(args.source))
     return args
 
@@ -286,4 +290,4 @@ if __name__ == "__main__":
         ops: Passthrough = HopPassthrough(args.source, args.hop)  # forks before llfuse starts a thread
     else:
         ops = (VerifyingPassthrough if args.verify else Passthrough)(args.source)
-    mount(ops, args.mountpoint, "passthrough", args.threads or (4 if args.hop else 1))
+    mount(ops, args.mountpoint, "passthrough", args.threads)
