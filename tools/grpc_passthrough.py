@@ -34,11 +34,18 @@ from collections import OrderedDict
 from pathlib import Path
 
 import llfuse
-from blake3 import blake3
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent)]  # tvixmount.proto, for the messages
 
-from passthrough import SEGMENT, HopPassthrough, Passthrough, mount, parse_floor_args, serve_requests  # noqa: E402
+from passthrough import (  # noqa: E402
+    SEGMENT,
+    HopPassthrough,
+    Passthrough,
+    check_segment,
+    mount,
+    parse_floor_args,
+    serve_requests,
+)
 
 KEPT_SEGMENTS = 8  # per stream: the kernel's readahead can hand in-order reads to threads out of order
 GRPC_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
@@ -75,9 +82,7 @@ class BlobStream:
         while self.next <= index:
             data = self._take()
             if self.verify:
-                digest = blake3(data).digest()
-                if digest != self.digests.setdefault(self.next, digest):
-                    raise OSError(errno.EIO, "segment does not match its digest")
+                check_segment(self.digests, self.next, data)
             self.kept[self.next] = data
             if len(self.kept) > KEPT_SEGMENTS:
                 self.kept.popitem(last=False)

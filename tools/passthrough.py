@@ -95,6 +95,13 @@ class Passthrough(llfuse.Operations):
         os.close(fh)
 
 
+def check_segment(digests: dict, key: object, data: bytes) -> None:
+    """EIO unless ``data`` hashes as segment ``key`` did when first seen (the first hash is its digest)."""
+    digest = blake3(data).digest()
+    if digest != digests.setdefault(key, digest):
+        raise OSError(errno.EIO, "segment does not match its digest")
+
+
 class Segments:
     """Verified segments of files read by ``pread``: the first hash of a segment is its digest."""
 
@@ -113,9 +120,7 @@ class Segments:
         if kept is not None and kept[0] == index:
             return kept[1]
         data = os.pread(fd, SEGMENT, index * SEGMENT)
-        digest = blake3(data).digest()
-        if digest != self.digests.setdefault((file, index), digest):
-            raise OSError(errno.EIO, "segment does not match its digest")
+        check_segment(self.digests, (file, index), data)
         self.kept[fd] = (index, data)
         return data
 
