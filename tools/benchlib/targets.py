@@ -35,10 +35,12 @@ def tvixmount_threads(workers: int, remote: bool) -> int:
     and the FUSE threads"): a cost of the thread count, which the floor
     and tvixmount should pay alike, so that what differs is the read path.
     """
-    if os.environ.get("THREADS"):
-        return int(os.environ["THREADS"])
     from tvixmount.cli import default_threads
+    from tvixmount.flags import positive
     from tvixmount.store import StoreUrls
+
+    if os.environ.get("THREADS"):
+        return positive(os.environ["THREADS"])  # the mount's own rule for --threads
 
     return default_threads(workers, StoreUrls.single("grpc+http://[::1]:8000" if remote else "memory://"))
 
