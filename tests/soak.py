@@ -5,9 +5,11 @@ One run, as the reliability issue asked for it::
     data     tools/gen_tree.py (300 files and 2 of 8 MiB), `tvixstore import`ed into a
              local:// store in RAM
     daemon   `tvixstore daemon --read-only` serving that store on a unix socket
-    mount    tvixmount over grpc+unix, --workers 3, --list-root, --request-timeout 10
+    mount    tvixmount over grpc+unix, --workers 3, --list-root, --request-timeout 10,
+             --segment-cache 8M (a third of the data, so reads keep reaching the workers)
     load     tools/loadtest --verify --json, three processes at once (seq, random, tree)
-    chaos    a seeded thread: SIGKILL a random worker every 2-5 s; every ~15 s stop the
+    chaos    a seeded thread: SIGKILL a worker every 2-5 s (one with calls in flight
+             when the mount's stats show one within a second, else any); every ~15 s stop the
              daemon (SIGTERM or SIGKILL, drawn) and start it again on the same socket
              after a 0.2-1 s gap; nothing in the last few seconds
     sampler  every second: the dispatcher's VmRSS and open fds, every process below it,
@@ -58,6 +60,8 @@ RECONNECT_SLACK = 3.0
 # Seconds between samples of the dispatcher, each with a drop of the kernel's
 # page, dentry and inode caches.
 SAMPLE_EVERY = 1.0
+# How long a worker kill waits for a worker with calls in flight before it takes any.
+AIM_WAIT = 1.0
 # What a failure caused by the daemon being away says (store/grpc/status.py translate).
 DAEMON_AWAY = re.compile(r"answered (UNAVAILABLE|CANCELLED)")
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (ERROR|CRITICAL) (.*)$", re.M)
@@ -186,6 +190,7 @@ def figures(result: SoakResult) -> dict[str, Any]:
         "error_count": result.total("error_count"),
         "faults": {
             "worker_kills": len(kills),
+            "worker_kills_busy": sum(1 for f in kills if "in flight" in f.detail),
             "daemon_restarts": len(restarts),
             "daemon_sigterm": sum(1 for f in restarts if f.detail.startswith("SIGTERM")),
             "daemon_sigkill": sum(1 for f in restarts if f.detail.startswith("SIGKILL")),
@@ -221,7 +226,8 @@ def summary_text(result: SoakResult) -> str:
         f"{f['request_timeout_s']:g} s, hang deadline {f['read_timeout_s']:g} s",
         f"  load       {f['reads']} reads, {f['bytes'] / 1e6:.1f} MB, {f['files_read']} files "
         f"({f['files_verified']} verified whole), {f['stats']} lstats",
-        f"  faults     {faults['worker_kills']} worker SIGKILLs, {faults['daemon_restarts']} daemon restarts "
+        f"  faults     {faults['worker_kills']} worker SIGKILLs ({faults['worker_kills_busy']} with calls in "
+        f"flight), {faults['daemon_restarts']} daemon restarts "
         f"({faults['daemon_sigterm']} SIGTERM, {faults['daemon_sigkill']} SIGKILL; outages "
         f"{faults['daemon_outage_s']} s)",
         f"  checks     wrong files {f['wrong_files']}, wrong bytes {f['wrong_bytes']}, hangs {f['hangs']}, "
@@ -362,14 +368,36 @@ class Chaos(threading.Thread):
                 next_kill = time.monotonic() + rng.uniform(*cfg.kill_every)
 
     def kill_worker(self) -> None:
+        """SIGKILL a worker: one with calls in flight if one shows within AIM_WAIT, else any.
+
+        Once the mount's caches hold most of the data set a worker is idle most of
+        the time, and a kill at a random instant meets no request (the CI soak once
+        saw 14 such kills and nothing to re-send). Aiming at a busy worker is what
+        makes the re-send path run under load.
+        """
         found = worker_pids(self.mount)
         if not found:
             return  # all being replaced; the next turn will find one
-        worker_id = self.rng.choice(sorted(found))
+        busy = self._busy(found)
+        worker_id = self.rng.choice(sorted(busy or found))
         pid = found[worker_id]
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-            self.result.faults.append(Fault("worker_kill", time.time(), f"worker {worker_id} pid {pid}"))
+            aim = f", {busy[worker_id]} calls in flight" if busy else ", idle"
+            self.result.faults.append(Fault("worker_kill", time.time(), f"worker {worker_id} pid {pid}{aim}"))
+
+    def _busy(self, found: dict[int, int]) -> dict[int, int]:
+        """Worker id -> calls in flight, for the workers of ``found`` the mount shows busy."""
+        deadline = time.monotonic() + AIM_WAIT
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                workers = mount_stats(self.mount.mountpoint)["fetcher"]["workers"]
+                busy = {int(i): w["inflight"] for i, w in workers.items()
+                        if w["inflight"] > 0 and found.get(int(i)) == w["pid"]}
+                if busy:
+                    return busy
+            if time.monotonic() >= deadline or self.stop.wait(0.01):
+                return {}
 
     def restart_daemon(self) -> None:
         sig = self.rng.choice((signal.SIGTERM, signal.SIGKILL))
@@ -417,7 +445,7 @@ def run(config: SoakConfig, work: Path) -> SoakResult:
         store_dir, names = build_store(ram, config)
         assert names, "the import printed no store paths"
         daemon = StoreDaemon(ram / "daemon", store_dir).start()
-        mount = Mount(work / "mnt", None, "--list-root", "--log-level", "INFO",
+        mount = Mount(work / "mnt", None, "--list-root", "--log-level", "INFO", "--segment-cache", "8M",
                       "--request-timeout", str(config.request_timeout),
                       urls=(daemon.url,) * 3, workers=config.workers, log_path=work / "mount.log").start()
         assert mount.proc is not None
