@@ -66,7 +66,7 @@ from benchlib.dataset import BIG_PACKAGE, Dataset, DatasetSpec, prepare  # noqa:
 from benchlib.grpcplain import stream_blobs  # noqa: E402
 from benchlib.options import MAIN_READERS, parse_args  # noqa: E402
 from benchlib.procs import FuseMount, GrpcDaemon, Registry, drop_caches  # noqa: E402
-from benchlib.runenv import CacheWatch, PySpy, git_commit, machine  # noqa: E402
+from benchlib.runenv import CacheWatch, PySpy, git_commit, in_turn, machine  # noqa: E402
 from benchlib.targets import (  # noqa: E402
     GRPC_FLOORS,
     HopPassthrough,
@@ -173,8 +173,7 @@ class Bench:
     def main_targets(self, targets: list[Target], rep_index: int) -> None:
         """One repeat of every main workload, each on every target in turn (interleaved)."""
         a = self.args
-        shift = rep_index % len(targets)
-        order = targets[shift:] + targets[:shift]  # nobody always goes first (or last)
+        order = in_turn(targets, rep_index)
         for name in [w for w in a.workload_names if w in WALKS]:
             def walk(t: Target, n: str = name) -> tuple[dict[str, float], dict[str, float]]:
                 return self.cold_warm(t, n, lambda root: self.workload(t, n, root))
@@ -255,8 +254,7 @@ class Bench:
         """
         steps = [("plain", self.grpc_plain_client)] + [
             (name, lambda ds, daemon, n=name: self.grpc_floor(ds, n, daemon)) for name in GRPC_FLOORS]
-        shift = rep_index % len(steps)
-        for name, step in steps[shift:] + steps[:shift]:
+        for name, step in in_turn(steps, rep_index):
             _stop_requested()
             daemon = None
             try:

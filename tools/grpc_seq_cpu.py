@@ -37,6 +37,7 @@ from benchlib.dataset import BIG_PACKAGE, DatasetSpec, prepare  # noqa: E402
 from benchlib.grpcplain import stream_blobs  # noqa: E402
 from benchlib.options import DEFAULT_WORKDIR  # noqa: E402
 from benchlib.procs import FuseMount, GrpcDaemon, Registry, drop_caches, tvixmount_cmd  # noqa: E402
+from benchlib.runenv import in_turn  # noqa: E402
 from benchlib.targets import GRPC_FLOORS, grpc_floor_cmd  # noqa: E402
 
 SUBJECTS = ("plain", *GRPC_FLOORS, "tvix-grpc")
@@ -92,8 +93,7 @@ def main() -> int:
     runs: dict[str, list[dict[str, float]]] = {s: [] for s in SUBJECTS}
     try:
         for r in range(args.rounds):
-            order = SUBJECTS[r % len(SUBJECTS):] + SUBJECTS[:r % len(SUBJECTS)]
-            for subject in order:
+            for subject in in_turn(SUBJECTS, r):
                 run = one(ds, subject, args.workdir, args.workers, registry)
                 runs[subject].append(run)
                 print(f"round {r + 1} {subject}: {json.dumps({k: round(v, 3) for k, v in run.items()})}",

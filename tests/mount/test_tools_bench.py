@@ -334,6 +334,19 @@ def test_grpc_passthrough_fails_a_read_the_daemon_breaks_off_with_eio(tmp_path, 
     assert "UNAVAILABLE" in (mnt.parent / "mnt.log").read_text()  # the log says what failed
 
 
+def test_each_round_starts_with_the_next_target():
+    """Interleaving: over len(items) rounds every item goes first once and last once."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from benchlib.runenv import in_turn
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    items = ("a", "b", "c")
+    orders = [in_turn(items, r) for r in range(4)]
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
+    assert in_turn([], 3) == []
+
+
 def test_direct_reads_by_processes_report_every_read(tmp_path):
     sys.path.insert(0, str(ROOT / "tools"))
     try:

@@ -14,11 +14,22 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 TOOLS = Path(__file__).resolve().parent.parent
+T = TypeVar("T")
+
+
+def in_turn(items: Sequence[T], round_index: int) -> list[T]:
+    """``items`` starting at round_index (wrapping), so that nobody always goes first or last.
+
+    This machine slows down during long runs of reads: whoever always ran
+    last would pay for everyone before it.
+    """
+    shift = round_index % len(items) if items else 0
+    return [*items[shift:], *items[:shift]]
 
 
 class PySpy:
