@@ -178,7 +178,7 @@ def run(config: MountConfig, worker_main: WorkerMain) -> int:
     logging.getLogger("llfuse").addFilter(_AnsweredTooLate())
     pool = WorkerPool(config.urls, config.workers, worker_main, request_timeout=config.request_timeout,
                       hang_fraction=HANG_FRACTION, segment_cache=config.segment_cache,
-                      lanes=lane_count(config))
+                      lanes=lane_count(config), fuse_threads=config.threads)
     pool.start()
     exporter: Exporter | None = None
     ops: TvixOperations | None = None

@@ -109,7 +109,7 @@ class WorkerPool:
     def __init__(self, urls: StoreUrls, workers: int, worker_main: WorkerMain, *,
                  request_timeout: float = 30.0, retries: int = 1,
                  start_timeout: float = DEFAULT_START_TIMEOUT, hang_fraction: float | None = None,
-                 segment_cache: int = segcache.DEFAULT_SIZE, lanes: int = 0) -> None:
+                 segment_cache: int = segcache.DEFAULT_SIZE, lanes: int = 0, fuse_threads: int = 1) -> None:
         """``worker_main``: the life of one worker (``workers.loop.serve``; the caller names it, so
         this package needs no import of the workers).
 
@@ -121,6 +121,9 @@ class WorkerPool:
 
         ``lanes``: how many calling threads may have a lane of their own for ``blob_read`` (lanes.py;
         128 KiB of shared memory each); 0: every reply comes on the worker's reply pipe.
+
+        ``fuse_threads``: how many threads read from ``segments`` at once (the mount's FUSE
+        threads), which decides how it copies (``SegmentArena.reader``).
         """
         if workers < 1:
             raise InvalidArgument(f"a worker pool needs at least one worker, not {workers}")
@@ -146,6 +149,7 @@ class WorkerPool:
         self.segment_cache_size = segment_cache
         self.segments: segcache.SegmentCache | None = None  # the dispatcher's end, once started
         self.lane_count = lanes
+        self.fuse_threads = fuse_threads
         self._lanes: Lanes | None = None
 
     # -- life cycle ----------------------------------------------------------------------
@@ -167,7 +171,7 @@ class WorkerPool:
             segments = segcache.SegmentArena.for_mount(size, self.size) if size else None
             lanes = Lanes(self.lane_count) if self.lane_count else None
             self._arena = shmring.Arena(self.size, segments=segments, lanes=lanes)
-            self.segments = None if segments is None else segments.reader()
+            self.segments = None if segments is None else segments.reader(self.fuse_threads)
             self._zygote, ctl = zygote.start(self.urls, self.worker_main, self._arena)
             if lanes is not None:
                 lanes.forked()  # the zygote and its workers hold the write ends; this process never writes

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -150,6 +152,50 @@ def test_a_slot_rewritten_during_the_copy_is_not_served() -> None:
         assert cache.read(D1, 0, 64 << 10) == pattern(D1, 0)[::-1][: 64 << 10]  # the new bytes, whole
     finally:
         arena.close()
+
+
+def test_copies_beside_a_live_writer_are_whole_regions_or_nothing() -> None:
+    """A copy made without the GIL (rawcopy.py) has a writer thread really running during it."""
+    arena = SegmentArena(REGION, workers=1, ways_per_worker=1)  # one slot: every put rewrites it
+    writer, cache = arena.writer(0), SegmentCache(arena, copy_releases_gil=True)
+    forward = pattern(D1, 0)
+    backward = forward[::-1]
+    stop = threading.Event()
+
+    def rewrite() -> None:
+        flip = False
+        while not stop.wait(0.0002):  # a pause, so that some reads find the slot still
+            writer.put(D1, 0, filler(backward if flip else forward))  # same key, other bytes
+            flip = not flip
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    answers = set()
+    try:
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            got = cache.read(D1, 0, 128 << 10)
+            if got is not None:
+                answers.add(got)
+    finally:
+        stop.set()
+        thread.join()
+        arena.close()
+    assert answers <= {forward[: 128 << 10], backward[: 128 << 10]}
+    stats = cache.stats()
+    assert stats.hits > 0 and stats.torn > 0, stats  # both sides of the race happened (~1,000 tears/s here)
+
+
+def test_the_copy_releases_the_gil_only_for_more_threads_than_cpus(arena: SegmentArena) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    assert not arena.reader().copy_releases_gil
+    assert not arena.reader(cpus).copy_releases_gil
+    assert arena.reader(cpus + 1).copy_releases_gil
+    writer = arena.writer(0)
+    writer.put(D1, 0, filler(pattern(D1, 0)))
+    for cache in (arena.reader(1), arena.reader(cpus + 1)):  # either way, the same bytes
+        got = cache.read(D1, 100, 128 << 10)
+        assert type(got) is bytes and got == pattern(D1, 0)[100: 100 + (128 << 10)]
 
 
 def test_random_regions_always_match_their_key() -> None:
