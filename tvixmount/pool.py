@@ -127,11 +127,11 @@ class WorkerPool:
         """
         if workers < 1:
             raise InvalidArgument(f"a worker pool needs at least one worker, not {workers}")
-        if (request_timeout <= 0 or retries < 0 or start_timeout <= 0
-                or (hang_fraction is not None and not 0 < hang_fraction < 1) or lanes < 0):
+        if (request_timeout <= 0 or retries < 0 or start_timeout <= 0 or lanes < 0 or fuse_threads < 1
+                or (hang_fraction is not None and not 0 < hang_fraction < 1)):
             raise InvalidArgument(f"bad pool settings: request_timeout {request_timeout}, retries {retries}, "
                                   f"start_timeout {start_timeout}, hang_fraction {hang_fraction}, "
-                                  f"lanes {lanes}")
+                                  f"lanes {lanes}, fuse_threads {fuse_threads}")
         self.urls = urls
         self.size = workers
         self.worker_main = worker_main

@@ -30,7 +30,7 @@ from tests.worker_fixtures import (
     wait_until,
 )
 from tvixmount import poolstate
-from tvixmount.errors import NotFound, Timeout, Unavailable, WorkerLost
+from tvixmount.errors import InvalidArgument, NotFound, Timeout, Unavailable, WorkerLost
 from tvixmount.fetcher import PoolFetcher
 from tvixmount.pool import WorkerPool
 from tvixmount.protocol import ops
@@ -52,6 +52,15 @@ def pool(tree) -> Iterator[WorkerPool]:
 def _stopped(pid: int) -> bool:
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.parametrize("bad", [{"workers": 0}, {"request_timeout": 0}, {"hang_fraction": 1.5},
+                                 {"lanes": -1}, {"fuse_threads": 0}])
+def test_bad_settings_are_refused_before_anything_starts(bad):
+    settings = {"workers": 2, **bad}
+    workers = settings.pop("workers")
+    with pytest.raises(InvalidArgument, match=r"worker pool needs|bad pool settings"):
+        WorkerPool(MEMORY, workers, serve, **settings)
 
 
 def test_start_ping_close_leaves_nothing_behind(tree):
