@@ -35,14 +35,14 @@ even (a new value, the old one plus two), then sets the tag. The reader
 finds a candidate by tag (a ``bytes.find`` over the set's tag row, one
 probe for all ways), reads the sequence (must be even), checks the key,
 copies, and reads the sequence again: the copy counts only if it did not
-change. When the FUSE threads outnumber the CPUs the copy is made with
-the GIL released (rawcopy.py, ``SegmentArena.reader``), so that the other
-threads run during it; the sequence check makes that safe, as it already
-did against writers in other processes. That holds on x86-64, whose stores are seen in program order and
+change. That holds on x86-64, whose stores are seen in program order and
 whose loads are not reordered with other loads; 8-byte aligned loads and
 stores (a ``memoryview`` cast to ``Q``) are never torn. A worker that dies
 mid-write leaves an odd sequence: never served, and its replacement
-starts from it.
+starts from it. When the FUSE threads outnumber the CPUs, the copy is made
+with the GIL released (rawcopy.py, ``SegmentArena.reader``), so that the
+other threads run during it; the same sequence check that guards against
+writers in other processes guards against this process's threads then.
 
 Two tables, so that streams do not evict or fill what random readers keep.
 The regions of a blob read in order (the reader's own, and those filled
